@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny model configs, an isolated cache, subprocesses that import this checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Subprocesses (the launcher's workers, `python -m unicom_cli`) must import this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+os.environ.setdefault("UNICOM_NO_PROGRESS", "1")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TINY = {"name": "tiny", "input_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2,
+        "embedding_size": 16}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's weights cache."""
+    monkeypatch.setenv("UNICOM_HOME", str(tmp_path_factory.mktemp("unicom_home")))
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path) -> Path:
+    """A JSON architecture file for a 2-block ViT at 32 px (16 patches, 16-dim embedding)."""
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
+    """A checkpoint in the published format: fp16 state dict, same keys, trained-looking BN stats."""
+    import torch
+
+    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.vit import build_model
+
+    torch.manual_seed(0)
+    model = build_model(get_spec(tiny_spec_file))
+    for bn in (model.feature[1], model.feature[3]):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "FP16-tiny.pt"
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
+    return path

@@ -1,0 +1,1 @@
+"""The command-line interface: parsing and printing only; the work happens in the library."""

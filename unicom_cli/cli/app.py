@@ -1,0 +1,76 @@
+"""The Typer app: registers the subcommands and maps UnicomError to a one-line message.
+
+Command modules import torch inside their functions only, so `unicom --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from unicom_cli.cli import (
+    demo,
+    download,
+    embed,
+    eval_knn,
+    eval_retrieval,
+    finetune,
+    models,
+    prepare_gldv2,
+)
+from unicom_cli.errors import UnicomError
+
+app = typer.Typer(
+    name="unicom",
+    help="Embed, evaluate and finetune UNICOM image-retrieval models, from a laptop to many GPUs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("models")(models.models)
+app.command("download")(download.download)
+app.command("embed")(embed.embed)
+app.command("eval-retrieval")(eval_retrieval.eval_retrieval)
+app.command("eval-knn")(eval_knn.eval_knn)
+app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
+app.command("finetune")(finetune.finetune)
+app.command("demo")(demo.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning known errors into one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UnicomError as exc:
+        if os.environ.get("UNICOM_DEBUG") == "1":
+            raise
+        from unicom_cli.utils.console import err_console
+
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        from unicom_cli.utils.console import err_console
+
+        err_console.print("[bold red]interrupted[/]")
+        return 130
+    except typer.Exit as exc:
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

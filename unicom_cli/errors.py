@@ -1,0 +1,59 @@
+"""The UnicomError family: every failure a user can fix, with the thing at fault and the fix.
+
+This module imports nothing from the package so that any layer can raise these errors.
+"""
+
+
+class UnicomError(Exception):
+    """Base of all errors the CLI reports as a one-line message instead of a traceback.
+
+    ``exit_code`` follows the CLI convention: 2 for bad usage or bad input, 1 for failures.
+    """
+
+    exit_code = 1
+
+
+class UsageError(UnicomError):
+    """An option or argument the user gave cannot work."""
+
+    exit_code = 2
+
+
+class UnknownModel(UsageError):
+    """A model name that is neither registered nor a readable JSON architecture file."""
+
+
+class InputError(UsageError):
+    """A file or folder the user pointed at is missing, unreadable or malformed."""
+
+
+class DatasetLayout(InputError):
+    """A benchmark dataset is not in the expected on-disk layout."""
+
+
+class BadImage(UnicomError):
+    """One image could not be decoded; pipelines catch it, skip the file and report it."""
+
+
+class WeightsError(UnicomError):
+    """Weights could not be downloaded, verified or loaded."""
+
+
+class ChecksumMismatch(WeightsError):
+    """A file's SHA-256 differs from the expected one."""
+
+
+class DownloadError(WeightsError):
+    """The weights server could not be reached or refused the request."""
+
+
+class UnsafeCheckpoint(WeightsError):
+    """A checkpoint contains pickled code, which we never execute."""
+
+
+class DistributedError(UnicomError):
+    """Launching, joining or running a process group failed."""
+
+
+class OutputExists(UsageError):
+    """A finished output would be overwritten without ``--overwrite``."""

@@ -1,0 +1,151 @@
+"""Build a ready-to-use UNICOM model from a name or JSON file: weights, input size, device, precision."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from unicom_cli.errors import UsageError, WeightsError
+from unicom_cli.models.registry import ModelSpec, get_spec, with_input_size
+
+if TYPE_CHECKING:
+    import torch
+
+    from unicom_cli.models.vit import UnicomViT
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class LoadedModel:
+    """A model with what downstream code must record about it."""
+
+    model: "UnicomViT"
+    transform: Callable
+    spec: ModelSpec
+    weights_path: Path | None  # None: freshly initialised
+    sha256: str | None  # of the weights file, when known
+
+
+def resample_grid(state: dict, new_grid: int) -> dict:
+    """Move ``pos_embed`` and ``feature.0.weight`` to a ``new_grid``×``new_grid`` patch grid.
+
+    Linear interpolation over the two grid axes with corners aligned, which is what
+    ``scipy.ndimage.zoom(order=1)`` (the reference) computes. Returns a new dict.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    pos = state["pos_embed"]
+    old_patches, width = pos.shape[1], pos.shape[2]
+    old_grid = math.isqrt(old_patches)
+    if old_grid * old_grid != old_patches:
+        raise WeightsError(f"pos_embed has {old_patches} tokens, not a square grid")
+    if old_grid == new_grid:
+        return dict(state)
+
+    def zoom(t: torch.Tensor) -> torch.Tensor:  # (C, g, g) -> (C, new, new), fp32 math
+        out = F.interpolate(t.float()[None], size=(new_grid, new_grid), mode="bilinear",
+                            align_corners=True)[0]
+        return out.to(t.dtype)
+
+    new_state = dict(state)
+    grid_pos = pos[0].reshape(old_grid, old_grid, width).permute(2, 0, 1)
+    new_state["pos_embed"] = zoom(grid_pos).permute(1, 2, 0).reshape(1, new_grid * new_grid, width)
+    head = state["feature.0.weight"]  # (width_out, patches * width_in)
+    out_dim = head.shape[0]
+    grid_head = head.reshape(out_dim, old_grid, old_grid, width).permute(0, 3, 1, 2)
+    grid_head = grid_head.reshape(out_dim * width, old_grid, old_grid)
+    resized = zoom(grid_head).reshape(out_dim, width, new_grid, new_grid).permute(0, 2, 3, 1)
+    new_state["feature.0.weight"] = resized.reshape(out_dim, new_grid * new_grid * width)
+    return new_state
+
+
+def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
+    """Strict load, resampling the grid if the checkpoint was made at another input size.
+
+    fp16 tensors are cast to the module's dtype; a shape or key mismatch names the file.
+    """
+    if "pos_embed" in state and state["pos_embed"].shape[1] != model.spec.num_patches:
+        state = resample_grid(state, model.spec.grid)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise WeightsError(f"{source}: does not match architecture {model.spec.name}: {detail}. "
+                           f"Pick the --model that this checkpoint was trained with") from exc
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """``auto`` → CUDA when available, else CPU; an unavailable CUDA request is a usage error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    return dev
+
+
+def autocast_dtype(precision: str | None, device: "torch.device") -> "torch.dtype | None":
+    """Map ``--precision`` to an autocast dtype; default fp16 on CUDA (as the original), fp32 on CPU."""
+    import torch
+
+    if precision is None:
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise UsageError("--precision fp16 is not supported on CPU; use fp32 or bf16")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def create_model(
+    name_or_path: str | Path,
+    weights: str | Path | None = None,
+    *,
+    pretrained: bool = True,
+    input_size: int | None = None,
+    device: str = "cpu",
+    precision: str | None = None,
+    drop_path_rate: float = 0.0,
+    cache: str | Path | None = None,
+) -> LoadedModel:
+    """Build the network, load weights and return it in eval mode with its eval transform.
+
+    Args:
+        name_or_path: a registered model name or a JSON architecture file.
+        weights: a state-dict file; None downloads the published weights of a registered model
+            (on first use) or leaves a JSON-described model freshly initialised.
+        pretrained: False never loads weights (random init).
+        input_size: run at another resolution; pos_embed and the head are resampled.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``/``fp16``/``bf16`` autocast for the blocks; None picks per device.
+    """
+    from unicom_cli.models.transforms import eval_transform
+    from unicom_cli.models.vit import build_model
+    from unicom_cli.models.weights import load_state_dict, sha256_file
+
+    spec = get_spec(name_or_path)
+    if input_size and input_size != spec.input_size:
+        spec = with_input_size(spec, input_size)
+    dev = resolve_device(device)
+    model = build_model(spec, drop_path_rate=drop_path_rate)
+    path: Path | None = None
+    digest: str | None = None
+    if weights is not None:
+        path = Path(weights)
+    elif pretrained and spec.source == "registry":
+        from unicom_cli.models.download import fetch_weights
+
+        path = fetch_weights(spec, cache=cache)
+    if path is not None:
+        load_weights_into(model, load_state_dict(path), str(path))
+        digest = sha256_file(path)
+    model.autocast_dtype = autocast_dtype(precision, dev)
+    model = model.to(dev).eval()
+    return LoadedModel(model, eval_transform(spec), spec, path, digest)

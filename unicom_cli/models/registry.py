@@ -1,0 +1,153 @@
+"""The published UNICOM models as plain data: architecture, download address, checksum.
+
+Pure data: nothing here imports torch, so `unicom models` and `unicom --help` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from unicom_cli.errors import UnknownModel
+
+GITHUB_RELEASES = "https://github.com/deepglint/unicom/releases/download"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One UNICOM network: its architecture and where its weights live."""
+
+    name: str
+    input_size: int  # square input resolution in pixels
+    patch_size: int  # ViT patch side in pixels
+    width: int  # token dimension
+    depth: int  # number of transformer blocks
+    heads: int  # attention heads per block
+    embedding_size: int  # output dimension of the feature head
+    filename: str | None = None  # file name in the cache directory
+    url: str | None = None  # GitHub release address (mirrorable) of the fp16 state dict
+    gdrive_id: str | None = None  # Google Drive file id, for models published only there
+    sha256: str | None = None  # None: published without checksum; computed and reported
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    source: str = "registry"  # "registry" or the JSON file the spec came from
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_params(self) -> int:
+        """Trainable parameters, computed from the architecture (equals the SPEC table)."""
+        w, p, n = self.width, self.patch_size, self.num_patches
+        patch_embed = 3 * p * p * w + w
+        block = (
+            2 * 2 * w  # norm1, norm2
+            + w * 3 * w  # qkv, no bias
+            + w * w + w  # proj
+            + w * 4 * w + 4 * w  # fc1
+            + 4 * w * w + w  # fc2
+        )
+        head = n * w * w + 2 * w + w * self.embedding_size + 2 * self.embedding_size
+        return patch_embed + n * w + self.depth * block + 2 * w + head
+
+    @property
+    def fp16_file_size(self) -> int:
+        """Approximate size of the published fp16 state dict in bytes."""
+        return 2 * self.num_params
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _release(tag: str, filename: str) -> str:
+    return f"{GITHUB_RELEASES}/{tag}/{filename}"
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def _register(spec: ModelSpec) -> None:
+    _MODELS[spec.name] = spec
+
+
+_register(ModelSpec("ViT-B/32", 224, 32, 768, 12, 12, 512, "FP16-ViT-B-32.pt",
+                    _release("b32", "FP16-ViT-B-32.pt"), None,
+                    "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a"))
+_register(ModelSpec("ViT-B/16", 224, 16, 768, 12, 12, 768, "FP16-ViT-B-16.pt",
+                    _release("b16", "FP16-ViT-B-16.pt"), None,
+                    "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef"))
+_register(ModelSpec("ViT-L/14", 224, 14, 1024, 24, 16, 768, "FP16-ViT-L-14.pt",
+                    _release("l14", "FP16-ViT-L-14.pt"), None,
+                    "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd"))
+_register(ModelSpec("ViT-L/14@336px", 336, 14, 1024, 24, 16, 768, "FP16-ViT-L-14-336px.pt",
+                    _release("l14_336px", "FP16-ViT-L-14-336px.pt"), None,
+                    "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea"))
+_register(ModelSpec("ViT-B/16@512px-GLDv2", 512, 16, 768, 12, 12, 768,
+                    "UNICOM-ViT-B-16-512px-GLDv2.pt", None, "1Vddx3ITUfscXopwcVQGOVESAmcp6M_8t"))
+_register(ModelSpec("ViT-L/14@512px-GLDv2", 512, 14, 1024, 24, 16, 768,
+                    "UNICOM-ViT-L-14-512px-GLDv2.pt", None, "1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
+
+_JSON_FIELDS = ("input_size", "patch_size", "width", "depth", "heads", "embedding_size")
+
+
+def available_models() -> list[str]:
+    """Names of the registered models, in publication order."""
+    return list(_MODELS)
+
+
+def spec_from_json(path: Path) -> ModelSpec:
+    """Read a small JSON architecture file (the six integer fields; optional ``name``)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UnknownModel(f"{path}: cannot read model JSON ({exc})") from exc
+    missing = [k for k in _JSON_FIELDS if k not in data]
+    if missing:
+        raise UnknownModel(f"{path}: model JSON lacks {', '.join(missing)}; "
+                           f"it needs {', '.join(_JSON_FIELDS)}")
+    values = {}
+    for key in _JSON_FIELDS:
+        if not isinstance(data[key], int) or data[key] <= 0:
+            raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {data[key]!r}")
+        values[key] = data[key]
+    if values["input_size"] % values["patch_size"]:
+        raise UnknownModel(f"{path}: input_size {values['input_size']} is not a multiple of "
+                           f"patch_size {values['patch_size']}")
+    if values["width"] % values["heads"]:
+        raise UnknownModel(f"{path}: width {values['width']} is not divisible by heads {values['heads']}")
+    return ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
+
+
+def get_spec(name_or_path: str | Path) -> ModelSpec:
+    """Resolve a registered model name or a JSON architecture file to a ModelSpec."""
+    key = str(name_or_path)
+    if key in _MODELS:
+        return _MODELS[key]
+    if key.endswith(".json") or Path(key).is_file():
+        return spec_from_json(Path(key))
+    lowered = {k.lower(): k for k in _MODELS}
+    hint = lowered.get(key.lower())
+    suggestion = f"did you mean '{hint}'? " if hint else ""
+    raise UnknownModel(f"unknown model '{key}': {suggestion}choose one of "
+                       f"{', '.join(_MODELS)} or pass a JSON architecture file")
+
+
+def with_input_size(spec: ModelSpec, input_size: int) -> ModelSpec:
+    """The same architecture at another input resolution (pos_embed and head are resampled)."""
+    if input_size % spec.patch_size:
+        raise UnknownModel(f"input size {input_size} is not a multiple of the patch size "
+                           f"{spec.patch_size} of {spec.name}")
+    return ModelSpec(**{**asdict(spec), "input_size": input_size,
+                        "name": spec.name if input_size == spec.input_size
+                        else f"{spec.name}@{input_size}px"})
+
+

@@ -1,0 +1,44 @@
+"""Preprocessing from a ModelSpec: the CLIP eval transform (SPEC §1) and the timm train transform."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from unicom_cli.models.registry import ModelSpec
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def eval_transform(spec: ModelSpec) -> Callable:
+    """Resize shorter side (bicubic) → center crop → RGB → tensor → CLIP normalisation."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(spec.input_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(spec.input_size),
+        _to_rgb,
+        T.ToTensor(),
+        T.Normalize(spec.mean, spec.std),
+    ])
+
+
+def train_transform(spec: ModelSpec, augment: bool = True) -> Callable:
+    """The SPEC §3 retrieval-finetuning transform (timm RandAugment recipe), or the plain CLIP one."""
+    if not augment:
+        return eval_transform(spec)
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=spec.input_size,
+        is_training=True,
+        color_jitter=0.4,
+        auto_augment="rand-m9-mstd0.5-inc1",
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=spec.mean,
+        std=spec.std,
+    )

@@ -1,0 +1,93 @@
+"""Weights on disk: cache directory, safe loading and key clean-up.
+
+Download, resume and verification live in ``models.download``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unicom_cli.errors import InputError, UnsafeCheckpoint, WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+_PREFIXES = ("module.", "_orig_mod.")
+_CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+def cache_dir(override: str | Path | None = None) -> Path:
+    """``override`` if given, else ``$UNICOM_HOME``, else ``~/.cache/unicom``."""
+    if override:
+        return Path(override).expanduser()
+    if os.environ.get("UNICOM_HOME"):
+        return Path(os.environ["UNICOM_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "unicom"
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Streaming SHA-256 of a file (never reads the whole file into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clean_state_dict_keys(state: dict) -> dict:
+    """Strip any ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes, in any order."""
+    cleaned = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    changed = True
+        cleaned[key] = value
+    return cleaned
+
+
+def load_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
+    """Load a state dict from ``.pt``/``.pth`` (weights only, never code) or ``.safetensors``.
+
+    Accepts a bare state dict or one nested under ``model``/``state_dict`` (our finetune
+    checkpoints); returns tensors with cleaned keys in their stored dtype.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found; check the path or run `unicom download`")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # safetensors raises several unrelated types
+            raise WeightsError(f"{path}: not a valid safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpoint(
+                f"{path}: refused to load: the file contains pickled objects other than tensors "
+                f"(it could run code). Only plain state dicts are accepted; re-save it with "
+                f"torch.save(model.state_dict()) or as .safetensors") from exc
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise WeightsError(f"{path}: cannot read checkpoint ({exc}); the file may be "
+                               f"truncated: delete it and download again") from exc
+    if isinstance(state, dict):
+        for key in _CONTAINER_KEYS:
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return clean_state_dict_keys(state)
