@@ -40,3 +40,14 @@ def barrier() -> None:
     dist = _dist()
     if dist:
         dist.barrier()
+
+
+def device_for(requested: str = "auto") -> str:
+    """The device this rank should use: ``cuda:<local_rank>`` for CUDA requests, else as given."""
+    if requested in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{local_rank()}" if _dist() else "cuda"
+        return "cpu" if requested == "auto" else requested
+    return requested

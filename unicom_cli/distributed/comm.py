@@ -1,0 +1,58 @@
+"""Sharding work by rank and gathering per-rank results back into dataset order."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unicom_cli.distributed import rank, world_size
+
+
+def shard_range(total: int, rank_: int | None = None, world: int | None = None) -> range:
+    """The contiguous block of ``range(total)`` that ``rank_`` processes (sizes differ by ≤ 1).
+
+    Contiguous blocks let rank 0 assemble per-rank output files by concatenation.
+    """
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    base, extra = divmod(total, w)
+    start = r * base + min(r, extra)
+    return range(start, start + base + (1 if r < extra else 0))
+
+
+def gather_rows(indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
+    """Index-aware all-gather: every rank gets the (total, …) array with row i at position i.
+
+    ``indices`` are the dataset positions of this rank's ``rows``. Works without a process
+    group (then it only places the rows). Rows never covered stay zero.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    rows = np.asarray(rows)
+    out = np.zeros((total, *rows.shape[1:]), dtype=rows.dtype)
+    if world_size() == 1:
+        out[indices] = rows
+        return out
+    import torch
+    import torch.distributed as dist
+
+    # Pad to the largest shard so that every rank sends tensors of one shape (gloo and NCCL).
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([len(indices)], dtype=torch.int64))
+    longest = int(max(c.item() for c in counts))
+    flat = rows.reshape(len(rows), -1)
+    width = flat.shape[1]
+    padded_rows = torch.zeros(longest, width, dtype=torch.from_numpy(flat[:0]).dtype)
+    padded_rows[: len(flat)] = torch.from_numpy(np.ascontiguousarray(flat))
+    padded_idx = torch.full((longest,), -1, dtype=torch.int64)
+    padded_idx[: len(indices)] = torch.from_numpy(indices)
+    backend_device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    all_rows = [torch.empty_like(padded_rows, device=backend_device) for _ in range(world_size())]
+    all_idx = [torch.empty_like(padded_idx, device=backend_device) for _ in range(world_size())]
+    dist.all_gather(all_rows, padded_rows.to(backend_device))
+    dist.all_gather(all_idx, padded_idx.to(backend_device))
+    out_flat = out.reshape(total, -1)
+    for idx, part in zip(all_idx, all_rows):
+        idx = idx.cpu().numpy()
+        keep = idx >= 0
+        out_flat[idx[keep]] = part.cpu().numpy()[keep]
+    return out
