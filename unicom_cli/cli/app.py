@@ -41,8 +41,16 @@ app.command("demo")(demo.demo)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning known errors into one line and an exit code."""
+    from unicom_cli.distributed.launch import remember_command
+
+    remember_command(argv)  # --gpus/--procs start this same command line again
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # Without standalone mode Typer returns the exit code of typer.Exit and of Ctrl-C (130).
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                raise KeyboardInterrupt
+            return code
     except UnicomError as exc:
         if os.environ.get("UNICOM_DEBUG") == "1":
             raise

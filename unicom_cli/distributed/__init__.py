@@ -51,3 +51,8 @@ def device_for(requested: str = "auto") -> str:
             return f"cuda:{local_rank()}" if _dist() else "cuda"
         return "cpu" if requested == "auto" else requested
     return requested
+
+
+def is_distributed() -> bool:
+    """True inside a process group (launched, torchrun or SLURM), even one of size 1."""
+    return _dist() is not None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 
 from unicom_cli.distributed import rank, world_size
+
+T = TypeVar("T")
 
 
 def shard_range(total: int, rank_: int | None = None, world: int | None = None) -> range:
@@ -38,7 +42,7 @@ def gather_rows(indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray
     counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size())]
     dist.all_gather(counts, torch.tensor([len(indices)], dtype=torch.int64))
     longest = int(max(c.item() for c in counts))
-    flat = rows.reshape(len(rows), -1)
+    flat = rows.reshape(len(rows), int(np.prod(rows.shape[1:])))  # -1 fails on an empty shard
     width = flat.shape[1]
     padded_rows = torch.zeros(longest, width, dtype=torch.from_numpy(flat[:0]).dtype)
     padded_rows[: len(flat)] = torch.from_numpy(np.ascontiguousarray(flat))
@@ -56,3 +60,35 @@ def gather_rows(indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray
         keep = idx >= 0
         out_flat[idx[keep]] = part.cpu().numpy()[keep]
     return out
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (e.g. a file list scanned once, so all ranks agree on order).
+
+    Objects travel pickled between our own processes only; without a group it returns ``obj``.
+    """
+    if world_size() == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=_object_device())
+    return box[0]  # type: ignore[return-value]
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` in rank order, on every rank (e.g. per-rank failure lists, counts)."""
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _object_device():
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None

@@ -1,0 +1,270 @@
+"""Re-launching on N processes, joining torchrun/SLURM groups, and failing fast (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+from tests.distributed.toy_cli import rows_for
+from unicom_cli.distributed import launch
+from unicom_cli.distributed.launch import GroupEnv, LaunchConfig, detect_group, parse_nodelist, run_command
+from unicom_cli.errors import DistributedError, UsageError
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+             "GROUP_RANK", "TORCHELASTIC_RUN_ID", "UNICOM_ERROR_DIR", "UNICOM_DIST_BACKEND", "UNICOM_LAUNCHER_PID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any process-group variables (the tests may run under SLURM)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+def toy(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tests.distributed.toy_cli", *args], cwd=ROOT,
+                          env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start_toy(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tests.distributed.toy_cli", *args], cwd=ROOT,
+                            env=env or clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def result_of(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # printed once, by rank 0 only
+    return json.loads(lines[0])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for_pids(pid_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 30) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = sorted(pid_dir.glob("*.pid"))
+        if len(files) == n and all(f.read_text() for f in files):
+            return [int(f.read_text()) for f in files]
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError("workers did not start")
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return not any(alive(p) for p in pids)
+
+
+# ---------------------------------------------------------------- environment detection (in-process)
+
+def test_no_group_variables_means_no_group():
+    assert detect_group({}) is None
+    assert detect_group({"MASTER_ADDR": "node1", "MASTER_PORT": "1234"}) is None  # a common export
+    assert detect_group({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}) is None
+
+
+def test_torchrun_variables_are_read():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "2950"}
+    assert detect_group(env) == GroupEnv(3, 8, 1, "n0", 2950, "torchrun")
+
+
+def test_partial_torchrun_environment_names_the_missing_variables():
+    with pytest.raises(DistributedError) as err:
+        detect_group({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "n0"})
+    message = str(err.value)
+    assert "LOCAL_RANK" in message and "MASTER_PORT" in message
+    assert "MASTER_ADDR," not in message.split(" not set")[0]  # present variables are not listed
+
+
+def test_slurm_variables_are_read_with_master_from_the_node_list():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "12345"}
+    group = detect_group(env)
+    assert group == GroupEnv(5, 8, 1, "gpu07", 15000 + 12345 % 20000, "slurm")
+    assert detect_group({**env, "MASTER_ADDR": "head", "MASTER_PORT": "4000"}).master_port == 4000
+
+
+def test_partial_slurm_environment_names_the_missing_variables():
+    with pytest.raises(DistributedError) as err:
+        detect_group({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert "SLURM_LOCALID" in str(err.value) and "SLURM_NODELIST" in str(err.value)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("node1", ["node1"]),
+    ("a1,b2", ["a1", "b2"]),
+    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+    ("gpu[9-11],login[1]", ["gpu9", "gpu10", "gpu11", "login1"]),
+])
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+def test_one_process_runs_in_place(monkeypatch):
+    for name in DIST_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert run_command(LaunchConfig(), lambda a, b: a + b, 2, b=3) == 5
+    assert run_command(LaunchConfig(procs=1), lambda: os.getpid()) == os.getpid()
+
+
+def test_bad_requests_are_usage_errors(monkeypatch):
+    for name in DIST_VARS:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UsageError, match="not both"):
+        run_command(LaunchConfig(gpus="2", procs=2), print)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            run_command(LaunchConfig(gpus="2"), print)
+    with pytest.raises(UsageError, match="number or 'all'"):
+        run_command(LaunchConfig(gpus="two"), print)
+
+
+def test_relaunch_needs_a_known_command_line(monkeypatch):
+    for name in DIST_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(launch, "_command", None)
+    with pytest.raises(DistributedError, match="command line is unknown"):
+        run_command(LaunchConfig(procs=2), print)
+
+
+# ---------------------------------------------------------------- re-launch on 2 processes
+
+def test_two_processes_give_the_one_process_result_in_dataset_order():
+    single = result_of(toy("--total", "7"))
+    double = result_of(toy("--total", "7", "--procs", "2"))
+    assert (single["world"], single["initialized"]) == (1, False)
+    assert (double["world"], double["initialized"]) == (2, True)
+    expected = rows_for(np.arange(7))
+    np.testing.assert_array_equal(np.array(single["values"]), expected)
+    np.testing.assert_array_equal(np.array(double["values"]), expected)
+    assert double["owners"] == [0, 0, 0, 0, 1, 1, 1]  # contiguous blocks, 7 = 4 + 3
+    assert double["sizes"] == [4, 3]
+    assert double["broadcast"] == "chosen by rank 0"
+
+
+def test_a_rank_that_raises_stops_everyone_fast_with_its_message():
+    # Rank 1 fails at once while rank 0 waits for it inside the gather (a collective).
+    start = time.monotonic()
+    proc = toy("--total", "7", "--procs", "2", "--fail-rank", "1")
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2  # InputError's exit code, passed through from the worker
+    assert "rank 1: rank-1 failed on purpose: bad file example.jpg" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == ""
+    assert elapsed < 30
+
+
+def test_a_crashing_rank_stops_a_busy_one_and_shows_its_traceback(tmp_path):
+    # Rank 0 hits a bug while rank 1 would still sleep a minute before its collective.
+    start = time.monotonic()
+    proc = toy("--total", "7", "--procs", "2", "--fail-rank", "0", "--fail-kind", "bug",
+               "--sleep", "60", "--pid-dir", str(tmp_path))
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1
+    assert "rank 0: ValueError: a bug on rank 0" in proc.stderr
+    assert "Traceback" in proc.stderr and "toy_cli.py" in proc.stderr
+    assert elapsed < 30
+    assert wait_gone([int(p.read_text()) for p in tmp_path.glob("*.pid")])
+
+
+def test_a_killed_worker_stops_the_command(tmp_path):
+    proc = start_toy("--total", "7", "--procs", "2", "--sleep", "60", "--pid-dir", str(tmp_path))
+    try:
+        pids = wait_for_pids(tmp_path, 2, proc)
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert "rank 1 was killed by SIGKILL" in err
+    assert wait_gone(pids)
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc = start_toy("--total", "7", "--procs", "2", "--sleep", "60", "--pid-dir", str(tmp_path))
+    try:
+        pids = wait_for_pids(tmp_path, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert wait_gone(pids)
+
+
+# ---------------------------------------------------------------- joining torchrun / SLURM groups
+
+def test_torchrun_world_of_one_joins_instead_of_relaunching():
+    env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(free_port()))
+    proc = toy("--total", "3", "--procs", "2", env=env)
+    result = result_of(proc)
+    assert (result["world"], result["initialized"]) == (1, True)
+    assert "joining that group" in proc.stderr and "launching" not in proc.stderr
+
+
+def _two_joined(envs: list[dict[str, str]], *args: str) -> list[subprocess.CompletedProcess]:
+    procs = [start_toy(*args, env=e) for e in envs]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
+
+
+def test_torchrun_world_of_two_started_by_hand():
+    port = str(free_port())
+    envs = [clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port) for r in (0, 1)]
+    rank0, rank1 = _two_joined(envs, "--total", "5")
+    result = result_of(rank0)
+    assert rank1.returncode == 0 and rank1.stdout.strip() == ""  # only rank 0 prints
+    assert (result["world"], result["owners"]) == (2, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(np.array(result["values"]), rows_for(np.arange(5)))
+
+
+def test_slurm_tasks_join_one_group():
+    port = str(free_port())
+    envs = [clean_env(SLURM_PROCID=str(r), SLURM_NTASKS="2", SLURM_LOCALID=str(r), SLURM_NODELIST="localhost",
+                      SLURM_JOB_ID="77", MASTER_PORT=port) for r in (0, 1)]
+    rank0, rank1 = _two_joined(envs, "--total", "1")  # rank 1's share is empty
+    result = result_of(rank0)
+    assert rank1.returncode == 0 and rank1.stdout.strip() == ""
+    assert (result["world"], result["local_rank"], result["sizes"]) == (2, 0, [1, 0])
+    np.testing.assert_array_equal(np.array(result["values"]), rows_for(np.arange(1)))
+
+
+def test_partial_environment_is_an_error_before_any_work():
+    proc = toy("--total", "3", env=clean_env(RANK="1", WORLD_SIZE="2"))
+    assert proc.returncode == 1
+    assert "LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in proc.stderr
