@@ -158,7 +158,9 @@ def test_relaunch_needs_a_known_command_line(monkeypatch):
 # ---------------------------------------------------------------- re-launch on 2 processes
 
 def test_two_processes_give_the_one_process_result_in_dataset_order():
-    single = result_of(toy("--total", "7"))
+    from tests.distributed.toy_cli import work
+
+    single = work(7, None, "usage", 0.0, None)  # one process, no group: in this process
     double = result_of(toy("--total", "7", "--procs", "2"))
     assert (single["world"], single["initialized"]) == (1, False)
     assert (double["world"], double["initialized"]) == (2, True)

@@ -11,16 +11,23 @@ from unicom_cli.distributed import rank, world_size
 T = TypeVar("T")
 
 
-def shard_range(total: int, rank_: int | None = None, world: int | None = None) -> range:
-    """The contiguous block of ``range(total)`` that ``rank_`` processes (sizes differ by ≤ 1).
+def shard_range(total: int, rank_: int | None = None, world: int | None = None, *, align: int = 1) -> range:
+    """The contiguous block of ``range(total)`` that ``rank_`` processes.
 
-    Contiguous blocks let rank 0 assemble per-rank output files by concatenation.
+    Contiguous blocks let rank 0 assemble per-rank output files by concatenation. With
+    ``align=batch_size`` blocks start on batch boundaries (sizes then differ by less than two
+    batches), so every rank forms exactly the batches a single process would: batched results
+    stay bitwise equal to the 1-process run.
     """
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
-    base, extra = divmod(total, w)
-    start = r * base + min(r, extra)
-    return range(start, start + base + (1 if r < extra else 0))
+    if align < 1:
+        raise ValueError(f"align must be at least 1, got {align}")
+    units = -(-total // align)  # whole batches, the last one maybe short
+    base, extra = divmod(units, w)
+    first = r * base + min(r, extra)
+    count = base + (1 if r < extra else 0)
+    return range(min(total, first * align), min(total, (first + count) * align))
 
 
 def gather_rows(indices: np.ndarray, rows: np.ndarray, total: int) -> np.ndarray:
