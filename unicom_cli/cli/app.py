@@ -41,7 +41,7 @@ app.command("demo")(demo.demo)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning known errors into one line and an exit code."""
-    from unicom_cli.distributed.launch import remember_command
+    from unicom_cli.distributed.launch import forget_command, remember_command
 
     remember_command(argv)  # --gpus/--procs start this same command line again
     try:
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Abort):
             return 130
         raise
+    finally:
+        forget_command()
     return 0
 
 

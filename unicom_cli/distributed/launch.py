@@ -94,6 +94,12 @@ def remember_command(argv: list[str] | None, module: str = "unicom_cli") -> None
         _command = [sys.executable, "-m", module, *argv]
 
 
+def forget_command() -> None:
+    """Drop the recorded command line (the entry point calls it on the way out)."""
+    global _command
+    _command = None
+
+
 def _relaunch_command() -> list[str]:
     if _command is None:
         raise DistributedError(
@@ -258,12 +264,14 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
         _die_with_launcher(int(os.environ[_LAUNCHER_PID_ENV]))
     joined = False
     try:
+        device = None
         if backend == "nccl":
-            torch.cuda.set_device(group.local_rank)
+            device = torch.device("cuda", group.local_rank)
+            torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=float(os.environ.get(_TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)))
         try:
             dist.init_process_group(backend, init_method="env://", rank=group.rank,
-                                    world_size=group.world_size, timeout=timeout)
+                                    world_size=group.world_size, timeout=timeout, device_id=device)
         except Exception as exc:
             raise DistributedError(
                 f"could not join the {backend} process group at {group.master_addr}:{group.master_port} "
@@ -357,6 +365,13 @@ def _record_for_torchrun(exc: BaseException) -> None:
 # ----------------------------------------------------------------------------- the launcher
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
 def _free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr if addr not in ("localhost",) else "127.0.0.1", 0))
@@ -401,7 +416,7 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
         os.environ[_BACKEND_ENV] = backend
         os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
-            os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+            os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // nproc))
         config = ElasticConfig(
             min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
             run_id=os.environ.get("UNICOM_RUN_ID", "unicom"), max_restarts=0, monitor_interval=0.1,
@@ -417,7 +432,9 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
         except SignalException as exc:
             if exc.sigval == signal.SIGINT:
                 raise KeyboardInterrupt from None
-            raise DistributedError(f"stopped by {exc.sigval.name}; all processes were shut down") from None
+            error = DistributedError(f"stopped by {exc.sigval.name}; all processes were shut down")
+            error.exit_code = 128 + int(exc.sigval)  # the shell's convention for a signal
+            raise error from None
         finally:
             logging.disable(logging.NOTSET)
             for sig, handler in saved_signals.items():
