@@ -30,13 +30,24 @@ def cache_dir(override: str | Path | None = None) -> Path:
     return Path(base) / "unicom"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Streaming SHA-256 of a file (never reads the whole file into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Streaming SHA-256 of a file (never reads the whole file into memory).
+
+    Remembered per (path, size, mtime) within the process, so that verifying a download and
+    recording the digest of the loaded weights hash a multi-GB file once.
+    """
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def clean_state_dict_keys(state: dict) -> dict:
