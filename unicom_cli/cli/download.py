@@ -40,16 +40,17 @@ def download(
         results = download_models(names, all_models, cache_dir, mirror, sha256)
         failed = [r for r in results if r.status == "failed"]
 
-    table = Table(box=None, pad_edge=False)
-    table.add_column("model", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("sha256", no_wrap=True)
-    table.add_column("file", overflow="fold")
+    folder = next((r.path.parent for r in results if r.path), None)
+    table = Table(box=None, pad_edge=False, caption=f"cache: {folder}" if folder else None,
+                  caption_justify="left")
+    for column in ("model", "status", "sha256", "file"):
+        table.add_column(column, no_wrap=column != "file", overflow="fold")
     for r in results:
         style = _STYLE.get(r.status, "")
-        digest = f"{r.sha256[:16]}… ({r.checksum})" if r.sha256 else "-"
-        table.add_row(r.name, f"[{style}]{r.status}[/]", digest, str(r.path) if r.path else "-")
-    console.print(table)
+        digest = f"{r.sha256[:12]}… {r.checksum}" if r.sha256 else "-"
+        table.add_row(r.name, f"[{style}]{r.status}[/]", digest, r.path.name if r.path else "-")
+    if not (len(results) == 1 and failed):  # a single failure: its one-line error says it all
+        console.print(table)
     for r in results:
         if r.sha256 and r.checksum in ("computed", "recorded", "none") and r.status != "corrupt":
             console.print(f"{r.name} sha256 {r.sha256}", highlight=False, soft_wrap=True)

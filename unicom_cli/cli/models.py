@@ -30,7 +30,8 @@ def _row(name: str, root) -> dict:
     cached = path.is_file()
     recorded = read_sidecar(path) if cached and sidecar_is_fresh(path) else None
     if spec.sha256:
-        checksum = "verified" if recorded == spec.sha256 else "published"
+        # A recorded digest other than the published one: a file pinned with --sha256.
+        checksum = {None: "published", spec.sha256: "verified"}.get(recorded, "pinned")
     else:
         checksum = "computed" if recorded else "none"
     size = path.stat().st_size if cached else spec.fp16_file_size
@@ -51,7 +52,8 @@ def models(
     """List the published UNICOM models: size, embedding, cache and checksum state.
 
     checksum: verified = cached and matched the published SHA-256; published = a SHA-256 is
-    published (not yet verified here); computed = none published, recorded at download; none.
+    published (not yet verified here); pinned = the cached file matched a --sha256 pin instead;
+    computed = none published, recorded at download; none = none published or recorded.
     """
     from unicom_cli.models.registry import available_models
     from unicom_cli.models.weights import cache_dir as resolve_cache
