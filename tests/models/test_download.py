@@ -10,8 +10,9 @@ import pytest
 from tests.weights_server import weights_server  # noqa: F401 (fixture)
 from unicom_cli.errors import ChecksumMismatch, DownloadError, UsageError
 from unicom_cli.models import registry
-from unicom_cli.models.download import fetch, fetch_weights, read_sidecar, source_url
+from unicom_cli.models.download import fetch, fetch_weights, source_url
 from unicom_cli.models.registry import GITHUB_RELEASES, ModelSpec
+from unicom_cli.models.weights import read_sidecar
 
 PATH = "/tiny/FP16-tiny.pt"
 

@@ -10,10 +10,10 @@ import torch
 from scipy import ndimage
 
 import unicom_cli
+from tests.conftest import TINY
 from unicom_cli.errors import UnsafeCheckpoint, WeightsError
 from unicom_cli.models.factory import create_model, resample_grid
 from unicom_cli.models.weights import load_state_dict
-from tests.conftest import TINY
 
 
 def _embed(model, seed: int = 3) -> torch.Tensor:

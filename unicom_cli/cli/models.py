@@ -21,8 +21,8 @@ def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
 
 def _row(name: str, root) -> dict:
     """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
-    from unicom_cli.models.download import read_sidecar, sidecar_is_fresh
     from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.weights import read_sidecar, sidecar_is_fresh
 
     spec = get_spec(name)
     path = root / spec.filename

@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import http.cookiejar
 import os
-import re
 import socket
 import time
 import urllib.error
@@ -28,13 +27,19 @@ from typing import Callable, Iterator, TypeVar
 
 from unicom_cli.errors import ChecksumMismatch, DownloadError, UsageError, WeightsError
 from unicom_cli.models.registry import GITHUB_RELEASES, ModelSpec, available_models, get_spec
-from unicom_cli.models.weights import cache_dir, sha256_file
+from unicom_cli.models.weights import (
+    SHA256_HEX,
+    cache_dir,
+    read_sidecar,
+    sha256_file,
+    sidecar,
+    write_sidecar,
+)
 from unicom_cli.utils.console import info, progress_bar, warn
 
 GDRIVE_URL = "https://drive.google.com"
 GDRIVE_MIRROR_FOLDER = "gldv2"  # where a mirror keeps the Drive-only files: <mirror>/gldv2/<file>
 CHUNK = 1 << 20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WAYS_OUT = ("If this machine is offline or the server is blocked, point --mirror URL (or "
              "$UNICOM_MIRROR) at a copy of the release files, or pass --weights FILE with a copy "
              "downloaded elsewhere.")
@@ -79,7 +84,7 @@ def normalise_sha256(value: str | None) -> str | None:
     if value is None:
         return None
     value = value.strip().lower()
-    if not _SHA256.match(value):
+    if not SHA256_HEX.match(value):
         raise UsageError(f"--sha256 {value!r}: expected 64 hexadecimal digits")
     return value
 
@@ -119,34 +124,6 @@ def _is_drive(url: str, spec: ModelSpec) -> bool:
 
 
 # --------------------------------------------------------------------------- cache files
-
-def sidecar(path: Path) -> Path:
-    """The ``<file>.sha256`` next to a cached file."""
-    return path.with_name(path.name + ".sha256")
-
-
-def read_sidecar(path: Path) -> str | None:
-    """The digest recorded next to ``path``, or None."""
-    try:
-        first = sidecar(path).read_text().split()
-    except OSError:
-        return None
-    return first[0].lower() if first and _SHA256.match(first[0].lower()) else None
-
-
-def sidecar_is_fresh(path: Path) -> bool:
-    """True when the recorded digest was written after the file last changed."""
-    try:
-        return sidecar(path).stat().st_mtime_ns >= path.stat().st_mtime_ns
-    except OSError:
-        return False
-
-
-def _write_sidecar(path: Path, digest: str) -> None:
-    tmp = sidecar(path).with_suffix(".sha256.tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(tmp, sidecar(path))
-
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
@@ -404,7 +381,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
             digest = sha256_file(path)
             reference = expected or read_sidecar(path)
             if reference is None or digest == reference:
-                _write_sidecar(path, digest)
+                write_sidecar(path, digest)
                 return FetchResult(spec.name, path, digest, "cached",
                                    checksum if expected or reference is None else "recorded")
             warn(f"{path}: SHA-256 {digest[:12]}… does not match the expected {reference[:12]}… "
@@ -424,7 +401,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
                 f"the partial file was deleted and nothing was cached. Retry, or use --mirror "
                 f"if this server serves a different file")
         os.replace(part, path)
-        _write_sidecar(path, digest)
+        write_sidecar(path, digest)
     if not expected:
         info(f"{spec.name}: no published checksum; computed SHA-256 {digest} "
              f"(recorded in {sidecar(path).name}; pin it with --sha256)")
@@ -496,7 +473,7 @@ def verify_cache(names: list[str], cache: str | Path | None = None,
             continue
         ok = digest == reference
         if ok:
-            _write_sidecar(path, digest)
+            write_sidecar(path, digest)
         results.append(FetchResult(spec.name, path, digest, "ok" if ok else "corrupt", checksum,
                                    None if ok else f"expected {reference}"))
     return results

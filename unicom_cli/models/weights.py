@@ -1,4 +1,4 @@
-"""Weights on disk: cache directory, safe loading and key clean-up.
+"""Weights on disk: cache directory, SHA-256 and its record (<file>.sha256), safe loading, key clean-up.
 
 Download, resume and verification live in ``models.download``.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from unicom_cli.errors import InputError, UnsafeCheckpoint, WeightsError
 if TYPE_CHECKING:
     import torch
 
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -48,6 +50,35 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
                 digest.update(chunk)
         _DIGESTS[key] = digest.hexdigest()
     return _DIGESTS[key]
+
+
+def sidecar(path: Path) -> Path:
+    """The ``<file>.sha256`` next to a cached file."""
+    return path.with_name(path.name + ".sha256")
+
+
+def read_sidecar(path: Path) -> str | None:
+    """The digest recorded next to ``path``, or None."""
+    try:
+        first = sidecar(path).read_text().split()
+    except OSError:
+        return None
+    return first[0].lower() if first and SHA256_HEX.match(first[0].lower()) else None
+
+
+def sidecar_is_fresh(path: Path) -> bool:
+    """True when the recorded digest was written after the file last changed."""
+    try:
+        return sidecar(path).stat().st_mtime_ns >= path.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def write_sidecar(path: Path, digest: str) -> None:
+    """Record ``digest`` next to ``path`` (atomically), in ``sha256sum`` format."""
+    tmp = sidecar(path).with_suffix(".sha256.tmp")
+    tmp.write_text(f"{digest}  {path.name}\n")
+    os.replace(tmp, sidecar(path))
 
 
 def clean_state_dict_keys(state: dict) -> dict:
