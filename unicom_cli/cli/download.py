@@ -14,7 +14,7 @@ _STYLE = {"downloaded": "green", "cached": "green", "ok": "green", "failed": "re
 
 def download(
     names: Annotated[Optional[list[str]], typer.Argument(
-        help="Model names (see `unicom models`).", show_default=False)] = None,
+        metavar="NAME", help="Model names (see `unicom models`).", show_default=False)] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every registered model.")] = False,
     cache_dir: CacheDirOpt = None,
     mirror: Annotated[Optional[str], typer.Option(
@@ -26,7 +26,12 @@ def download(
     verify: Annotated[bool, typer.Option(
         "--verify", help="Re-hash the cached files (named, or all) and report ok/corrupt/missing.")] = False,
 ) -> None:
-    """Download model weights (resumable, SHA-256 verified) into the cache."""
+    """Download model weights (resumable, SHA-256 verified) into the cache.
+
+    Other commands download what they need on first use; this fetches ahead of time, e.g.
+    `unicom download ViT-B/32 ViT-L/14`, `unicom download --all --mirror http://host/unicom`,
+    `unicom download --verify`.
+    """
     from rich.table import Table
 
     from unicom_cli.models.download import download_models, verify_cache

@@ -133,7 +133,12 @@ def _locked(path: Path) -> Iterator[None]:
     except ImportError:  # Windows: no advisory locks; concurrent downloads are then the user's call
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
+    try:
+        handle = open(path.with_name(path.name + ".lock"), "a")
+    except OSError:  # a read-only shared cache: nothing will be written there anyway
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

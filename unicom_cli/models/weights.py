@@ -75,10 +75,16 @@ def sidecar_is_fresh(path: Path) -> bool:
 
 
 def write_sidecar(path: Path, digest: str) -> None:
-    """Record ``digest`` next to ``path`` (atomically), in ``sha256sum`` format."""
+    """Record ``digest`` next to ``path`` (atomically), in ``sha256sum`` format.
+
+    Best effort: a read-only cache simply keeps no record.
+    """
     tmp = sidecar(path).with_suffix(".sha256.tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(tmp, sidecar(path))
+    try:
+        tmp.write_text(f"{digest}  {path.name}\n")
+        os.replace(tmp, sidecar(path))
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def clean_state_dict_keys(state: dict) -> dict:
