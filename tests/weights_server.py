@@ -20,6 +20,7 @@ class Served:
     files: dict[str, bytes] = field(default_factory=dict)  # path -> body
     faults: dict[str, list[str]] = field(default_factory=dict)  # path -> queue of faults
     drive: dict[str, str] = field(default_factory=dict)  # Drive id -> served path
+    drive_quota: set[str] = field(default_factory=set)  # Drive ids answered by a "quota" page
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range)
     base: str = ""
 
@@ -43,6 +44,9 @@ def _handler(served: Served):
             parsed = urllib.parse.urlsplit(self.path)
             query = dict(urllib.parse.parse_qsl(parsed.query))
             served.requests.append((parsed.path, self.headers.get("Range")))
+            if parsed.path == "/uc" and query.get("id") in served.drive_quota:
+                return self._plain(200, b"<html><p>Too many users have viewed or downloaded "
+                                   b"this file recently.</p></html>", "text/html")
             if parsed.path == "/uc" and query.get("id") in served.drive:
                 return self._drive_page(query["id"])
             if parsed.path == "/download":  # Drive's usercontent address, after "confirm"

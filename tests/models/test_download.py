@@ -191,6 +191,14 @@ def test_google_drive_pin_rejects_other_bytes(served, payload, cache):
                  gdrive_url=served.base).checksum == "pinned"
 
 
+def test_google_drive_quota_page_is_a_clear_error(served, cache):
+    served.drive_quota.add("busy")
+    with pytest.raises(DownloadError, match="quota may be exceeded.*--weights"):
+        fetch(_spec(None, None, gdrive_id="busy"), cache=cache, gdrive_url=served.base)
+    assert [p for p, _ in served.requests] == ["/uc", "/uc"]  # the page, then confirm=t
+    assert not (cache / "FP16-tiny.pt").exists()
+
+
 def test_bad_pin_is_a_usage_error(cache):
     with pytest.raises(UsageError, match="64 hexadecimal"):
         fetch(_spec("http://127.0.0.1:9/x.pt", None), cache=cache, sha256="abc")

@@ -44,6 +44,10 @@ _WAYS_OUT = ("If this machine is offline or the server is blocked, point --mirro
              "$UNICOM_MIRROR) at a copy of the release files, or pass --weights FILE with a copy "
              "downloaded elsewhere.")
 
+_DRIVE_PAGE = ("{url}: Google Drive answered with a web page instead of the file (its download "
+               "quota may be exceeded, or the file is no longer shared). Try later, or download it "
+               "in a browser and pass --weights FILE.")
+
 T = TypeVar("T")
 
 
@@ -244,6 +248,8 @@ def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> t
     with response:
         status = getattr(response, "status", None) or 200  # file:// answers have no status
         if response.headers.get_content_type() == "text/html":
+            if "google" in urllib.parse.urlsplit(url).netloc or "confirm=" in url:
+                raise DownloadError(_DRIVE_PAGE.format(url=url))
             raise DownloadError(f"{url}: the server answered with a web page instead of the "
                                 f"weights file. {_WAYS_OUT}")
         if offset and status != 206:  # Range ignored: the body is the whole file
@@ -295,8 +301,8 @@ class _DriveForm(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = {k: v or "" for k, v in attrs}
-        if tag == "form" and self.action is None:
-            self.action, self._in_form = values.get("action", ""), True
+        if tag == "form" and (self.action is None or values.get("id") == "download-form"):
+            self.action, self.fields, self._in_form = values.get("action", ""), {}, True
         elif tag == "input" and self._in_form and values.get("name"):
             self.fields[values["name"]] = values.get("value", "")
         elif tag == "a" and "confirm=" in values.get("href", "") and self.confirm_link is None:
@@ -333,9 +339,9 @@ def _resolve_drive(opener, url: str, jar: http.cookiejar.CookieJar, settings: _S
     for cookie in jar:
         if cookie.name.startswith("download_warning"):
             return f"{url}&confirm={urllib.parse.quote(cookie.value)}"
-    raise DownloadError(f"{url}: Google Drive answered with a web page instead of the file (its "
-                        f"download quota may be exceeded, or the file is no longer shared). Try "
-                        f"later, or download it in a browser and pass --weights FILE.")
+    if "confirm=" not in url:  # a page we do not know: Drive accepts confirm=t for large files
+        return f"{url}&confirm=t"
+    raise DownloadError(_DRIVE_PAGE.format(url=url))
 
 
 def _download(spec: ModelSpec, url: str, part: Path, settings: _Settings) -> tuple[str, bool]:
