@@ -195,8 +195,8 @@ def _open(opener: urllib.request.OpenerDirector, url: str, offset: int, timeout:
             raise _Retry(exc) from exc
         if exc.code == 416 and offset:
             raise  # the caller decides: the .part may already be complete
-        hint = ("the mirror must hold the files as <tag>/<file>, like the GitHub releases"
-                if exc.code == 404 else "check the address")
+        hint = ("a mirror must hold <tag>/<file> as the GitHub releases do (Drive-only models: "
+                "gldv2/<file>)" if exc.code == 404 else "check the address")
         raise DownloadError(f"{url}: {_describe(exc)}; {hint}. {_WAYS_OUT}") from exc
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, socket.gaierror):  # no DNS: offline, retrying will not help
