@@ -79,6 +79,8 @@ def write_sidecar(path: Path, digest: str) -> None:
 
     Best effort: a read-only cache simply keeps no record.
     """
+    if read_sidecar(path) == digest and sidecar_is_fresh(path):
+        return  # already recorded: leave read-mostly caches untouched
     tmp = sidecar(path).with_suffix(".sha256.tmp")
     try:
         tmp.write_text(f"{digest}  {path.name}\n")
