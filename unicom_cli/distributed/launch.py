@@ -431,6 +431,9 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
             raise _root_cause(error_dir, exc) from None
         except SignalException as exc:
             if exc.sigval == signal.SIGINT:
+                from unicom_cli.utils.console import err_console
+
+                err_console.print(f"[bold red]interrupted:[/] stopped all {nproc} processes")
                 raise KeyboardInterrupt from None
             error = DistributedError(f"stopped by {exc.sigval.name}; all processes were shut down")
             error.exit_code = 128 + int(exc.sigval)  # the shell's convention for a signal
