@@ -270,3 +270,15 @@ def test_partial_environment_is_an_error_before_any_work():
     proc = toy("--total", "3", env=clean_env(RANK="1", WORLD_SIZE="2"))
     assert proc.returncode == 1
     assert "LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set" in proc.stderr
+
+
+def test_a_failing_rank_in_a_joined_group_stops_the_other_with_one_line_each():
+    port = str(free_port())
+    envs = [clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port) for r in (0, 1)]
+    start = time.monotonic()
+    rank0, rank1 = _two_joined(envs, "--total", "5", "--fail-rank", "1")
+    assert time.monotonic() - start < 30  # gloo notices the closed connection: no 30-min timeout
+    assert rank1.returncode == 2 and "error: rank 1: rank-1 failed on purpose" in rank1.stderr
+    assert rank0.returncode == 1 and "rank 0: lost contact with the other ranks" in rank0.stderr
+    assert "Traceback" not in rank0.stderr + rank1.stderr

@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from unicom_cli.utils.console import err_console
 
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escape: messages quote paths and backend errors such as "[/src/pair.cc:545] …"
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         from unicom_cli.utils.console import err_console

@@ -158,7 +158,8 @@ def detect_group(environ: dict[str, str] | None = None) -> GroupEnv | None:
             )
         return GroupEnv(_as_int("RANK", env), _as_int("WORLD_SIZE", env), _as_int("LOCAL_RANK", env),
                         env["MASTER_ADDR"], _as_int("MASTER_PORT", env), "torchrun")
-    if env.get("SLURM_PROCID") and int(env.get("SLURM_NTASKS", "2") or 2) > 1:
+    # One SLURM task (sbatch with --ntasks=1) is no group: --gpus/--procs may still launch.
+    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS") != "1":
         missing = _missing(SLURM_VARS, env)
         addr = env.get("MASTER_ADDR")
         if not addr:
@@ -345,6 +346,11 @@ def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
         os.replace(tmp, Path(error_dir, f"rank{group.rank}.json"))
         raise SystemExit(code)  # quiet: the launcher prints the root cause once
     _record_for_torchrun(exc)
+    if _is_collateral(exc):  # one line instead of a backend traceback; the cause is elsewhere
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[/path/pair.cc:545] " prefix
+        raise DistributedError(f"rank {group.rank}: lost contact with the other ranks ({first}); "
+                               "the first rank to fail shows the cause") from exc
     if isinstance(exc, UnicomError) and group.world_size > 1:
         exc.args = (f"rank {group.rank}: {message}",)
     raise exc
