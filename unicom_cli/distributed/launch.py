@@ -318,18 +318,18 @@ def _is_collateral(exc: BaseException) -> bool:
 
 
 def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
-    """Leave the group and end this rank; launched workers hand the message to the launcher."""
-    if joined:
-        try:
-            import torch.distributed as dist
+    """End this rank after a failure; launched workers hand the message to the launcher.
 
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - the group may already be broken
-            pass
+    A launched worker leaves at once (``os._exit``): the agent sees the exit and stops the
+    other ranks, even when they wait in a collective or this rank's backend would block in
+    its clean-up. A rank of a torchrun/SLURM group leaves its group and re-raises.
+    """
     error_dir = os.environ.get(_ERROR_DIR_ENV)
     if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        if error_dir and isinstance(exc, KeyboardInterrupt):
-            raise SystemExit(130)  # the launcher says "interrupted" once for everyone
+        if error_dir:
+            code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
+            _exit_now(code if isinstance(code, int) else 1)  # the launcher reports it once
+        _leave(joined)
         raise exc
     if isinstance(exc, UnicomError):
         message, code, trace = str(exc), exc.exit_code, ""
@@ -344,7 +344,8 @@ def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
         tmp = Path(error_dir, f".rank{group.rank}.json.tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, Path(error_dir, f"rank{group.rank}.json"))
-        raise SystemExit(code)  # quiet: the launcher prints the root cause once
+        _exit_now(code)  # quiet: the launcher prints the root cause once
+    _leave(joined)
     _record_for_torchrun(exc)
     if _is_collateral(exc):  # one line instead of a backend traceback; the cause is elsewhere
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -354,6 +355,28 @@ def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
     if isinstance(exc, UnicomError) and group.world_size > 1:
         exc.args = (f"rank {group.rank}: {message}",)
     raise exc
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leave(joined: bool) -> None:
+    """Leave a possibly broken group without waiting for the other ranks."""
+    if not joined:
+        return
+    try:
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        if dist.get_backend() == "nccl" and hasattr(c10d, "_abort_process_group"):
+            c10d._abort_process_group()  # destroy could wait on the peers' pending collectives
+        else:
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the group may already be broken
+        pass
 
 
 def _record_for_torchrun(exc: BaseException) -> None:
