@@ -282,3 +282,21 @@ def test_a_failing_rank_in_a_joined_group_stops_the_other_with_one_line_each():
     assert rank1.returncode == 2 and "error: rank 1: rank-1 failed on purpose" in rank1.stderr
     assert rank0.returncode == 1 and "rank 0: lost contact with the other ranks" in rank0.stderr
     assert "Traceback" not in rank0.stderr + rank1.stderr
+
+
+def test_two_nodes_of_one_process_each_form_one_group():
+    # Two launchers on this machine stand in for two nodes (static rendezvous at node 0).
+    port = str(free_port())
+    nodes = [start_toy("--total", "5", "--procs", "1", "--nnodes", "2", "--node-rank", str(n),
+                       "--master-port", port) for n in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=60) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    (out0, err0), (out1, err1) = outs
+    assert nodes[0].returncode == nodes[1].returncode == 0, err0 + err1
+    result = json.loads(out0)
+    assert (result["world"], result["owners"]) == (2, [0, 0, 0, 1, 1])
+    assert out1.strip() == ""  # the global rank 0 prints, on node 0
+    assert "node 1 of 2" in err1
