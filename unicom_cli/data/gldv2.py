@@ -176,30 +176,55 @@ def _encode_batch(rels: list[str]) -> list[tuple[bytes | None, str | None]]:
     return [_encode_one(rel) for rel in rels]
 
 
-def _encoded(rels: list[str], workers: int, init_args: tuple):
-    """Yield (payload | None, reason | None) for each path, in order, encoded by ``workers`` processes."""
-    batches = [rels[i:i + BATCH] for i in range(0, len(rels), BATCH)]
+def _check_batch(payloads: list[bytes]) -> list[str | None]:
+    from unicom_cli.data.reencode import check_decodable
+
+    problems = []
+    for data in payloads:
+        try:
+            check_decodable(data)
+            problems.append(None)
+        except BadImage as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _ordered_map(fn, batches, workers: int, init_args: tuple = ()):
+    """Yield ``fn(batch)`` items in order, run by ``workers`` processes (in this one if <= 1)."""
     if workers <= 1:
-        _init_worker(*init_args)
+        if init_args:
+            _init_worker(*init_args)
         for batch in batches:
-            yield from _encode_batch(batch)
+            yield from fn(batch)
         return
     import multiprocessing as mp
 
     # spawn, not fork: the parent may hold threads (progress bar) and forking those is unsafe.
-    with mp.get_context("spawn").Pool(workers, _init_worker, init_args) as pool:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, _init_worker if init_args else None, init_args) as pool:
         pending: deque = deque()
         todo = iter(batches)
-        for batch in todo:  # keep a bounded window in flight: ordered, never all in memory
-            pending.append(pool.apply_async(_encode_batch, (batch,)))
+        for batch in todo:  # a bounded window in flight: ordered, and never all results in memory
+            pending.append(pool.apply_async(fn, (batch,)))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             results = pending.popleft().get()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.apply_async(_encode_batch, (nxt,)))
+                pending.append(pool.apply_async(fn, (nxt,)))
             yield from results
+
+
+def _batches(items, size: int = BATCH):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 # ----------------------------------------------------------------------------- the run
@@ -327,7 +352,8 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
     with RecordWriter(rec, idx, append=True) as writer, \
             progress_bar(len(entries), "encoding", enabled=cfg.progress, completed=start) as bar:
         try:
-            for pos, (payload, reason) in enumerate(_encoded(todo, workers, init_args), start):
+            encoded = _ordered_map(_encode_batch, _batches(todo), workers, init_args)
+            for pos, (payload, reason) in enumerate(encoded, start):
                 label, rel = entries[pos]
                 if payload is None:
                     failed.append({"position": pos, "path": rel, "reason": reason})
@@ -373,3 +399,127 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     _write_json(partial / "report.json", report)
     state["finalised"] = True
     _write_json(partial / "state.json", state)
+
+
+# ----------------------------------------------------------------------------- verification
+
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify_output`; ``problems`` holds the first ``MAX_PROBLEMS`` messages."""
+
+    out: Path
+    records: int
+    classes: int
+    problems: list[str]
+    problem_count: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+
+MAX_PROBLEMS = 50
+
+
+def _read_lst(path: Path, problems: list[str]) -> list[tuple[int, float, str]]:
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.rstrip("\n").split("\t")
+            try:
+                entries.append((int(fields[0]), float(fields[1]), fields[-1]))
+                if len(fields) != 3:
+                    raise ValueError
+            except (ValueError, IndexError):
+                problems.append(f"{path} line {lineno}: expected 'index<TAB>label<TAB>path', got {line[:60]!r}")
+    return entries
+
+
+def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:
+    """Read every record of OUT/train.rec back and check it against train.idx, train.lst and labels.csv.
+
+    Checks: record framing, count, ids (header == .idx key == .lst index == position), .idx
+    offsets, labels (header == .lst), labels.csv counts, and that every image decodes.
+    """
+    from unicom_cli.data.recordio import RecordIOError, iter_records, read_index, unpack_header
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    rec, idx, lst = (out / f"{PREFIX}.{ext}" for ext in ("rec", "idx", "lst"))
+    for path in (rec, idx, lst):
+        if not path.is_file():
+            raise InputError(f"{path} not found: is {out} the output folder of `unicom prepare-gldv2`?")
+    problems: list[str] = []
+    count = 0
+
+    def problem(message: str) -> None:
+        nonlocal count
+        count += 1
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(message)
+
+    if (out / PARTIAL_DIR).exists():
+        problem(f"{out / PARTIAL_DIR} exists: a run was interrupted; rerun the same command to finish it")
+    lst_problems: list[str] = []
+    entries = _read_lst(lst, lst_problems)
+    for message in lst_problems:
+        problem(message)
+    try:
+        keys, offsets = read_index(idx)
+    except RecordIOError as exc:
+        problem(str(exc))
+        keys, offsets = [], []
+
+    def scanned():
+        """(position, payload) of each record; framing errors become problems."""
+        n = 0
+        try:
+            for offset, payload in iter_records(rec):
+                if n < len(offsets) and offsets[n] != offset:
+                    problem(f"record {n}: at byte {offset} but {idx.name} says {offsets[n]}")
+                header, image = unpack_header(payload)
+                if header.flag != 0:
+                    problem(f"record {n}: multi-label header (flag {header.flag}); expected one label")
+                elif n < len(entries):
+                    index, label, rel = entries[n]
+                    if header.label != label:
+                        problem(f"record {n}: label {header.label:g} but {lst.name} says {label:g} for {rel}")
+                    if not header.id == index == n or (n < len(keys) and keys[n] != n):
+                        problem(f"record {n}: id {header.id}, {idx.name} key "
+                                f"{keys[n] if n < len(keys) else '-'}, {lst.name} index {index}; expected {n}")
+                n += 1
+                yield n - 1, bytes(image)
+        except RecordIOError as exc:
+            problem(f"{exc} (after {n:,} good records)")
+        for what, length in ((idx.name, len(keys)), (lst.name, len(entries))):
+            if length != n:
+                problem(f"{rec.name} holds {n:,} records but {what} lists {length:,}")
+
+    workers = default_workers() if workers is None else workers
+    records = 0
+    with progress_bar(len(entries) or None, "verifying", enabled=progress) as bar:
+        images = (image for _, image in scanned())
+        for records, failure in enumerate(_ordered_map(_check_batch, _batches(images, 32), workers), 1):
+            if failure is not None:
+                problem(f"record {records - 1}: image does not decode ({failure})")
+            bar.advance()
+    labels_csv = out / "labels.csv"
+    per_label = Counter(int(label) for _, label, _ in entries)
+    classes = len(per_label)
+    if labels_csv.is_file():
+        rows = list(csv.reader(labels_csv.open(newline="")))
+        if not rows or rows[0] != ["landmark_id", "label", "count"]:
+            problem(f"{labels_csv}: expected the header 'landmark_id,label,count'")
+        else:
+            classes = len(rows) - 1
+            for lineno, row in enumerate(rows[1:], 2):
+                if len(row) != 3 or row[1] != str(lineno - 2) or int(row[2]) != per_label.get(lineno - 2, 0):
+                    problem(f"{labels_csv} line {lineno}: {','.join(row)!r} disagrees with {lst.name} "
+                            f"(label {lineno - 2} has {per_label.get(lineno - 2, 0)} images)")
+            if per_label and max(per_label) >= classes:
+                problem(f"{lst.name} uses label {max(per_label)} but {labels_csv.name} lists {classes} labels")
+    else:
+        problem(f"{labels_csv} not found")
+    return VerifyResult(out=out, records=records, classes=classes, problems=problems,
+                        problem_count=count, seconds=time.perf_counter() - t0)
