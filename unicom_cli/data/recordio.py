@@ -90,20 +90,21 @@ def frame_record(payload: bytes) -> bytes:
     return bytes(out)
 
 
-def _parse_record(buf: memoryview, pos: int, where: str) -> tuple[bytes, int] | None:
+def _parse_record(buf: memoryview, pos: int, where: str, base: int = 0) -> tuple[bytes, int] | None:
     """Decode the record starting at ``buf[pos]``: (payload, position after it), or None if ``buf``
-    ends before the record does. Raises on anything that is not RecordIO."""
+    ends before the record does. Raises on anything that is not RecordIO; ``base`` is the file
+    offset of ``buf[0]``, for messages."""
     chunks = []
     while True:
         if pos + 8 > len(buf):
             return None
         magic, lrec = _FRAME.unpack_from(buf, pos)
         if magic != MAGIC:
-            raise RecordIOError(f"{where}: bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x})")
+            raise RecordIOError(f"{where}: bad magic 0x{magic:08x} at byte {base + pos} (expected 0x{MAGIC:08x})")
         cflag, length = lrec >> 29, lrec & MAX_PART_LENGTH
         first = not chunks
         if first != (cflag in (0, 1)):
-            raise RecordIOError(f"{where}: multi-part record out of order at byte {pos} (part flag {cflag})")
+            raise RecordIOError(f"{where}: multi-part record out of order at byte {base + pos} (part flag {cflag})")
         end = pos + 8 + length
         if end > len(buf):
             return None
@@ -114,10 +115,10 @@ def _parse_record(buf: memoryview, pos: int, where: str) -> tuple[bytes, int] | 
         chunks.append(MAGIC_BYTES)
 
 
-def _parse_complete(buf: memoryview, pos: int, where: str) -> tuple[bytes, int]:
-    parsed = _parse_record(buf, pos, where)
+def _parse_complete(buf: memoryview, pos: int, where: str, base: int = 0) -> tuple[bytes, int]:
+    parsed = _parse_record(buf, pos, where, base)
     if parsed is None:
-        raise RecordIOError(f"{where}: record at byte {pos} is truncated (the file ends inside it)")
+        raise RecordIOError(f"{where}: record at byte {base + pos} is truncated (the file ends inside it)")
     return parsed
 
 
@@ -265,7 +266,7 @@ class RecordReader:
         start = self.offsets[i]
         end = self.offsets[i + 1] if i + 1 < len(self.offsets) else self.size
         buf = memoryview(self._pread(end - start, start))
-        payload, used = _parse_complete(buf, 0, f"{self.rec_path} record {i}")
+        payload, used = _parse_complete(buf, 0, f"{self.rec_path} record {i}", start)
         if used != len(buf):
             raise RecordIOError(f"{self.rec_path} record {i}: {len(buf) - used} unexpected bytes after it "
                                 f"(does the .idx belong to this .rec?)")
@@ -316,7 +317,7 @@ def iter_records(rec_path: str | os.PathLike, chunk_size: int = 1 << 24) -> Iter
             view = memoryview(buf)
             pos = 0
             while pos < len(buf):
-                parsed = _parse_record(view, pos, str(rec_path))
+                parsed = _parse_record(view, pos, str(rec_path), base)
                 if parsed is None:
                     break
                 yield base + pos, parsed[0]
@@ -324,7 +325,7 @@ def iter_records(rec_path: str | os.PathLike, chunk_size: int = 1 << 24) -> Iter
             view.release()
             if not more:
                 if pos < len(buf):
-                    _parse_complete(memoryview(buf), pos, str(rec_path))  # raises: truncated
+                    _parse_complete(memoryview(buf), pos, str(rec_path), base)  # raises: truncated
                 return
             buf = buf[pos:]
             base += pos
