@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from unicom_cli.cli.options import WorkersOpt
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import UnicomError, UsageError
 
 
 def prepare_gldv2(
@@ -66,6 +66,4 @@ def _verify(out: Path, workers: Optional[int]) -> None:
     for message in result.problems:
         err_console.print(f"[red]problem:[/] {message}", highlight=False, soft_wrap=True)
     more = result.problem_count - len(result.problems)
-    err_console.print(f"[bold red]{result.problem_count:,} problem(s)[/] in {out}"
-                      + (f" ({more:,} not shown)" if more else ""), highlight=False)
-    raise typer.Exit(1)
+    raise UnicomError(f"{result.problem_count:,} problem(s) in {out}" + (f" ({more:,} not shown)" if more else ""))

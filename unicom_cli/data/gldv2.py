@@ -149,11 +149,11 @@ def plan_images(cfg: PrepareConfig, images: Path) -> tuple[list[tuple[int, str]]
 _WORKER: dict = {}
 
 
-def _init_worker(images: str, resize: int, quality: int, pass_through: bool) -> None:
+def _init_worker(settings: dict) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one image per process; threads inside would only oversubscribe
-    _WORKER.update(images=images, resize=resize, quality=quality, pass_through=pass_through)
+    _WORKER.update(settings)
 
 
 def _encode_one(rel: str) -> tuple[bytes | None, str | None]:
@@ -189,19 +189,18 @@ def _check_batch(payloads: list[bytes]) -> list[str | None]:
     return problems
 
 
-def _ordered_map(fn, batches, workers: int, init_args: tuple = ()):
+def _ordered_map(fn, batches, workers: int, settings: dict | None = None):
     """Yield ``fn(batch)`` items in order, run by ``workers`` processes (in this one if <= 1)."""
+    settings = settings or {}
     if workers <= 1:
-        if init_args:
-            _init_worker(*init_args)
+        _init_worker(settings)
         for batch in batches:
             yield from fn(batch)
         return
     import multiprocessing as mp
 
     # spawn, not fork: the parent may hold threads (progress bar) and forking those is unsafe.
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, _init_worker if init_args else None, init_args) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_worker, (settings,)) as pool:
         pending: deque = deque()
         todo = iter(batches)
         for batch in todo:  # a bounded window in flight: ordered, and never all results in memory
@@ -332,7 +331,8 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
     os.truncate(rec, state["rec_bytes"])  # drop whatever a killed run wrote after its checkpoint
     os.truncate(idx, state["idx_bytes"])
     workers = default_workers() if cfg.workers is None else cfg.workers
-    init_args = (str(images), cfg.resize, cfg.quality, cfg.pass_through)
+    settings = {"images": str(images), "resize": cfg.resize, "quality": cfg.quality,
+                "pass_through": cfg.pass_through}
     start = state["done"]
     todo = [rel for _, rel in entries[start:]]
     failed, records = list(state["failed"]), state["records"]
@@ -351,8 +351,8 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
 
     with RecordWriter(rec, idx, append=True) as writer, \
             progress_bar(len(entries), "encoding", enabled=cfg.progress, completed=start) as bar:
+        encoded = _ordered_map(_encode_batch, _batches(todo), workers, settings)
         try:
-            encoded = _ordered_map(_encode_batch, _batches(todo), workers, init_args)
             for pos, (payload, reason) in enumerate(encoded, start):
                 label, rel = entries[pos]
                 if payload is None:
@@ -365,8 +365,9 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
                 if time.perf_counter() - t_check > CHECKPOINT_SECONDS:
                     checkpoint(writer)
                     t_check = time.perf_counter()
-        finally:  # also on Ctrl-C or an error: keep what is complete
+        finally:  # also on Ctrl-C or an error: keep what is complete, then stop the workers
             checkpoint(writer)
+            encoded.close()
 
 
 def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
