@@ -165,6 +165,11 @@ def test_resume_after_kill_gives_identical_bytes(tree, built, tmp_path):
     assert state["records"] == 4 and (partial / "train.rec").stat().st_size > state["rec_bytes"]
     with pytest.raises(UsageError, match="other settings"):
         run(tree, tmp_path, resize=64)
+    cut = tmp_path / "cut"  # a checkpoint that promises more than the disk holds is refused
+    shutil.copytree(partial, cut / ".train.partial")
+    os.truncate(cut / ".train.partial" / "train.rec", state["rec_bytes"] - 1)
+    with pytest.raises(InputError, match="cannot resume: the partial files are shorter"):
+        run(tree, cut)
     result = run(tree, tmp_path, workers=2)
     assert result.resumed_from == state["done"]
     for name in OUT_FILES:

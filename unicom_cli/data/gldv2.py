@@ -25,11 +25,12 @@ import random
 import shutil
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from unicom_cli.data.recordio import RecordWriter
-from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
+from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UnicomError, UsageError
 from unicom_cli.utils.console import info, progress_bar
 
 PREFIX = "train"
@@ -190,7 +191,11 @@ def _check_batch(payloads: list[bytes]) -> list[str | None]:
 
 
 def _ordered_map(fn, batches, workers: int, settings: dict | None = None):
-    """Yield ``fn(batch)`` items in order, run by ``workers`` processes (in this one if <= 1)."""
+    """Yield ``fn(batch)`` items in order, run by ``workers`` processes (in this one if <= 1).
+
+    A bounded window of batches is in flight, so results never pile up in memory. A worker that
+    dies (killed, out of memory, crashed in a decoder) stops the run with an error instead of a hang.
+    """
     settings = settings or {}
     if workers <= 1:
         _init_worker(settings)
@@ -198,21 +203,27 @@ def _ordered_map(fn, batches, workers: int, settings: dict | None = None):
             yield from fn(batch)
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the parent may hold threads (progress bar) and forking those is unsafe.
-    with mp.get_context("spawn").Pool(workers, _init_worker, (settings,)) as pool:
-        pending: deque = deque()
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (settings,))
+    try:
         todo = iter(batches)
-        for batch in todo:  # a bounded window in flight: ordered, and never all results in memory
-            pending.append(pool.apply_async(fn, (batch,)))
-            if len(pending) >= 4 * workers:
-                break
+        pending = deque(pool.submit(fn, batch) for batch in islice(todo, 4 * workers))
         while pending:
-            results = pending.popleft().get()
+            try:
+                results = pending.popleft().result()
+            except BrokenProcessPool:
+                raise UnicomError("an image worker process died (killed, out of memory, or a crash in the "
+                                  "image decoder); run the same command again to continue from the last "
+                                  "checkpoint, with --workers 1 to see which image is at fault") from None
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append(pool.apply_async(fn, (nxt,)))
+                pending.append(pool.submit(fn, nxt))
             yield from results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batches(items, size: int = BATCH):
@@ -324,10 +335,32 @@ def _read_plan(path: Path) -> list[tuple[int, str]]:
     return entries
 
 
+def _check_partial(rec: Path, idx: Path, state: dict) -> None:
+    """Make sure the checkpoint describes bytes that are really on disk (e.g. after a power cut)."""
+    from unicom_cli.data.recordio import RecordIOError, parse_span
+
+    if not state["records"]:
+        return
+    try:
+        if rec.stat().st_size < state["rec_bytes"] or idx.stat().st_size < state["idx_bytes"]:
+            raise RecordIOError("the partial files are shorter than the checkpoint says")
+        with open(idx, "rb") as f:
+            key, offset = (int(x) for x in f.read(state["idx_bytes"]).splitlines()[-1].split())
+        with open(rec, "rb") as f:
+            f.seek(offset)
+            payload = parse_span(f.read(state["rec_bytes"] - offset), f"{rec} record {key}", offset)
+        if key != state["records"] - 1 or payload[8:16] != key.to_bytes(8, "little"):
+            raise RecordIOError(f"the last checkpointed record is not record {state['records'] - 1}")
+    except (RecordIOError, ValueError) as exc:
+        raise InputError(f"{rec.parent}: cannot resume: {exc} (was the machine switched off?); "
+                         f"pass --overwrite to start over") from None
+
+
 def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[tuple[int, str]],
                 state: dict) -> None:
     """Encode entries[state.done:] into the partial .rec/.idx, checkpointing ``state`` as it goes."""
     rec, idx = partial / f"{PREFIX}.rec", partial / f"{PREFIX}.idx"
+    _check_partial(rec, idx, state)
     os.truncate(rec, state["rec_bytes"])  # drop whatever a killed run wrote after its checkpoint
     os.truncate(idx, state["idx_bytes"])
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -342,7 +375,7 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
     seconds_before = state["encode_seconds"]
 
     def checkpoint(writer: RecordWriter) -> None:
-        writer.flush(fsync=True)
+        writer.flush()  # to the OS, which keeps it across a kill; fsync here would stall the pipeline
         done, n_records, rec_bytes, idx_bytes, n_failed = committed
         state.update(done=done, records=n_records, rec_bytes=rec_bytes, idx_bytes=idx_bytes,
                      failed=failed[:n_failed],
@@ -368,6 +401,8 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
         finally:  # also on Ctrl-C or an error: keep what is complete, then stop the workers
             checkpoint(writer)
             encoded.close()
+        if state["done"] == len(entries):
+            writer.flush(fsync=True)  # the finished files reach the disk before they are renamed
 
 
 def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,

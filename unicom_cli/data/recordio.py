@@ -115,6 +115,15 @@ def _parse_record(buf: memoryview, pos: int, where: str, base: int = 0) -> tuple
         chunks.append(MAGIC_BYTES)
 
 
+def parse_span(data: bytes, where: str, offset: int = 0) -> bytes:
+    """The payload of the one record that ``data`` (read from file ``offset``) must hold exactly."""
+    payload, used = _parse_complete(memoryview(data), 0, where, offset)
+    if used != len(data):
+        raise RecordIOError(f"{where}: {len(data) - used} unexpected bytes after the record "
+                            f"(does the .idx belong to this .rec?)")
+    return payload
+
+
 def _parse_complete(buf: memoryview, pos: int, where: str, base: int = 0) -> tuple[bytes, int]:
     parsed = _parse_record(buf, pos, where, base)
     if parsed is None:
@@ -265,12 +274,7 @@ class RecordReader:
         """The raw payload (header + image) of the i-th record."""
         start = self.offsets[i]
         end = self.offsets[i + 1] if i + 1 < len(self.offsets) else self.size
-        buf = memoryview(self._pread(end - start, start))
-        payload, used = _parse_complete(buf, 0, f"{self.rec_path} record {i}", start)
-        if used != len(buf):
-            raise RecordIOError(f"{self.rec_path} record {i}: {len(buf) - used} unexpected bytes after it "
-                                f"(does the .idx belong to this .rec?)")
-        return payload
+        return parse_span(self._pread(end - start, start), f"{self.rec_path} record {i}", start)
 
     def read(self, i: int) -> tuple[RecordHeader, bytes]:
         """(header, image bytes) of the i-th record in file order."""
