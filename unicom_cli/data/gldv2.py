@@ -270,7 +270,11 @@ def default_workers() -> int:
 
 
 def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
-    """Build OUT/train.{lst,rec,idx}, labels.csv and report.json from GLDv2's train_clean.csv."""
+    """Build OUT/train.{lst,rec,idx}, labels.csv and report.json from GLDv2's train_clean.csv.
+
+    With ``workers`` > 1 the images are encoded in spawned processes: a script that calls this
+    needs the usual ``if __name__ == "__main__":`` guard.
+    """
     t0 = time.perf_counter()
     cfg.csv = Path(cfg.csv)
     images = Path(cfg.images) if cfg.images else cfg.csv.parent / "train"
@@ -302,11 +306,12 @@ def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
         entries, landmarks, planning = plan_images(cfg, images)
         if not entries:
             raise InputError(f"{cfg.csv}: none of the listed images was found under {images}")
+        # written once: the checkpoint (state.json, rewritten every few seconds) stays small
         _write_text(partial / "plan.lst", "".join(f"{label}\t{rel}\n" for label, rel in entries))
-        state = {"version": STATE_VERSION, "settings": settings, "landmarks": landmarks,
-                 "planning": planning, "plan_seconds": round(time.perf_counter() - t_plan, 3),
-                 "done": 0, "records": 0, "rec_bytes": 0, "idx_bytes": 0, "failed": [],
-                 "encode_seconds": 0.0, "finalised": False}
+        _write_json(partial / "plan.json", {"landmarks": landmarks, **planning,
+                                            "plan_seconds": round(time.perf_counter() - t_plan, 3)})
+        state = {"version": STATE_VERSION, "settings": settings, "done": 0, "records": 0, "rec_bytes": 0,
+                 "idx_bytes": 0, "failed": [], "encode_seconds": 0.0, "finalised": False}
         for name in (f"{PREFIX}.rec", f"{PREFIX}.idx"):
             (partial / name).write_bytes(b"")
         _write_json(state_path, state)
@@ -412,11 +417,11 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     written = [entry for pos, entry in enumerate(entries) if pos not in failed]
     _write_text(partial / f"{PREFIX}.lst",
                 "".join(f"{i}\t{label:f}\t{rel}\n" for i, (label, rel) in enumerate(written)))
-    landmarks = state["landmarks"]
+    plan = json.loads((partial / "plan.json").read_text())
+    landmarks = plan["landmarks"]
     per_label = Counter(label for label, _ in written)
     _write_text(partial / "labels.csv", "landmark_id,label,count\n" + "".join(
         f"{landmark},{label},{per_label[label]}\n" for label, landmark in enumerate(landmarks)))
-    planning = state["planning"]
     encode_s = state["encode_seconds"]
     done_now = len(entries) - resumed_from
     report = {
@@ -424,10 +429,10 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
         "settings": {"resize": cfg.resize, "quality": cfg.quality, "pass_through": cfg.pass_through,
                      "seed": cfg.seed, "limit": cfg.limit, "min_images_per_class": cfg.min_images_per_class,
                      "workers": default_workers() if cfg.workers is None else cfg.workers},
-        "counts": {**planning["counts"], "failed": len(state["failed"]), "written": len(written),
+        "counts": {**plan["counts"], "failed": len(state["failed"]), "written": len(written),
                    "empty_classes": sum(1 for label in range(len(landmarks)) if not per_label[label])},
-        "skipped": planning["skipped"] + [{"path": f["path"], "reason": f["reason"]} for f in state["failed"]],
-        "timings": {"plan_s": state["plan_seconds"], "encode_s": encode_s,
+        "skipped": plan["skipped"] + [{"path": f["path"], "reason": f["reason"]} for f in state["failed"]],
+        "timings": {"plan_s": plan["plan_seconds"], "encode_s": encode_s,
                     "images_per_s": round(len(entries) / encode_s, 1) if encode_s else None,
                     "resumed_from": resumed_from, "encoded_this_run": done_now},
         "files": {name: (partial / name).stat().st_size for name in (f"{PREFIX}.rec", f"{PREFIX}.idx")},
