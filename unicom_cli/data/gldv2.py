@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from unicom_cli.data import reencode
 from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
 from unicom_cli.utils.console import info, progress_bar
@@ -147,50 +148,48 @@ def plan_images(cfg: PrepareConfig, images: Path) -> tuple[list[tuple[int, str]]
 
 # ----------------------------------------------------------------------------- encoding workers
 
-_WORKER: dict = {}
 
+@dataclass(frozen=True)
+class _Encoder:
+    """Reads and encodes one batch of images (called from worker threads)."""
 
-def _init_worker(settings: dict) -> None:
-    import cv2
+    images: str
+    resize: int
+    quality: int
+    pass_through: bool
 
-    cv2.setNumThreads(1)  # one image per process; threads inside would only oversubscribe
-    _WORKER.update(settings)
+    def __call__(self, rels: list[str]) -> list[tuple[bytes | None, str | None]]:
+        return [self.one(rel) for rel in rels]
 
-
-def _encode_one(rel: str) -> tuple[bytes | None, str | None]:
-    from unicom_cli.data import reencode
-
-    try:
-        with open(os.path.join(_WORKER["images"], rel), "rb") as f:
-            data = f.read()
-        if _WORKER["pass_through"]:
-            reencode.check_decodable(data)
-            return data, None
-        return reencode.reencode(data, _WORKER["resize"], _WORKER["quality"]), None
-    except (OSError, BadImage) as exc:
-        return None, str(exc) if isinstance(exc, BadImage) else f"unreadable: {exc.strerror or exc}"
-    except Exception as exc:  # a decoder error we did not foresee must not stop 1.5 M images
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-def _encode_batch(rels: list[str]) -> list[tuple[bytes | None, str | None]]:
-    return [_encode_one(rel) for rel in rels]
+    def one(self, rel: str) -> tuple[bytes | None, str | None]:
+        """(payload, None) or (None, reason it was skipped)."""
+        try:
+            with open(os.path.join(self.images, rel), "rb") as f:
+                data = f.read()
+            if self.pass_through:
+                reencode.check_decodable(data)
+                return data, None
+            return reencode.reencode(data, self.resize, self.quality), None
+        except BadImage as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, f"unreadable: {exc.strerror or exc}"
+        except Exception as exc:  # a decoder error we did not foresee must not stop 1.5 M images
+            return None, f"{type(exc).__name__}: {exc}"
 
 
 def _check_batch(payloads: list[bytes]) -> list[str | None]:
-    from unicom_cli.data.reencode import check_decodable
-
     problems = []
     for data in payloads:
         try:
-            check_decodable(data)
+            reencode.check_decodable(data)
             problems.append(None)
         except BadImage as exc:
             problems.append(str(exc))
     return problems
 
 
-def _ordered_map(fn, batches, workers: int, settings: dict | None = None):
+def _ordered_map(fn, batches, workers: int):
     """Yield ``fn(batch)`` items in order, computed by ``workers`` threads (in this one if <= 1).
 
     Threads, not processes: OpenCV releases the GIL while it decodes, resizes and encodes, which
@@ -198,7 +197,7 @@ def _ordered_map(fn, batches, workers: int, settings: dict | None = None):
     between processes (processes cost ~15 % more CPU per image here). A bounded window of batches
     is in flight, so results never pile up in memory.
     """
-    _init_worker(settings or {})
+    reencode.single_threaded()
     if workers <= 1:
         for batch in batches:
             yield from fn(batch)
@@ -359,8 +358,7 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
     os.truncate(rec, state["rec_bytes"])  # drop whatever a killed run wrote after its checkpoint
     os.truncate(idx, state["idx_bytes"])
     workers = default_workers() if cfg.workers is None else cfg.workers
-    settings = {"images": str(images), "resize": cfg.resize, "quality": cfg.quality,
-                "pass_through": cfg.pass_through}
+    encoder = _Encoder(str(images), cfg.resize, cfg.quality, cfg.pass_through)
     start = state["done"]
     todo = [rel for _, rel in entries[start:]]
     failed, records = list(state["failed"]), state["records"]
@@ -379,7 +377,7 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
 
     with RecordWriter(rec, idx, append=True) as writer, \
             progress_bar(len(entries), "encoding", enabled=cfg.progress, completed=start) as bar:
-        encoded = _ordered_map(_encode_batch, _batches(todo), workers, settings)
+        encoded = _ordered_map(encoder, _batches(todo), workers)
         try:
             for pos, (payload, reason) in enumerate(encoded, start):
                 label, rel = entries[pos]

@@ -23,6 +23,11 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
 _SOF = {m for m in range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
 
 
+def single_threaded() -> None:
+    """One OpenCV thread per call: our callers run one image per worker thread already."""
+    cv2.setNumThreads(1)
+
+
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, or None if ``data`` is not a parseable JPEG."""
     if data[:2] != b"\xff\xd8":
