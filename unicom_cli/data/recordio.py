@@ -65,28 +65,32 @@ def unpack_header(payload: bytes | memoryview) -> tuple[RecordHeader, memoryview
     return RecordHeader(flag, label, id_, id2), body
 
 
-def frame_record(payload: bytes) -> bytes:
-    """The on-disk bytes of one record, split at aligned magic numbers exactly like dmlc's writer."""
-    parts = []
-    start = 0
+def _aligned_magic(payload: bytes) -> list[int]:
+    """Positions where the magic number sits at a multiple of 4 inside ``payload``."""
+    found = []
     pos = payload.find(MAGIC_BYTES)
     while pos >= 0:
         if pos % 4 == 0:  # only aligned occurrences confuse a reader
-            parts.append(payload[start:pos])
-            start = pos + 4
+            found.append(pos)
         pos = payload.find(MAGIC_BYTES, pos + 1)
-    parts.append(payload[start:])
+    return found
+
+
+def frame_record(payload: bytes) -> bytes:
+    """The on-disk bytes of one record, split at aligned magic numbers exactly like dmlc's writer."""
+    cuts = _aligned_magic(payload)
+    if len(payload) - (cuts[-1] + 4 if cuts else 0) > MAX_PART_LENGTH:
+        raise ValueError(f"a RecordIO record part must be smaller than 2**29 bytes, got {len(payload)}")
+    starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
     out = bytearray()
-    for i, part in enumerate(parts):
-        if len(part) > MAX_PART_LENGTH:
-            raise ValueError(f"a RecordIO record must be smaller than 2**29 bytes, got {len(payload)}")
-        if len(parts) == 1:
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        if not cuts:
             cflag = 0
         else:
-            cflag = 1 if i == 0 else (3 if i == len(parts) - 1 else 2)
-        out += _FRAME.pack(MAGIC, (cflag << 29) | len(part))
-        out += part
-    out += b"\0" * (-len(parts[-1]) % 4)  # only the last part can be unaligned
+            cflag = 1 if i == 0 else (3 if i == len(cuts) else 2)
+        out += _FRAME.pack(MAGIC, (cflag << 29) | (end - start))
+        out += payload[start:end]
+    out += b"\0" * (-(ends[-1] - starts[-1]) % 4)  # only the last part can be unaligned
     return bytes(out)
 
 
@@ -162,9 +166,16 @@ class RecordWriter:
     def write_payload(self, key: int, payload: bytes) -> int:
         """Write a raw payload (header already packed) under index ``key``; returns its offset."""
         offset = self._offset
-        framed = frame_record(payload)
-        self._rec.write(framed)
-        self._offset += len(framed)
+        if len(payload) <= MAX_PART_LENGTH and not _aligned_magic(payload):  # the usual case: no copies
+            pad = -len(payload) % 4
+            self._rec.write(_FRAME.pack(MAGIC, len(payload)))
+            self._rec.write(payload)
+            self._rec.write(b"\0" * pad)
+            self._offset += 8 + len(payload) + pad
+        else:
+            framed = frame_record(payload)
+            self._rec.write(framed)
+            self._offset += len(framed)
         if self._idx is not None:
             line = f"{key}\t{offset}\n".encode()
             self._idx.write(line)
