@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections import Counter, deque
@@ -75,9 +76,13 @@ class PrepareResult:
 
 @dataclass(frozen=True)
 class Landmark:
+    """One row of train_clean.csv."""
+
     landmark_id: str
     image_ids: list[str]
-    line: int
+
+
+_IMAGE_ID = re.compile(r"[0-9A-Za-z]{3,}")
 
 
 def image_relpath(image_id: str) -> str:
@@ -102,11 +107,12 @@ def read_train_csv(path: Path) -> list[Landmark]:
             if len(row) != 2 or not row[0].strip():
                 raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', got {','.join(row)[:80]!r}")
             ids = row[1].split()
-            bad = next((i for i in ids if len(i) < 3 or not i.isalnum()), None)
-            if not ids or bad is not None:
-                raise InputError(f"{path} line {line}: bad image id {bad!r} (ids are hexadecimal strings)"
-                                 if ids else f"{path} line {line}: landmark {row[0].strip()} lists no images")
-            rows.append(Landmark(row[0].strip(), ids, line))
+            if not ids:
+                raise InputError(f"{path} line {line}: landmark {row[0].strip()} lists no images")
+            bad = next((i for i in ids if not _IMAGE_ID.fullmatch(i)), None)
+            if bad is not None:  # ids become paths: nothing but letters and digits
+                raise InputError(f"{path} line {line}: bad image id {bad!r} (ids are hexadecimal strings)")
+            rows.append(Landmark(row[0].strip(), ids))
     if not rows:
         raise InputError(f"{path}: no landmarks listed")
     return rows
