@@ -463,10 +463,10 @@ def _read_lst(path: Path, problems: list[str]) -> list[tuple[int, float, str]]:
         for lineno, line in enumerate(f, 1):
             fields = line.rstrip("\n").split("\t")
             try:
-                entries.append((int(fields[0]), float(fields[1]), fields[-1]))
                 if len(fields) != 3:
                     raise ValueError
-            except (ValueError, IndexError):
+                entries.append((int(fields[0]), float(fields[1]), fields[2]))
+            except ValueError:
                 problems.append(f"{path} line {lineno}: expected 'index<TAB>label<TAB>path', got {line[:60]!r}")
     return entries
 
