@@ -1,0 +1,1 @@
+"""Data access: image folders and path lists, benchmark datasets, RecordIO."""
