@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -187,43 +187,43 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror})") from exc
     try:
-        with warnings.catch_warnings():
-            # Our own limit below replaces Pillow's process-wide bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if max_pixels is not None and width * height > max_pixels:
-                    raise BadImage(f"{width}x{height} = {width * height:,} pixels is above the limit "
-                                   f"of {max_pixels:,} (possible decompression bomb); raise "
-                                   "--max-pixels to accept it")
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))
-                img.load()  # first frame of animated GIF/WebP/TIFF
-                img = ImageOps.exif_transpose(img)
-                return to_rgb(img)
+        img = _open_unchecked(path)
+        with img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImage(f"{width}x{height} = {width * height:,} pixels is above the limit "
+                               f"of {max_pixels:,} (possible decompression bomb); raise "
+                               "--max-pixels to accept it")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # first frame of animated GIF/WebP/TIFF
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
     except BadImage:
         raise
     except UnidentifiedImageError as exc:
         raise BadImage("not an image file Pillow can read (wrong extension or unknown format)") from exc
-    except Image.DecompressionBombError as exc:
-        raise BadImage(f"refused by Pillow as a decompression bomb ({exc})") from exc
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
         detail = str(exc) or type(exc).__name__
         raise BadImage(f"cannot decode: {detail}") from exc
 
 
-def allow_large_images(max_pixels: int | None) -> None:
-    """Let Pillow open images up to ``max_pixels`` (its own hard limit would refuse larger ones).
+_OPEN_LOCK = threading.Lock()
 
-    Process-wide by nature (Pillow keeps it in a module global); called in worker processes.
-    """
+
+def _open_unchecked(path: Path | str) -> "PILImage.Image":
+    """``Image.open`` (header only) with Pillow's own pixel limit off: ours, in load_image,
+    replaces it, so that --max-pixels can also go above Pillow's. The global is restored at
+    once; the lock keeps other threads of this process from seeing it off."""
     from PIL import Image
 
-    limit = Image.MAX_IMAGE_PIXELS
-    if max_pixels is None:
+    with _OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
-    elif limit is not None and max_pixels > limit // 2:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 def resize_center_crop(img: "PILImage.Image", size: int) -> np.ndarray:
@@ -273,14 +273,3 @@ class ImageDataset:
 # Draft decoding keeps both sides >= DRAFT_MARGIN x the model input, so the final bicubic
 # resize still reduces by at least this factor (see the embed report for the measured effect).
 DRAFT_MARGIN = 2
-
-
-def worker_init(max_pixels: int | None) -> Callable[[int], None]:
-    """A DataLoader ``worker_init_fn`` applying the pixel limit inside each worker."""
-    import functools
-
-    return functools.partial(_init_worker, max_pixels)
-
-
-def _init_worker(max_pixels: int | None, _worker_id: int) -> None:
-    allow_large_images(max_pixels)

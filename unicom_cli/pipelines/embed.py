@@ -23,9 +23,7 @@ from unicom_cli.data.images import (
     ImageDataset,
     ImageList,
     PathList,
-    allow_large_images,
     list_images,
-    worker_init,
 )
 from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_rows, shard_range
@@ -104,13 +102,10 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         workers = default_workers(forward.device.type)
     dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
                            draft=draft)
-    if workers == 0:
-        allow_large_images(max_pixels)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
-        worker_init_fn=worker_init(max_pixels) if workers else None,
     )
     model = loaded.model
     was_training = model.training
