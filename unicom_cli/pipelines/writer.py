@@ -133,9 +133,10 @@ class PartWriter:
         self.state_path = Path(f"{self.name}.state.json")
         self.failures_path = Path(f"{self.name}.failures.tsv")
         self.rows, self.dim, self.dtype = rows, dim, np.dtype(dtype)
-        self.checkpoint_every_s = checkpoint_every_s
+        # Tests ask for a checkpoint after every batch to kill the process in between.
+        self.checkpoint_every_s = float(os.environ.get("UNICOM_TEST_CHECKPOINT_S", checkpoint_every_s))
         if os.environ.get("UNICOM_TEST_CRASH_AFTER_ROWS") is not None:
-            self.checkpoint_every_s = 0.0  # the test hook needs a checkpoint per batch
+            self.checkpoint_every_s = 0.0
         state = self._read_state()
         if state is None:
             self.rows_done, failures_bytes = 0, 0
