@@ -122,6 +122,17 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         model.train(was_training)
 
 
+def batch_shard(total: int, batch_size: int) -> range:
+    """This rank's rows: a contiguous run of whole global batches (batch k = rows kB…kB+B-1).
+
+    Every batch then holds the same images whatever the number of processes, so N-process
+    output is bitwise equal to the 1-process run on CPU (batched matmuls round differently
+    when the batch composition changes).
+    """
+    batches = shard_range(-(-total // batch_size))
+    return range(min(batches.start * batch_size, total), min(batches.stop * batch_size, total))
+
+
 def postprocess(feats: np.ndarray, normalize: bool, num_feat: int | None, dtype: str) -> np.ndarray:
     """L2-normalise (zero rows stay zero), keep the first ``num_feat`` dims (SPEC §2), cast."""
     if normalize:
@@ -166,12 +177,13 @@ def extract_features(paths: Sequence[Path], loaded: "LoadedModel", *, batch_size
                      gather: bool = True) -> FeatureResult:
     """Embed ``paths`` with ``loaded`` on 1 or N processes; bad files give zero rows, not errors.
 
-    Each rank embeds its contiguous ``shard_range`` of the list; with ``gather`` every rank
-    gets the full result back in input order (index-aware all-gather).
+    Each rank embeds its contiguous shard (whole batches of ``shard_range``, see
+    :func:`batch_shard`); with ``gather`` every rank gets the full result back in input
+    order (index-aware all-gather).
     """
     images = ImageList(Path(""), PathList(str(p) for p in paths))
     total = len(images)
-    shard = shard_range(total)
+    shard = batch_shard(total, batch_size)
     dim = loaded.spec.embedding_size
     features = np.zeros((len(shard), dim), dtype=np.float32)
     ok = np.ones(len(shard), dtype=bool)
@@ -304,7 +316,7 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
     total, world = len(images), world_size()
     dim = config.num_feat or loaded.spec.embedding_size
-    shard = shard_range(total)
+    shard = batch_shard(total, config.batch_size)
     part = PartWriter(files.workdir, rank(), len(shard), dim, config.dtype)
     if resumed_total and is_main():
         info(f"resuming {files.feats}: {resumed_total:,} of {total:,} images already done")
