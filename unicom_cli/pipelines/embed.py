@@ -219,6 +219,7 @@ class EmbedConfig:
     output: Path  # feats.npy; siblings .ids.txt, .json, .failures.txt
     model: str = "ViT-B/32"
     weights: Path | None = None  # state dict instead of the published weights
+    pretrained: bool = True  # False: random weights (benchmarks), never downloads
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -300,8 +301,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
                          f"{spec.embedding_size} dimensions")
     plan = files.plan(config.overwrite)
 
-    loaded = create_model(config.model, weights=config.weights, device=device_for(config.device),
-                          precision=config.precision)
+    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
+                          device=device_for(config.device), precision=config.precision)
     fingerprint = _fingerprint(config, images, loaded)
     digests = _all_gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
