@@ -1,1 +1,1 @@
-"""Data access: image folders and path lists, benchmark datasets, RecordIO."""
+"""Reading images and datasets: folders, benchmark layouts, RecordIO, GLDv2 preparation."""

@@ -1,1 +1,1 @@
-"""Pipelines: the work behind each command, built from models, data, eval and distributed."""
+"""End-to-end jobs built from models, data and eval: embed, retrieval, kNN, demo."""
