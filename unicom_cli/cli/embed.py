@@ -40,7 +40,7 @@ def embed(
     num_feat: NumFeatOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs).")] = 178_956_970,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (≥ 2x the input size; much faster, see README).")] = True,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
@@ -62,8 +62,10 @@ def embed(
         input=input, output=output, model=model, weights=weights, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
-        num_feat=num_feat, dtype=dtype, overwrite=overwrite, max_pixels=max_pixels, draft=draft,
+        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
     )
+    if max_pixels is not None:
+        config.max_pixels = max_pixels
     launch = LaunchConfig(gpus=gpus, procs=procs, nnodes=nnodes, node_rank=node_rank,
                           master_addr=master_addr, master_port=master_port,
                           rdzv_endpoint=rdzv_endpoint)

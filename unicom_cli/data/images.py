@@ -72,12 +72,15 @@ def is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+_LINE_BREAKS = {"\n", "\r"}
+
+
 def scan_folder(root: Path) -> list[str]:
     """Image files under ``root``, recursively, as POSIX paths relative to it, sorted.
 
     Sorting is by the relative path string, so the order is the same on every machine and
-    every rank. Hidden files and folders (leading dot) are skipped; symlinked folders are not
-    followed (no loops).
+    every rank. Hidden files and folders (leading dot) are skipped, and so are names with line
+    breaks (they cannot be one line of the ids file); symlinked folders are not followed.
     """
     found: list[str] = []
     errors: list[OSError] = []
@@ -85,7 +88,7 @@ def scan_folder(root: Path) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
-            if not name.startswith(".") and is_image_file(name):
+            if not name.startswith(".") and is_image_file(name) and not _LINE_BREAKS & set(name):
                 rel = name if rel_dir == "." else os.path.join(rel_dir, name)
                 found.append(rel.replace(os.sep, "/"))
     if errors and not found:

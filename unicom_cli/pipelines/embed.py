@@ -326,12 +326,16 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
                            workers=config.workers, draft=config.draft,
                            max_pixels=config.max_pixels) if len(todo) else iter(())
     loop_start = time.perf_counter()
-    with progress_bar(total, "embed", enabled=config.progress, completed=resumed_total) as bar:
-        for pos, feats, reasons in batches:
-            rows = postprocess(feats, config.normalize, config.num_feat, config.dtype)
-            failures = [(int(p), r) for p, r in zip(pos, reasons) if r]
-            part.write(int(pos[0]) - shard.start, rows, failures)
-            bar.advance(len(pos) * world)
+    try:
+        with progress_bar(total, "embed", enabled=config.progress, completed=resumed_total) as bar:
+            for pos, feats, reasons in batches:
+                rows = postprocess(feats, config.normalize, config.num_feat, config.dtype)
+                failures = [(int(p), r) for p, r in zip(pos, reasons) if r]
+                part.write(int(pos[0]) - shard.start, rows, failures)
+                bar.advance(len(pos) * world)
+    except KeyboardInterrupt:
+        part.checkpoint()  # keep every finished batch: the next run resumes from here
+        raise
     part.close()
     loop_seconds = time.perf_counter() - loop_start
     barrier()

@@ -46,6 +46,8 @@ class OutputFiles:
     def for_output(cls, output: Path) -> "OutputFiles":
         """``feats.npy`` → feats.npy, feats.ids.txt, feats.json, feats.failures.txt, feats.npy.partial/."""
         output = Path(output)
+        if output.is_dir():
+            output = output / "feats.npy"
         if output.suffix != ".npy":
             output = output.with_name(output.name + ".npy")
         stem = output.with_suffix("")
