@@ -41,7 +41,7 @@ def embed(
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
-    draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (≥ 2x the input size; much faster, see README).")] = True,
+    draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,

@@ -107,17 +107,19 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
     )
+    if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
+        return
     model = loaded.model
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for pos, pixels, reasons in loader:
+        for pos, pixels, reasons in loader:
+            with torch.inference_mode():  # not around the yield: the caller's code runs outside
                 feats = forward(pixels).numpy()
-                bad = np.array([bool(r) for r in reasons])
-                if bad.any():
-                    feats[bad] = 0.0
-                yield pos.numpy().astype(np.int64), feats, list(reasons)
+            bad = np.array([bool(r) for r in reasons])
+            if bad.any():
+                feats[bad] = 0.0
+            yield pos.numpy().astype(np.int64), feats, list(reasons)
     finally:
         model.train(was_training)
 
@@ -229,7 +231,9 @@ class EmbedConfig:
     dtype: str = "float32"  # or float16
     overwrite: bool = False
     max_pixels: int | None = DEFAULT_MAX_PIXELS
-    draft: bool = True  # JPEG draft decoding for large photos (see data.images.DRAFT_MARGIN)
+    # JPEG draft decoding of large photos: faster, but moves embeddings a little more than
+    # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
+    draft: bool = False
     progress: bool = True
 
 
@@ -324,7 +328,7 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     todo = shard[part.rows_done:]
     batches = iter_batches(images, todo, loaded, batch_size=config.batch_size,
                            workers=config.workers, draft=config.draft,
-                           max_pixels=config.max_pixels) if len(todo) else iter(())
+                           max_pixels=config.max_pixels)
     loop_start = time.perf_counter()
     try:
         with progress_bar(total, "embed", enabled=config.progress, completed=resumed_total) as bar:
