@@ -11,6 +11,17 @@ from PIL import Image
 from unicom_cli.cli.app import main
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """A tiny model: one thread avoids OpenMP barrier stalls on a busy machine."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def photos(tmp_path):
     from sklearn.datasets import load_sample_images

@@ -176,7 +176,7 @@ def test_resume_after_external_kill9_at_a_random_moment(tmp_path, tiny_spec_file
     root.mkdir()
     from sklearn.datasets import load_digits
 
-    for i, d in enumerate(load_digits().images[:160]):
+    for i, d in enumerate(load_digits().images[:80]):
         Image.fromarray((d * 15).astype(np.uint8), mode="L").save(root / f"{i:04d}.png")
     out = tmp_path / "k.npy"
     state = tmp_path / "k.npy.partial" / "part-00000.state.json"

@@ -14,8 +14,10 @@ from tests.pipelines.test_embed import BAD, _make_folder
 
 def _worker(rank: int, world: int, init_file: str, root: str, out: str, spec: str, ckpt: str,
             results: str) -> None:
+    import torch
     import torch.distributed as dist
 
+    torch.set_num_threads(1)  # two processes on a small machine
     os.environ["RANK"] = str(rank)  # the console reads it: only rank 0 prints
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
@@ -24,7 +26,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, out: str, spec: st
         from unicom_cli.pipelines.embed import EmbedConfig, embed_images, extract_features
 
         config = EmbedConfig(input=Path(root), output=Path(out), model=spec, weights=Path(ckpt),
-                             batch_size=3, workers=1, draft=False, progress=False)
+                             batch_size=3, workers=0, draft=False, progress=False)
         summary = embed_images(config)
         assert (summary is not None) == (rank == 0)
         paths = sorted(p for p in Path(root).rglob("*.*"))
