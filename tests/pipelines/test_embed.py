@@ -240,3 +240,12 @@ def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint,
         assert {p for p, _ in part.failures} <= {p for p, _ in full.failures}
         seen.extend(part.indices.tolist())
     assert seen == list(range(len(names)))
+
+
+def test_public_embed_folder(folder, reference, tiny_spec_file, tiny_checkpoint, tmp_path):
+    summary = unicom_cli.embed_folder(folder[0], tmp_path / "api.npy", model=str(tiny_spec_file),
+                                      weights=tiny_checkpoint, workers=0, progress=False)
+    ids = (tmp_path / "api.ids.txt").read_text().splitlines()
+    assert summary.count == len(ids) == len(reference)
+    np.testing.assert_allclose(np.load(tmp_path / "api.npy")[0], reference[ids[0]], rtol=1e-4,
+                               atol=1e-5)
