@@ -88,7 +88,9 @@ def naive_loop(model, transform, paths, batch_size: int) -> float:
 
 def end_to_end(folder: Path, out: Path, model: str, batch_size: int, workers: int | None,
                draft: bool) -> tuple[float, float]:
-    """(b) ``embed_images``: (images/s of the embedding loop, wall seconds incl. model build)."""
+    """(b) ``embed_images``: (images/s of the embedding loop, wall seconds incl. model build).
+
+    The rate covers decode + forward + writing, not building the model (done once per run)."""
     import torch
 
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
     parser.add_argument("--workers", type=int, default=None, help="decoders for (b) (default: library's)")
     parser.add_argument("--no-draft", action="store_true", help="skip the (b) run with --draft")
+    parser.add_argument("--repeat", type=int, default=1, help="interleaved rounds; medians are printed")
     parser.add_argument("--draft-check", action="store_true", help="also measure the draft effect")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "unicom-bench-photos")
     args = parser.parse_args()
@@ -166,20 +169,29 @@ def main() -> None:
 
     tensors = torch.stack([transform(__import__("PIL.Image").Image.open(p).convert("RGB"))
                            for p in paths])
-    a = model_alone(model, tensors, args.batch_size)
-    del tensors
     out = Path(tempfile.mkdtemp()) / "feats.npy"
-    b, wall = end_to_end(folder, out, args.model, args.batch_size, args.workers, draft=False)
-    bd, wall_d = end_to_end(folder, out, args.model, args.batch_size, args.workers, draft=True) \
-        if not args.no_draft else (float("nan"), float("nan"))
-    c = naive_loop(model, transform, paths, args.batch_size)
+    runs: dict[str, list[float]] = {"a": [], "b": [], "bd": [], "c": []}
+    for _ in range(args.repeat):  # interleaved rounds: load drifts hit every method alike
+        runs["a"].append(model_alone(model, tensors, args.batch_size))
+        runs["b"].append(end_to_end(folder, out, args.model, args.batch_size, args.workers,
+                                    draft=False)[0])
+        if not args.no_draft:
+            runs["bd"].append(end_to_end(folder, out, args.model, args.batch_size, args.workers,
+                                         draft=True)[0])
+        runs["c"].append(naive_loop(model, transform, paths, args.batch_size))
+    a, b, c = (float(np.median(runs[k])) for k in "abc")
+    bd = float(np.median(runs["bd"])) if runs["bd"] else float("nan")
     print(f"model {loaded.spec.name}, batch {args.batch_size}, {args.threads} threads, "
-          f"workers {args.workers if args.workers is not None else 'default'}")
+          f"workers {args.workers if args.workers is not None else 'default'}, "
+          f"median of {args.repeat} interleaved round(s)")
     print(f"(a) model alone on pre-decoded tensors : {a:8.1f} images/s")
-    print(f"(b) unicom embed end to end            : {b:8.1f} images/s  (wall {wall:.1f} s incl. model build)")
-    print(f"    … with --draft                     : {bd:8.1f} images/s  (wall {wall_d:.1f} s)")
+    print(f"(b) unicom embed end to end            : {b:8.1f} images/s")
+    print(f"    … with --draft                     : {bd:8.1f} images/s")
     print(f"(c) naive original loop                : {c:8.1f} images/s")
     print(f"b/a = {b / a:.2f}   b/c = {b / c:.2f}   with --draft: b/a = {bd / a:.2f}   b/c = {bd / c:.2f}")
+    if args.repeat > 1:
+        print("rounds (images/s): " + "; ".join(f"{k} " + ", ".join(f"{v:.1f}" for v in vals)
+                                                for k, vals in runs.items() if vals))
     if args.draft_check:
         draft_check(model, loaded.spec, paths[: min(len(paths), 64)])
 

@@ -129,7 +129,7 @@ class PartWriter:
     """
 
     def __init__(self, workdir: Path, rank: int, rows: int, dim: int, dtype: str,
-                 checkpoint_every_s: float = 1.0) -> None:
+                 checkpoint_every_s: float = 5.0) -> None:
         self.name = workdir / f"part-{rank:05d}"
         self.npy = Path(f"{self.name}.npy")
         self.state_path = Path(f"{self.name}.state.json")
