@@ -21,6 +21,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 DEFAULT_MAX_PIXELS = 178_956_970
 # Background for transparent pixels: what an image viewer shows on a white page.
 BACKGROUND = (255, 255, 255)
+# JPEG draft decoding keeps both sides >= DRAFT_MARGIN x the model input, so the final bicubic
+# resize still reduces by at least this factor (benchmarks/embed_throughput.py --draft-check).
+DRAFT_MARGIN = 2
 
 
 class PathList(Sequence[str]):
@@ -272,7 +275,3 @@ class ImageDataset:
         except BadImage as exc:
             return position, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(exc)
 
-
-# Draft decoding keeps both sides >= DRAFT_MARGIN x the model input, so the final bicubic
-# resize still reduces by at least this factor (see the embed report for the measured effect).
-DRAFT_MARGIN = 2
