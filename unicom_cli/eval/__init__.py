@@ -1,0 +1,1 @@
+"""Exact search and retrieval/kNN metrics as pure functions."""
