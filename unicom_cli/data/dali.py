@@ -33,8 +33,7 @@ def find_record(root: Path) -> Path:
         found = sorted(root.glob("*.rec")) if root.is_dir() else []
         if not found:
             raise InputError(f"{root}: no RecordIO training set (.rec + .idx) found; make it with "
-                             f"`unicom prepare-gldv2 --data <GLDv2 folder> --output {root}` "
-                             f"or point --data at it")
+                             f"`unicom prepare-gldv2` (see its --help) or point --data at it")
         rec = found[0]
     if not rec.is_file() or not rec.with_suffix(".idx").is_file():
         raise InputError(f"{rec}: missing .rec or its .idx index; rerun `unicom prepare-gldv2`")
