@@ -143,3 +143,26 @@ def test_real_learning_on_digits_transfers_to_unseen_classes(tmp_path):
           f"({summary.steps} steps, {seconds:.1f} s)")
     assert after > before + 0.1  # measured: 0.257 -> 0.431
     assert summary.best["recall@1"] == pytest.approx(after, abs=1e-6)  # the loop's own eval agrees
+
+
+def _finetune_worker(rank, world, cfg):
+    finetune(cfg)
+
+
+def test_two_processes_shard_centres_and_track_one_process(tiny_spec_file, digits_small, tmp_path):
+    from tests.train.dist_util import spawn
+
+    one = _cfg(tiny_spec_file, digits_small, tmp_path / "one", batch_size=8, epochs=1, drop_path=0.0,
+               augment=False)
+    finetune(one)
+    two = _cfg(tiny_spec_file, digits_small, tmp_path / "two", batch_size=4, epochs=1, drop_path=0.0,
+               augment=False)
+    spawn(_finetune_worker, 2, two)
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000007"
+    shards = [torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["centres"]["weight"] for r in (0, 1)]
+    assert [s.shape[0] for s in shards] == [3, 2]  # 5 classes: contiguous slices 0-2 and 3-4
+    a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 8))  # same global batches, same step count
+    # Same global batch and init; only the head's BatchNorm sees 4 instead of 8 images per batch
+    # (SyncBatchNorm is CUDA-only), so the first loss agrees closely.
+    assert b[1] == pytest.approx(a[1], rel=0.05)

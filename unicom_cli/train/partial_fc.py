@@ -115,10 +115,11 @@ class PartialFC(nn.Module):
         block = shard_range(num_classes, rank, world)
         self.class_start, self.local_classes = block.start, len(block)
         self.world = world
-        # Centres ~ N(0, 0.01), drawn from a per-rank generator so the init is reproducible.
-        gen = torch.Generator().manual_seed(seed * 7919 + rank)
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.local_classes, embedding_size),
-                                                generator=gen))
+        # Centres ~ N(0, 0.01): rows of one seeded draw over all classes, so that the init does
+        # not depend on the number of processes (drawn up to this slice's end only).
+        gen = torch.Generator().manual_seed(seed * 7919)
+        rows = torch.normal(0.0, 0.01, (block.stop, embedding_size), generator=gen)
+        self.weight = nn.Parameter(rows[block.start:].clone())
         self.last_selected: torch.Tensor | None = None  # global ids of the classes used last step
 
     def extra_repr(self) -> str:
