@@ -24,7 +24,7 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
 def finetune(
     arch: Annotated[Optional[str], _opt("--arch", "--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
     dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
-    data: Annotated[Optional[Path], _opt("--data", help="Dataset root (default ./data/GLDv2 for gldv2, ./data/<name> otherwise).")] = None,
+    data: Annotated[Optional[Path], _opt("--data", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16.")] = None,
     output: Annotated[Path, _opt("--output", "-o", help="Run folder: checkpoints, metrics.jsonl, model.pt, arch.json.")] = Path("runs/finetune"),
     weights: WeightsOpt = None,

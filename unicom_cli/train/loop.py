@@ -37,7 +37,8 @@ class FinetuneConfig:
 
     arch: str = "ViT-L/14"  # model name or JSON architecture file
     dataset: str = "gldv2"  # gldv2 | sop | cub | cars | inshop | inat | folder:PATH
-    data: Path | None = None  # dataset root (default ./data/<dataset>)
+    data: Path | None = None  # data root holding the benchmark folders (default ./data); for gldv2
+    #                           also the prepare-gldv2 output itself (default ./data/GLDv2)
     output: Path = Path("runs/finetune")
     weights: Path | None = None  # state dict to start from instead of the published weights
     init_from: str | None = None  # registered model whose weights initialise `arch` (336px → 512)
@@ -157,8 +158,10 @@ class _ImageLoader:
         return iter(self.loader)
 
 
-def _dataset_root(cfg: FinetuneConfig, default: str) -> Path:
-    return Path(cfg.data) if cfg.data else Path("data") / default
+def _record_root(cfg: FinetuneConfig) -> Path:
+    """--data may be the prepare-gldv2 output itself or the data root holding GLDv2/."""
+    root = Path(cfg.data) if cfg.data else Path("data")
+    return root if any(root.glob("*.rec")) else root / "GLDv2"
 
 
 def train_images(cfg: FinetuneConfig):
@@ -170,7 +173,7 @@ def train_images(cfg: FinetuneConfig):
         return scan_image_folder(root / "train" if (root / "train").is_dir() else root)
     from unicom_cli.train import datasets
 
-    return datasets.train_split(cfg.dataset, _dataset_root(cfg, cfg.dataset))
+    return datasets.train_split(cfg.dataset, cfg.data)
 
 
 def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
@@ -178,7 +181,7 @@ def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
     if cfg.dataset == "gldv2":
         from unicom_cli.data.dali import RecordLoader, find_record
 
-        rec = find_record(_dataset_root(cfg, "GLDv2"))
+        rec = find_record(_record_root(cfg))
         return RecordLoader(rec, batch_size=cfg.batch_size, input_size=spec.input_size,
                             mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
                             shuffle_fill=cfg.shuffle_fill, workers=cfg.workers)
