@@ -104,48 +104,60 @@ def test_margin_lowers_target_logit_and_loss_is_finite_at_extremes():
     assert torch.isfinite(emb.grad).all() and torch.isfinite(pfc.weight.grad).all()
 
 
-def _two_process_worker(rank, world, sample_rate, num_feat, out):
+CASES = [(1.0, None), (0.5, 4)]
+
+
+def _two_process_worker(rank, world, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    emb, weight, labels = _data(2)
-    torch.manual_seed(0)
-    backbone = DDP(torch.nn.Linear(D, D))
-    pfc = PartialFC(D, C, s=32.0, m2=0.3, sample_rate=sample_rate, num_feat=num_feat, seed=9)
-    lo = pfc.class_start
-    with torch.no_grad():
-        pfc.weight.copy_(weight[lo:lo + pfc.local_classes])
-    rows = slice(rank * B // world, (rank + 1) * B // world)
-    x = emb[rows].clone().requires_grad_(True)
-    loss = pfc(backbone(x), labels[rows], step=4)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "x_grad": x.grad, "w_grad": pfc.weight.grad, "start": lo,
-                "selected": pfc.last_selected, "lin_grad": backbone.module.weight.grad},
-               f"{out}/rank{rank}.pt")
+    for case, (sample_rate, num_feat) in enumerate(CASES):
+        emb, weight, labels = _data(2)
+        torch.manual_seed(0)
+        backbone = DDP(torch.nn.Linear(D, D))
+        pfc = PartialFC(D, C, s=32.0, m2=0.3, sample_rate=sample_rate, num_feat=num_feat, seed=9)
+        lo = pfc.class_start
+        with torch.no_grad():
+            pfc.weight.copy_(weight[lo:lo + pfc.local_classes])
+        rows = slice(rank * B // world, (rank + 1) * B // world)
+        x = emb[rows].clone().requires_grad_(True)
+        loss = pfc(backbone(x), labels[rows], step=4)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "x_grad": x.grad, "w_grad": pfc.weight.grad, "start": lo,
+                    "selected": pfc.last_selected, "lin_grad": backbone.module.weight.grad},
+                   f"{out}/case{case}-rank{rank}.pt")
 
 
-@pytest.mark.parametrize("sample_rate,num_feat", [(1.0, None), (0.5, 4)])
-def test_two_processes_equal_one_process(tmp_path, sample_rate, num_feat):
-    spawn(_two_process_worker, 2, sample_rate, num_feat, str(tmp_path))
-    emb, weight, labels = _data(2)
-    torch.manual_seed(0)
-    backbone = torch.nn.Linear(D, D)
-    pfc = PartialFC(D, C, s=32.0, m2=0.3, sample_rate=sample_rate, num_feat=num_feat, seed=9,
-                    rank=0, world=1)
-    with torch.no_grad():
-        pfc.weight.copy_(weight)
-    x = emb.clone().requires_grad_(True)
-    loss = pfc(backbone(x), labels, step=4)
-    loss.backward()
-    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for part in parts:
-        assert part["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
-        torch.testing.assert_close(part["lin_grad"], backbone.weight.grad, rtol=1e-4, atol=1e-6)
-    # Embedding gradients come back × world so that DDP's averaging gives the global gradient.
-    torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]) / 2, x.grad, rtol=1e-4,
-                               atol=1e-6)
-    torch.testing.assert_close(torch.cat([p["w_grad"] for p in parts]), pfc.weight.grad,
-                               rtol=1e-4, atol=1e-6)
-    assert parts[1]["start"] == 6  # contiguous slices 0..5 and 6..10
-    assert torch.cat([p["selected"] for p in parts]).tolist() == pfc.last_selected.tolist()
-    if sample_rate < 1:
-        assert len(pfc.last_selected) < C
+def test_two_processes_equal_one_process(tmp_path):
+    """Same global batch: same loss, centre and backbone gradients, same sampled classes."""
+    spawn(_two_process_worker, 2, str(tmp_path))
+    for case, (sample_rate, num_feat) in enumerate(CASES):
+        emb, weight, labels = _data(2)
+        torch.manual_seed(0)
+        backbone = torch.nn.Linear(D, D)
+        pfc = PartialFC(D, C, s=32.0, m2=0.3, sample_rate=sample_rate, num_feat=num_feat, seed=9,
+                        rank=0, world=1)
+        with torch.no_grad():
+            pfc.weight.copy_(weight)
+        x = emb.clone().requires_grad_(True)
+        loss = pfc(backbone(x), labels, step=4)
+        loss.backward()
+        parts = [torch.load(tmp_path / f"case{case}-rank{r}.pt") for r in range(2)]
+        for part in parts:
+            assert part["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+            torch.testing.assert_close(part["lin_grad"], backbone.weight.grad, rtol=1e-4, atol=1e-6)
+        # Embedding gradients come back × world so that DDP's averaging gives the global gradient.
+        torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]) / 2, x.grad, rtol=1e-4,
+                                   atol=1e-6)
+        torch.testing.assert_close(torch.cat([p["w_grad"] for p in parts]), pfc.weight.grad,
+                                   rtol=1e-4, atol=1e-6)
+        assert parts[1]["start"] == 6  # contiguous slices 0..5 and 6..10
+        assert torch.cat([p["selected"] for p in parts]).tolist() == pfc.last_selected.tolist()
+        if sample_rate < 1:
+            assert len(pfc.last_selected) < C
+
+
+def test_centre_init_does_not_depend_on_world_size():
+    full = PartialFC(D, C, seed=3, rank=0, world=1).weight
+    halves = [PartialFC(D, C, seed=3, rank=r, world=2).weight for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), full)
+    assert full.std().item() == pytest.approx(0.01, rel=0.3)
