@@ -166,3 +166,18 @@ def test_two_processes_shard_centres_and_track_one_process(tiny_spec_file, digit
     # Same global batch and init; only the head's BatchNorm sees 4 instead of 8 images per batch
     # (SyncBatchNorm is CUDA-only), so the first loss agrees closely.
     assert b[1] == pytest.approx(a[1], rel=0.05)
+
+
+def test_grad_checkpointing_matches_and_bf16_trains(tiny_spec_file, digits_small, tmp_path):
+    kw = dict(epochs=1, drop_path=0.0, max_steps=3)
+    finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "plain", **kw))
+    finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "ckpt", grad_checkpointing=True, **kw))
+    plain, ckpt = _losses(tmp_path / "plain" / "metrics.jsonl"), _losses(tmp_path / "ckpt" / "metrics.jsonl")
+    assert [ckpt[s] for s in (1, 2, 3)] == pytest.approx([plain[s] for s in (1, 2, 3)], rel=1e-5)
+    finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "bf16", precision="bf16", **kw))
+    bf16 = _losses(tmp_path / "bf16" / "metrics.jsonl")
+    assert sorted(bf16) == [1, 2, 3] and all(np.isfinite(list(bf16.values())))
+    assert bf16[1] == pytest.approx(plain[1], rel=0.05)  # bf16 blocks, fp32 head and loss
+    # Accumulating 2 micro-batches: 7 batches of 8 per epoch make 3 optimizer steps.
+    acc = finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "acc", grad_accum=2, epochs=1))
+    assert acc.steps == 3
