@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from unicom_cli.train.loop import FinetuneConfig, TrainingDiverged, build_model, finetune
+from unicom_cli.errors import TrainingDiverged
+from unicom_cli.train.loop import FinetuneConfig, build_model, finetune
 
 SMALL = {"name": "small", "input_size": 32, "patch_size": 8, "width": 64, "depth": 2, "heads": 4,
          "embedding_size": 32}

@@ -7,8 +7,8 @@ Several CPU procs:  python -m unicom_cli finetune ... --procs 2
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -22,13 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from unicom_cli import distributed as D
-from unicom_cli.errors import InputError, UnicomError, UsageError
+from unicom_cli.errors import InputError, TrainingDiverged, UsageError
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
-
-
-class TrainingDiverged(UnicomError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -417,7 +413,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
                 labels = labels.to(device, non_blocking=True)
                 last_micro = (micro + 1) % cfg.grad_accum == 0
                 sync = last_micro or not isinstance(model, nn.parallel.DistributedDataParallel)
-                ctx = model.no_sync() if not sync else _nullcontext()
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     embeddings = forward(images)
                     loss = pfc(embeddings, labels, step=t.step * cfg.grad_accum + micro % cfg.grad_accum)
@@ -471,14 +467,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     return FinetuneSummary(cfg.output, model_path, arch_path, t.step, t.epoch + t.step_in_epoch / steps_per_epoch,
                            last_loss, images_done / max(seconds, 1e-9), seconds, t.best, t.evals,
                            str(resumed) if resumed else None)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _evaluate_and_keep_best(t: _Trainer, cfg: FinetuneConfig) -> None:
