@@ -11,18 +11,17 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
+from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
 
@@ -184,129 +183,6 @@ def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
     return _ImageLoader(train_images(cfg), spec, cfg, device)
 
 
-# ------------------------------------------------------------------------------ checkpoint
-
-
-def _rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _checkpoints(output: Path) -> list[Path]:
-    root = output / "checkpoints"
-    done = [p for p in root.glob("step-*") if (p / "trainer.pt").is_file() and not p.name.endswith(".partial")]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _pfc_index(optimizer: torch.optim.Optimizer) -> int:
-    return sum(len(g["params"]) for g in optimizer.param_groups) - 1
-
-
-class _Trainer:
-    """The objects a step touches and what a checkpoint records about them."""
-
-    def __init__(self, cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device):
-        self.cfg, self.model, self.raw_model, self.spec, self.pfc = cfg, model, raw_model, spec, pfc
-        self.optimizer, self.scheduler, self.scaler, self.device = optimizer, scheduler, scaler, device
-        self.step = 0  # optimizer steps done
-        self.epoch = 0  # current epoch
-        self.step_in_epoch = 0  # optimizer steps done within it
-        self.best: dict | None = None
-        self.evals: list[dict] = []
-
-    def save(self, keep: int) -> Path:
-        """Write a checkpoint atomically: a ``.partial`` folder renamed once every rank is done."""
-        root = self.cfg.output / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f"step-{self.step:08d}.partial"
-        if D.is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        D.barrier()
-        optim_state = self.optimizer.state_dict()
-        pfc_state = optim_state["state"].get(_pfc_index(self.optimizer))
-        _atomic_save({"centres": self.pfc.state_dict(), "optimizer_centres": pfc_state,
-                      "rng": _rng_state(self.device)}, tmp / f"rank-{D.rank()}.pt")
-        if D.is_main():
-            _atomic_save({
-                "model": self.raw_model.state_dict(), "optimizer": optim_state,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "position": {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch},
-                "world_size": D.world_size(), "best": json.dumps(self.best), "evals": json.dumps(self.evals),
-                "spec": json.dumps(asdict(self.spec)), "config": json.dumps(_jsonable(self.cfg)),
-            }, tmp / "trainer.pt")
-        D.barrier()
-        if D.is_main():
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in _checkpoints(self.cfg.output)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        D.barrier()
-        return final
-
-    def load(self, path: Path) -> None:
-        """Restore everything ``save`` wrote (tensors only: weights_only loading)."""
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        if trainer["world_size"] != D.world_size():
-            raise UsageError(f"{path}: written by {trainer['world_size']} processes (class centres are "
-                             f"sharded per process); resume with the same number of processes")
-        mine = torch.load(path / f"rank-{D.rank()}.pt", map_location="cpu", weights_only=True)
-        self.raw_model.load_state_dict(trainer["model"])
-        self.pfc.load_state_dict(mine["centres"])
-        optim_state = trainer["optimizer"]
-        index = _pfc_index(self.optimizer)
-        optim_state["state"].pop(index, None)
-        if mine["optimizer_centres"] is not None:
-            optim_state["state"][index] = mine["optimizer_centres"]
-        self.optimizer.load_state_dict(optim_state)
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        if self.scaler and trainer["scaler"]:
-            self.scaler.load_state_dict(trainer["scaler"])
-        pos = trainer["position"]
-        self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
-        self.best, self.evals = json.loads(trainer["best"]), json.loads(trainer["evals"])
-        _set_rng_state(mine["rng"], self.device)
-
-
-def _jsonable(cfg: FinetuneConfig) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-
-
-def _resume_path(cfg: FinetuneConfig) -> Path | None:
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = _checkpoints(cfg.output)
-        if not found:
-            info(f"--resume auto: no checkpoint under {cfg.output / 'checkpoints'}; starting fresh")
-        return found[-1] if found else None
-    path = Path(cfg.resume)
-    if not (path / "trainer.pt").is_file():
-        raise InputError(f"--resume {path}: not a checkpoint folder (no trainer.pt); "
-                         f"use a folder under <output>/checkpoints or --resume auto")
-    return path
-
-
 # -------------------------------------------------------------------------------- evaluate
 
 
@@ -376,15 +252,15 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    t = _Trainer(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
+    t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
-    resumed = _resume_path(cfg)
+    resumed = resume_path(cfg)
     if resumed:
         t.load(resumed)
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
-        (cfg.output / "config.json").write_text(json.dumps(_jsonable(cfg), indent=2))
+        (cfg.output / "config.json").write_text(json.dumps(jsonable(cfg), indent=2))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     global_batch = cfg.batch_size * D.world_size() * cfg.grad_accum
     info(f"finetune {spec.name} on {cfg.dataset}: {loader.num_classes} classes, {total_steps} steps "
@@ -469,7 +345,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
                            str(resumed) if resumed else None)
 
 
-def _evaluate_and_keep_best(t: _Trainer, cfg: FinetuneConfig) -> None:
+def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
     result = evaluate(cfg, t.raw_model, t.spec, t.device)
     if result is None:
         return
@@ -486,13 +362,13 @@ def _evaluate_and_keep_best(t: _Trainer, cfg: FinetuneConfig) -> None:
         _export(t, cfg.output / "best.pt")
 
 
-def _export(t: _Trainer, path: Path) -> tuple[Path, Path]:
+def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
     """The model as a plain UNICOM state dict (published keys) plus its architecture JSON."""
     arch = path.parent / "arch.json"
     if D.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
-        _atomic_save(state, path)
+        atomic_save(state, path)
         spec = t.spec
         tmp = arch.with_name(arch.name + ".tmp")
         tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
