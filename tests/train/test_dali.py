@@ -58,3 +58,17 @@ def test_cpu_pipeline_labels_and_normalisation(tmp_path):
 def test_missing_record_names_the_command(tmp_path):
     with pytest.raises(InputError, match="unicom prepare-gldv2"):
         find_record(tmp_path)
+
+
+def test_finetune_on_a_record_file(tiny_spec_file, tmp_path):
+    from unicom_cli.train.loop import FinetuneConfig, finetune
+
+    write_rec(tmp_path)
+    summary = finetune(FinetuneConfig(arch=str(tiny_spec_file), dataset="gldv2", data=tmp_path,
+                                      output=tmp_path / "run", epochs=2, batch_size=6, lr=1e-3,
+                                      sample_rate=0.5, device="cpu", shuffle_fill=8, workers=1,
+                                      log_every=1))
+    assert summary.steps == 8  # 24 records // 6 × 2 epochs
+    assert np.isfinite(summary.final_loss) and summary.best is None  # no GLDv2 test set here
+    shard = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "rank-0.pt", weights_only=True)
+    assert shard["centres"]["weight"].shape == (4, 16)
