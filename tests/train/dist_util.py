@@ -29,7 +29,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
 
 
 def spawn(fn: Callable, world: int, *args: object) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` processes; raises if any of them fails."""
+    """Run ``fn(rank, world, *args)`` on ``world`` processes; raises if any of them fails.
+
+    One retry on a fresh port: on this shared machine the free port can be taken between
+    ``free_port()`` and gloo's bind. A real failure fails twice; the callers then check results.
+    """
     import torch.multiprocessing as mp
 
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    try:
+        mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+        print(f"spawn failed once ({str(exc).strip().splitlines()[-1]}); retrying on a new port")
+        mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
