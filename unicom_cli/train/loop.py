@@ -91,23 +91,14 @@ class FinetuneSummary:
 
 def build_model(cfg: FinetuneConfig, device: torch.device):
     """The network at the training resolution, initialised per SPEC §3; returns (model, spec)."""
-    from unicom_cli.models.factory import create_model, load_weights_into
+    from unicom_cli.models.factory import create_model
     from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.vit import build_model as build_network
 
     target = get_spec(cfg.arch)
-    source = cfg.init_from or cfg.arch
-    loaded = create_model(source, weights=cfg.weights, pretrained=cfg.pretrained, device="cpu",
-                          drop_path_rate=cfg.drop_path)
+    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=cfg.pretrained,
+                          device="cpu", drop_path_rate=cfg.drop_path,
+                          input_size=cfg.input_size or target.input_size)
     model, spec = loaded.model, loaded.spec
-    size = cfg.input_size or target.input_size
-    if size != spec.input_size:
-        # Resample here rather than via create_model(input_size=…): the published GLDv2 recipe
-        # trains ViT-L/14 at 512 px, not a multiple of 14 (the patch grid floors to 36×36).
-        spec = replace(spec, input_size=size)
-        model = build_network(spec, drop_path_rate=cfg.drop_path)
-        load_weights_into(model, loaded.model.state_dict(), str(loaded.weights_path or source))
-        del loaded
     if cfg.output_dim and cfg.output_dim != spec.embedding_size:
         info(f"output dim {cfg.output_dim} ≠ {spec.embedding_size}: fresh feature.2/feature.3")
         model.feature[2] = nn.Linear(spec.width, cfg.output_dim, bias=False)
