@@ -81,29 +81,11 @@ def test_nan_loss_stops_naming_the_step(tiny_spec_file, digits_small, tmp_path):
         finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "nan", s=float("nan"), epochs=1))
 
 
-def _noisy_digits(root: Path, noise: float = 0.6, shift: int = 3, size: int = 32) -> Path:
-    """Digits with random placement and heavy pixel noise, split train 0–4 / test 5–9.
+def _noisy_digits(root: Path) -> Path:
+    """Digits placed at random (±3 px) under heavy pixel noise (see write_digits_tree)."""
+    from unicom_cli.data.digits import write_digits_tree
 
-    On the clean digits raw pixels already give Recall@1 ≈ 0.97, so an untrained network leaves
-    nothing to gain; the nuisances here are class-agnostic, so what the network learns about
-    them on 0–4 transfers to the unseen 5–9.
-    """
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    rng = np.random.default_rng(0)
-    digits = load_digits()
-    inner = size - 2 * shift
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        glyph = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((inner, inner), Image.BICUBIC)
-        canvas = np.zeros((size, size))
-        x0, y0 = rng.integers(0, 2 * shift + 1, 2)
-        canvas[y0:y0 + inner, x0:x0 + inner] = np.asarray(glyph, float) / 255
-        canvas = np.clip(canvas + rng.normal(0, noise, canvas.shape), 0, 1)
-        out = root / ("train" if label < 5 else "test") / str(label)
-        out.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((canvas * 255).astype(np.uint8)).save(out / f"{i:04d}.png")
-    return root
+    return write_digits_tree(root, size=32, shift=3, noise=0.6).root
 
 
 def _recall_at_1(model, folder: Path) -> float:
