@@ -131,8 +131,7 @@ def batch_shard(total: int, batch_size: int) -> range:
     output is bitwise equal to the 1-process run on CPU (batched matmuls round differently
     when the batch composition changes).
     """
-    batches = shard_range(-(-total // batch_size))
-    return range(min(batches.start * batch_size, total), min(batches.stop * batch_size, total))
+    return shard_range(total, align=batch_size)
 
 
 def postprocess(feats: np.ndarray, normalize: bool, num_feat: int | None, dtype: str) -> np.ndarray:
