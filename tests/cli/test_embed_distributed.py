@@ -16,11 +16,8 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.distributed.test_launch import alive, clean_env
+from tests.pipelines.test_embed import BAD, _make_folder
 from unicom_cli.cli.app import main
-
-pytest.importorskip("unicom_cli.pipelines.embed", reason="`unicom embed` has not landed yet")
-_embed_tests = pytest.importorskip("tests.pipelines.test_embed")
-BAD, _make_folder = _embed_tests.BAD, _embed_tests._make_folder
 
 BATCH = "3"
 SUFFIXES = (".npy", ".ids.txt", ".failures.txt")
