@@ -340,8 +340,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         part.checkpoint()  # keep every finished batch: the next run resumes from here
         raise
     part.close()
+    barrier()  # before the clock stops: the rate is that of the slowest rank, not rank 0's
     loop_seconds = time.perf_counter() - loop_start
-    barrier()
     if not is_main():
         return None
     if not parts_complete(files.workdir, world):  # pragma: no cover - guarded by the barrier
