@@ -127,7 +127,7 @@ def _metrics(out: Path, tag: str) -> dict:
 
 def run_demo(cfg: DemoConfig, announce: Callable[[DemoStep, int, int], None]) -> DemoResult:
     """Run every step; ``announce`` shows each command before it runs. Stops at the first failure."""
-    cfg.output.mkdir(parents=True, exist_ok=True)
+    (cfg.output / "features").mkdir(parents=True, exist_ok=True)
     digits, arch, init = _write_inputs(cfg)
     result = DemoResult(cfg.output)
     result.steps = plan(cfg, digits, arch, init)
