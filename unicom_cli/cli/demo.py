@@ -14,7 +14,7 @@ from unicom_cli.cli.options import ProcsOpt
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for every output of the demo.")] = Path("unicom-demo"),
     procs: ProcsOpt = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Finetuning epochs over digits 0-4.")] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Finetuning epochs over digits 0-4.")] = 3,
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", min=2, help="Use fewer digits (quick trial).")] = None,
 ) -> None:
     """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise."""

@@ -18,7 +18,7 @@ from typing import Callable
 from unicom_cli.errors import UnicomError
 
 # A small UNICOM ViT that trains in minutes on two CPU cores.
-DEMO_ARCH = {"name": "demo-vit", "input_size": 32, "patch_size": 4, "width": 64, "depth": 3,
+DEMO_ARCH = {"name": "demo-vit", "input_size": 32, "patch_size": 8, "width": 64, "depth": 2,
              "heads": 4, "embedding_size": 64}
 
 
@@ -28,7 +28,7 @@ class DemoConfig:
 
     output: Path = Path("unicom-demo")
     procs: int | None = None  # run every step on N CPU processes (gloo)
-    epochs: int = 12
+    epochs: int = 3  # measured: Recall@1 on 5-9 peaks near epoch 3, then the model overfits 0-4
     batch_size: int = 64
     limit_per_class: int | None = None  # fewer digits, for a quick test
     seed: int = 0
@@ -64,7 +64,7 @@ def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path, Path]:
     from unicom_cli.models.registry import get_spec
     from unicom_cli.models.vit import build_model
 
-    tree = write_digits_tree(cfg.output / "digits", size=32, shift=3, noise=0.4, seed=cfg.seed,
+    tree = write_digits_tree(cfg.output / "digits", size=32, shift=3, noise=0.6, seed=cfg.seed,
                              limit_per_class=cfg.limit_per_class)
     arch = cfg.output / "demo-vit.json"
     arch.write_text(json.dumps(DEMO_ARCH, indent=2))
