@@ -1,0 +1,1 @@
+"""Evaluation: exact search, retrieval metrics, kNN classification."""
