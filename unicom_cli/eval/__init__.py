@@ -1,1 +1,1 @@
-"""Evaluation: exact search, retrieval metrics, kNN classification."""
+"""Exact search and retrieval/kNN metrics as pure functions."""

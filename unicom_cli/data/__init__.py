@@ -1,0 +1,1 @@
+"""Reading images and datasets: folders, benchmark layouts, RecordIO, GLDv2 preparation."""

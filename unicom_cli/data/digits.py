@@ -1,0 +1,58 @@
+"""scikit-learn's digits (1,797 real 8×8 images) written as PNG ImageFolder trees for the demo and tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class DigitsTree:
+    """Folders the demo uses; each is an ImageFolder tree (one sub-folder per digit)."""
+
+    root: Path
+    train: Path  # digits 0-4: the finetuning set
+    test: Path  # digits 5-9: unseen classes, all-vs-all retrieval
+    knn_train: Path  # digits 5-9, even positions within each class
+    knn_val: Path  # digits 5-9, odd positions within each class
+    count: int
+
+
+def write_digits_tree(root: str | Path, size: int = 32, limit_per_class: int | None = None) -> DigitsTree:
+    """Write the digits as ``size``×``size`` grey PNGs (bicubic upscale), split by class.
+
+    Idempotent: an existing complete tree (marked by ``.complete``) is reused as is.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = Path(root)
+    tree = DigitsTree(root, root / "train", root / "test", root / "knn" / "train",
+                      root / "knn" / "val", 0)
+    marker = root / ".complete"
+    if marker.is_file() and marker.read_text().strip() == f"{size} {limit_per_class}":
+        tree.count = sum(1 for _ in root.glob("t*/*/*.png"))
+        return tree
+    digits = load_digits()
+    seen: dict[int, int] = {}
+    for index, (pixels, label) in enumerate(zip(digits.images, digits.target)):
+        label = int(label)
+        position = seen.get(label, 0)
+        seen[label] = position + 1
+        if limit_per_class is not None and position >= limit_per_class:
+            continue
+        grey = np.clip(pixels * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(grey, mode="L").resize((size, size), Image.BICUBIC)
+        name = f"{index:04d}.png"
+        targets = [tree.train] if label < 5 else [tree.test, tree.knn_val if position % 2 else tree.knn_train]
+        for folder in targets:
+            out = folder / str(label) / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp.png")
+            image.save(tmp)
+            os.replace(tmp, out)
+        tree.count += 1
+    marker.write_text(f"{size} {limit_per_class}")
+    return tree

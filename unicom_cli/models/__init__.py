@@ -1,0 +1,1 @@
+"""The UNICOM networks: registry, architecture, weights, transforms and the model factory."""

@@ -1,0 +1,1 @@
+"""End-to-end jobs built from models, data and eval: embed, retrieval, kNN, demo."""

@@ -1,0 +1,1 @@
+"""Finetuning: Partial FC margin loss and the training loop."""
