@@ -84,3 +84,15 @@ def test_normalize_then_truncate():
     x = np.array([[3.0, 4.0, 0.0]], np.float32)
     np.testing.assert_allclose(l2_normalize(x, 2), [[0.6, 0.8]])
     np.testing.assert_allclose(l2_normalize(np.zeros((1, 3))), [[0, 0, 0]])
+
+
+def test_query_block_with_offset_and_streamed_gallery(monkeypatch):
+    import unicom_cli.eval.search as S
+
+    x = tied_data(4)
+    whole = search(x, None, 12, exclude_self=True, backend="faiss")
+    block = search(x[100:180], x, 12, exclude_self=True, query_offset=100, backend="faiss")
+    np.testing.assert_array_equal(block.indices, whole.indices[100:180])
+    monkeypatch.setattr(S, "_BUDGET_BYTES", 4 * 1024 * 40)  # gallery blocks of 40 rows
+    streamed = search(x, None, 12, exclude_self=True, backend="torch", gallery_on_host=True)
+    np.testing.assert_array_equal(streamed.indices, whole.indices)

@@ -60,7 +60,8 @@ def resolve_backend(backend: str, device: str) -> str:
 
 
 def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_self: bool = False,
-           backend: str = "auto", device: str = "cpu", chunk_rows: int | None = None,
+           query_offset: int = 0, backend: str = "auto", device: str = "cpu",
+           chunk_rows: int | None = None, gallery_on_host: bool = False,
            progress: str | None = None) -> SearchResult:
     """The ``k`` highest inner products of each query row among the gallery rows.
 
@@ -68,29 +69,35 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
         queries: (Nq, D) float32, usually L2-normalised.
         gallery: (Ng, D) float32; None searches ``queries`` against themselves.
         k: neighbours per query; clamped to the gallery size (minus one when excluding self).
-        exclude_self: gallery row i is never a neighbour of query row i (all-vs-all), whatever
-            its score; duplicates of the query are still found.
+        exclude_self: gallery row ``query_offset + i`` is never a neighbour of query row i
+            (all-vs-all, possibly on a block of the queries), whatever its score; duplicates of
+            the query are still found.
+        query_offset: the gallery position of query row 0 (with ``exclude_self``).
         backend: ``faiss`` (CPU, or GPU when the installed faiss has GPUs), ``torch``, or ``auto``.
         device: where the torch backend computes (``cpu``, ``cuda``, ``cuda:N``).
         chunk_rows: queries per chunk (default: a 256 MiB score block).
+        gallery_on_host: torch backend: keep the gallery in host memory and stream it to the
+            device in blocks (bounded device memory for huge galleries).
         progress: a progress-bar label, or None for none.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     gallery = queries if gallery is None else np.ascontiguousarray(gallery, dtype=np.float32)
-    if exclude_self and len(queries) != len(gallery):
-        raise UsageError("exclude_self needs the queries to be the gallery")
+    if exclude_self and query_offset + len(queries) > len(gallery):
+        raise UsageError("exclude_self needs the queries to be rows of the gallery")
     if queries.shape[1] != gallery.shape[1]:
         raise UsageError(f"query dim {queries.shape[1]} != gallery dim {gallery.shape[1]}")
     k = min(int(k), len(gallery) - (1 if exclude_self else 0))
     if k < 1 or len(queries) == 0:
         return SearchResult(np.zeros((len(queries), max(k, 0)), np.float32),
                             np.zeros((len(queries), max(k, 0)), np.int64))
-    chunk = chunk_rows or max(1, min(len(queries), _BUDGET_BYTES // (4 * len(gallery))))
     backend = resolve_backend(backend, device)
+    block = len(gallery)
     if backend == "faiss":
         run = _FaissSearch(gallery, device)
     else:
-        run = _TorchSearch(gallery, device)
+        block = max(k, min(len(gallery), _BUDGET_BYTES // (4 * 1024))) if gallery_on_host else block
+        run = _TorchSearch(gallery, device, block)
+    chunk = chunk_rows or max(1, min(len(queries), _BUDGET_BYTES // (4 * block)))
     scores = np.empty((len(queries), k), np.float32)
     indices = np.empty((len(queries), k), np.int64)
     from unicom_cli.utils.console import progress_bar
@@ -99,7 +106,7 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
                       enabled=progress is not None) as bar:
         for start in range(0, len(queries), chunk):
             stop = min(start + chunk, len(queries))
-            self_ids = np.arange(start, stop) if exclude_self else None
+            self_ids = np.arange(start, stop) + query_offset if exclude_self else None
             s, i = run(queries[start:stop], k, self_ids)
             scores[start:stop], indices[start:stop] = s, i
             bar.advance(stop - start)
@@ -160,24 +167,49 @@ class _FaissSearch:
 
 
 class _TorchSearch:
-    """``torch.mm`` + ``torch.topk`` per chunk, on CPU or CUDA."""
+    """``torch.mm`` + ``torch.topk`` per chunk, on CPU or CUDA; the gallery whole or in blocks."""
 
-    def __init__(self, gallery: np.ndarray, device: str) -> None:
+    def __init__(self, gallery: np.ndarray, device: str, block: int) -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
-        self.gallery = torch.from_numpy(gallery).to(self.device)
+        self.block = block
+        host = torch.from_numpy(gallery)
+        if block >= len(gallery):
+            self.gallery = host.to(self.device)
+        else:  # streamed: stays in (pinned) host memory
+            self.gallery = host.pin_memory() if self.device.type == "cuda" else host
 
     def __call__(self, q: np.ndarray, k: int, self_ids: np.ndarray | None):
         torch = self.torch
         qt = torch.from_numpy(q).to(self.device)
-        sims = qt @ self.gallery.T
-        if self_ids is not None:
-            rows = torch.arange(len(q), device=self.device)
-            sims[rows, torch.from_numpy(self_ids).to(self.device)] = -float("inf")
-        s, i = topk_tiebroken(sims, k)
-        return s.cpu().numpy(), i.cpu().numpy()
+        best_s = best_i = None
+        for start in range(0, len(self.gallery), self.block):
+            part = self.gallery[start:start + self.block].to(self.device, non_blocking=True)
+            sims = qt @ part.T
+            if self_ids is not None:
+                local = torch.from_numpy(self_ids - start).to(self.device)
+                inside = (local >= 0) & (local < len(part))
+                rows = torch.arange(len(q), device=self.device)[inside]
+                sims[rows, local[inside]] = -float("inf")
+            s, i = topk_tiebroken(sims, min(k, len(part)))
+            i += start
+            if best_s is None:
+                best_s, best_i = s, i
+            else:
+                best_s, best_i = _merge_torch(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def _merge_torch(vals: "torch.Tensor", ids: "torch.Tensor", k: int):
+    """Order candidate lists by (score desc, index asc) and keep k."""
+    import torch
+
+    by_id = ids.argsort(dim=1)
+    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
+    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
+    return vals[:, :k].contiguous(), ids.gather(1, order)[:, :k].contiguous()
 
 
 def topk_tiebroken(sims: "torch.Tensor", k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
