@@ -73,7 +73,7 @@ def test_merge_of_shards_equals_one_search():
     parts = [(x[:100], 0), (x[100:170], 100), (x[170:], 170)]
     s, i = [], []
     for g, off in parts:
-        r = search(q, g, 9, backend="faiss")
+        r = search(q, g, 9, backend="faiss", exact_scores=True)
         s.append(r.scores)
         i.append(r.indices + off)
     merged = merge_topk(s, i, 9)

@@ -1,30 +1,32 @@
-"""Exact top-k inner-product search (faiss or torch), chunked, with self-exclusion and a fixed tie order.
+"""Exact top-k inner-product search (faiss or torch), chunked, with self-exclusion and one fixed order.
 
-Every backend returns the same neighbours in the same order: candidates are ordered by
-descending score, then by ascending gallery index. Partial selection (faiss's heaps,
-``torch.topk``) picks an arbitrary member of a tie, so each row asks for a few spare
-candidates; a row whose tie runs past the spares is redone over its full score row.
+The order is defined once, independently of the backend: by the float64 inner product of the
+(float32) vectors, rounded to 12 decimals, descending, then by ascending gallery index. The
+backends rank in float32 (fast sgemm); where two float32 scores are closer than their
+rounding error (``_EPS``) the affected candidates are rescored in float64, so faiss, torch,
+CPU, GPU and any chunking or process count return the same neighbours. Partial selection
+(faiss heaps, ``torch.topk``) asks for a few spare candidates per row; a row whose k-th
+score is within the error of the last spare is redone over its full score row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from unicom_cli.errors import UsageError
 
-if TYPE_CHECKING:
-    import torch
-
 BACKENDS = ("auto", "faiss", "torch")
 _BUDGET_BYTES = 256 << 20  # score-matrix memory per chunk
+_EPS = 1e-5  # bound on the float32 score error, relative to |q|·max|g|
+_DECIMALS = 12  # float64 scores are rounded so that equal vectors tie whatever the summation order
 
 
 @dataclass
 class SearchResult:
-    """Neighbours of each query, best first: ``scores`` float32 (Nq, k), ``indices`` int64 (Nq, k)."""
+    """Neighbours of each query, best first: ``scores`` (Nq, k) float32 (float64 with
+    ``exact_scores``), ``indices`` int64 (Nq, k)."""
 
     scores: np.ndarray
     indices: np.ndarray
@@ -61,7 +63,7 @@ def resolve_backend(backend: str, device: str) -> str:
 
 def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_self: bool = False,
            query_offset: int = 0, backend: str = "auto", device: str = "cpu",
-           chunk_rows: int | None = None, gallery_on_host: bool = False,
+           chunk_rows: int | None = None, gallery_on_host: bool = False, exact_scores: bool = False,
            progress: str | None = None) -> SearchResult:
     """The ``k`` highest inner products of each query row among the gallery rows.
 
@@ -78,6 +80,8 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
         chunk_rows: queries per chunk (default: a 256 MiB score block).
         gallery_on_host: torch backend: keep the gallery in host memory and stream it to the
             device in blocks (bounded device memory for huge galleries).
+        exact_scores: return float64 scores for every neighbour (lists from different
+            galleries can then be merged exactly, see ``merge_topk``).
         progress: a progress-bar label, or None for none.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -87,18 +91,20 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
     if queries.shape[1] != gallery.shape[1]:
         raise UsageError(f"query dim {queries.shape[1]} != gallery dim {gallery.shape[1]}")
     k = min(int(k), len(gallery) - (1 if exclude_self else 0))
+    dtype = np.float64 if exact_scores else np.float32
     if k < 1 or len(queries) == 0:
-        return SearchResult(np.zeros((len(queries), max(k, 0)), np.float32),
-                            np.zeros((len(queries), max(k, 0)), np.int64))
+        return SearchResult(np.zeros((len(queries), max(k, 0)), dtype), np.zeros((len(queries), max(k, 0)), np.int64))
     backend = resolve_backend(backend, device)
+    want = min(len(gallery), k + _pad(k) + (1 if exclude_self else 0))
     block = len(gallery)
     if backend == "faiss":
         run = _FaissSearch(gallery, device)
     else:
-        block = max(k, min(len(gallery), _BUDGET_BYTES // (4 * 1024))) if gallery_on_host else block
+        block = max(want, min(len(gallery), _BUDGET_BYTES // (4 * 1024))) if gallery_on_host else block
         run = _TorchSearch(gallery, device, block)
     chunk = chunk_rows or max(1, min(len(queries), _BUDGET_BYTES // (4 * block)))
-    scores = np.empty((len(queries), k), np.float32)
+    g_scale = float(np.sqrt((gallery.astype(np.float64) ** 2).sum(1).max()))
+    scores = np.empty((len(queries), k), dtype)
     indices = np.empty((len(queries), k), np.int64)
     from unicom_cli.utils.console import progress_bar
 
@@ -106,8 +112,11 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
                       enabled=progress is not None) as bar:
         for start in range(0, len(queries), chunk):
             stop = min(start + chunk, len(queries))
+            q = queries[start:stop]
             self_ids = np.arange(start, stop) + query_offset if exclude_self else None
-            s, i = run(queries[start:stop], k, self_ids)
+            s, i, floor = run(q, want, self_ids)
+            eps = _EPS * np.linalg.norm(q.astype(np.float64), axis=1) * g_scale
+            s, i = _finish(q, gallery, s, i, floor, eps, k, self_ids, exact_scores)
             scores[start:stop], indices[start:stop] = s, i
             bar.advance(stop - start)
     return SearchResult(scores, indices)
@@ -118,26 +127,59 @@ def _pad(k: int) -> int:
     return max(8, k // 8)
 
 
-def _order_np(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sort each row by (score desc, id asc) and keep k."""
-    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+def _dots(q: np.ndarray, rows: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rounded float64 inner products ``q[rows[j]] · gallery[ids[j]]``, in bounded-memory pieces."""
+    out = np.empty(len(ids), np.float64)
+    step = 8192
+    for a in range(0, len(ids), step):
+        g = gallery[ids[a:a + step]].astype(np.float64)
+        out[a:a + step] = (g * q[rows[a:a + step]].astype(np.float64)).sum(-1)
+    return np.round(out, _DECIMALS)
 
 
-def _row_topk_np(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of one full score row under the (score desc, id asc) order."""
-    thr = np.partition(row, len(row) - k)[len(row) - k]
-    sel = np.flatnonzero(row >= thr)
-    order = np.lexsort((sel, -row[sel]))[:k]
-    return row[sel[order]], sel[order]
+def _finish(q, gallery, s, i, floor, eps, k, self_ids, exact_scores):
+    """Candidates (float32, arbitrary tie order) → the first k under the fixed order."""
+    order = np.lexsort((i, -s), axis=-1)
+    s, i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    if exact_scores:
+        near = np.ones((len(s), s.shape[1] - 1), bool)
+    else:
+        near = (s[:, :-1] - s[:, 1:]) < 2 * eps[:, None]
+    touched = np.zeros(s.shape, bool)
+    touched[:, :-1] |= near
+    touched[:, 1:] |= near
+    rows, cols = np.nonzero(touched & np.isfinite(s))
+    key = s.astype(np.float64)
+    if len(rows):
+        key[rows, cols] = _dots(q, rows, gallery, i[rows, cols])
+    group = np.concatenate([np.zeros((len(s), 1), np.int64), np.cumsum(~near, axis=1)], axis=1)
+    order = np.lexsort((i, -key, group), axis=-1)[:, :k]
+    out_s = np.take_along_axis(key if exact_scores else s, order, 1)
+    out_s = out_s.astype(np.float64 if exact_scores else np.float32)
+    if not exact_scores:  # report the refined values where they were computed
+        out_s = np.where(np.take_along_axis(touched, order, 1),
+                         np.take_along_axis(key, order, 1), out_s).astype(np.float32)
+    out_i = np.take_along_axis(i, order, 1)
+    unsafe = np.flatnonzero(s[:, k - 1] - floor <= 2 * eps)
+    for r in unsafe:  # the k-th candidate may tie with an item that was not returned
+        row = gallery @ q[r]
+        if self_ids is not None:
+            row[self_ids[r]] = -np.inf
+        thr = np.partition(row, len(row) - k)[len(row) - k]
+        sel = np.flatnonzero(row >= thr - 2 * eps[r])
+        exact = _dots(q, np.full(len(sel), r), gallery, sel)
+        best = np.lexsort((sel, -exact))[:k]
+        out_i[r] = sel[best]
+        out_s[r] = exact[best]
+    return out_s, out_i
 
 
 class _FaissSearch:
-    """faiss IndexFlatIP (blocked sgemm + heaps); rows with unresolved ties redone in numpy."""
+    """faiss IndexFlatIP: blocked sgemm + heaps, CPU or GPU."""
 
     def __init__(self, gallery: np.ndarray, device: str) -> None:
         faiss = _faiss()
-        self.gallery = gallery
+        self.n = len(gallery)
         index = faiss.IndexFlatIP(gallery.shape[1])
         if str(device).startswith("cuda") and faiss.get_num_gpus() > 0:
             dev = int(str(device).split(":")[1]) if ":" in str(device) else 0
@@ -146,24 +188,16 @@ class _FaissSearch:
         index.add(gallery)
         self.index = index
 
-    def __call__(self, q: np.ndarray, k: int, self_ids: np.ndarray | None):
-        n = len(self.gallery)
-        want = min(n, k + _pad(k) + (1 if self_ids is not None else 0))
+    def __call__(self, q: np.ndarray, want: int, self_ids: np.ndarray | None):
         scores, ids = self.index.search(q, want)
         ids = ids.astype(np.int64)
-        floor = scores[:, -1].copy()  # every item scoring above this was returned
+        # Every item scoring above the last returned one was returned.
+        floor = scores[:, -1].astype(np.float64) if want < self.n else np.full(len(q), -np.inf)
         if self_ids is not None:
             is_self = ids == self_ids[:, None]
-            scores = np.where(is_self, -np.inf, scores).astype(np.float32)
+            scores = np.where(is_self, -np.inf, scores)
             ids = np.where(is_self, np.iinfo(np.int64).max, ids)
-        scores, ids = _order_np(scores, ids, k)
-        if want < n:
-            for r in np.flatnonzero(scores[:, k - 1] <= floor):
-                row = self.gallery @ q[r]
-                if self_ids is not None:
-                    row[self_ids[r]] = -np.inf
-                scores[r], ids[r] = _row_topk_np(row, k)
-        return scores, ids
+        return scores.astype(np.float32), ids, floor
 
 
 class _TorchSearch:
@@ -175,17 +209,19 @@ class _TorchSearch:
         self.torch = torch
         self.device = torch.device(device)
         self.block = block
+        self.n = len(gallery)
         host = torch.from_numpy(gallery)
         if block >= len(gallery):
             self.gallery = host.to(self.device)
         else:  # streamed: stays in (pinned) host memory
             self.gallery = host.pin_memory() if self.device.type == "cuda" else host
 
-    def __call__(self, q: np.ndarray, k: int, self_ids: np.ndarray | None):
+    def __call__(self, q: np.ndarray, want: int, self_ids: np.ndarray | None):
         torch = self.torch
         qt = torch.from_numpy(q).to(self.device)
         best_s = best_i = None
-        for start in range(0, len(self.gallery), self.block):
+        floor = torch.full((len(q),), -float("inf"), dtype=torch.float64, device=self.device)
+        for start in range(0, self.n, self.block):
             part = self.gallery[start:start + self.block].to(self.device, non_blocking=True)
             sims = qt @ part.T
             if self_ids is not None:
@@ -193,55 +229,28 @@ class _TorchSearch:
                 inside = (local >= 0) & (local < len(part))
                 rows = torch.arange(len(q), device=self.device)[inside]
                 sims[rows, local[inside]] = -float("inf")
-            s, i = topk_tiebroken(sims, min(k, len(part)))
-            i += start
-            if best_s is None:
-                best_s, best_i = s, i
-            else:
-                best_s, best_i = _merge_torch(torch.cat([best_s, s], 1), torch.cat([best_i, i], 1), k)
-        return best_s.cpu().numpy(), best_i.cpu().numpy()
-
-
-def _merge_torch(vals: "torch.Tensor", ids: "torch.Tensor", k: int):
-    """Order candidate lists by (score desc, index asc) and keep k."""
-    import torch
-
-    by_id = ids.argsort(dim=1)
-    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    return vals[:, :k].contiguous(), ids.gather(1, order)[:, :k].contiguous()
-
-
-def topk_tiebroken(sims: "torch.Tensor", k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Row-wise top-k of a score block under the (score desc, column asc) order, exactly."""
-    import torch
-
-    n = sims.shape[1]
-    want = min(n, k + _pad(k))
-    vals, ids = sims.topk(want, dim=1)
-    by_id = ids.argsort(dim=1)
-    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
-    vals, order = torch.sort(vals, dim=1, descending=True, stable=True)
-    ids = ids.gather(1, order)
-    floor = vals[:, -1]
-    vals, ids = vals[:, :k].contiguous(), ids[:, :k].contiguous()
-    if want < n:
-        for r in torch.nonzero(vals[:, k - 1] <= floor).flatten().tolist():
-            row = sims[r]
-            thr = row.kthvalue(n - k + 1).values
-            sel = torch.nonzero(row >= thr).flatten()
-            sv, o = torch.sort(row[sel], descending=True, stable=True)
-            vals[r], ids[r] = sv[:k], sel[o[:k]]
-    return vals, ids
+            take = min(want, len(part))
+            s, i = sims.topk(take, dim=1)
+            if take < len(part):
+                floor = torch.maximum(floor, s[:, -1].double())
+            i = i + start
+            if best_s is not None:
+                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                if s.shape[1] > want:
+                    s, pick = s.topk(want, dim=1)
+                    i = i.gather(1, pick)
+                    floor = torch.maximum(floor, s[:, -1].double())
+            best_s, best_i = s, i
+        return best_s.cpu().numpy(), best_i.cpu().numpy(), floor.cpu().numpy()
 
 
 def merge_topk(scores: list[np.ndarray], indices: list[np.ndarray], k: int) -> SearchResult:
-    """Merge per-shard neighbour lists (same queries, disjoint galleries) into the global top-k.
+    """Merge per-shard lists (same queries, disjoint galleries, ``exact_scores``) into the global top-k.
 
-    Each shard's list must be its own exact top-k under the (score desc, index asc) order;
-    the merge then equals a single search over the whole gallery.
+    Each list must be its shard's top-k under the fixed order with float64 scores; the merge
+    then equals one search over the whole gallery.
     """
     s = np.concatenate(scores, axis=1)
     i = np.concatenate(indices, axis=1)
-    s, i = _order_np(s, i, k)
-    return SearchResult(np.ascontiguousarray(s), np.ascontiguousarray(i))
+    order = np.lexsort((i, -s), axis=-1)[:, :k]
+    return SearchResult(np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1))
