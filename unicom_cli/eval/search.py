@@ -132,8 +132,8 @@ def _dots(q: np.ndarray, rows: np.ndarray, gallery: np.ndarray, ids: np.ndarray)
     out = np.empty(len(ids), np.float64)
     step = 8192
     for a in range(0, len(ids), step):
-        g = gallery[ids[a:a + step]].astype(np.float64)
-        out[a:a + step] = (g * q[rows[a:a + step]].astype(np.float64)).sum(-1)
+        out[a:a + step] = np.einsum("md,md->m", gallery[ids[a:a + step]], q[rows[a:a + step]],
+                                    dtype=np.float64)
     return np.round(out, _DECIMALS)
 
 
