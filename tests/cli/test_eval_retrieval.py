@@ -95,3 +95,49 @@ def test_errors_are_one_line_messages(tmp_path):
     assert main(["eval-retrieval", "--dataset", "sop", "--data-root", str(tmp_path), "--embeddings", "x.npy"]) == 2
     assert main(["eval-retrieval", "--dataset", "cub", "--split", "nope"]) == 2
     assert main(["eval-retrieval", "--dataset", "nope", "--embeddings", "x.npy"]) == 2
+
+
+def test_gldv2_map_at_100_per_split(tmp_path):
+    """GLDv2 layout on disk, random features: mAP@100 equals an independent ranking + AP."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "GLDv2"
+    index_ids = [f"{i:03x}{'abcdef'[i % 6]}9" for i in range(150)]
+    queries = [(f"q{j}x{j}", rng.choice(150, size=rng.integers(1, 4), replace=False), "Public" if j % 2 else "Private")
+               for j in range(12)]
+    rows = ["id,images,Usage"] + [f"{q},{' '.join(index_ids[i] for i in rel)},{u}" for q, rel, u in queries]
+    rows.append("zzz9,None,Ignored")
+    (root / "test").mkdir(parents=True)
+    (root / "index").mkdir()
+    (root / "test" / "retrieval_solution_v2.1.csv").write_text("\n".join(rows) + "\n")
+    (root / "index" / "index.csv").write_text("id\n" + "\n".join(index_ids) + "\n")
+    for q, _, _ in queries:
+        path = root / "test" / q[0] / q[1] / q[2] / f"{q}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(path)
+    g = rng.normal(size=(150, 16)).astype(np.float32)
+    qf = np.stack([g[rel].mean(0) + rng.normal(scale=0.8, size=16) for _, rel, _ in queries]).astype(np.float32)
+    ids = [f"test/{q[0]}/{q[1]}/{q[2]}/{q}.jpg" for q, _, _ in queries] + \
+          [f"index/{i[0]}/{i[1]}/{i[2]}/{i}.jpg" for i in index_ids]
+    np.save(tmp_path / "f.npy", 3 * np.concatenate([qf, g]))  # un-normalised on purpose
+    (tmp_path / "f.ids.txt").write_text("\n".join(ids) + "\n")
+    out = tmp_path / "g.json"
+    res = CliRunner().invoke(app, ["eval-retrieval", "--dataset", "gldv2", "--data-root", str(tmp_path),
+                                   "--embeddings", str(tmp_path / "f.npy"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    expected = {"public": [], "private": []}
+    for (q, rel, usage), v in zip(queries, qf):
+        ranking = np.argsort(-(gn @ (v / np.linalg.norm(v))), kind="stable")[:100]
+        hits = np.isin(ranking, rel)
+        ap = sum(hits[:i + 1].sum() / (i + 1) for i in range(100) if hits[i]) / min(len(rel), 100)
+        expected[usage.lower()].append(ap)
+    assert r["metrics"]["map@100_public"] == pytest.approx(100 * np.mean(expected["public"]))
+    assert r["metrics"]["map@100_private"] == pytest.approx(100 * np.mean(expected["private"]))
+    assert 0 < r["metrics"]["map@100_public"] < 100 and r["sizes"] == {"queries": 12, "gallery": 150}
+    res = CliRunner().invoke(app, ["eval-retrieval", "--dataset", "gldv2", "--data-root", str(tmp_path),
+                                   "--split", "public", "--embeddings", str(tmp_path / "f.npy"), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(out.read_text())["metrics"]) == {"map@100_public"}
