@@ -68,8 +68,10 @@ class Split:
         g_keep = keep[self.gallery]
         relevant = None
         if self.relevant is not None:
-            g_new = np.cumsum(g_keep) - 1
-            relevant = [g_new[r[g_keep[r]]] for r, k in zip(self.relevant, keep[self.query]) if k]
+            # A skipped relevant image stays relevant (it counts in min(#relevant, 100)) but can
+            # never be retrieved: it gets a distinct negative position.
+            g_new = np.where(g_keep, np.cumsum(g_keep) - 1, -1 - np.arange(len(g_keep)))
+            relevant = [g_new[r] for r, k in zip(self.relevant, keep[self.query]) if k]
         usage = self.usage[keep[self.query]] if self.usage is not None else None
         return Split(paths, self.labels[keep], new_pos[q], new_pos[self.gallery[g_keep]], relevant, usage)
 

@@ -98,7 +98,7 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
     want = min(len(gallery), k + _pad(k) + (1 if exclude_self else 0))
     block = len(gallery)
     if backend == "faiss":
-        run = _FaissSearch(gallery, device)
+        run = _FaissSearch(gallery, device, want)
     else:
         block = max(want, min(len(gallery), _BUDGET_BYTES // (4 * 1024))) if gallery_on_host else block
         run = _TorchSearch(gallery, device, block)
@@ -177,11 +177,12 @@ def _finish(q, gallery, s, i, floor, eps, k, self_ids, exact_scores):
 class _FaissSearch:
     """faiss IndexFlatIP: blocked sgemm + heaps, CPU or GPU."""
 
-    def __init__(self, gallery: np.ndarray, device: str) -> None:
+    def __init__(self, gallery: np.ndarray, device: str, want: int) -> None:
         faiss = _faiss()
         self.n = len(gallery)
         index = faiss.IndexFlatIP(gallery.shape[1])
-        if str(device).startswith("cuda") and faiss.get_num_gpus() > 0:
+        # faiss GPU indexes search at most 2,048 neighbours; beyond that stay on the CPU.
+        if str(device).startswith("cuda") and faiss.get_num_gpus() > 0 and want <= 2048:
             dev = int(str(device).split(":")[1]) if ":" in str(device) else 0
             self._res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._res, dev, index)
