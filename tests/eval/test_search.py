@@ -96,3 +96,22 @@ def test_query_block_with_offset_and_streamed_gallery(monkeypatch):
     monkeypatch.setattr(S, "_BUDGET_BYTES", 4 * 1024 * 40)  # gallery blocks of 40 rows
     streamed = search(x, None, 12, exclude_self=True, backend="torch", gallery_on_host=True)
     np.testing.assert_array_equal(streamed.indices, whole.indices)
+
+
+@pytest.mark.parametrize("block_rows", [37, 64])
+def test_symmetric_blocks_equal_brute_force(monkeypatch, block_rows):
+    """All-vs-all with torch computes each off-diagonal block once; small blocks exercise it."""
+    import unicom_cli.eval.search as S
+
+    monkeypatch.setattr(S, "_BUDGET_BYTES", 4 * block_rows * block_rows)
+    x = tied_data(5)
+    for k in (1, 6, 30):
+        res = search(x, None, k, exclude_self=True, backend="torch")
+        np.testing.assert_array_equal(res.indices, brute_force(x, x, k, True))
+    rng = np.random.default_rng(6)
+    u = l2_normalize(rng.normal(size=(333, 24)))
+    a = search(u, None, 10, exclude_self=True, backend="torch")
+    b = search(u, None, 10, exclude_self=True, backend="faiss")
+    np.testing.assert_array_equal(a.indices, b.indices)
+    c = search(u, None, 10, backend="torch")  # the query itself included
+    assert (c.indices[:, 0] == np.arange(len(u))).all()

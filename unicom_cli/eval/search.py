@@ -48,15 +48,16 @@ def _faiss():
     return faiss
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """``auto``: torch on CUDA devices, faiss on CPU (torch if faiss is missing)."""
+def resolve_backend(backend: str, device: str, all_vs_all: bool = False) -> str:
+    """``auto``: torch on CUDA devices and for all-vs-all searches (it computes only half of
+    the symmetric score matrix), else faiss on CPU (torch if faiss is missing)."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "faiss" and _faiss() is None:
         raise UsageError("--backend faiss: faiss is not installed (pip install faiss-cpu)")
     if backend != "auto":
         return backend
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda") or all_vs_all:
         return "torch"
     return "faiss" if _faiss() is not None else "torch"
 
@@ -94,27 +95,31 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
     dtype = np.float64 if exact_scores else np.float32
     if k < 1 or len(queries) == 0:
         return SearchResult(np.zeros((len(queries), max(k, 0)), dtype), np.zeros((len(queries), max(k, 0)), np.int64))
-    backend = resolve_backend(backend, device)
+    symmetric = gallery is queries and query_offset == 0 and not gallery_on_host
+    backend = resolve_backend(backend, device, symmetric)
+    symmetric = symmetric and backend == "torch"
     want = min(len(gallery), k + _pad(k) + (1 if exclude_self else 0))
     block = len(gallery)
     if backend == "faiss":
         run = _FaissSearch(gallery, device, want)
+    elif symmetric:
+        run = _SymmetricSearch(gallery, device, want, exclude_self, progress)
     else:
         block = max(want, min(len(gallery), _BUDGET_BYTES // (4 * 1024))) if gallery_on_host else block
         run = _TorchSearch(gallery, device, block)
     chunk = chunk_rows or max(1, min(len(queries), _BUDGET_BYTES // (4 * block)))
-    g_scale = float(np.sqrt((gallery.astype(np.float64) ** 2).sum(1).max()))
+    g_scale = float(np.sqrt(np.einsum("ij,ij->i", gallery, gallery).max()))
     scores = np.empty((len(queries), k), dtype)
     indices = np.empty((len(queries), k), np.int64)
     from unicom_cli.utils.console import progress_bar
 
     with progress_bar(len(queries), progress or "search", unit="queries",
-                      enabled=progress is not None) as bar:
+                      enabled=progress is not None and not symmetric) as bar:
         for start in range(0, len(queries), chunk):
             stop = min(start + chunk, len(queries))
             q = queries[start:stop]
             self_ids = np.arange(start, stop) + query_offset if exclude_self else None
-            s, i, floor = run(q, want, self_ids)
+            s, i, floor = run(q, want, self_ids) if not symmetric else run.rows(start, stop)
             eps = _EPS * np.linalg.norm(q.astype(np.float64), axis=1) * g_scale
             s, i = _finish(q, gallery, s, i, floor, eps, k, self_ids, exact_scores)
             scores[start:stop], indices[start:stop] = s, i
@@ -243,6 +248,82 @@ class _TorchSearch:
                     floor = torch.maximum(floor, s[:, -1].double())
             best_s, best_i = s, i
         return best_s.cpu().numpy(), best_i.cpu().numpy(), floor.cpu().numpy()
+
+
+class _SymmetricSearch:
+    """All-vs-all with torch: each off-diagonal block of X Xᵀ is computed once and serves the
+    rows of both blocks, halving the sgemm work.
+
+    Diagonal blocks seed every row's candidate list with a dense ``topk``; after that a block
+    only passes the few scores above a row's current want-th best (a cheap comparison instead
+    of a second ``topk`` over the transposed block).
+    """
+
+    def __init__(self, x: np.ndarray, device: str, want: int, exclude_self: bool,
+                 progress: str | None) -> None:
+        import torch
+
+        from unicom_cli.utils.console import progress_bar
+
+        self.torch = torch
+        dev = torch.device(device)
+        xt = torch.from_numpy(x).to(dev)
+        n = len(xt)
+        # Smaller blocks skip more of the matrix (the diagonal blocks are computed whole);
+        # 4,096 rows keep sgemm at full speed.
+        size = max(1, min(n, int((_BUDGET_BYTES // 4) ** 0.5) // 2))
+        starts = list(range(0, n, size))
+        self.vals = torch.full((n, want), -float("inf"), device=dev)
+        self.ids = torch.full((n, want), -1, dtype=torch.int64, device=dev)
+        pairs = len(starts) * (len(starts) + 1) // 2
+        with progress_bar(pairs, progress or "search", unit="blocks", enabled=progress is not None) as bar:
+            for a in starts:
+                block = xt[a:a + size]
+                sims = block @ block.T
+                if exclude_self:
+                    sims.fill_diagonal_(-float("inf"))
+                take = min(want, sims.shape[1])
+                v, i = sims.topk(take, dim=1)
+                self.vals[a:a + len(block), :take] = v
+                self.ids[a:a + len(block), :take] = i + a
+                bar.advance(1)
+            for ai, a in enumerate(starts):
+                for b in starts[ai + 1:]:
+                    sims = xt[a:a + size] @ xt[b:b + size].T
+                    rows, cols = torch.nonzero(sims > self.vals[a:a + size, -1:], as_tuple=True)
+                    self._absorb(a, len(sims), rows, cols + b, sims[rows, cols])
+                    rows, cols = torch.nonzero(sims > self.vals[b:b + size, -1][None, :], as_tuple=True)
+                    order = torch.argsort(cols, stable=True)
+                    rows, cols = rows[order], cols[order]
+                    self._absorb(b, sims.shape[1], cols, rows + a, sims[rows, cols])
+                    bar.advance(1)
+        complete = want >= n
+        self.floor = (torch.full((n,), -float("inf"), dtype=torch.float64) if complete
+                      else self.vals[:, -1].double().cpu())
+
+    def _absorb(self, row0: int, nrows: int, rows, ids, vals) -> None:
+        """Merge candidates (local row, gallery id, score), grouped by row, into the row lists."""
+        torch = self.torch
+        if len(rows) == 0:
+            return
+        counts = torch.bincount(rows, minlength=nrows)
+        width = int(counts.max())
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(len(rows), device=rows.device) - first[rows]
+        pad_v = torch.full((nrows, width), -float("inf"), device=vals.device)
+        pad_i = torch.full((nrows, width), -1, dtype=torch.int64, device=vals.device)
+        pad_v[rows, pos] = vals
+        pad_i[rows, pos] = ids
+        cat_v = torch.cat([self.vals[row0:row0 + nrows], pad_v], 1)
+        cat_i = torch.cat([self.ids[row0:row0 + nrows], pad_i], 1)
+        top_v, top_p = cat_v.topk(self.vals.shape[1], dim=1)
+        self.vals[row0:row0 + nrows] = top_v
+        self.ids[row0:row0 + nrows] = cat_i.gather(1, top_p)
+
+    def rows(self, start: int, stop: int):
+        """Candidates of query rows start..stop: (scores, ids, floor) as numpy."""
+        return (self.vals[start:stop].cpu().numpy(), self.ids[start:stop].cpu().numpy(),
+                self.floor[start:stop].numpy())
 
 
 def merge_topk(scores: list[np.ndarray], indices: list[np.ndarray], k: int) -> SearchResult:
