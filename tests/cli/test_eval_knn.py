@@ -118,7 +118,10 @@ def test_two_gloo_processes_give_the_same_metrics(digits_knn, tmp_path):
     tids = [f"{tf.name}/{line}" for line in (tn.with_suffix(".ids.txt")).read_text().split()]
     (tmp_path / "both.ids.txt").write_text("\n".join(vids + tids) + "\n")
     ret.embeddings = both
-    for kind, cfg, single in (("knn", knn, run_knn(knn)), ("retrieval", ret, run_retrieval(ret))):
+    # All-vs-all: one process uses the symmetric search, two processes search query blocks.
+    ava = RetrievalConfig(dataset=f"folder:{tf}", embeddings=tn, recall_at=[1, 4])
+    for kind, cfg, single in (("knn", knn, run_knn(knn)), ("retrieval", ret, run_retrieval(ret)),
+                              ("retrieval", ava, run_retrieval(ava))):
         out = tmp_path / f"{kind}.json"
         mp.spawn(_worker, args=(2, _free_port(), kind, cfg, out), nprocs=2, join=True)
         double = json.loads(out.read_text())

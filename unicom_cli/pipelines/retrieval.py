@@ -71,7 +71,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
 
     t = time.perf_counter()
     device = device_for(cfg.model.device)
-    backend = resolve_backend(cfg.backend, device)
+    backend = resolve_backend(cfg.backend, device, split.all_vs_all and world_size() == 1)
     neighbours = _search_all(split, x, recall_at, backend, device)
     timings["search"] = time.perf_counter() - t
     if not is_main():
@@ -127,8 +127,11 @@ def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str, device
         k = 100 if split.relevant is not None else max(recall_at)
     k = max(1, min(k, len(gallery) - (1 if split.all_vs_all else 0)))
     block = shard_range(len(queries))
-    res = search(queries[block.start:block.stop], gallery, k, exclude_self=split.all_vs_all,
-                 query_offset=block.start, backend=backend, device=device, progress="search")
+    if split.all_vs_all and len(block) == len(queries):  # one process: the symmetric search
+        res = search(x, None, k, exclude_self=True, backend=backend, device=device, progress="search")
+    else:
+        res = search(queries[block.start:block.stop], gallery, k, exclude_self=split.all_vs_all,
+                     query_offset=block.start, backend=backend, device=device, progress="search")
     return gather_rows(np.arange(block.start, block.stop), res.indices, len(queries))
 
 
