@@ -29,6 +29,24 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from unicom_cli import __version__
+
+        typer.echo(f"unicom-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.",
+                                 callback=_show_version, is_eager=True),
+) -> None:
+    """Embed, evaluate and finetune UNICOM image-retrieval models, from a laptop to many GPUs."""
+
+
 app.command("models")(models.models)
 app.command("download")(download.download)
 app.command("embed")(embed.embed)
@@ -42,7 +60,7 @@ app.command("demo")(demo.demo)
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning known errors into one line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except UnicomError as exc:
         if os.environ.get("UNICOM_DEBUG") == "1":
             raise
@@ -59,16 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except typer.Abort:
+        return 130
+    except Exception as exc:  # click usage errors (bad option, unknown command...)
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
         raise
-    return 0
+    # Without standalone mode click returns typer.Exit(code) as the result instead of raising.
+    return result if isinstance(result, int) else 0
+
+
+def _click_exceptions() -> tuple[type[Exception], ...]:
+    """ClickException of click itself and of the copy that typer ≥ 0.20 vendors as typer._click."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
 
 def run() -> None:

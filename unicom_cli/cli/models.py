@@ -1,4 +1,4 @@
-"""`unicom models`: the registered models, their sizes and cache state."""
+"""`unicom models`: the registered models, their sizes, cache and checksum state."""
 
 from __future__ import annotations
 
@@ -10,48 +10,81 @@ import typer
 from unicom_cli.cli.options import CacheDirOpt
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
+def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
+    """3 significant digits: 116.7M, 1.66B, 233 MB."""
+    for unit in units:
+        if n < step or unit == units[-1]:
+            return f"{n:.0f}{unit}" if n >= 100 or unit == units[0] else f"{n:.3g}{unit}"
+        n /= step
     return str(n)
+
+
+def _row(name: str, root) -> dict:
+    """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
+    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.weights import read_sidecar, sidecar_is_fresh
+
+    spec = get_spec(name)
+    path = root / spec.filename
+    part = path.with_name(path.name + ".part")
+    cached = path.is_file()
+    recorded = read_sidecar(path) if cached and sidecar_is_fresh(path) else None
+    if spec.sha256:
+        # A recorded digest other than the published one: a file pinned with --sha256.
+        checksum = {None: "published", spec.sha256: "verified"}.get(recorded, "pinned")
+    else:
+        checksum = "computed" if recorded else "none"
+    size = path.stat().st_size if cached else spec.fp16_file_size
+    return {
+        "name": spec.name, "input_size": spec.input_size, "patch_size": spec.patch_size,
+        "embedding_size": spec.embedding_size, "params": spec.num_params, "file_size": size,
+        "sha256": spec.sha256 or recorded, "checksum": checksum, "cached": cached,
+        "partial_bytes": part.stat().st_size if not cached and part.is_file() else 0,
+        "path": str(path), "url": spec.url,
+        "gdrive_id": spec.gdrive_id,
+    }
 
 
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """List the published UNICOM models: input size, embedding size, parameters, cache state."""
-    from unicom_cli.models.registry import available_models, get_spec
+    """List the published UNICOM models: size, embedding, cache and checksum state.
+
+    checksum: verified = cached and matched the published SHA-256; published = a SHA-256 is
+    published (not yet verified here); pinned = the cached file matched a --sha256 pin instead;
+    computed = none published, recorded at download; none = none published or recorded.
+    """
+    from unicom_cli.models.registry import available_models
     from unicom_cli.models.weights import cache_dir as resolve_cache
 
     root = resolve_cache(cache_dir)
-    rows = []
-    for name in available_models():
-        spec = get_spec(name)
-        path = root / spec.filename if spec.filename else None
-        cached = bool(path and path.is_file())
-        rows.append({
-            "name": spec.name, "input_size": spec.input_size, "patch_size": spec.patch_size,
-            "embedding_size": spec.embedding_size, "params": spec.num_params,
-            "file_size": path.stat().st_size if cached else spec.fp16_file_size,
-            "sha256": spec.sha256, "cached": cached, "path": str(path) if path else None,
-            "checksum": "published" if spec.sha256 else "unpublished (computed on download)",
-        })
+    rows = [_row(name, root) for name in available_models()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
+    from rich import box
     from rich.table import Table
 
     from unicom_cli.utils.console import console
 
-    table = Table(title=f"UNICOM models (cache: {root})")
-    for column in ("name", "input", "embedding", "parameters", "file size", "cached", "checksum"):
-        table.add_column(column, justify="right" if column in ("input", "embedding", "parameters", "file size") else "left")
+    table = Table(box=box.SIMPLE_HEAD, caption=f"cache: {root}", caption_justify="left",
+                  pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    for column in ("input", "dim", "params", "size"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("cached", no_wrap=True)
+    table.add_column("checksum", no_wrap=True)
     for row in rows:
+        if row["cached"]:
+            cached = "[green]yes[/]"
+        elif row["partial_bytes"]:
+            cached = f"[yellow]{100 * row['partial_bytes'] // max(row['file_size'], 1)}%[/]"
+        else:
+            cached = "no"
+        style = {"verified": "green", "computed": "cyan", "none": "yellow"}.get(row["checksum"], "")
         table.add_row(row["name"], str(row["input_size"]), str(row["embedding_size"]),
-                      f"{row['params']:,}", _human_bytes(row["file_size"]),
-                      "[green]yes[/]" if row["cached"] else "no",
-                      "sha256 published" if row["sha256"] else "[yellow]none published[/]")
+                      _human(row["params"], ("", "K", "M", "B")),
+                      _human(row["file_size"], (" B", " KB", " MB", " GB")),
+                      cached, f"[{style}]{row['checksum']}[/]" if style else row["checksum"])
     console.print(table)

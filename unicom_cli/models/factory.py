@@ -54,12 +54,20 @@ def resample_grid(state: dict, new_grid: int) -> dict:
     new_state = dict(state)
     grid_pos = pos[0].reshape(old_grid, old_grid, width).permute(2, 0, 1)
     new_state["pos_embed"] = zoom(grid_pos).permute(1, 2, 0).reshape(1, new_grid * new_grid, width)
-    head = state["feature.0.weight"]  # (width_out, patches * width_in)
-    out_dim = head.shape[0]
-    grid_head = head.reshape(out_dim, old_grid, old_grid, width).permute(0, 3, 1, 2)
-    grid_head = grid_head.reshape(out_dim * width, old_grid, old_grid)
-    resized = zoom(grid_head).reshape(out_dim, width, new_grid, new_grid).permute(0, 2, 3, 1)
-    new_state["feature.0.weight"] = resized.reshape(out_dim, new_grid * new_grid * width)
+    head = state.get("feature.0.weight")  # (width_out, patches * width_in)
+    if head is None:  # not a UNICOM checkpoint: the strict load names what is missing
+        return new_state
+    if head.ndim != 2 or head.shape[1] != old_patches * width:
+        raise WeightsError(f"feature.0.weight has shape {tuple(head.shape)}, expected "
+                           f"(*, {old_patches * width}) for {old_grid}×{old_grid} patches of width {width}")
+    rows = []  # a few output rows at a time: ViT-L/14 at 512 px has a 5 GB head in fp32
+    for chunk in head.split(64):
+        n = chunk.shape[0]
+        grid_head = chunk.reshape(n, old_grid, old_grid, width).permute(0, 3, 1, 2)
+        resized = zoom(grid_head.reshape(n * width, old_grid, old_grid))
+        resized = resized.reshape(n, width, new_grid, new_grid).permute(0, 2, 3, 1)
+        rows.append(resized.reshape(n, new_grid * new_grid * width))
+    new_state["feature.0.weight"] = torch.cat(rows)
     return new_state
 
 
@@ -69,7 +77,9 @@ def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
     fp16 tensors are cast to the module's dtype; a shape or key mismatch names the file.
     """
     if "pos_embed" in state and state["pos_embed"].shape[1] != model.spec.num_patches:
-        state = resample_grid(state, model.spec.grid)
+        # Resample fp16 checkpoints in fp32: the module keeps the precision.
+        grid_keys = [k for k in ("pos_embed", "feature.0.weight") if k in state]
+        state = resample_grid({**state, **{k: state[k].float() for k in grid_keys}}, model.spec.grid)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

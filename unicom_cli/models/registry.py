@@ -5,6 +5,7 @@ Pure data: nothing here imports torch, so `unicom models` and `unicom --help` st
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -135,7 +136,9 @@ def get_spec(name_or_path: str | Path) -> ModelSpec:
     if key.endswith(".json") or Path(key).is_file():
         return spec_from_json(Path(key))
     lowered = {k.lower(): k for k in _MODELS}
-    hint = lowered.get(key.lower())
+    longer = [k for k in lowered if k.startswith(key.lower())] if len(key) > 4 else []
+    close = longer or difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.6)
+    hint = lowered.get(key.lower()) or (lowered[close[0]] if close else None)
     suggestion = f"did you mean '{hint}'? " if hint else ""
     raise UnknownModel(f"unknown model '{key}': {suggestion}choose one of "
                        f"{', '.join(_MODELS)} or pass a JSON architecture file")

@@ -1,4 +1,4 @@
-"""Weights on disk: cache directory, safe loading and key clean-up.
+"""Weights on disk: cache directory, SHA-256 and its record (<file>.sha256), safe loading, key clean-up.
 
 Download, resume and verification live in ``models.download``.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from unicom_cli.errors import InputError, UnsafeCheckpoint, WeightsError
 if TYPE_CHECKING:
     import torch
 
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _PREFIXES = ("module.", "_orig_mod.")
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
 
@@ -30,13 +32,61 @@ def cache_dir(override: str | Path | None = None) -> Path:
     return Path(base) / "unicom"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Streaming SHA-256 of a file (never reads the whole file into memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Streaming SHA-256 of a file (never reads the whole file into memory).
+
+    Remembered per (path, size, mtime) within the process, so that verifying a download and
+    recording the digest of the loaded weights hash a multi-GB file once.
+    """
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_size):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def sidecar(path: Path) -> Path:
+    """The ``<file>.sha256`` next to a cached file."""
+    return path.with_name(path.name + ".sha256")
+
+
+def read_sidecar(path: Path) -> str | None:
+    """The digest recorded next to ``path``, or None."""
+    try:
+        first = sidecar(path).read_text().split()
+    except OSError:
+        return None
+    return first[0].lower() if first and SHA256_HEX.match(first[0].lower()) else None
+
+
+def sidecar_is_fresh(path: Path) -> bool:
+    """True when the recorded digest was written after the file last changed."""
+    try:
+        return sidecar(path).stat().st_mtime_ns >= path.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def write_sidecar(path: Path, digest: str) -> None:
+    """Record ``digest`` next to ``path`` (atomically), in ``sha256sum`` format.
+
+    Best effort: a read-only cache simply keeps no record.
+    """
+    if read_sidecar(path) == digest and sidecar_is_fresh(path):
+        return  # already recorded: leave read-mostly caches untouched
+    tmp = sidecar(path).with_suffix(".sha256.tmp")
+    try:
+        tmp.write_text(f"{digest}  {path.name}\n")
+        os.replace(tmp, sidecar(path))
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def clean_state_dict_keys(state: dict) -> dict:

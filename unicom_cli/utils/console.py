@@ -13,12 +13,14 @@ from typing import Iterator
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 console = Console()
@@ -76,13 +78,19 @@ class ProgressBar:
 @contextmanager
 def progress_bar(total: int | None, description: str, unit: str = "images",
                  enabled: bool = True, completed: int = 0) -> Iterator[ProgressBar]:
-    """A Rich bar with count, rate and ETA on stderr, e.g. ``with progress_bar(n, "embed") as bar``."""
+    """A Rich bar with count, rate and ETA on stderr, e.g. ``with progress_bar(n, "embed") as bar``.
+
+    ``unit="bytes"`` shows transferred/total size and speed in human units (downloads).
+    """
     if not (enabled and _is_main()):
         yield ProgressBar(None, None)
         return
+    if unit == "bytes":
+        counters = (DownloadColumn(), TransferSpeedColumn())
+    else:
+        counters = (MofNCompleteColumn(), TaskProgressColumn(), _RateColumn(unit), TimeElapsedColumn())
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TaskProgressColumn(), _RateColumn(unit), TimeElapsedColumn(), TextColumn("eta"),
+        TextColumn("[bold]{task.description}"), BarColumn(), *counters, TextColumn("eta"),
         TimeRemainingColumn(), console=err_console, transient=False,
         disable=os.environ.get("UNICOM_NO_PROGRESS") == "1",
     )

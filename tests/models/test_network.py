@@ -1,0 +1,145 @@
+"""The network against SPEC §1: parameter counts, state-dict contract, the reference forward."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unicom_cli.models.factory import create_model
+from unicom_cli.models.registry import available_models, get_spec
+from unicom_cli.models.vit import build_model
+
+# SPEC §1 table, written literally. The 512 px GLDv2 models are the B/16 and L/14 networks
+# on a bigger patch grid: only pos_embed (patches × width) and feature.0 (patches·width × width)
+# grow, so their counts follow from the table rows.
+SPEC_PARAMS = {
+    "ViT-B/32": 116_723_200,
+    "ViT-B/16": 201_967_872,
+    "ViT-L/14": 572_328_448,
+    "ViT-L/14@336px": 908_200_448,
+}
+SPEC_PARAMS["ViT-B/16@512px-GLDv2"] = SPEC_PARAMS["ViT-B/16"] + (32 * 32 - 196) * 768 * (1 + 768)
+SPEC_PARAMS["ViT-L/14@512px-GLDv2"] = SPEC_PARAMS["ViT-L/14"] + (36 * 36 - 256) * 1024 * (1 + 1024)
+
+
+def test_registry_lists_the_six_published_models():
+    assert available_models() == list(SPEC_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(SPEC_PARAMS))
+def test_parameter_count_equals_spec_on_meta_device(name):
+    with torch.device("meta"):
+        model = build_model(get_spec(name))
+    assert sum(p.numel() for p in model.parameters()) == SPEC_PARAMS[name]
+    assert get_spec(name).num_params == SPEC_PARAMS[name]
+
+
+def spec_state_dict_shapes(width: int, depth: int, patch: int, patches: int,
+                           embedding: int) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes spelled out from the SPEC §1 architecture text."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "patch_embed.proj.weight": (width, 3, patch, patch),
+        "patch_embed.proj.bias": (width,),
+        "pos_embed": (1, patches, width),
+        "norm.weight": (width,),
+        "norm.bias": (width,),
+        "feature.0.weight": (width, patches * width),
+        "feature.2.weight": (embedding, width),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes.update({
+            b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+            b + "attn.qkv.weight": (3 * width, width),  # no qkv bias
+            b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+            b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+            b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+            b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
+        })
+    for index, size in ((1, width), (3, embedding)):
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"feature.{index}.{leaf}"] = (size,)
+        shapes[f"feature.{index}.num_batches_tracked"] = ()
+    return shapes
+
+
+@pytest.mark.parametrize("name", list(SPEC_PARAMS))
+def test_state_dict_keys_and_shapes_match_the_published_layout(name):
+    spec = get_spec(name)
+    with torch.device("meta"):
+        state = build_model(spec).state_dict()
+    grid = spec.input_size // spec.patch_size
+    expected = spec_state_dict_shapes(spec.width, spec.depth, spec.patch_size, grid * grid,
+                                      spec.embedding_size)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+
+
+def reference_forward(state: dict, images: torch.Tensor, patch: int, heads: int,
+                      depth: int) -> torch.Tensor:
+    """SPEC §1 forward in plain torch ops, from a state dict (fp32 math)."""
+    s = {k: v.float() for k, v in state.items()}
+    x = F.conv2d(images, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2) + s["pos_embed"]
+    batch, tokens, width = x.shape
+    head_dim = width // heads
+    for i in range(depth):
+        p = f"blocks.{i}."
+        h = F.layer_norm(x, (width,), s[p + "norm1.weight"], s[p + "norm1.bias"], eps=1e-5)
+        qkv = (h @ s[p + "attn.qkv.weight"].T).reshape(batch, tokens, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(batch, tokens, width)
+        x = x + out @ s[p + "attn.proj.weight"].T + s[p + "attn.proj.bias"]
+        h = F.layer_norm(x, (width,), s[p + "norm2.weight"], s[p + "norm2.bias"], eps=1e-5)
+        h = torch.clamp(h @ s[p + "mlp.fc1.weight"].T + s[p + "mlp.fc1.bias"], 0, 6)
+        x = x + h @ s[p + "mlp.fc2.weight"].T + s[p + "mlp.fc2.bias"]
+    x = F.layer_norm(x, (width,), s["norm.weight"], s["norm.bias"], eps=1e-5)
+    f = x.reshape(batch, -1)
+
+    def bn(t: torch.Tensor, name: str) -> torch.Tensor:
+        mean, var = s[f"{name}.running_mean"], s[f"{name}.running_var"]
+        return (t - mean) / torch.sqrt(var + 2e-5) * s[f"{name}.weight"] + s[f"{name}.bias"]
+
+    f = bn(f @ s["feature.0.weight"].T, "feature.1")
+    return bn(f @ s["feature.2.weight"].T, "feature.3")
+
+
+def test_fp16_checkpoint_loads_strict_and_gives_the_reference_embedding(tiny_spec_file,
+                                                                         tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    assert state["pos_embed"].dtype == torch.float16
+    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint)
+    model = loaded.model
+    assert not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert torch.equal(model.state_dict()["feature.1.running_var"],
+                       state["feature.1.running_var"].float())
+    torch.manual_seed(1)
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = model(images)
+    expected = reference_forward(state, images, patch=8, heads=2, depth=2)
+    assert got.shape == (3, 16) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # The embedding depends on the weights and the image (not a constant).
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+
+
+def test_json_model_without_weights_is_freshly_initialised(tiny_spec_file):
+    loaded = create_model(tiny_spec_file)
+    assert loaded.weights_path is None and loaded.sha256 is None
+    assert loaded.spec.source == str(tiny_spec_file)
+
+
+def test_bad_json_model_names_the_file_and_field(tmp_path):
+    from unicom_cli.errors import UnknownModel
+
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"input_size": 30, "patch_size": 8, "width": 32, "depth": 1,
+                                "heads": 2, "embedding_size": 4}))
+    with pytest.raises(UnknownModel, match="bad.json.*not a multiple"):
+        get_spec(path)
