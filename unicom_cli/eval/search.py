@@ -21,6 +21,7 @@ BACKENDS = ("auto", "faiss", "torch")
 _BUDGET_BYTES = 256 << 20  # score-matrix memory per chunk
 _EPS = 1e-5  # bound on the float32 score error, relative to |q|·max|g|
 _DECIMALS = 12  # float64 scores are rounded so that equal vectors tie whatever the summation order
+_PENDING = 1 << 22  # extra candidates the symmetric search holds before merging
 
 
 @dataclass
@@ -129,7 +130,7 @@ def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_s
 
 def _pad(k: int) -> int:
     """Spare candidates per row so that ties at rank k rarely need the full-row fallback."""
-    return max(8, k // 8)
+    return max(3, k // 8)
 
 
 def _dots(q: np.ndarray, rows: np.ndarray, gallery: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -254,9 +255,10 @@ class _SymmetricSearch:
     """All-vs-all with torch: each off-diagonal block of X Xᵀ is computed once and serves the
     rows of both blocks, halving the sgemm work.
 
-    Diagonal blocks seed every row's candidate list with a dense ``topk``; after that a block
-    only passes the few scores above a row's current want-th best (a cheap comparison instead
-    of a second ``topk`` over the transposed block).
+    Diagonal blocks seed every row's candidate list with a dense ``topk``; off-diagonal blocks
+    only pass the few scores above a row's current want-th best (a comparison instead of a
+    ``topk`` over the transposed block). Candidates are merged in a few large sorts, so the
+    work outside sgemm is a handful of big operations, not thousands of small ones.
     """
 
     def __init__(self, x: np.ndarray, device: str, want: int, exclude_self: bool,
@@ -269,12 +271,15 @@ class _SymmetricSearch:
         dev = torch.device(device)
         xt = torch.from_numpy(x).to(dev)
         n = len(xt)
+        self.n, self.want = n, want
         # Smaller blocks skip more of the matrix (the diagonal blocks are computed whole);
         # 4,096 rows keep sgemm at full speed.
         size = max(1, min(n, int((_BUDGET_BYTES // 4) ** 0.5) // 2))
         starts = list(range(0, n, size))
         self.vals = torch.full((n, want), -float("inf"), device=dev)
         self.ids = torch.full((n, want), -1, dtype=torch.int64, device=dev)
+        self.pending: list[tuple] = []
+        self.pending_count = 0
         pairs = len(starts) * (len(starts) + 1) // 2
         with progress_bar(pairs, progress or "search", unit="blocks", enabled=progress is not None) as bar:
             for a in starts:
@@ -287,38 +292,52 @@ class _SymmetricSearch:
                 self.vals[a:a + len(block), :take] = v
                 self.ids[a:a + len(block), :take] = i + a
                 bar.advance(1)
+            thr = self.vals[:, -1].clone()
             for ai, a in enumerate(starts):
                 for b in starts[ai + 1:]:
                     sims = xt[a:a + size] @ xt[b:b + size].T
-                    rows, cols = torch.nonzero(sims > self.vals[a:a + size, -1:], as_tuple=True)
-                    self._absorb(a, len(sims), rows, cols + b, sims[rows, cols])
-                    rows, cols = torch.nonzero(sims > self.vals[b:b + size, -1][None, :], as_tuple=True)
-                    order = torch.argsort(cols, stable=True)
-                    rows, cols = rows[order], cols[order]
-                    self._absorb(b, sims.shape[1], cols, rows + a, sims[rows, cols])
+                    row_thr, col_thr = thr[a:a + size], thr[b:b + size]
+                    # One pass finds the scores that beat either side's threshold.
+                    mask = torch.gt(sims, row_thr[:, None])
+                    mask |= torch.gt(sims, col_thr[None, :])
+                    rows, cols = torch.nonzero(mask, as_tuple=True)
+                    v = sims[rows, cols]
+                    for_rows = v > row_thr[rows]
+                    self._add(rows[for_rows] + a, cols[for_rows] + b, v[for_rows])
+                    for_cols = v > col_thr[cols]
+                    self._add(cols[for_cols] + b, rows[for_cols] + a, v[for_cols])
+                    if self.pending_count > 4 * n * want + _PENDING:  # bound the memory
+                        self._merge()
+                        thr = self.vals[:, -1].clone()
                     bar.advance(1)
+        self._merge()
         complete = want >= n
         self.floor = (torch.full((n,), -float("inf"), dtype=torch.float64) if complete
                       else self.vals[:, -1].double().cpu())
 
-    def _absorb(self, row0: int, nrows: int, rows, ids, vals) -> None:
-        """Merge candidates (local row, gallery id, score), grouped by row, into the row lists."""
+    def _add(self, rows, ids, vals) -> None:
+        self.pending.append((rows, ids, vals))
+        self.pending_count += len(rows)
+
+    def _merge(self) -> None:
+        """Fold the pending (row, id, score) candidates into the per-row top-want lists."""
         torch = self.torch
-        if len(rows) == 0:
+        if not self.pending:
             return
-        counts = torch.bincount(rows, minlength=nrows)
-        width = int(counts.max())
-        first = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(len(rows), device=rows.device) - first[rows]
-        pad_v = torch.full((nrows, width), -float("inf"), device=vals.device)
-        pad_i = torch.full((nrows, width), -1, dtype=torch.int64, device=vals.device)
-        pad_v[rows, pos] = vals
-        pad_i[rows, pos] = ids
-        cat_v = torch.cat([self.vals[row0:row0 + nrows], pad_v], 1)
-        cat_i = torch.cat([self.ids[row0:row0 + nrows], pad_i], 1)
-        top_v, top_p = cat_v.topk(self.vals.shape[1], dim=1)
-        self.vals[row0:row0 + nrows] = top_v
-        self.ids[row0:row0 + nrows] = cat_i.gather(1, top_p)
+        dev = self.vals.device
+        rows = torch.cat([torch.arange(self.n, device=dev).repeat_interleave(self.want)]
+                         + [p[0] for p in self.pending])
+        ids = torch.cat([self.ids.flatten()] + [p[1] for p in self.pending])
+        vals = torch.cat([self.vals.flatten()] + [p[2] for p in self.pending])
+        self.pending, self.pending_count = [], 0
+        order = torch.argsort(vals, descending=True, stable=True)
+        order = order[torch.argsort(rows[order], stable=True)]
+        rows, ids, vals = rows[order], ids[order], vals[order]
+        counts = torch.bincount(rows, minlength=self.n)
+        rank = torch.arange(len(rows), device=dev) - (torch.cumsum(counts, 0) - counts)[rows]
+        keep = rank < self.want
+        self.vals[rows[keep], rank[keep]] = vals[keep]
+        self.ids[rows[keep], rank[keep]] = ids[keep]
 
     def rows(self, start: int, stop: int):
         """Candidates of query rows start..stop: (scores, ids, floor) as numpy."""
