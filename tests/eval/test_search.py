@@ -98,13 +98,13 @@ def test_query_block_with_offset_and_streamed_gallery(monkeypatch):
     np.testing.assert_array_equal(streamed.indices, whole.indices)
 
 
-@pytest.mark.parametrize("block_rows", [37, 64])
+@pytest.mark.parametrize("block_rows", [74, 128])
 def test_symmetric_blocks_equal_brute_force(monkeypatch, block_rows):
     """All-vs-all with torch computes each off-diagonal block once; small blocks exercise it."""
     import unicom_cli.eval.search as S
 
     monkeypatch.setattr(S, "_BUDGET_BYTES", 4 * block_rows * block_rows)
-    monkeypatch.setattr(S, "_PENDING", -10**9 if block_rows == 64 else 1 << 22)  # merge after every block
+    monkeypatch.setattr(S, "_PENDING", -10**9 if block_rows == 128 else 1 << 22)  # merge after every block
     x = tied_data(5)
     for k in (1, 6, 30):
         res = search(x, None, k, exclude_self=True, backend="torch")
