@@ -4,7 +4,8 @@
     python benchmarks/search.py --n 10000        # a quick run
     python benchmarks/search.py --knn-train 100000 --knn-val 10000 --knn-dim 768
 
-(a) ``unicom_cli.eval.search.search`` (faiss on CPU, exact tie order, self excluded by index);
+(a) ``unicom_cli.eval.search.search`` with each backend (torch: symmetric blocks; faiss: IndexFlatIP),
+    exact tie order, self excluded by index;
 (b) the original's method: 128-row chunks, full Euclidean distance matrix, top-2, drop rank 1;
 (c) the same similarity products in large chunks with no selection at all: the floor.
 Then the kNN evaluation time (search of the top-200 + weighted votes for k = 10, 20, 100, 200).
@@ -49,14 +50,15 @@ def original(x: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(x)
 
 
-def floor(x: np.ndarray, chunk: int = 4096) -> None:
+def floor(x: np.ndarray, gallery: np.ndarray | None = None, chunk: int = 4096) -> None:
     import torch
 
     xt = torch.from_numpy(x)
-    out = torch.empty(chunk, len(x))
+    gt = xt if gallery is None else torch.from_numpy(gallery)
+    out = torch.empty(chunk, len(gt))
     for start in range(0, len(x), chunk):
         q = xt[start:start + chunk]
-        torch.mm(q, xt.T, out=out[:len(q)])
+        torch.mm(q, gt.T, out=out[:len(q)])
 
 
 def timed(fn, *args):
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--knn-dim", type=int, default=768)
     p.add_argument("--repeat", type=int, default=1, help="interleaved repeats; the best time counts")
     p.add_argument("--skip-knn", action="store_true")
+    p.add_argument("--skip-search", action="store_true", help="only the kNN timing")
     args = p.parse_args()
 
     import faiss
@@ -83,6 +86,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
+    if not args.skip_search:
+        search_benchmark(args)
+    if not args.skip_knn:
+        knn_benchmark(args)
+
+
+def search_benchmark(args) -> None:
     x = unit(args.n, args.dim, 0)
     labels = np.arange(args.n) // 5  # classes of 5: the labels only feed Recall@1
     x[1::5] = x[0::5] + 0.3 * unit(args.n // 5, args.dim, 1)  # some real neighbours
@@ -108,8 +118,8 @@ def main() -> None:
         ta = best[f"(a) ours, {backend}"]
         print(f"  {backend}: b/a = {tb / ta:.2f}× faster (target ≥ 3), a/c = {ta / tc:.2f} (target ≤ 1.2)")
 
-    if args.skip_knn:
-        return
+
+def knn_benchmark(args) -> None:
     from unicom_cli.eval.knn import knn_classify
     from unicom_cli.eval.search import search
 
@@ -122,8 +132,10 @@ def main() -> None:
     t_search = time.perf_counter() - t
     knn_classify(res.scores, tl[res.indices], vl, [10, 20, 100, 200], 0.07, 1000)
     t_all = time.perf_counter() - t
-    print(f"kNN {args.knn_train:,} train × {args.knn_val:,} val × {args.knn_dim}: "
-          f"search {t_search:.2f} s, with votes for k=10,20,100,200 {t_all:.2f} s")
+    t_floor, _ = timed(floor, val, train, 1024)
+    print(f"kNN {args.knn_train:,} train × {args.knn_val:,} val × {args.knn_dim} ({args.backend}): "
+          f"search {t_search:.2f} s, with votes for k=10,20,100,200 {t_all:.2f} s; "
+          f"sgemm floor {t_floor:.2f} s, ratio {t_all / t_floor:.2f}")
 
 
 if __name__ == "__main__":

@@ -50,17 +50,14 @@ def _faiss():
 
 
 def resolve_backend(backend: str, device: str, all_vs_all: bool = False) -> str:
-    """``auto``: torch on CUDA devices and for all-vs-all searches (it computes only half of
-    the symmetric score matrix), else faiss on CPU (torch if faiss is missing)."""
+    """``auto`` is torch: on CUDA, and on CPU too, where it matched or beat faiss's flat index
+    in ``benchmarks/search.py`` and halves all-vs-all work (symmetric blocks). ``faiss`` stays
+    available (on GPU when the installed faiss has GPUs)."""
     if backend not in BACKENDS:
         raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "faiss" and _faiss() is None:
         raise UsageError("--backend faiss: faiss is not installed (pip install faiss-cpu)")
-    if backend != "auto":
-        return backend
-    if str(device).startswith("cuda") or all_vs_all:
-        return "torch"
-    return "faiss" if _faiss() is not None else "torch"
+    return "torch" if backend == "auto" else backend
 
 
 def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_self: bool = False,
