@@ -294,10 +294,10 @@ class _SymmetricSearch:
                 for b in starts[ai + 1:]:
                     sims = xt[a:a + size] @ xt[b:b + size].T
                     row_thr, col_thr = thr[a:a + size], thr[b:b + size]
-                    # One pass finds the scores that beat either side's threshold.
-                    mask = torch.gt(sims, row_thr[:, None])
-                    mask |= torch.gt(sims, col_thr[None, :])
-                    rows, cols = torch.nonzero(mask, as_tuple=True)
+                    # One comparison with the lowest threshold of either side finds a small
+                    # superset of the candidates; the exact per-row tests run on that.
+                    low = torch.minimum(row_thr.min(), col_thr.min())
+                    rows, cols = torch.nonzero(sims > low, as_tuple=True)
                     v = sims[rows, cols]
                     for_rows = v > row_thr[rows]
                     self._add(rows[for_rows] + a, cols[for_rows] + b, v[for_rows])
