@@ -290,14 +290,21 @@ class _SymmetricSearch:
                 self.ids[a:a + len(block), :take] = i + a
                 bar.advance(1)
             thr = self.vals[:, -1].clone()
+            # Reused output buffers: fresh 64 MiB allocations cost page faults on every block.
+            sims_buf = torch.empty(size * size, device=dev)
+            mask_buf = torch.empty(size * size, dtype=torch.bool, device=dev)
             for ai, a in enumerate(starts):
                 for b in starts[ai + 1:]:
-                    sims = xt[a:a + size] @ xt[b:b + size].T
+                    xa, xb = xt[a:a + size], xt[b:b + size]
+                    sims = sims_buf[:len(xa) * len(xb)].view(len(xa), len(xb))
+                    torch.mm(xa, xb.T, out=sims)
                     row_thr, col_thr = thr[a:a + size], thr[b:b + size]
                     # One comparison with the lowest threshold of either side finds a small
                     # superset of the candidates; the exact per-row tests run on that.
                     low = torch.minimum(row_thr.min(), col_thr.min())
-                    rows, cols = torch.nonzero(sims > low, as_tuple=True)
+                    mask = mask_buf[:sims.numel()].view(sims.shape)
+                    torch.gt(sims, low, out=mask)
+                    rows, cols = torch.nonzero(mask, as_tuple=True)
                     v = sims[rows, cols]
                     for_rows = v > row_thr[rows]
                     self._add(rows[for_rows] + a, cols[for_rows] + b, v[for_rows])
