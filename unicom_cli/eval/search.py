@@ -214,6 +214,7 @@ class _TorchSearch:
         self.device = torch.device(device)
         self.block = block
         self.n = len(gallery)
+        self._buf = None
         host = torch.from_numpy(gallery)
         if block >= len(gallery):
             self.gallery = host.to(self.device)
@@ -227,7 +228,11 @@ class _TorchSearch:
         floor = torch.full((len(q),), -float("inf"), dtype=torch.float64, device=self.device)
         for start in range(0, self.n, self.block):
             part = self.gallery[start:start + self.block].to(self.device, non_blocking=True)
-            sims = qt @ part.T
+            size = len(qt) * len(part)
+            if self._buf is None or self._buf.numel() < size:  # reused: no page faults per chunk
+                self._buf = torch.empty(size, device=self.device)
+            sims = self._buf[:size].view(len(qt), len(part))
+            torch.mm(qt, part.T, out=sims)
             if self_ids is not None:
                 local = torch.from_numpy(self_ids - start).to(self.device)
                 inside = (local >= 0) & (local < len(part))
