@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from unicom_cli.models.vit import UnicomViT
 
 __version__ = "0.1.0"
-__all__ = ["available_models", "load", "__version__"]
+__all__ = ["available_models", "embed_folder", "load", "__version__"]
 
 
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,
@@ -31,3 +31,14 @@ def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | No
 
     loaded = create_model(name_or_path, weights=weights, device=device)
     return loaded.model, loaded.transform
+
+
+def embed_folder(input: str | Path, output: str | Path, model: str = "ViT-B/32", **options):
+    """Embed a folder (or path-list file) into ``output`` (.npy + .ids.txt + .json), like
+    ``unicom embed``; ``options`` are the fields of ``unicom_cli.pipelines.embed.EmbedConfig``.
+
+    Returns the run's ``EmbedSummary``.
+    """
+    from unicom_cli.pipelines.embed import EmbedConfig, embed_images
+
+    return embed_images(EmbedConfig(input=Path(input), output=Path(output), model=model, **options))

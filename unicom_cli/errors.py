@@ -57,3 +57,7 @@ class DistributedError(UnicomError):
 
 class OutputExists(UsageError):
     """A finished output would be overwritten without ``--overwrite``."""
+
+
+class TrainingDiverged(UnicomError):
+    """The training loss became NaN or infinite (finetune stops and names the step)."""

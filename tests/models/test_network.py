@@ -139,7 +139,20 @@ def test_bad_json_model_names_the_file_and_field(tmp_path):
     from unicom_cli.errors import UnknownModel
 
     path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"input_size": 6, "patch_size": 8, "width": 32, "depth": 1,
+                                "heads": 2, "embedding_size": 4}))
+    with pytest.raises(UnknownModel, match="bad.json.*smaller than patch_size"):
+        get_spec(path)
+
+
+def test_input_size_not_a_multiple_of_the_patch_floors_the_grid(tmp_path):
+    """The published GLDv2 ViT-L/14 runs at 512 px: 512 // 14 = 36 patches a side."""
+    from unicom_cli.models.registry import with_input_size
+
+    spec = with_input_size(get_spec("ViT-L/14"), 512)
+    assert (spec.grid, spec.num_patches) == (36, 1296)
+    assert spec.num_params == get_spec("ViT-L/14@512px-GLDv2").num_params
+    path = tmp_path / "odd.json"
     path.write_text(json.dumps({"input_size": 30, "patch_size": 8, "width": 32, "depth": 1,
                                 "heads": 2, "embedding_size": 4}))
-    with pytest.raises(UnknownModel, match="bad.json.*not a multiple"):
-        get_spec(path)
+    assert get_spec(path).grid == 3

@@ -1,8 +1,97 @@
-"""`unicom embed` (placeholder until its issue lands)."""
+"""`unicom embed`: a folder or path list → feats.npy + feats.ids.txt + feats.json (resumable)."""
 
-from unicom_cli.errors import UsageError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from unicom_cli.cli.options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    GpusOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    ModelOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    NumFeatOpt,
+    PrecisionOpt,
+    ProcsOpt,
+    RdzvOpt,
+    WeightsOpt,
+)
+
+SHOWN_FAILURES = 10
+EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, its share up to 12 on CUDA; 0: decode inline).")]
 
 
-def embed() -> None:
-    """Not available yet."""
-    raise UsageError("`unicom embed` is not available yet")
+def embed(
+    input: Annotated[Path, typer.Argument(help="Folder of images (scanned recursively) or a text file with one path per line.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy; .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
+    model: ModelOpt = "ViT-B/32",
+    weights: WeightsOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: EmbedWorkersOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
+    num_feat: NumFeatOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
+    draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
+    gpus: GpusOpt = None,
+    procs: ProcsOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = None,
+    rdzv_endpoint: RdzvOpt = None,
+) -> None:
+    """Embed every image of a folder (or list) into one matrix, in input order.
+
+    Bad files are skipped and listed in the .failures.txt file; rows and ids stay aligned.
+    An interrupted run continues where it stopped when started again with the same arguments.
+    """
+    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.pipelines.embed import EmbedConfig, embed_images
+
+    config = EmbedConfig(
+        input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+        workers=workers, device=device, precision=precision,
+        normalize=(num_feat is not None) if normalize is None else normalize,
+        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
+    )
+    if max_pixels is not None:
+        config.max_pixels = max_pixels
+    launch = LaunchConfig(gpus=gpus, procs=procs, nnodes=nnodes, node_rank=node_rank,
+                          master_addr=master_addr, master_port=master_port,
+                          rdzv_endpoint=rdzv_endpoint)
+    summary = run_command(launch, embed_images, config)
+    if summary is None:
+        return
+    _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
+    from rich.table import Table
+
+    from unicom_cli.utils.console import console
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("embedded", f"{summary.count:,} of {summary.total:,} images "
+                              f"({summary.dim} dims, {summary.dtype})")
+    if summary.resumed_from:
+        table.add_row("resumed", f"{summary.resumed_from:,} images were done by an earlier run")
+    table.add_row("failures", f"{len(summary.failures):,}")
+    table.add_row("time", f"{summary.seconds:,.1f} s ({summary.images_per_s:,.1f} images/s)")
+    for path in summary.outputs:
+        table.add_row("wrote", str(path))
+    console.print(table)
+    for name, reason in summary.failures[:SHOWN_FAILURES]:
+        console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
+    if len(summary.failures) > SHOWN_FAILURES:
+        console.print(f"  … and {len(summary.failures) - SHOWN_FAILURES:,} more in "
+                      f"{summary.outputs[-1]}", highlight=False)

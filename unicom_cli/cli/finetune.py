@@ -1,8 +1,103 @@
-"""`unicom finetune` (placeholder until its issue lands)."""
+"""`unicom finetune`: Partial FC + margin-loss training from a published recipe, any flag overriding."""
 
-from unicom_cli.errors import UsageError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from unicom_cli.cli.options import (
+    DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, PrecisionOpt, ProcsOpt,
+    RdzvOpt, WeightsOpt, WorkersOpt,
+)
+
+_T = "Training"
+_L = "Loss (Partial FC)"
+_C = "Checkpoints and evaluation"
 
 
-def finetune() -> None:
-    """Not available yet."""
-    raise UsageError("`unicom finetune` is not available yet")
+def _opt(*names: str, help: str, panel: str = _T, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
+
+
+def finetune(
+    arch: Annotated[Optional[str], _opt("--arch", "--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
+    dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
+    data: Annotated[Optional[Path], _opt("--data", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
+    recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16.")] = None,
+    output: Annotated[Path, _opt("--output", "-o", help="Run folder: checkpoints, metrics.jsonl, model.pt, arch.json.")] = Path("runs/finetune"),
+    weights: WeightsOpt = None,
+    epochs: Annotated[Optional[int], _opt("--epochs", min=1, help="Epochs.")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", min=1, help="Images per step per process.")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", help="Peak learning rate of the backbone (OneCycle, 10% warm-up).")] = None,
+    lr_pfc_weight: Annotated[Optional[float], _opt("--lr-pfc-weight", help="Class centres' lr = lr × this.")] = None,
+    optimizer: Annotated[Optional[str], _opt("--optimizer", help="adamw or sgd.")] = None,
+    precision: PrecisionOpt = None,
+    grad_accum: Annotated[Optional[int], _opt("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = None,
+    drop_path: Annotated[Optional[float], _opt("--drop-path", help="Stochastic depth rate (default 0.1).")] = None,
+    grad_checkpointing: Annotated[bool, _opt("--grad-checkpointing", help="Recompute block activations in the backward pass (less memory).")] = False,
+    compile: Annotated[bool, _opt("--compile", help="torch.compile the model.")] = False,
+    input_size: Annotated[Optional[int], _opt("--input-size", help="Train at this resolution (pos_embed and head resampled).")] = None,
+    output_dim: Annotated[Optional[int], _opt("--output-dim", help="Embedding size; another than the checkpoint's gets a fresh last layer.")] = None,
+    no_augment: Annotated[bool, _opt("--no-augment", help="Plain CLIP transform instead of the RandAugment recipe (image datasets).")] = False,
+    m1: Annotated[Optional[float], _opt("--m1", help="Multiplicative angular margin.", panel=_L)] = None,
+    m2: Annotated[Optional[float], _opt("--m2", help="Additive angular margin (ArcFace).", panel=_L)] = None,
+    m3: Annotated[Optional[float], _opt("--m3", help="Additive cosine margin (CosFace).", panel=_L)] = None,
+    s: Annotated[Optional[float], _opt("-s", "--scale", help="Logit scale.", panel=_L)] = None,
+    sample_rate: Annotated[Optional[float], _opt("--sample-rate", help="Share of negative class centres used per step.", panel=_L)] = None,
+    num_feat: Annotated[Optional[int], _opt("--num-feat", help="Random embedding dimensions used per step.", panel=_L)] = None,
+    save_every: Annotated[Optional[int], _opt("--save-every", min=0, help="Checkpoint every N steps (and at each epoch end).", panel=_C)] = None,
+    keep: Annotated[Optional[int], _opt("--keep", min=1, help="Checkpoints kept (default 3).", panel=_C)] = None,
+    eval_every: Annotated[Optional[int], _opt("--eval-every", min=0, help="Evaluate on the test split every N epochs (0: never).", panel=_C)] = None,
+    resume: Annotated[Optional[str], _opt("--resume", help="Checkpoint folder, or 'auto' for the latest in --output.", panel=_C)] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed (default 1024).")] = None,
+    max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    gpus: GpusOpt = None,
+    procs: ProcsOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = None,
+    rdzv_endpoint: RdzvOpt = None,
+) -> None:
+    """Finetune a UNICOM model with Partial FC and a margin loss (ArcFace/CosFace).
+
+    `unicom finetune --arch ViT-L/14` alone runs the published GLDv2 recipe on ./data/GLDv2
+    (made by `unicom prepare-gldv2`).
+    """
+    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune
+    from unicom_cli.train.recipes import recipe_for
+    from unicom_cli.utils.console import console, info
+
+    name, values, recipe_gpus = recipe_for(recipe, arch, dataset)
+    flags = dict(arch=arch, dataset=dataset, data=data, weights=weights, epochs=epochs,
+                 batch_size=batch_size, lr=lr, lr_pfc_weight=lr_pfc_weight, optimizer=optimizer,
+                 precision=precision, grad_accum=grad_accum, drop_path=drop_path,
+                 input_size=input_size, output_dim=output_dim, m1=m1, m2=m2, m3=m3, s=s,
+                 sample_rate=sample_rate, num_feat=num_feat, save_every=save_every, keep=keep,
+                 eval_every=eval_every, resume=resume, seed=seed, max_steps=max_steps,
+                 workers=workers)
+    recipe_arch = values.get("arch")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if arch and recipe_arch and arch != recipe_arch:
+        values["init_from"] = None  # another model than the recipe's: start from its own weights
+    if weights is not None:
+        values["init_from"] = None
+    cfg = FinetuneConfig(output=output, device=device, grad_checkpointing=grad_checkpointing,
+                         compile=compile, augment=not no_augment, **values)
+    if name:
+        info(f"recipe {name} (published on {recipe_gpus} GPU{'s' if recipe_gpus > 1 else ''} × "
+             f"batch {values.get('batch_size')}); flags given override it")
+    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
+    summary = run_command(launch, run_finetune, cfg)
+    if summary is None:
+        return
+    best = f", best {summary.best['metric']} {summary.best[summary.best['metric']]:.4f}" if summary.best else ""
+    console.print(f"finetuned {summary.steps} steps in {summary.seconds:.0f} s "
+                  f"({summary.images_per_s:.1f} images/s), last loss {summary.final_loss:.4f}{best}")
+    console.print(f"model: {summary.model_path} (architecture {summary.arch_path}); "
+                  f"use: unicom embed --model {summary.arch_path} --weights {summary.model_path} …")

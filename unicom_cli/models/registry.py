@@ -120,8 +120,8 @@ def spec_from_json(path: Path) -> ModelSpec:
         if not isinstance(data[key], int) or data[key] <= 0:
             raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {data[key]!r}")
         values[key] = data[key]
-    if values["input_size"] % values["patch_size"]:
-        raise UnknownModel(f"{path}: input_size {values['input_size']} is not a multiple of "
+    if values["input_size"] < values["patch_size"]:
+        raise UnknownModel(f"{path}: input_size {values['input_size']} is smaller than "
                            f"patch_size {values['patch_size']}")
     if values["width"] % values["heads"]:
         raise UnknownModel(f"{path}: width {values['width']} is not divisible by heads {values['heads']}")
@@ -145,9 +145,13 @@ def get_spec(name_or_path: str | Path) -> ModelSpec:
 
 
 def with_input_size(spec: ModelSpec, input_size: int) -> ModelSpec:
-    """The same architecture at another input resolution (pos_embed and head are resampled)."""
-    if input_size % spec.patch_size:
-        raise UnknownModel(f"input size {input_size} is not a multiple of the patch size "
+    """The same architecture at another input resolution (pos_embed and head are resampled).
+
+    A size that is not a multiple of the patch floors the grid, as the patch convolution does:
+    the published GLDv2 ViT-L/14 runs at 512 px on a 36×36 grid.
+    """
+    if input_size < spec.patch_size:
+        raise UnknownModel(f"input size {input_size} is smaller than the patch size "
                            f"{spec.patch_size} of {spec.name}")
     return ModelSpec(**{**asdict(spec), "input_size": input_size,
                         "name": spec.name if input_size == spec.input_size

@@ -30,7 +30,7 @@ def train_transform(spec: ModelSpec, augment: bool = True) -> Callable:
         return eval_transform(spec)
     from timm.data import create_transform
 
-    return create_transform(
+    transform = create_transform(
         input_size=spec.input_size,
         is_training=True,
         color_jitter=0.4,
@@ -42,3 +42,23 @@ def train_transform(spec: ModelSpec, augment: bool = True) -> Callable:
         mean=spec.mean,
         std=spec.std,
     )
+    _guard_posterize(transform)
+    return transform
+
+
+def _safe_posterize(img, bits_to_keep: int, **_):
+    from PIL import ImageOps
+
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, bits_to_keep))
+
+
+def _guard_posterize(transform) -> None:
+    """timm's increasing posterize reaches 0 bits at magnitude 10, which Pillow ≥ 10 rejects
+    (ValueError mid-epoch); keep at least 1 bit, which is what older Pillow did."""
+    from timm.data.auto_augment import RandAugment
+
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _safe_posterize

@@ -1,0 +1,277 @@
+"""Image inputs: folder scanning, path lists, robust decoding to RGB, and the worker-side Dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import numpy as np
+
+from unicom_cli.errors import BadImage, InputError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image as PILImage
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# Same magnitude as Pillow's own hard limit (2 x 89.5 MP); a 12 MP phone photo is far below it.
+DEFAULT_MAX_PIXELS = 178_956_970
+# Background for transparent pixels: what an image viewer shows on a white page.
+BACKGROUND = (255, 255, 255)
+# JPEG draft decoding keeps both sides >= DRAFT_MARGIN x the model input, so the final bicubic
+# resize still reduces by at least this factor (benchmarks/embed_throughput.py --draft-check).
+DRAFT_MARGIN = 2
+
+
+class PathList(Sequence[str]):
+    """Paths stored as one UTF-8 buffer plus offsets: ~1 byte per character instead of a
+    Python object per path, cheap to pickle into worker processes, still indexable."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._buffer = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start, end = self._offsets[i], self._offsets[i + 1]
+        return self._buffer[start:end].decode("utf-8", "surrogateescape")
+
+    def digest(self) -> str:
+        """SHA-256 of the list: equal lists on every rank and across resumed runs."""
+        h = hashlib.sha256(self._offsets.tobytes())
+        h.update(self._buffer)
+        return h.hexdigest()
+
+
+class ImageList:
+    """The images of one run: a root folder and paths relative to it (the ids that get written)."""
+
+    def __init__(self, root: Path, relative: PathList) -> None:
+        self.root = root
+        self.relative = relative
+
+    def __len__(self) -> int:
+        return len(self.relative)
+
+    def path(self, i: int) -> Path:
+        rel = self.relative[i]
+        return Path(rel) if os.path.isabs(rel) else self.root / rel
+
+
+def is_image_file(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+_LINE_BREAKS = {"\n", "\r"}
+
+
+def scan_folder(root: Path) -> list[str]:
+    """Image files under ``root``, recursively, as POSIX paths relative to it, sorted.
+
+    Sorting is by the relative path string, so the order is the same on every machine and
+    every rank. Hidden files and folders (leading dot) are skipped, and so are names with line
+    breaks (they cannot be one line of the ids file); symlinked folders are not followed.
+    """
+    found: list[str] = []
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=errors.append):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if not name.startswith(".") and is_image_file(name) and not _LINE_BREAKS & set(name):
+                rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+                found.append(rel.replace(os.sep, "/"))
+    if errors and not found:
+        raise InputError(f"{root}: cannot read the folder ({errors[0].strerror}); check its permissions")
+    found.sort()
+    return found
+
+
+def read_path_list(list_file: Path) -> tuple[Path, list[str]]:
+    """Paths from a text file, one per line (blank lines and ``#`` comments skipped).
+
+    Relative paths are taken relative to the list file's folder, which becomes the root that
+    ids are written relative to. Order is kept as given.
+    """
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{list_file}: cannot read the path list ({exc})") from exc
+    paths = [line.strip() for line in text.splitlines()]
+    return list_file.parent, [p for p in paths if p and not p.startswith("#")]
+
+
+def list_images(source: Path) -> ImageList:
+    """The images named by ``source``: a folder (scanned) or a text file of paths.
+
+    Raises InputError (before any work) when the source is missing, unreadable or empty.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"{source}: no such file or folder")
+    if source.is_dir():
+        if not os.access(source, os.R_OK | os.X_OK):
+            raise InputError(f"{source}: cannot read the folder; check its permissions")
+        root, paths = source, scan_folder(source)
+        what = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {source}"
+    else:
+        if is_image_file(source.name):
+            raise InputError(f"{source}: is an image; give its folder or a text file listing paths")
+        root, paths = read_path_list(source)
+        what = f"{source}: the path list is empty"
+    if not paths:
+        raise InputError(what)
+    return ImageList(root, PathList(paths))
+
+
+def _to_8bit(img: "PILImage.Image") -> "PILImage.Image":
+    """Integer/float single-channel images (16-bit PNG/TIFF, 'I', 'F') scaled to 8-bit 'L'.
+
+    Pillow's own convert('L') clips instead of scaling, which turns most 16-bit photos white.
+    """
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 257.0
+    elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: "PILImage.Image") -> "PILImage.Image":
+    """Any Pillow mode to RGB. Transparent pixels are composited on white (not dropped, which
+    would expose whatever colour the encoder left under them); 16-bit data is scaled."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return _to_8bit(img).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, BACKGROUND)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               draft_size: int | None = None) -> "PILImage.Image":
+    """Decode one image file to an RGB PIL image with its EXIF orientation applied.
+
+    Args:
+        path: the file.
+        max_pixels: refuse images with more pixels than this (decompression bombs) from the
+            header alone, before decoding; None disables the check.
+        draft_size: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as both
+            sides stay at least this many pixels (much faster for photos far larger than the
+            model input).
+
+    Raises:
+        BadImage: with a one-line reason (empty, not an image, truncated, too large…).
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+    except OSError as exc:
+        raise BadImage(f"cannot read ({exc.strerror})") from exc
+    try:
+        img = _open_unchecked(path)
+        with img:
+            width, height = img.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImage(f"{width}x{height} = {width * height:,} pixels is above the limit "
+                               f"of {max_pixels:,} (possible decompression bomb); raise "
+                               "--max-pixels to accept it")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()  # first frame of animated GIF/WebP/TIFF
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except BadImage:
+        raise
+    except UnidentifiedImageError as exc:
+        raise BadImage("not an image file Pillow can read (wrong extension or unknown format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError) as exc:
+        detail = str(exc) or type(exc).__name__
+        raise BadImage(f"cannot decode: {detail}") from exc
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _open_unchecked(path: Path | str) -> "PILImage.Image":
+    """``Image.open`` (header only) with Pillow's own pixel limit off: ours, in load_image,
+    replaces it, so that --max-pixels can also go above Pillow's. The global is restored at
+    once; the lock keeps other threads of this process from seeing it off."""
+    from PIL import Image
+
+    with _OPEN_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def resize_center_crop(img: "PILImage.Image", size: int) -> np.ndarray:
+    """Shorter side to ``size`` (bicubic), center crop to size x size: uint8 (size, size, 3).
+
+    The same arithmetic as the CLIP eval transform (torchvision Resize + CenterCrop on PIL
+    images), so the pixels are identical; normalisation happens later on the device.
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    img = F.center_crop(F.resize(img, size, interpolation=InterpolationMode.BICUBIC), size)
+    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
+
+
+class ImageDataset:
+    """Map-style dataset for DataLoader workers: item i → (position, uint8 CHW tensor, reason).
+
+    ``reason`` is "" for a decoded image; for a bad file it says why, and the tensor is zeros,
+    so one bad file never breaks a batch and positions stay aligned with rows.
+    """
+
+    def __init__(self, images: ImageList, positions: Sequence[int], size: int, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False) -> None:
+        self.images = images
+        self.positions = positions
+        self.size = size
+        self.max_pixels = max_pixels
+        self.draft_size = size * DRAFT_MARGIN if draft else None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> tuple[int, "torch.Tensor", str]:
+        import torch
+
+        position = int(self.positions[i])
+        try:
+            img = load_image(self.images.path(position), max_pixels=self.max_pixels,
+                             draft_size=self.draft_size)
+            pixels = resize_center_crop(img, self.size)
+            return position, torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), ""
+        except BadImage as exc:
+            return position, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(exc)
+

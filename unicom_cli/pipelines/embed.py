@@ -1,0 +1,371 @@
+"""Images → embeddings: decode in workers, forward on the device, write or gather; sharded by rank.
+
+Two entry points share one batch loop:
+
+* :func:`embed_images` — the library function behind ``unicom embed``: a folder or path list
+  to ``feats.npy`` + ids + metadata, resumable, each rank writing its own part.
+* :func:`extract_features` — in memory, for the evaluation and finetuning pipelines.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from unicom_cli.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDataset,
+    ImageList,
+    PathList,
+    list_images,
+)
+from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
+from unicom_cli.distributed.comm import gather_rows, shard_range
+from unicom_cli.errors import DistributedError, UsageError
+from unicom_cli.pipelines.writer import (
+    DTYPES,
+    OutputFiles,
+    PartWriter,
+    assemble,
+    parts_complete,
+    rows_done_total,
+)
+from unicom_cli.utils.console import info, progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+    from unicom_cli.models.factory import LoadedModel
+
+
+# ---------------------------------------------------------------------------------------------
+# The batch loop
+
+
+def default_workers(device_type: str) -> int:
+    """Decoding processes per rank: this rank's share of the cores, leaving the CPU forward
+    pass its threads (on CPU one decoder per two cores keeps both busy, see the benchmark)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        cores = os.cpu_count() or 1
+    share = max(1, cores // world_size())
+    return min(share, 12) if device_type == "cuda" else max(1, share // 2)
+
+
+class _Forward:
+    """uint8 NCHW batch → normalised float on the model's device → fp32 embeddings on the CPU.
+
+    Normalising on the device keeps the host→device copy 4x smaller; the arithmetic is the
+    one of torchvision's ToTensor + Normalize, so results equal the reference transform.
+    """
+
+    def __init__(self, loaded: "LoadedModel") -> None:
+        import torch
+
+        self.model = loaded.model
+        self.device = next(self.model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.mean = torch.as_tensor(loaded.spec.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.std = torch.as_tensor(loaded.spec.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+
+    def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        x = pixels.to(self.device, non_blocking=self.cuda)
+        x = x.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        if self.cuda:  # cuDNN's NHWC kernels for the patch convolution
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu()
+
+
+def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel", *,
+                 batch_size: int, workers: int | None, draft: bool = False,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Yield (dataset positions, fp32 embeddings with failed rows zeroed, reasons) per batch.
+
+    Batches are consecutive runs of ``positions`` of ``batch_size`` (the last may be shorter):
+    the same composition on every run, which makes resumed output bitwise equal on CPU.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    forward = _Forward(loaded)
+    if workers is None:
+        workers = default_workers(forward.device.type)
+    dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
+                           draft=draft)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
+        persistent_workers=False,  # one pass over the data: nothing to keep alive for
+    )
+    if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
+        return
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    try:
+        for pos, pixels, reasons in loader:
+            with torch.inference_mode():  # not around the yield: the caller's code runs outside
+                feats = forward(pixels).numpy()
+            bad = np.array([bool(r) for r in reasons])
+            if bad.any():
+                feats[bad] = 0.0
+            yield pos.numpy().astype(np.int64), feats, list(reasons)
+    finally:
+        model.train(was_training)
+
+
+def batch_shard(total: int, batch_size: int) -> range:
+    """This rank's rows: a contiguous run of whole global batches (batch k = rows kB…kB+B-1).
+
+    Every batch then holds the same images whatever the number of processes, so N-process
+    output is bitwise equal to the 1-process run on CPU (batched matmuls round differently
+    when the batch composition changes).
+    """
+    batches = shard_range(-(-total // batch_size))
+    return range(min(batches.start * batch_size, total), min(batches.stop * batch_size, total))
+
+
+def postprocess(feats: np.ndarray, normalize: bool, num_feat: int | None, dtype: str) -> np.ndarray:
+    """L2-normalise (zero rows stay zero), keep the first ``num_feat`` dims (SPEC §2), cast."""
+    if normalize:
+        norms = np.linalg.norm(feats, axis=1, keepdims=True)
+        feats = feats / np.maximum(norms, 1e-12)
+    if num_feat is not None:
+        feats = feats[:, :num_feat]
+    return np.ascontiguousarray(feats, dtype=np.dtype(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# In memory: extract_features
+
+
+@dataclass
+class FeatureResult:
+    """Embeddings of a list of images, in input order.
+
+    ``features``: float32 (N, D), un-normalised, failed rows zero; ``ok``: bool (N,);
+    ``failures``: (path, reason). With ``gather=False`` only this rank's shard, whose dataset
+    positions are ``indices``.
+    """
+
+    features: np.ndarray
+    ok: np.ndarray
+    failures: list[tuple[str, str]]
+    indices: np.ndarray | None = None
+
+
+def _all_gather_objects(obj: object) -> list:
+    if world_size() == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def extract_features(paths: Sequence[Path], loaded: "LoadedModel", *, batch_size: int = 64,
+                     workers: int | None = None, description: str = "features",
+                     gather: bool = True) -> FeatureResult:
+    """Embed ``paths`` with ``loaded`` on 1 or N processes; bad files give zero rows, not errors.
+
+    Each rank embeds its contiguous shard (whole batches of ``shard_range``, see
+    :func:`batch_shard`); with ``gather`` every rank gets the full result back in input
+    order (index-aware all-gather).
+    """
+    images = ImageList(Path(""), PathList(str(p) for p in paths))
+    total = len(images)
+    shard = batch_shard(total, batch_size)
+    dim = loaded.spec.embedding_size
+    features = np.zeros((len(shard), dim), dtype=np.float32)
+    ok = np.ones(len(shard), dtype=bool)
+    failures: list[tuple[int, str, str]] = []
+    with progress_bar(total, description) as bar:
+        for pos, feats, reasons in iter_batches(images, shard, loaded, batch_size=batch_size,
+                                                workers=workers):
+            rows = pos - shard.start
+            features[rows] = feats
+            for p, reason in zip(pos, reasons):
+                if reason:
+                    ok[p - shard.start] = False
+                    failures.append((int(p), str(paths[p]), reason))
+            bar.advance(len(pos) * world_size())
+    indices = np.arange(shard.start, shard.stop, dtype=np.int64)
+    if not gather:
+        return FeatureResult(features, ok, [(p, r) for _, p, r in failures], indices)
+    features = gather_rows(indices, features, total)
+    ok = gather_rows(indices, ok.astype(np.uint8), total).astype(bool)
+    merged = sorted(f for part in _all_gather_objects(failures) for f in part)
+    return FeatureResult(features, ok, [(p, r) for _, p, r in merged])
+
+
+# ---------------------------------------------------------------------------------------------
+# On disk: embed_images (`unicom embed`)
+
+
+@dataclass
+class EmbedConfig:
+    """Everything ``unicom embed`` needs; the CLI fills it from the command line."""
+
+    input: Path  # a folder (scanned recursively) or a text file with one path per line
+    output: Path  # feats.npy; siblings .ids.txt, .json, .failures.txt
+    model: str = "ViT-B/32"
+    weights: Path | None = None  # state dict instead of the published weights
+    pretrained: bool = True  # False: random weights (benchmarks), never downloads
+    batch_size: int = 64  # per process
+    workers: int | None = None  # decoding processes per rank; None: default_workers()
+    device: str = "auto"
+    precision: str | None = None  # fp32/fp16/bf16; None: fp16 on CUDA, fp32 on CPU
+    normalize: bool = False  # L2-normalise rows
+    num_feat: int | None = None  # keep the first K dims after normalising (implies normalize)
+    dtype: str = "float32"  # or float16
+    overwrite: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    # JPEG draft decoding of large photos: faster, but moves embeddings a little more than
+    # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
+    draft: bool = False
+    progress: bool = True
+
+
+@dataclass
+class EmbedSummary:
+    """What a finished run produced, for the CLI's summary."""
+
+    count: int  # rows written
+    total: int  # images listed
+    failures: list[tuple[str, str]]  # (id, reason)
+    dim: int
+    dtype: str
+    seconds: float
+    images_per_s: float  # images embedded by this invocation / time of the embedding loop
+    resumed_from: int  # images already done by an interrupted run
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _validate(config: EmbedConfig) -> None:
+    if config.dtype not in DTYPES:
+        raise UsageError(f"--dtype {config.dtype}: choose one of {', '.join(DTYPES)}")
+    if config.num_feat is not None and not config.normalize:
+        raise UsageError("--num-feat keeps the first K dims after L2-normalising: it needs "
+                         "--normalize (the default when --num-feat is given)")
+    if config.max_pixels is not None and config.max_pixels < 1:
+        raise UsageError(f"--max-pixels {config.max_pixels}: must be positive")
+
+
+def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") -> dict:
+    """The arguments that decide the output's bytes; a resumed run must match them all."""
+    return {
+        "format": 1,
+        "input": str(Path(config.input).resolve()),
+        "images": len(images),
+        "paths_sha256": images.relative.digest(),
+        "model": loaded.spec.name,
+        "weights_sha256": loaded.sha256,
+        "input_size": loaded.spec.input_size,
+        "normalize": config.normalize,
+        "num_feat": config.num_feat,
+        "dtype": config.dtype,
+        "batch_size": config.batch_size,
+        "world_size": world_size(),
+        "device": next(loaded.model.parameters()).device.type,
+        "autocast": str(loaded.model.autocast_dtype),
+        "draft": config.draft,
+        "max_pixels": config.max_pixels,
+    }
+
+
+def embed_images(config: EmbedConfig) -> EmbedSummary | None:
+    """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
+
+    Every check that can fail on the user's input runs before the model is loaded. A run
+    interrupted at any point continues when started again with the same arguments.
+    """
+    from unicom_cli import __version__
+    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.registry import get_spec
+
+    start_time = time.perf_counter()
+    _validate(config)
+    images = list_images(config.input)
+    files = OutputFiles.for_output(config.output)
+    files.check_writable()
+    spec = get_spec(config.model)
+    if config.num_feat is not None and config.num_feat > spec.embedding_size:
+        raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
+                         f"{spec.embedding_size} dimensions")
+    plan = files.plan(config.overwrite)
+
+    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
+                          device=device_for(config.device), precision=config.precision)
+    fingerprint = _fingerprint(config, images, loaded)
+    digests = _all_gather_objects(fingerprint["paths_sha256"])
+    if len(set(digests)) > 1:
+        raise DistributedError(f"{config.input}: the ranks listed different files (files added "
+                               "or removed during the scan, or the folder is not shared)")
+    if plan == "resume":
+        files.check_resume(fingerprint)
+    if is_main():
+        files.start(plan, fingerprint)
+    resumed_total = rows_done_total(files.workdir, world_size()) if plan == "resume" else 0
+    barrier()
+
+    total, world = len(images), world_size()
+    dim = config.num_feat or loaded.spec.embedding_size
+    shard = batch_shard(total, config.batch_size)
+    part = PartWriter(files.workdir, rank(), len(shard), dim, config.dtype)
+    if resumed_total and is_main():
+        info(f"resuming {files.feats}: {resumed_total:,} of {total:,} images already done")
+    todo = shard[part.rows_done:]
+    batches = iter_batches(images, todo, loaded, batch_size=config.batch_size,
+                           workers=config.workers, draft=config.draft,
+                           max_pixels=config.max_pixels)
+    loop_start = time.perf_counter()
+    try:
+        with progress_bar(total, "embed", enabled=config.progress, completed=resumed_total) as bar:
+            for pos, feats, reasons in batches:
+                rows = postprocess(feats, config.normalize, config.num_feat, config.dtype)
+                failures = [(int(p), r) for p, r in zip(pos, reasons) if r]
+                part.write(int(pos[0]) - shard.start, rows, failures)
+                bar.advance(len(pos) * world)
+    except KeyboardInterrupt:
+        part.checkpoint()  # keep every finished batch: the next run resumes from here
+        raise
+    part.close()
+    loop_seconds = time.perf_counter() - loop_start
+    barrier()
+    if not is_main():
+        return None
+    if not parts_complete(files.workdir, world):  # pragma: no cover - guarded by the barrier
+        raise DistributedError(f"{files.workdir}: a rank finished without completing its part")
+    meta = {
+        "tool": "unicom-cli", "version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
+        "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
+        "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
+        "normalized": config.normalize, "num_feat": config.num_feat,
+        "input": str(Path(config.input).resolve()), "ids": files.ids.name,
+        "failures_file": files.failures.name, "images": total, "draft": config.draft,
+        "max_pixels": config.max_pixels, "device": fingerprint["device"],
+        "autocast": fingerprint["autocast"], "world_size": world,
+    }
+    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta)
+    seconds = time.perf_counter() - start_time
+    embedded = total - resumed_total
+    return EmbedSummary(
+        count=count, total=total,
+        failures=[(images.relative[p], r) for p, r in sorted(failed.items())],
+        dim=dim, dtype=config.dtype, seconds=seconds,
+        images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
+        outputs=list(files.finals()),
+    )

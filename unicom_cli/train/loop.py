@@ -1,0 +1,371 @@
+"""The finetune loop: DDP, AMP, accumulation, OneCycle, Partial FC, checkpoint/resume, periodic eval.
+
+One process:        python -m unicom_cli finetune --dataset folder:DIR --arch ViT-B/32 --device cpu
+Several CPU procs:  python -m unicom_cli finetune ... --procs 2
+8 GPUs, 2 nodes:    torchrun --nnodes 2 --nproc-per-node 8 ... -m unicom_cli finetune ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from unicom_cli import distributed as D
+from unicom_cli.errors import InputError, TrainingDiverged, UsageError
+from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
+from unicom_cli.train.partial_fc import PartialFC
+from unicom_cli.utils.console import info, progress_bar
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a finetune run needs; the CLI fills it from a recipe plus flags."""
+
+    arch: str = "ViT-L/14"  # model name or JSON architecture file
+    dataset: str = "gldv2"  # gldv2 | sop | cub | cars | inshop | inat | folder:PATH
+    data: Path | None = None  # data root holding the benchmark folders (default ./data); for gldv2
+    #                           also the prepare-gldv2 output itself (default ./data/GLDv2)
+    output: Path = Path("runs/finetune")
+    weights: Path | None = None  # state dict to start from instead of the published weights
+    init_from: str | None = None  # registered model whose weights initialise `arch` (336px → 512)
+    pretrained: bool = True
+    input_size: int | None = None  # train at another resolution (grid resampled)
+    output_dim: int | None = None  # embedding size; ≠ checkpoint's → fresh last layer
+    epochs: int = 16
+    batch_size: int = 16  # per process
+    lr: float = 1e-4
+    lr_pfc_weight: float = 3.0  # centres' lr = lr × this
+    optimizer: str = "adamw"  # adamw | sgd
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+    s: float = 32.0
+    sample_rate: float = 1.0
+    num_feat: int | None = None  # train on a random subset of this many dimensions per step
+    precision: str | None = None  # fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)
+    grad_accum: int = 1
+    drop_path: float = 0.1
+    grad_checkpointing: bool = False
+    compile: bool = False
+    augment: bool = True  # timm RandAugment recipe (image datasets); False: CLIP transform
+    save_every: int = 0  # optimizer steps between checkpoints (0: once per epoch only)
+    keep: int = 3  # checkpoints kept
+    eval_every: int = 1  # epochs between evaluations (0: never)
+    resume: str | None = None  # checkpoint folder or "auto"
+    seed: int = 1024
+    device: str = "auto"
+    workers: int | None = None
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
+    shuffle_fill: int = 16384  # DALI reader shuffling buffer
+
+
+@dataclass
+class FinetuneSummary:
+    """What a finished run produced."""
+
+    output: Path
+    model_path: Path  # plain UNICOM state dict (load with --weights, architecture in arch.json)
+    arch_path: Path
+    steps: int
+    epochs_done: float
+    final_loss: float
+    images_per_s: float
+    seconds: float
+    best: dict | None = None
+    evals: list[dict] = field(default_factory=list)
+    resumed_from: str | None = None
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: FinetuneConfig, device: torch.device):
+    """The network at the training resolution, initialised per SPEC §3; returns (model, spec)."""
+    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.registry import get_spec
+
+    target = get_spec(cfg.arch)
+    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=cfg.pretrained,
+                          device="cpu", drop_path_rate=cfg.drop_path,
+                          input_size=cfg.input_size or target.input_size)
+    model, spec = loaded.model, loaded.spec
+    if cfg.output_dim and cfg.output_dim != spec.embedding_size:
+        info(f"output dim {cfg.output_dim} ≠ {spec.embedding_size}: fresh feature.2/feature.3")
+        model.feature[2] = nn.Linear(spec.width, cfg.output_dim, bias=False)
+        nn.init.trunc_normal_(model.feature[2].weight, std=0.02)
+        model.feature[3] = nn.BatchNorm1d(cfg.output_dim, eps=2e-5)
+        spec = replace(spec, embedding_size=cfg.output_dim)
+    spec = replace(spec, name=f"{target.name}-finetuned", source="finetune", url=None,
+                   gdrive_id=None, sha256=None, filename=None)
+    model.spec = spec
+    return model.to(device).train(), spec
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def _train_spec(cfg: FinetuneConfig):
+    from unicom_cli.models.registry import get_spec
+
+    spec = get_spec(cfg.init_from or cfg.arch)
+    return replace(spec, input_size=cfg.input_size) if cfg.input_size else spec
+
+
+class _ImageLoader:
+    """Image datasets through the timm train transform, with the resumable step sampler."""
+
+    def __init__(self, images, spec, cfg: FinetuneConfig, device: torch.device) -> None:
+        from unicom_cli.models.transforms import train_transform
+        from unicom_cli.train.data import SeededImageDataset, StepBatches
+
+        self.num_classes = images.num_classes
+        self.sampler = StepBatches(len(images.paths), cfg.batch_size, D.rank(), D.world_size(), cfg.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        workers = cfg.workers if cfg.workers is not None else \
+            (min(8, (os.cpu_count() or 1) // max(1, D.world_size())) if device.type == "cuda" else 0)
+        self.loader = torch.utils.data.DataLoader(
+            SeededImageDataset(images, train_transform(spec, cfg.augment)),
+            batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(cfg.seed))  # never draws from the global RNG
+
+    def epoch(self, epoch: int, start_step: int):
+        self.sampler.set_epoch(epoch, start_step)
+        return iter(self.loader)
+
+
+def _record_root(cfg: FinetuneConfig) -> Path:
+    """--data may be the prepare-gldv2 output itself or the data root holding GLDv2/."""
+    root = Path(cfg.data) if cfg.data else Path("data")
+    return root if any(root.glob("*.rec")) else root / "GLDv2"
+
+
+def train_images(cfg: FinetuneConfig):
+    """The training split of an image dataset (SPEC §3: the complement of the test classes)."""
+    from unicom_cli.train.data import scan_image_folder
+
+    if cfg.dataset.startswith("folder:"):
+        root = Path(cfg.dataset[len("folder:"):])
+        return scan_image_folder(root / "train" if (root / "train").is_dir() else root)
+    from unicom_cli.train import datasets
+
+    return datasets.train_split(cfg.dataset, cfg.data)
+
+
+def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
+    """An object with ``num_classes``, ``steps_per_epoch`` and ``epoch(e, start_step)``."""
+    if cfg.dataset == "gldv2":
+        from unicom_cli.data.dali import RecordLoader, find_record
+
+        rec = find_record(_record_root(cfg))
+        return RecordLoader(rec, batch_size=cfg.batch_size, input_size=spec.input_size,
+                            mean=spec.mean, std=spec.std, device=device, seed=cfg.seed,
+                            shuffle_fill=cfg.shuffle_fill, workers=cfg.workers)
+    return _ImageLoader(train_images(cfg), spec, cfg, device)
+
+
+# -------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(cfg: FinetuneConfig, model: nn.Module, spec, device: torch.device) -> dict | None:
+    """Recall@1 (mAP@100 for GLDv2) of ``model`` on the data set's test split, or None."""
+    from unicom_cli.train import datasets
+
+    was_training = model.training
+    model.eval()
+    try:
+        return datasets.evaluate(cfg.dataset, cfg.data, model, spec, device,
+                                          batch_size=max(cfg.batch_size, 32), workers=cfg.workers)
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------ loop
+
+
+def _setup(cfg: FinetuneConfig):
+    device = torch.device(D.device_for(cfg.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from unicom_cli.models.factory import autocast_dtype, resolve_device
+
+    resolve_device(str(device))
+    torch.manual_seed(cfg.seed + D.rank())
+    np.random.seed((cfg.seed + D.rank()) % 2**32)
+    random.seed(cfg.seed + D.rank())
+    return device, autocast_dtype(cfg.precision, device)
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
+    if cfg.grad_accum < 1:
+        raise UsageError("--grad-accum must be at least 1")
+    cfg.output = Path(cfg.output)
+    device, amp_dtype = _setup(cfg)
+    loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
+    model, spec = build_model(cfg, device)
+    pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
+                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed).to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    raw_model = model
+    if D.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        raw_model = model
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raw_model.autocast_dtype = amp_dtype
+    forward = torch.compile(model) if cfg.compile else model
+
+    groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
+              {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" \
+        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise InputError(f"one epoch has {loader.steps_per_epoch} batches, fewer than --grad-accum "
+                         f"{cfg.grad_accum}; lower --grad-accum or --batch-size")
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
+
+    resumed = resume_path(cfg)
+    if resumed:
+        t.load(resumed)
+        info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
+    if D.is_main():
+        cfg.output.mkdir(parents=True, exist_ok=True)
+        (cfg.output / "config.json").write_text(json.dumps(jsonable(cfg), indent=2))
+    stop_at = min(total_steps, cfg.max_steps or total_steps)
+    global_batch = cfg.batch_size * D.world_size() * cfg.grad_accum
+    info(f"finetune {spec.name} on {cfg.dataset}: {loader.num_classes} classes, {total_steps} steps "
+         f"({cfg.epochs} epochs × {steps_per_epoch}), global batch {global_batch}, device {device}")
+
+    metrics_path = cfg.output / "metrics.jsonl"
+    loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
+    bad_streak = torch.zeros((), dtype=torch.long, device=device)
+    tolerance = 10 if scaler else 0  # fp16: let the scaler skip a few overflowing steps
+    last_loss, logged_steps, started = float("nan"), t.step, time.perf_counter()
+    window_start, window_images = time.perf_counter(), 0
+    images_done = 0
+
+    def check_finite() -> None:
+        streak = int(bad_streak.item())
+        if streak > tolerance:
+            raise TrainingDiverged(f"loss became NaN/inf at step {t.step - streak + 1} (epoch "
+                                   f"{t.epoch + 1}); lower --lr, use --precision bf16/fp32, or "
+                                   f"resume from an earlier checkpoint with --resume")
+
+    with progress_bar((stop_at - t.step) * global_batch, "finetune", unit="images") as bar:
+        while t.step < stop_at:
+            batches = loader.epoch(t.epoch, t.step_in_epoch * cfg.grad_accum)
+            for micro, (images, labels) in enumerate(batches):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                last_micro = (micro + 1) % cfg.grad_accum == 0
+                sync = last_micro or not isinstance(model, nn.parallel.DistributedDataParallel)
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    embeddings = forward(images)
+                    loss = pfc(embeddings, labels, step=t.step * cfg.grad_accum + micro % cfg.grad_accum)
+                    scaled = loss / cfg.grad_accum
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                detached = loss.detach()
+                bad_streak = torch.where(torch.isfinite(detached), 0, bad_streak + 1)
+                loss_sum += torch.nan_to_num(detached) / cfg.grad_accum
+                if not last_micro:
+                    continue
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                t.step += 1
+                t.step_in_epoch += 1
+                window_images += global_batch
+                images_done += global_batch
+                bar.advance(global_batch)
+                if t.step % cfg.log_every == 0 or t.step == stop_at:
+                    check_finite()
+                    now = time.perf_counter()
+                    last_loss = loss_sum.item() / (t.step - logged_steps)
+                    rate = window_images / max(now - window_start, 1e-9)
+                    lr = scheduler.get_last_lr()[0]
+                    bar.update(description=f"step {t.step}/{stop_at} loss {last_loss:.4f} lr {lr:.2e}")
+                    if D.is_main():
+                        with open(metrics_path, "a") as fh:
+                            fh.write(json.dumps({"step": t.step, "epoch": t.epoch + t.step_in_epoch / steps_per_epoch,
+                                                 "loss": last_loss, "lr": lr, "images_per_s": rate,
+                                                 "time": now - started}) + "\n")
+                    loss_sum.zero_()
+                    logged_steps, window_start, window_images = t.step, now, 0
+                if cfg.save_every and t.step % cfg.save_every == 0 and t.step_in_epoch < steps_per_epoch:
+                    check_finite()
+                    t.save(cfg.keep)
+                if t.step >= stop_at or t.step_in_epoch >= steps_per_epoch:
+                    break
+            if t.step_in_epoch >= steps_per_epoch:  # epoch finished
+                t.epoch, t.step_in_epoch = t.epoch + 1, 0
+                if cfg.eval_every and (t.epoch % cfg.eval_every == 0 or t.step >= total_steps):
+                    _evaluate_and_keep_best(t, cfg)
+                check_finite()
+                t.save(cfg.keep)
+    check_finite()
+    seconds = time.perf_counter() - started
+    model_path, arch_path = _export(t, cfg.output / "model.pt")
+    return FinetuneSummary(cfg.output, model_path, arch_path, t.step, t.epoch + t.step_in_epoch / steps_per_epoch,
+                           last_loss, images_done / max(seconds, 1e-9), seconds, t.best, t.evals,
+                           str(resumed) if resumed else None)
+
+
+def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
+    result = evaluate(cfg, t.raw_model, t.spec, t.device)
+    if result is None:
+        return
+    result = {"epoch": t.epoch, "step": t.step, **result}
+    t.evals.append(result)
+    if D.is_main():
+        with open(cfg.output / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"eval": result}) + "\n")
+        info(f"eval after epoch {t.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                                                           if isinstance(v, float)))
+    key = result["metric"]
+    if t.best is None or result[key] > t.best[key]:
+        t.best = result
+        _export(t, cfg.output / "best.pt")
+
+
+def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
+    """The model as a plain UNICOM state dict (published keys) plus its architecture JSON."""
+    arch = path.parent / "arch.json"
+    if D.is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
+        atomic_save(state, path)
+        spec = t.spec
+        tmp = arch.with_name(arch.name + ".tmp")
+        tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
+                                   "patch_size": spec.patch_size, "width": spec.width,
+                                   "depth": spec.depth, "heads": spec.heads,
+                                   "embedding_size": spec.embedding_size}, indent=2))
+        os.replace(tmp, arch)
+    D.barrier()
+    return path, arch
