@@ -1,8 +1,83 @@
-"""`unicom eval-knn` (placeholder until its issue lands)."""
+"""`unicom eval-knn`: weighted kNN classification accuracy (DINOv2 protocol) on ImageFolder trees."""
 
-from unicom_cli.errors import UsageError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from unicom_cli.cli.options import (
+    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt, ModelOpt,
+    NnodesOpt, NodeRankOpt, NumFeatOpt, PrecisionOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+)
 
 
-def eval_knn() -> None:
-    """Not available yet."""
-    raise UsageError("`unicom eval-knn` is not available yet")
+def eval_knn(
+    train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the train (memory) images.")],
+    val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
+    nb_knn: Annotated[Optional[List[str]], typer.Option("--nb-knn", help="Numbers of neighbours (comma-separated or repeated; default 10 20 100 200).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softmax temperature of the votes.")] = 0.07,
+    per_class: Annotated[bool, typer.Option("--per-class", help="Also report mean per-class accuracy.")] = False,
+    n_per_class: Annotated[Optional[int], typer.Option("--n-per-class", min=1, help="Few-shot: keep N random train images per class.")] = None,
+    n_tries: Annotated[int, typer.Option("--n-tries", min=1, help="Few-shot: repeat with this many random draws (mean ± std).")] = 1,
+    model: ModelOpt = "ViT-B/32",
+    weights: WeightsOpt = None,
+    train_embeddings: Annotated[Optional[Path], typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
+    val_embeddings: Annotated[Optional[Path], typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
+    num_feat: NumFeatOpt = None,
+    gather_on_cpu: Annotated[bool, typer.Option("--gather-on-cpu", help="Keep train features in host memory and stream them to the GPU (huge train sets).")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="Search backend: auto, faiss or torch.")] = "auto",
+    json_out: JsonOutOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
+    cache_dir: CacheDirOpt = None,
+    gpus: GpusOpt = None,
+    procs: ProcsOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = None,
+    rdzv_endpoint: RdzvOpt = None,
+) -> None:
+    """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k."""
+    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.pipelines.features import ModelOptions
+    from unicom_cli.pipelines.knn import KnnConfig, run_knn
+
+    cfg = KnnConfig(
+        train_dataset=train_dataset, val_dataset=val_dataset, nb_knn=int_list(nb_knn, "--nb-knn") or [10, 20, 100, 200],
+        temperature=temperature, per_class=per_class, n_per_class=n_per_class, n_tries=n_tries,
+        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
+        train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
+        backend=backend, num_feat=num_feat, json_out=json_out)
+    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
+    results = run_command(launch, run_knn, cfg)
+    if results is not None:
+        print_results(results)
+
+
+def print_results(results: dict) -> None:
+    """A Rich table: one row per k, top-1/top-5 (± std over few-shot tries)."""
+    from rich.table import Table
+
+    from unicom_cli.utils.console import console
+
+    source = results["model"] or "precomputed features"
+    table = Table(title=f"kNN · {source} · T={results['temperature']}", title_justify="left")
+    table.add_column("k", justify="right")
+    keys = [k for k in next(iter(results["metrics"].values())) if not k.endswith("_std")]
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for k, entry in results["metrics"].items():
+        cells = [f"{entry[key]:.2f}" + (f" ± {entry[key + '_std']:.2f}" if key + "_std" in entry else "")
+                 for key in keys]
+        table.add_row(k, *cells)
+    s = results["sizes"]
+    few = results["few_shot"]
+    table.caption = (f"{s['train']:,} train, {s['val']:,} val, {s['classes']} classes"
+                     + (f" · {few['n_per_class']} per class × {few['n_tries']} tries" if few else "")
+                     + f" · {results['processes']} process(es) · {results['timings']['total']:.1f} s")
+    console.print(table)

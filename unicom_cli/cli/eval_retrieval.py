@@ -1,8 +1,79 @@
-"""`unicom eval-retrieval` (placeholder until its issue lands)."""
+"""`unicom eval-retrieval`: Recall@K, MAP@R or GLDv2 mAP@100 on a retrieval benchmark or your own folders."""
 
-from unicom_cli.errors import UsageError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from unicom_cli.cli.options import (
+    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt, ModelOpt,
+    NnodesOpt, NodeRankOpt, NumFeatOpt, PrecisionOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+)
 
 
-def eval_retrieval() -> None:
-    """Not available yet."""
-    raise UsageError("`unicom eval-retrieval` is not available yet")
+def eval_retrieval(
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all).")] = None,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the data sets in their usual layouts.")] = Path("data"),
+    split: Annotated[Optional[str], typer.Option("--split", help="GLDv2 queries: public or private (default both).")] = None,
+    query: Annotated[Optional[Path], typer.Option("--query", help="ImageFolder of queries (label = class folder).")] = None,
+    gallery: Annotated[Optional[Path], typer.Option("--gallery", help="ImageFolder of the gallery searched by --query.")] = None,
+    model: ModelOpt = "ViT-B/32",
+    weights: WeightsOpt = None,
+    recall_at: Annotated[Optional[List[str]], typer.Option("--recall-at", help="K for Recall@K (comma-separated or repeated; default: the data set's usual list).")] = None,
+    num_feat: NumFeatOpt = None,
+    embeddings: Annotated[Optional[Path], typer.Option("--embeddings", help="Precomputed features (feats.npy + feats.ids.txt from `unicom embed`): no model.")] = None,
+    save_features: Annotated[Optional[Path], typer.Option("--save-features", help="Keep the extracted features in this folder (reusable with --embeddings).")] = None,
+    json_out: JsonOutOpt = None,
+    vis: Annotated[Optional[Path], typer.Option("--vis", help="Save a picture of a few queries and their top-k (hits green, misses red).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Search backend: auto, faiss or torch.")] = "auto",
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
+    cache_dir: CacheDirOpt = None,
+    gpus: GpusOpt = None,
+    procs: ProcsOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    master_addr: MasterAddrOpt = "127.0.0.1",
+    master_port: MasterPortOpt = None,
+    rdzv_endpoint: RdzvOpt = None,
+) -> None:
+    """Evaluate retrieval exactly as the papers do (SPEC §2) on CPU or GPUs, 1 process or many."""
+    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.errors import UsageError
+    from unicom_cli.pipelines.features import ModelOptions
+    from unicom_cli.pipelines.retrieval import RetrievalConfig, run_retrieval
+
+    if split not in (None, "public", "private"):
+        raise UsageError(f"--split {split!r}: choose public or private")
+    cfg = RetrievalConfig(
+        dataset=dataset, data_root=data_root, query=query, gallery=gallery,
+        gldv2_splits=(split,) if split else ("public", "private"),
+        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
+        recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
+        save_features=save_features, backend=backend, json_out=json_out, vis=vis)
+    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
+    results = run_command(launch, run_retrieval, cfg)
+    if results is not None:
+        print_results(results)
+
+
+def print_results(results: dict) -> None:
+    """A Rich table of the metrics, sizes and timings."""
+    from rich.table import Table
+
+    from unicom_cli.utils.console import console
+
+    source = results["model"] or results["embeddings"]
+    table = Table(title=f"{results['dataset']} · {source}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in results["metrics"].items():
+        table.add_row(name, f"{value:.2f}")
+    sizes = ", ".join(f"{v:,} {k}" for k, v in results["sizes"].items())
+    table.caption = (f"{sizes}; {results['skipped']} skipped · {results['backend']} on {results['device']}"
+                     f" · {results['processes']} process(es) · {results['timings']['total']:.1f} s")
+    console.print(table)

@@ -25,3 +25,15 @@ NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="This node'
 MasterAddrOpt = Annotated[str, typer.Option("--master-addr", help="Address of node 0.", rich_help_panel="Distributed")]
 MasterPortOpt = Annotated[Optional[int], typer.Option("--master-port", help="Port on node 0 (default: a free one).", rich_help_panel="Distributed")]
 RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="host:port rendezvous endpoint (instead of --master-addr/--master-port).", rich_help_panel="Distributed")]
+
+
+def int_list(values: Optional[list[str]], option: str) -> Optional[list[int]]:
+    """Integers from a repeated and/or comma-separated option (``--k 1 --k 10`` or ``--k 1,10``)."""
+    if not values:
+        return None
+    from unicom_cli.errors import UsageError
+
+    try:
+        return [int(v) for item in values for v in item.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {' '.join(values)}: expected integers, e.g. {option} 1,10,100") from None

@@ -1,0 +1,143 @@
+"""Features for evaluation: extracted by a model, or read from a precomputed ``.npy`` + ids file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unicom_cli.errors import InputError
+
+
+@dataclass
+class ModelOptions:
+    """What to build the feature extractor from (the CLI's model options)."""
+
+    model: str = "ViT-B/32"
+    weights: Path | None = None
+    device: str = "auto"
+    precision: str | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    cache_dir: Path | None = None
+
+
+@dataclass
+class Features:
+    """Rows for some positions of a path list; ``ok`` False where the image or row is missing."""
+
+    features: np.ndarray  # (len(positions), D) float32, un-normalised
+    positions: np.ndarray  # int64 positions in the path list
+    ok: np.ndarray  # bool per row
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def ids_file(npy: Path) -> Path:
+    """``feats.npy`` → ``feats.ids.txt`` (the embed command's naming)."""
+    return Path(npy).with_suffix(".ids.txt")
+
+
+def load_embeddings(npy: Path, root: Path, paths: list[str],
+                    positions: np.ndarray | None = None) -> Features:
+    """Rows of a precomputed feature file for ``paths`` (relative to ``root``).
+
+    Ids in the ids file are paths relative to whatever folder was embedded: the data root, the
+    data set folder or a folder inside it. Each dataset path is matched by its trailing path
+    components against the ids, so any of these works.
+
+    Args:
+        npy: the feature matrix (float32/float16), one row per line of its ids file.
+        root: the folder ``paths`` are relative to.
+        paths: the images to find.
+        positions: only these positions of ``paths`` (a rank's shard); default all.
+    """
+    npy = Path(npy)
+    ids_path = ids_file(npy)
+    for f, what in ((npy, "a feature matrix written by `unicom embed`"),
+                    (ids_path, f"the ids file next to {npy.name} (one image path per row)")):
+        if not f.is_file():
+            raise InputError(f"{f}: not found; expected {what}")
+    try:
+        matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise InputError(f"{npy}: not a .npy feature matrix: {exc}") from exc
+    ids = [line for line in ids_path.read_text().splitlines() if line.strip()]
+    if matrix.ndim != 2 or len(ids) != matrix.shape[0]:
+        raise InputError(f"{npy}: {matrix.shape[0] if matrix.ndim else 0} rows but {ids_path.name} lists "
+                         f"{len(ids)} ids; expected a 2-D matrix with one row per id")
+    row_of = {tuple(Path(i).parts): n for n, i in enumerate(ids)}
+    lengths = sorted({len(k) for k in row_of}, reverse=True)
+    positions = np.arange(len(paths)) if positions is None else np.asarray(positions, np.int64)
+    base = Path(os.path.abspath(root)).parts
+    rows = np.full(len(positions), -1, dtype=np.int64)
+    for n, pos in enumerate(positions):
+        parts = base + Path(paths[pos]).parts
+        for length in lengths:
+            row = row_of.get(parts[-length:])
+            if row is not None:
+                rows[n] = row
+                break
+    ok = rows >= 0
+    if len(positions) and not ok.any():
+        raise InputError(f"{ids_path}: none of the {len(positions)} images of the data set (e.g. "
+                         f"{paths[positions[0]]}) is listed; embed the data set folder "
+                         f"({root}) to make these features")
+    feats = np.zeros((len(positions), matrix.shape[1]), dtype=np.float32)
+    if ok.any():
+        order = np.argsort(rows[ok])  # read the memory map in file order
+        feats[np.flatnonzero(ok)[order]] = np.asarray(matrix[rows[ok][order]], dtype=np.float32)
+    failures = [(paths[p], f"not in {ids_path.name}") for p in positions[~ok]]
+    return Features(feats, positions, ok, failures)
+
+
+def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None, *,
+                   description: str = "features", gather: bool = True) -> Features:
+    """Extract features with the embed pipeline (robust decode, workers, progress bar).
+
+    With ``gather`` every rank gets every row; without it only this rank's share.
+    """
+    from unicom_cli.pipelines.embed import extract_features
+
+    full = [str(Path(root) / p) for p in paths]
+    res = extract_features(full, loaded, batch_size=opts.batch_size, workers=opts.workers,
+                           description=description, gather=gather)
+    positions = np.arange(len(paths)) if gather else np.asarray(res.indices, dtype=np.int64)
+    failures = [(str(p), str(r)) for p, r in res.failures]
+    return Features(np.asarray(res.features, dtype=np.float32), positions, np.asarray(res.ok, bool), failures)
+
+
+def load_model(opts: ModelOptions):
+    """The model on this rank's device (``create_model``)."""
+    from unicom_cli.distributed import device_for
+    from unicom_cli.models.factory import create_model
+
+    return create_model(opts.model, opts.weights, device=device_for(opts.device),
+                        precision=opts.precision, cache=opts.cache_dir)
+
+
+def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarray) -> Path:
+    """Write ``<name>.npy`` + ``<name>.ids.txt`` atomically (reusable with ``--embeddings``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    npy = directory / f"{name}.npy"
+    tmp = directory / f".{name}.npy.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(feats, dtype=np.float32))
+    tmp_ids = directory / f".{name}.ids.tmp"
+    tmp_ids.write_text("".join(f"{p}\n" for p in paths))
+    os.replace(tmp, npy)
+    os.replace(tmp_ids, ids_file(npy))
+    return npy
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic JSON write."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""Retrieval benchmark job: features (model or file) → exact search → metrics → results dict and JSON."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from unicom_cli.errors import UsageError
+from unicom_cli.pipelines.features import ModelOptions
+
+
+@dataclass
+class RetrievalConfig:
+    """Everything `unicom eval-retrieval` needs; filled by the CLI."""
+
+    dataset: str | None = None  # cub|cars|sop|inshop|inat|gldv2|folder:PATH
+    data_root: Path = Path("data")
+    gldv2_splits: tuple[str, ...] = ("public", "private")
+    query: Path | None = None
+    gallery: Path | None = None
+    model: ModelOptions = field(default_factory=ModelOptions)
+    recall_at: list[int] | None = None  # default: the data set's usual list
+    num_feat: int | None = None
+    embeddings: Path | None = None
+    save_features: Path | None = None
+    backend: str = "auto"
+    json_out: Path | None = None
+    vis: Path | None = None
+    vis_queries: int = 6
+    vis_k: int = 5
+
+
+def run_retrieval(cfg: RetrievalConfig) -> dict | None:
+    """Evaluate one benchmark; every rank searches a block of the queries; rank 0 returns results."""
+    from unicom_cli.data.benchmarks import load_benchmark
+    from unicom_cli.distributed import device_for, is_main, world_size
+    from unicom_cli.eval.search import l2_normalize, resolve_backend
+    from unicom_cli.pipelines.features import (load_embeddings, load_model, model_features,
+                                               save_features, write_json)
+    from unicom_cli.utils.console import warn
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    bench = load_benchmark(cfg.dataset, cfg.data_root, gldv2_splits=cfg.gldv2_splits,
+                           query=cfg.query, gallery=cfg.gallery)
+    split = bench.test
+    recall_at = sorted(set(cfg.recall_at or bench.default_recall))
+    if any(k < 1 for k in recall_at):
+        raise UsageError("--recall-at values must be ≥ 1")
+    timings["load"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    loaded = None
+    if cfg.embeddings is not None:
+        feats = load_embeddings(cfg.embeddings, bench.root, split.paths)
+    else:
+        loaded = load_model(cfg.model)
+        feats = model_features(split.paths, bench.root, cfg.model, loaded, description=f"{bench.name} features")
+    timings["features"] = time.perf_counter() - t
+    skipped = feats.failures
+    if skipped:
+        warn(f"{len(skipped)} of {len(split.paths)} images skipped (first: {skipped[0][0]}: {skipped[0][1]})")
+        split = split.subset(feats.ok)
+    x = feats.features[feats.ok]
+    if cfg.save_features is not None and is_main():
+        save_features(cfg.save_features, f"{bench.name.split(':')[0]}-test", split.paths, x)
+    x = l2_normalize(x, cfg.num_feat)
+
+    t = time.perf_counter()
+    device = device_for(cfg.model.device)
+    backend = resolve_backend(cfg.backend, device, split.all_vs_all and world_size() == 1)
+    neighbours = _search_all(split, x, recall_at, backend, device)
+    timings["search"] = time.perf_counter() - t
+    if not is_main():
+        return None
+
+    t = time.perf_counter()
+    metrics = _metrics(split, neighbours, recall_at)
+    timings["metrics"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    results = {
+        "command": "eval-retrieval",
+        "dataset": bench.name,
+        "root": str(bench.root),
+        "model": None if loaded is None else loaded.spec.name,
+        "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
+        "sha256": None if loaded is None else loaded.sha256,
+        "embeddings": None if cfg.embeddings is None else str(cfg.embeddings),
+        "num_feat": cfg.num_feat,
+        "dim": int(x.shape[1]),
+        "sizes": split.sizes(),
+        "skipped": len(skipped),
+        "skipped_files": [f"{p}: {r}" for p, r in skipped[:50]],
+        "metrics": metrics,
+        "backend": backend,
+        "device": device,
+        "processes": world_size(),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    if cfg.json_out is not None:
+        write_json(cfg.json_out, results)
+    if cfg.vis is not None:
+        from unicom_cli.pipelines.vis import save_retrieval_grid
+
+        save_retrieval_grid(cfg.vis, bench.root, split, neighbours, cfg.vis_queries, cfg.vis_k)
+    return results
+
+
+def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str, device: str) -> np.ndarray:
+    """Neighbour positions (into ``split.gallery`` or, all-vs-all, into the split), gathered on every rank.
+
+    Each rank searches a contiguous block of the queries against the whole gallery.
+    """
+    from unicom_cli.distributed.comm import gather_rows, shard_range
+    from unicom_cli.eval.retrieval import relevant_counts
+    from unicom_cli.eval.search import search
+
+    if split.all_vs_all:
+        queries, gallery = x, x
+        r_max = int(relevant_counts(split.labels, split.labels, True).max(initial=0))
+        k = max(max(recall_at), r_max)  # MAP@R needs R neighbours
+    else:
+        queries, gallery = x[split.query], x[split.gallery]
+        k = 100 if split.relevant is not None else max(recall_at)
+    k = max(1, min(k, len(gallery) - (1 if split.all_vs_all else 0)))
+    block = shard_range(len(queries))
+    if split.all_vs_all and len(block) == len(queries):  # one process: the symmetric search
+        res = search(x, None, k, exclude_self=True, backend=backend, device=device, progress="search")
+    else:
+        res = search(queries[block.start:block.stop], gallery, k, exclude_self=split.all_vs_all,
+                     query_offset=block.start, backend=backend, device=device, progress="search")
+    return gather_rows(np.arange(block.start, block.stop), res.indices, len(queries))
+
+
+def _metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:
+    """Percentages: recall@K (and MAP@R all-vs-all), or GLDv2 mAP@100 per split."""
+    from unicom_cli.eval.retrieval import gldv2_map_at_100, map_at_r, recall_at_k, relevant_counts
+
+    out: dict[str, float] = {}
+    if split.relevant is not None:
+        for usage in sorted(set(split.usage)):
+            qs = np.flatnonzero(split.usage == usage)
+            preds = {int(q): neighbours[q].tolist() for q in qs}
+            sol = {int(q): split.relevant[q].tolist() for q in qs}
+            out[f"map@100_{usage}"] = 100 * gldv2_map_at_100(preds, sol)
+        return out
+    if split.all_vs_all:
+        labels = split.labels
+        q_labels, n_labels = labels, labels[neighbours]
+    else:
+        q_labels = split.labels[split.query]
+        n_labels = split.labels[split.gallery][neighbours]
+    ks = [k for k in recall_at if k <= neighbours.shape[1]]
+    for k, v in recall_at_k(n_labels, q_labels, ks).items():
+        out[f"recall@{k}"] = 100 * v
+    if split.all_vs_all:
+        out["map@r"] = 100 * map_at_r(n_labels, q_labels, relevant_counts(labels, labels, True))
+    return out
