@@ -15,6 +15,7 @@ def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for every output of the demo.")] = Path("unicom-demo"),
     procs: ProcsOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Finetuning epochs over digits 0-4.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Finetuning batch (global).")] = 64,
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", min=2, help="Use fewer digits (quick trial).")] = None,
 ) -> None:
     """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise."""
@@ -28,7 +29,7 @@ def demo(
         console.print(f"$ unicom {shlex.join(step.argv)}", style="bold cyan", highlight=False,
                       soft_wrap=True)
 
-    cfg = DemoConfig(output=output, procs=procs, epochs=epochs, limit_per_class=limit_per_class)
+    cfg = DemoConfig(output=output, procs=procs, epochs=epochs, batch_size=batch_size, limit_per_class=limit_per_class)
     result = run_demo(cfg, announce)
     table = Table(title="Unseen digits 5-9: freshly initialised vs finetuned on 0-4")
     for column in ("metric", "before", "after", "gain"):

@@ -13,14 +13,17 @@ QUERY, HIT, MISS = (40, 90, 220), (30, 170, 60), (210, 40, 40)
 
 
 def _tile(path: Path, colour: tuple[int, int, int]):
-    """A bordered thumbnail; a grey square when the image cannot be read."""
+    """A bordered thumbnail fitted to the tile (small images are enlarged, nearest-neighbour, so
+    that a 32-px digit stays legible); a grey square when the image cannot be read."""
     from PIL import Image, ImageOps
 
     inner = TILE - 2 * BORDER
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((inner, inner))
+            scale = inner / max(im.width, im.height)
+            resample = Image.NEAREST if scale > 1 else Image.BICUBIC
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
     except (OSError, ValueError):
         im = Image.new("RGB", (inner, inner), (128, 128, 128))
     tile = Image.new("RGB", (TILE, TILE), colour)

@@ -1,0 +1,50 @@
+"""`unicom demo` in a reduced setting (few digits, one epoch), and the digits tree it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def test_digits_tree_splits_by_class_and_is_seeded(tmp_path):
+    from unicom_cli.data.digits import write_digits_tree
+
+    tree = write_digits_tree(tmp_path / "a", size=24, limit_per_class=6, shift=2, noise=0.3, seed=1)
+    assert sorted(p.name for p in tree.train.iterdir()) == ["0", "1", "2", "3", "4"]
+    assert sorted(p.name for p in tree.test.iterdir()) == ["5", "6", "7", "8", "9"]
+    assert tree.count == 60
+    assert len(list(tree.test.rglob("*.png"))) == 30
+    # kNN halves partition the test classes: 3 + 3 images per class.
+    assert len(list(tree.knn_train.rglob("*.png"))) == len(list(tree.knn_val.rglob("*.png"))) == 15
+    image = Image.open(next(tree.train.rglob("*.png")))
+    assert image.size == (24, 24) and image.mode == "L"
+    again = write_digits_tree(tmp_path / "b", size=24, limit_per_class=6, shift=2, noise=0.3, seed=1)
+    for a, b in zip(sorted(tree.root.rglob("*.png")), sorted(again.root.rglob("*.png"))):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "unicom_cli", "demo", "-o", str(out), "--epochs", "1",
+         "--limit-per-class", "12", "--batch-size", "16"],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Each step is shown as the exact command it runs.
+    for command in ("$ unicom eval-retrieval", "$ unicom eval-knn", "$ unicom finetune", "$ unicom embed"):
+        assert command in proc.stdout
+    for tag in ("before", "after"):
+        retrieval = json.loads((out / f"retrieval-{tag}.json").read_text())
+        assert 0 <= retrieval["metrics"]["recall@1"] <= 100
+        knn = json.loads((out / f"knn-{tag}.json").read_text())
+        assert set(knn["metrics"]) == {"10", "20"}
+    assert (out / "finetune" / "model.pt").is_file()
+    features = np.load(out / "features" / "test.npy")
+    assert features.shape == (60, 64)  # 12 images of each of the digits 5-9, 64-dim demo ViT
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+    assert Image.open(out / "retrieval.jpg").size[0] > 0
+    assert "Recall@1" in proc.stdout and "gain" in proc.stdout
