@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +18,26 @@ COLOURS = [(250, 10, 10), (10, 250, 10), (10, 10, 250), (200, 200, 40)]
 
 
 def write_rec(root: Path, per_class: int = 6) -> Path:
-    """A RecordIO file per SPEC §4 (magic, length, IfQQ header, JPEG) with .idx and .lst."""
+    """A GLDv2-shaped tree of solid-colour JPEGs (one landmark per colour) packed by the real
+    `prepare-gldv2` into .rec/.idx/.lst; returns the .rec path."""
     from PIL import Image
 
-    rec, idx, lst = root / "train.rec", root / "train.idx", root / "train.lst"
-    with open(rec, "wb") as fr, open(idx, "w") as fi, open(lst, "w") as fl:
-        n = 0
+    from unicom_cli.data.gldv2 import PrepareConfig, image_relpath, prepare_gldv2
+
+    rows = []
+    for label, colour in enumerate(COLOURS):
+        ids = []
         for i in range(per_class):
-            for label, colour in enumerate(COLOURS):
-                buf = io.BytesIO()
-                Image.new("RGB", (40 + 7 * i, 30 + 5 * label), colour).save(buf, "JPEG", quality=100)
-                payload = struct.pack("<IfQQ", 0, float(label), n, 0) + buf.getvalue()
-                fi.write(f"{n}\t{fr.tell()}\n")
-                fl.write(f"{n}\t{label}\tfake/{n}.jpg\n")
-                fr.write(struct.pack("<II", 0xCED7230A, len(payload)) + payload)
-                fr.write(b"\0" * (-len(payload) % 4))
-                n += 1
-    return rec
+            image_id = f"{label:x}{i:x}{(label + i) % 16:x}{label:04d}{i:04d}"
+            path = root / "train" / image_relpath(image_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40 + 7 * i, 30 + 5 * label), colour).save(path, "JPEG", quality=100)
+            ids.append(image_id)
+        rows.append(f"{1000 + 7 * label},{' '.join(ids)}")  # labels follow first appearance
+    csv = root / "train_clean.csv"
+    csv.write_text("landmark_id,images\n" + "\n".join(rows) + "\n")
+    prepare_gldv2(PrepareConfig(csv=csv, resize=36, workers=1, progress=False))
+    return root / "train.rec"
 
 
 def test_cpu_pipeline_labels_and_normalisation(tmp_path):
