@@ -73,3 +73,22 @@ def test_finetune_on_a_record_file(tiny_spec_file, tmp_path):
     assert np.isfinite(summary.final_loss) and summary.best is None  # no GLDv2 test set here
     shard = torch.load(tmp_path / "run" / "checkpoints" / "step-00000008" / "rank-0.pt", weights_only=True)
     assert shard["centres"]["weight"].shape == (4, 16)
+
+
+def test_resume_mid_epoch_replays_the_same_batches(tmp_path):
+    """An epoch's batches depend only on (seed, epoch): starting at step s yields exactly the
+    batches an uninterrupted epoch yields from step s on."""
+    rec = write_rec(tmp_path, per_class=8)  # 32 records, batch 4: 8 steps per epoch
+
+    def loader():
+        return RecordLoader(rec, batch_size=4, input_size=32, mean=CLIP_MEAN, std=CLIP_STD,
+                            device=torch.device("cpu"), seed=5, shuffle_fill=16, workers=2)
+
+    full = list(loader().epoch(1, 0))
+    resumed = list(loader().epoch(1, 5))
+    assert len(full) == 8 and len(resumed) == 3
+    for (a_img, a_lab), (b_img, b_lab) in zip(full[5:], resumed):
+        assert torch.equal(a_lab, b_lab)
+        assert torch.equal(a_img, b_img)
+    other_epoch = list(loader().epoch(2, 0))
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(full, other_epoch))

@@ -56,28 +56,39 @@ class RecordLoader:
     decode (area 0.1–1, aspect 0.8–1.25, 100 attempts); triangular resize to input×input; random
     flip; CLIP mean/std × 255; CHW float. Yields (images, int64 labels) as torch tensors.
 
-    Resume restarts the reader's stream and skips nothing: DALI's shuffle is not seekable, so a
-    resumed epoch continues with the right number of remaining steps but not the same images.
+    Each epoch gets its own pipeline seeded with (seed, epoch, rank), so an epoch's batches
+    depend on nothing before it. DALI's shuffle cannot be seeked, so resuming at step s of an
+    epoch replays (and discards) that epoch's first s batches: exact, at the cost of re-reading
+    them once.
     """
 
     def __init__(self, rec: Path, *, batch_size: int, input_size: int, mean, std,
                  device: torch.device, seed: int = 1024, shuffle_fill: int = 16384,
                  workers: int | None = None) -> None:
-        fn, pipeline_def, types = _dali()
+        _dali()  # fail early, with the install hint, when DALI is missing
         self.rec, self.device, self.batch_size = Path(rec), device, batch_size
+        self.input_size, self.mean, self.std = input_size, mean, std
+        self.seed, self.shuffle_fill, self.workers = seed, shuffle_fill, workers
         self.size, self.num_classes = count_records(self.rec.with_suffix(".idx"))
         self.steps_per_epoch = self.size // (batch_size * world_size())
         if self.steps_per_epoch == 0:
             raise InputError(f"{rec}: {self.size} records are fewer than one global batch")
-        gpu = device.type == "cuda"
+        self.pipe = None
 
-        @pipeline_def(batch_size=batch_size, num_threads=workers or 4,
-                      device_id=(device.index or 0) if gpu else None, seed=seed + rank())
+    def _pipeline(self, epoch: int):
+        """A fresh pipeline whose random stream depends only on (seed, epoch, rank)."""
+        fn, pipeline_def, types = _dali()
+        gpu = self.device.type == "cuda"
+        input_size, mean, std = self.input_size, self.mean, self.std
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.workers or 4,
+                      device_id=(self.device.index or 0) if gpu else None,
+                      seed=(self.seed + 1_000_003 * epoch + 7919 * rank()) % 2**31)
         def pipe():
             jpegs, labels = fn.readers.mxnet(
                 path=[str(self.rec)], index_path=[str(self.rec.with_suffix(".idx"))],
                 shard_id=rank(), num_shards=world_size(), random_shuffle=True,
-                initial_fill=shuffle_fill, pad_last_batch=False, name="reader")
+                initial_fill=self.shuffle_fill, pad_last_batch=False, name="reader")
             images = fn.decoders.image_random_crop(
                 jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
                 random_area=[0.1, 1.0], random_aspect_ratio=[0.8, 1.25], num_attempts=100)
@@ -91,8 +102,9 @@ class RecordLoader:
                 labels = labels.gpu()
             return images, labels
 
-        self.pipe = pipe()
-        self.pipe.build()
+        built = pipe()
+        built.build()
+        return built
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.pipe.run()
@@ -108,6 +120,10 @@ class RecordLoader:
                 torch.from_numpy(labels.as_array()).reshape(-1).long())
 
     def epoch(self, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``steps_per_epoch - start_step`` batches of this rank's shard."""
+        """``steps_per_epoch - start_step`` batches of this rank's shard, the same ones as an
+        uninterrupted run yields from that step on."""
+        self.pipe = self._pipeline(epoch)
+        for _ in range(start_step):
+            self.pipe.run()  # replay: DALI cannot seek its shuffled stream
         for _ in range(start_step, self.steps_per_epoch):
             yield self._next()
