@@ -60,6 +60,10 @@ def test_bad_input_messages(tree, capsys):
     assert "train_clean.csv line 3" in capsys.readouterr().err
     assert main(["prepare-gldv2"]) == 2
     assert main(["prepare-gldv2", str(tree.csv), "--verify", str(tree.root)]) == 2
+    capsys.readouterr()
+    missing = tree.root / "nowhere" / "train_clean.csv"
+    assert main(["prepare-gldv2", str(missing)]) == 2
+    assert f"{missing}: not found" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs(tree):

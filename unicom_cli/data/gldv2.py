@@ -274,6 +274,9 @@ def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
     cfg.csv = Path(cfg.csv)
     images = Path(cfg.images) if cfg.images else cfg.csv.parent / "train"
     out = Path(cfg.out) if cfg.out else cfg.csv.parent
+    if not cfg.csv.is_file():
+        raise InputError(f"{cfg.csv}: not found; pass GLDv2's train_clean.csv (header "
+                         f"landmark_id,images), from the GLDv2 train set download")
     if not images.is_dir():
         raise DatasetLayout(f"images folder {images} not found: GLDv2 keeps them in train/ beside "
                             f"{cfg.csv.name} (train/0/0/0/000...jpg); pass --images DIR")
