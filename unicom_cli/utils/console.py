@@ -66,7 +66,12 @@ class ProgressBar:
         self._task = task_id
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more items, never past the total (rank 0 extrapolates a multi-process run
+        from its own shard, and the last shards can be shorter)."""
         if self._progress is not None:
+            task = self._progress.tasks[self._task]
+            if task.total is not None:
+                n = max(0, min(n, task.total - task.completed))
             self._progress.advance(self._task, n)
 
     def update(self, **fields: object) -> None:
