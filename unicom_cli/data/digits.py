@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from unicom_cli.errors import UsageError
+
 
 @dataclass
 class DigitsTree:
@@ -31,7 +33,12 @@ def write_digits_tree(root: str | Path, size: int = 32, limit_per_class: int | N
     """
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise UsageError("the demo's digits come from scikit-learn, which is not installed: "
+                         "pip install 'unicom-cli[demo]'") from exc
 
     root = Path(root)
     tree = DigitsTree(root, root / "train", root / "test", root / "knn" / "train",
