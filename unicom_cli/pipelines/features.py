@@ -132,6 +132,15 @@ def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarra
     return npy
 
 
+def model_fields(loaded) -> dict:
+    """What a results JSON records about the model: name, weights file, SHA-256 (None: no model)."""
+    return {
+        "model": None if loaded is None else loaded.spec.name,
+        "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
+        "sha256": None if loaded is None else loaded.sha256,
+    }
+
+
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write."""
     import json

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from unicom_cli.errors import UsageError
-from unicom_cli.pipelines.features import ModelOptions
+from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
 @dataclass
@@ -125,9 +125,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "command": "eval-knn",
         "train_dataset": str(cfg.train_dataset),
         "val_dataset": str(cfg.val_dataset),
-        "model": None if loaded is None else loaded.spec.name,
-        "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
-        "sha256": None if loaded is None else loaded.sha256,
+        **model_fields(loaded),
         "embeddings": None if cfg.train_embeddings is None else [str(cfg.train_embeddings), str(cfg.val_embeddings)],
         "sizes": {"train": len(train_paths) - train_skipped, "val": int(len(val_y)), "classes": len(classes)},
         "skipped": {"train": train_skipped, "val": len(val.failures)},

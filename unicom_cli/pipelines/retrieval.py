@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from unicom_cli.errors import UsageError
-from unicom_cli.pipelines.features import ModelOptions
+from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
 @dataclass
@@ -85,9 +85,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
         "command": "eval-retrieval",
         "dataset": bench.name,
         "root": str(bench.root),
-        "model": None if loaded is None else loaded.spec.name,
-        "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
-        "sha256": None if loaded is None else loaded.sha256,
+        **model_fields(loaded),
         "embeddings": None if cfg.embeddings is None else str(cfg.embeddings),
         "num_feat": cfg.num_feat,
         "dim": int(x.shape[1]),
