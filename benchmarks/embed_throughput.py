@@ -106,7 +106,6 @@ def end_to_end(folder: Path, out: Path, model: str, batch_size: int, workers: in
 def draft_check(model, spec, paths) -> None:
     """Cosine between embeddings of full decodes and of draft decodes (and of a bilinear resize)."""
     import torch
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 

@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile

@@ -68,7 +68,7 @@ def test_backends_equal_and_num_feat_and_save_features(digits, tmp_path):
         assert res.exit_code == 0, res.output
     a, b = (json.loads(p.read_text())["metrics"] for p in outs.values())
     assert a == b
-    saved = np.load(tmp_path / "saved" / f"folder-test.npy")
+    saved = np.load(tmp_path / "saved" / "folder-test.npy")
     assert saved.shape == feats.shape  # un-normalised, all dims: reusable
     np.testing.assert_array_equal(saved, feats)
 

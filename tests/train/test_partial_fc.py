@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.train.dist_util import spawn
 from unicom_cli.train.partial_fc import PartialFC

@@ -185,7 +185,7 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     Raises:
         BadImage: with a one-line reason (empty, not an image, truncated, too large…).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps, UnidentifiedImageError
 
     try:
         if os.path.getsize(path) == 0:
