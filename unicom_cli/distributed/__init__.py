@@ -53,6 +53,3 @@ def device_for(requested: str = "auto") -> str:
     return requested
 
 
-def is_distributed() -> bool:
-    """True inside a process group (launched, torchrun or SLURM), even one of size 1."""
-    return _dist() is not None
