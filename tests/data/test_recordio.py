@@ -79,6 +79,39 @@ def test_magic_inside_a_payload_splits_the_record_like_dmlc(tmp_path):
         pack_header(1.0, 0) + image, pack_header(2.0, 1) + b"plain"]
 
 
+def test_planted_magic_numbers_round_trip(tmp_path):
+    # random payloads (odd lengths too) with the magic planted at aligned and unaligned places,
+    # back to back, at the start and at the very end: split exactly where a byte-by-byte search says
+    import random
+
+    rng = random.Random(3)
+    payloads = []
+    for n in range(60):
+        data = bytearray(rng.randbytes(rng.randrange(0, 200)))
+        for _ in range(rng.randrange(0, 5)):
+            pos = rng.randrange(0, len(data) + 1)
+            data[pos:pos] = MAGIC_BYTES
+        if n % 7 == 0:
+            data += MAGIC_BYTES
+        payloads.append(bytes(data))
+    with RecordWriter(tmp_path / "p.rec", tmp_path / "p.idx") as w:
+        for key, image in enumerate(payloads):
+            w.write(key, float(key), image)
+    parts = frames((tmp_path / "p.rec").read_bytes())
+    position = 0
+    for key, image in enumerate(payloads):
+        payload = pack_header(float(key), key) + image
+        cuts = [p for p in range(0, len(payload) - 3, 4) if payload[p:p + 4] == MAGIC_BYTES]
+        mine = parts[position:position + len(cuts) + 1]
+        position += len(cuts) + 1
+        want = [0] if not cuts else [1] + [2] * (len(cuts) - 1) + [3]
+        assert [cflag for _, cflag, _, _ in mine] == want
+        assert MAGIC_BYTES.join(part for _, _, _, part in mine) == payload
+    assert position == len(parts)
+    reader = RecordReader(tmp_path / "p.rec", tmp_path / "p.idx")
+    assert [image for _, image in reader] == payloads
+
+
 @pytest.mark.parametrize("with_idx", [True, False])
 def test_reads_files_written_by_mxnet_im2rec(with_idx):
     expected = json.loads((FIXTURES / "im2rec_expected.json").read_text())
