@@ -8,6 +8,8 @@
     exact tie order, self excluded by index;
 (b) the original's method: 128-row chunks, full Euclidean distance matrix, top-2, drop rank 1;
 (c) the same similarity products in large chunks with no selection at all: the floor.
+    For context it also times those products in bfloat16, which (a) screens in when the CPU has
+    fast bf16 (AVX512-BF16/AMX) and k is small; (a)'s results stay exact (float64 order).
 Then the kNN evaluation time (search of the top-200 + weighted votes for k = 10, 20, 100, 200).
 """
 
@@ -50,12 +52,13 @@ def original(x: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(x)
 
 
-def floor(x: np.ndarray, gallery: np.ndarray | None = None, chunk: int = 4096) -> None:
+def floor(x: np.ndarray, gallery: np.ndarray | None = None, chunk: int = 4096, dtype: str = "float32") -> None:
     import torch
 
-    xt = torch.from_numpy(x)
-    gt = xt if gallery is None else torch.from_numpy(gallery)
-    out = torch.empty(chunk, len(gt))
+    dt = getattr(torch, dtype)
+    xt = torch.from_numpy(x).to(dt)
+    gt = xt if gallery is None else torch.from_numpy(gallery).to(dt)
+    out = torch.empty(chunk, len(gt), dtype=dt)
     for start in range(0, len(x), chunk):
         q = xt[start:start + chunk]
         torch.mm(q, gt.T, out=out[:len(q)])
@@ -98,12 +101,16 @@ def search_benchmark(args) -> None:
     labels = np.arange(args.n) // 5  # classes of 5: the labels only feed Recall@1
     x[1::5] = x[0::5] + 0.3 * unit(args.n // 5, args.dim, 1)  # some real neighbours
     x /= np.linalg.norm(x, axis=1, keepdims=True)
+    from unicom_cli.eval.search import resolve_precision
+
     print(f"all-vs-all Recall@1, {args.n:,} × {args.dim} float32, {args.threads} threads, "
-          f"best of {args.repeat} interleaved runs")
+          f"best of {args.repeat} interleaved runs; torch screens in "
+          f"{resolve_precision('auto', 'torch', 'cpu', 1)}")
     backends = args.backends.split(",")
     runs = {f"(a) ours, {b}": (lambda b=b: ours(x, labels, b)) for b in backends}
     runs |= {"(b) original (128 rows, L2, top-2)": lambda: original(x, labels),
-             "(c) floor (4096-row sgemm only)": lambda: floor(x)}
+             "(c) floor (4096-row sgemm only)": lambda: floor(x),
+             "    bf16 products only (context)": lambda: floor(x, dtype="bfloat16")}
     best = {name: float("inf") for name in runs}
     recall = {}
     for _ in range(args.repeat):
@@ -112,7 +119,7 @@ def search_benchmark(args) -> None:
             best[name] = min(best[name], t)
             recall[name] = value
     for name, t in best.items():
-        r = f"   Recall@1 {100 * recall[name]:.3f}" if recall[name] is not None else ""
+        r = f"   Recall@1 {100 * recall[name]:.3f}" if recall.get(name) is not None else ""
         print(f"  {name:<36} {t:8.2f} s{r}")
     tb, tc = best["(b) original (128 rows, L2, top-2)"], best["(c) floor (4096-row sgemm only)"]
     for backend in backends:

@@ -26,11 +26,12 @@ def tied_data(seed=0, n=300, d=8):
     return x
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("backend", ["faiss", "torch", "torch-bf16"])
 @pytest.mark.parametrize("k", [1, 4, 20])
 def test_all_vs_all_matches_brute_force_with_ties(backend, k):
     x = tied_data()
-    res = search(x, None, k, exclude_self=True, backend=backend, chunk_rows=64)
+    backend, _, precision = backend.partition("-")
+    res = search(x, None, k, exclude_self=True, backend=backend, chunk_rows=64, precision=precision or "fp32")
     np.testing.assert_array_equal(res.indices, brute_force(x, x, k, True))
     assert not (res.indices == np.arange(len(x))[:, None]).any()
     exact = np.take_along_axis(x @ x.T, res.indices, 1)
@@ -116,3 +117,65 @@ def test_symmetric_blocks_equal_brute_force(monkeypatch, block_rows):
     np.testing.assert_array_equal(a.indices, b.indices)
     c = search(u, None, 10, backend="torch")  # the query itself included
     assert (c.indices[:, 0] == np.arange(len(u))).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bf16_screening_resolves_differences_below_bf16_resolution(precision, symmetric):
+    """Gallery rows that differ by 1e-4 (bf16 rounds them to the same vector) still come back
+    in the exact float64 order, with exact scores."""
+    rng = np.random.default_rng(7)
+    base = l2_normalize(rng.normal(size=(40, 16)))
+    x = np.concatenate([base + 1e-4 * j * rng.normal(size=base.shape).astype(np.float32) for j in range(6)])
+    x = x.astype(np.float32)
+    if symmetric:
+        res = search(x, None, 5, exclude_self=True, backend="torch", precision=precision)
+        ref = brute_force(x, x, 5, True)
+        q = x
+    else:
+        q, g = x[:50], x[50:]
+        res = search(q, g, 5, backend="torch", precision=precision, chunk_rows=16)
+        ref, x = brute_force(q, g, 5, False), g
+    np.testing.assert_array_equal(res.indices, ref)
+    exact = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, res.indices, 1)
+    np.testing.assert_allclose(res.scores, exact, rtol=0, atol=1e-6)
+
+
+def test_bf16_error_bound_holds_for_every_pair():
+    """The bound the bf16 path relies on, checked against the true error of torch's bf16 products."""
+    import torch
+
+    from unicom_cli.eval.search import _ErrorBound
+
+    rng = np.random.default_rng(8)
+    g = (rng.normal(size=(300, 96)) * rng.uniform(0.1, 10, size=(300, 1))).astype(np.float32)
+    q = (rng.normal(size=(120, 96)) * rng.uniform(0.1, 10, size=(120, 1))).astype(np.float32)
+    screened = (torch.from_numpy(q).bfloat16() @ torch.from_numpy(g).bfloat16().T).double().numpy()
+    error = np.abs(screened - q.astype(np.float64) @ g.astype(np.float64).T)
+    bound = _ErrorBound(g, "bf16")(q, screened.astype(np.float32), np.full(len(q), -np.inf))
+    assert (error <= bound[:, None]).all()
+    assert error.max() > 0.05 * bound.max()  # and it is not uselessly loose
+
+
+def test_rows_redone_over_full_scores_when_spares_run_out(monkeypatch):
+    """With no spare candidates every tie at rank k needs the full-row fallback; results stay exact."""
+    import unicom_cli.eval.search as S
+
+    monkeypatch.setattr(S, "_pad", lambda k, precision="fp32": 0)
+    x = tied_data(9)
+    for precision in ("fp32", "bf16"):
+        res = search(x, None, 4, exclude_self=True, backend="torch", precision=precision)
+        np.testing.assert_array_equal(res.indices, brute_force(x, x, 4, True))
+        res = search(x[:30], x, 4, backend="torch", precision=precision)
+        np.testing.assert_array_equal(res.indices, brute_force(x[:30], x, 4, False))
+
+
+def test_precision_choice():
+    from unicom_cli.errors import UsageError
+    from unicom_cli.eval.search import resolve_precision
+
+    assert resolve_precision("bf16", "faiss", "cpu", 1) == "fp32"  # faiss screens in fp32 only
+    assert resolve_precision("auto", "torch", "cpu", 1000) == "fp32"  # wide candidate bands
+    assert resolve_precision("bf16", "torch", "cpu", 1000) == "bf16"
+    with pytest.raises(UsageError, match="fp64"):
+        resolve_precision("fp64", "torch", "cpu", 1)
