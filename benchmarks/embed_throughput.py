@@ -12,8 +12,9 @@ scikit-learn and scikit-image, then measures, with the same random weights:
   (c) the naive loop of the original: one process, PIL + torchvision transform + forward,
 
 and prints images/s for each with the ratios b/a and b/c. ``--draft-check`` also measures
-how far JPEG draft decoding moves the embeddings, next to a resampling-noise yardstick
-(bilinear instead of bicubic resizing of the full image).
+how far JPEG draft decoding and embed's own loader (TurboJPEG decode + torch's uint8 bicubic)
+move the embeddings away from the reference (Pillow decode + torchvision transform), next to
+a resampling-noise yardstick (bilinear instead of bicubic resizing of the full image).
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def draft_check(model, spec, paths) -> None:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    from unicom_cli.data.images import DRAFT_MARGIN, load_image
+    from unicom_cli.data.images import (
+        DRAFT_MARGIN,
+        load_image,
+        load_pixels,
+        resize_center_crop,
+    )
 
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
@@ -119,7 +125,7 @@ def draft_check(model, spec, paths) -> None:
         img = F.center_crop(F.resize(img, size, interpolation=mode), size)
         return (F.to_tensor(img) - mean) / std
 
-    full, draft, bilinear, drafted = [], [], [], 0
+    full, draft, bilinear, loader, drafted = [], [], [], [], 0
     for p in paths:
         ref = load_image(p)
         small = load_image(p, draft_size=size * DRAFT_MARGIN)
@@ -127,17 +133,20 @@ def draft_check(model, spec, paths) -> None:
         full.append(prep(ref))
         draft.append(prep(small))
         bilinear.append(prep(ref, InterpolationMode.BILINEAR))
+        loader.append((resize_center_crop(load_pixels(p), size).float() / 255 - mean) / std)
     with torch.inference_mode():
-        emb = [model(torch.stack(x)) for x in (full, draft, bilinear)]
+        emb = [model(torch.stack(x)) for x in (full, draft, bilinear, loader)]
     cos = [torch.nn.functional.cosine_similarity(emb[0], e).numpy() for e in emb[1:]]
     pix = [(torch.stack(x) - torch.stack(full)).mul(std).abs().mean().item() * 255
-           for x in (draft, bilinear)]
+           for x in (draft, bilinear, loader)]
     print(f"draft check on {len(paths)} photos ({drafted} decoded at reduced scale, margin "
           f"{DRAFT_MARGIN}x the {size}px input):")
     print(f"  draft vs full decode   : cosine mean {cos[0].mean():.6f} min {cos[0].min():.6f}, "
           f"mean |pixel diff| {pix[0]:.2f}/255")
     print(f"  bilinear vs bicubic    : cosine mean {cos[1].mean():.6f} min {cos[1].min():.6f}, "
           f"mean |pixel diff| {pix[1]:.2f}/255  (resampling-noise yardstick)")
+    print(f"  embed's loader vs PIL  : cosine mean {cos[2].mean():.6f} min {cos[2].min():.6f}, "
+          f"mean |pixel diff| {pix[2]:.3f}/255  (TurboJPEG decode + torch uint8 bicubic)")
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ from unicom_cli.data.images import (
     PathList,
     list_images,
     load_image,
+    load_pixels,
+    resize_center_crop,
     scan_folder,
 )
 from unicom_cli.errors import BadImage, InputError
@@ -202,3 +204,60 @@ def test_dataset_turns_bad_files_into_flagged_zero_rows(tmp_path, photo):
     assert pixels.float().std() > 10
     pos, pixels, reason = ds[1]
     assert pos == 1 and "empty" in reason and int(pixels.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"quality": 100}])
+def test_fast_jpeg_decode_equals_pillow(tmp_path, photo, options):
+    """load_pixels decodes colour JPEGs through TurboJPEG: the same pixels as Pillow's decoder."""
+    path = _save(Image.fromarray(photo), tmp_path / "p.jpg", **{"quality": 90, **options})
+    out = load_pixels(path)
+    assert out.dtype == np.uint8 and out.flags.c_contiguous
+    assert np.array_equal(out, np.asarray(load_image(path)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_jpeg_decode_applies_every_exif_orientation(tmp_path, photo, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(Image.fromarray(photo[:300, :500]), tmp_path / "o.jpg", quality=90, exif=exif)
+    expected = np.asarray(load_image(path))  # Pillow's ImageOps.exif_transpose
+    assert expected.shape[:2] == ((500, 300) if orientation >= 5 else (300, 500))
+    assert np.array_equal(load_pixels(path), expected)
+
+
+def test_fast_jpeg_decode_bad_and_unusual_files(tmp_path, photo):
+    (tmp_path / "z.jpg").write_bytes(b"")
+    (tmp_path / "t.jpg").write_text("this is not a picture\n")
+    buf = io.BytesIO()
+    Image.fromarray(photo).save(buf, "JPEG", quality=90)
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "junk.jpg").write_bytes(buf.getvalue()[:600] + bytes(range(256)) * 40)
+    for name, reason in [("z.jpg", "empty file"), ("t.jpg", "not an image"), ("cut.jpg", "truncated"),
+                         ("junk.jpg", "cannot decode")]:
+        with pytest.raises(BadImage, match=reason):
+            load_pixels(tmp_path / name)
+    with pytest.raises(BadImage, match="--max-pixels"):
+        load_pixels(_save(Image.fromarray(photo), tmp_path / "p.jpg"), max_pixels=1000)
+    # Pillow handles what TurboJPEG's RGB path does not: CMYK and greyscale JPEGs, PNGs.
+    for name, img in [("c.jpg", Image.fromarray(photo).convert("CMYK")),
+                      ("g.jpg", Image.fromarray(photo).convert("L")), ("p.png", Image.fromarray(photo))]:
+        path = _save(img, tmp_path / name)
+        assert np.array_equal(load_pixels(path), np.asarray(load_image(path)))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (13, 7), (400, 600), (1200, 1600), (37, 1000), (224, 224)])
+@pytest.mark.parametrize("size", [32, 224])
+def test_resize_center_crop_matches_the_clip_transform(photo, shape, size):
+    """torch's uint8 antialiased bicubic + crop vs torchvision Resize + CenterCrop on PIL images."""
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(shape[0])
+    pixels = np.asarray(Image.fromarray(photo).resize(shape[::-1], Image.Resampling.BICUBIC))
+    if min(shape) < 50:  # tiny images: noise, the hardest case for a resampler
+        pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    reference = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)])
+    expected = np.asarray(reference(Image.fromarray(pixels)), dtype=np.int16)
+    out = resize_center_crop(pixels, size).permute(1, 2, 0).numpy().astype(np.int16)
+    assert out.shape == expected.shape == (size, size, 3)
+    diff = np.abs(out - expected)
+    assert diff.max() <= 2 and diff.mean() < 0.02

@@ -70,6 +70,14 @@ def reference(folder, tiny_spec_file, tiny_checkpoint) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_matches_reference(feats, expected):
+    """The loader resizes with torch's uint8 bicubic, Pillow's filter to within 1/255 on a few
+    pixels (tests/data/test_images.py); that moves the embeddings by ~1e-4 at most."""
+    np.testing.assert_allclose(feats, expected, rtol=0, atol=5e-4)
+    cosine = (feats * expected).sum(1) / np.linalg.norm(feats, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.99999
+
+
 def _config(folder, out, spec, ckpt, **kw) -> EmbedConfig:
     kw = {"batch_size": 4, "workers": 0, "progress": False, "draft": False, **kw}
     return EmbedConfig(input=folder[0], output=out, model=str(spec), weights=ckpt, **kw)
@@ -84,7 +92,7 @@ def test_embed_equals_reference_with_ids_aligned(folder, reference, tiny_spec_fi
     assert ids == [n for n in folder[1] if Path(n).name not in BAD]
     assert feats.dtype == np.float32 and feats.shape == (len(ids), 16)
     expected = np.stack([reference[i] for i in ids])
-    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-5)
+    assert_matches_reference(feats, expected)
     failures = dict(line.split("\t") for line in
                     (tmp_path / "feats.failures.txt").read_text().splitlines())
     assert {Path(k).name for k in failures} == set(BAD)
@@ -214,7 +222,7 @@ def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_chec
             assert not result.ok[i] and not result.features[i].any()
         else:
             assert result.ok[i]
-            np.testing.assert_allclose(result.features[i], reference[name], rtol=1e-4, atol=1e-5)
+            assert_matches_reference(result.features[i][None], reference[name][None])
     assert sorted(Path(p).name for p, _ in result.failures) == sorted(BAD)
     assert result.indices is None
 

@@ -195,11 +195,7 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     try:
         img = _open_unchecked(path)
         with img:
-            width, height = img.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise BadImage(f"{width}x{height} = {width * height:,} pixels is above the limit "
-                               f"of {max_pixels:,} (possible decompression bomb); raise "
-                               "--max-pixels to accept it")
+            _check_pixels(img.size, max_pixels)
             if draft_size and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             img.load()  # first frame of animated GIF/WebP/TIFF
@@ -217,7 +213,7 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 _OPEN_LOCK = threading.Lock()
 
 
-def _open_unchecked(path: Path | str) -> "PILImage.Image":
+def _open_unchecked(path) -> "PILImage.Image":
     """``Image.open`` (header only) with Pillow's own pixel limit off: ours, in load_image,
     replaces it, so that --max-pixels can also go above Pillow's. The global is restored at
     once; the lock keeps other threads of this process from seeing it off."""
@@ -232,17 +228,100 @@ def _open_unchecked(path: Path | str) -> "PILImage.Image":
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def resize_center_crop(img: "PILImage.Image", size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bicubic), center crop to size x size: uint8 (size, size, 3).
+def load_pixels(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                draft_size: int | None = None) -> np.ndarray:
+    """``load_image`` as an RGB uint8 (H, W, 3) array, about twice as fast for the common case.
 
-    The same arithmetic as the CLIP eval transform (torchvision Resize + CenterCrop on PIL
-    images), so the pixels are identical; normalisation happens later on the device.
+    Colour JPEGs are decoded by libjpeg-turbo's TurboJPEG interface (simplejpeg), which gives
+    the same pixels as Pillow's decoder in half the time; the EXIF orientation is applied as an
+    exact flip/rotation. Everything else (PNG, CMYK, greyscale JPEGs, draft decoding) goes
+    through Pillow.
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as F
+    try:
+        import simplejpeg
+    except ImportError:  # optional speed-up: Pillow decodes everything too
+        simplejpeg = None
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise BadImage(f"cannot read ({exc.strerror})") from exc
+    if simplejpeg is None or draft_size or data[:3] != b"\xff\xd8\xff":
+        return np.asarray(load_image(path, max_pixels=max_pixels, draft_size=draft_size))
+    import io
 
-    img = F.center_crop(F.resize(img, size, interpolation=InterpolationMode.BICUBIC), size)
-    return np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy wants one
+    from PIL import UnidentifiedImageError
+
+    try:
+        with _open_unchecked(io.BytesIO(data)) as img:
+            _check_pixels(img.size, max_pixels)
+            if img.format != "JPEG" or img.mode != "RGB":
+                return np.asarray(load_image(path, max_pixels=max_pixels, draft_size=draft_size))
+            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except BadImage:
+        raise
+    except UnidentifiedImageError as exc:
+        raise BadImage("not an image file Pillow can read (wrong extension or unknown format)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError) as exc:
+        raise BadImage(f"cannot decode: {str(exc) or type(exc).__name__}") from exc
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except (ValueError, MemoryError) as exc:
+        detail = "truncated JPEG (premature end of file)" if "Premature end" in str(exc) else str(exc)
+        raise BadImage(f"cannot decode: {detail}") from exc
+    return _orient(pixels, orientation)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """The EXIF orientation (1-8) applied to an (H, W, C) array, as ``ImageOps.exif_transpose`` does."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    op = ops.get(orientation)
+    return pixels if op is None else np.ascontiguousarray(op(pixels))
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise BadImage(f"{width}x{height} = {width * height:,} pixels is above the limit "
+                       f"of {max_pixels:,} (possible decompression bomb); raise "
+                       "--max-pixels to accept it")
+
+
+def resize_center_crop(pixels: np.ndarray, size: int) -> "torch.Tensor":
+    """Shorter side to ``size`` (bicubic), center crop to size x size: uint8 (3, size, size).
+
+    The same geometry as the CLIP eval transform (torchvision Resize + CenterCrop on PIL
+    images). torch's antialiased uint8 bicubic reproduces Pillow's filter (within 1/255 on a
+    few pixels) about ten times faster; normalisation happens later on the device.
+    """
+    import torch
+
+    height, width = pixels.shape[:2]
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if not pixels.flags.writeable:  # np.asarray of a PIL image is read-only; torch wants writable
+        pixels = pixels.copy()
+    image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
+    if (new_h, new_w) != (height, width):
+        image = torch.nn.functional.interpolate(image, size=(new_h, new_w), mode="bicubic",
+                                                antialias=True, align_corners=False)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return image[0, :, top:top + size, left:left + size].contiguous()
 
 
 class ImageDataset:
@@ -268,10 +347,9 @@ class ImageDataset:
 
         position = int(self.positions[i])
         try:
-            img = load_image(self.images.path(position), max_pixels=self.max_pixels,
-                             draft_size=self.draft_size)
-            pixels = resize_center_crop(img, self.size)
-            return position, torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), ""
+            pixels = load_pixels(self.images.path(position), max_pixels=self.max_pixels,
+                                 draft_size=self.draft_size)
+            return position, resize_center_crop(pixels, self.size), ""
         except BadImage as exc:
             return position, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(exc)
 

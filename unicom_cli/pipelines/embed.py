@@ -49,14 +49,15 @@ if TYPE_CHECKING:
 
 
 def default_workers(device_type: str) -> int:
-    """Decoding processes per rank: this rank's share of the cores, leaving the CPU forward
-    pass its threads (on CPU one decoder per two cores keeps both busy, see the benchmark)."""
+    """Decoding processes per rank: this rank's share of the cores on CUDA; on CPU, where the
+    forward pass needs the cores, one per two cores but at least two (on 2 cores two decoders
+    gave b/a 0.88-0.90 against 0.84-0.86 for one, benchmarks/embed_throughput.py)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
         cores = os.cpu_count() or 1
     share = max(1, cores // world_size())
-    return min(share, 12) if device_type == "cuda" else max(1, share // 2)
+    return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
 
 
 class _Forward:
