@@ -177,5 +177,6 @@ def test_precision_choice():
     assert resolve_precision("bf16", "faiss", "cpu", 1) == "fp32"  # faiss screens in fp32 only
     assert resolve_precision("auto", "torch", "cpu", 1000) == "fp32"  # wide candidate bands
     assert resolve_precision("bf16", "torch", "cpu", 1000) == "bf16"
+    assert resolve_precision("bf16", "torch", "cuda:0", 1) == "fp32"  # cuBLAS reductions: no bound
     with pytest.raises(UsageError, match="fp64"):
         resolve_precision("fp64", "torch", "cpu", 1)

@@ -2,9 +2,8 @@
 
 The order is defined once, independently of the backend: by the float64 inner product of the
 (float32) vectors, rounded to 12 decimals, descending, then by ascending gallery index. The
-backends rank in float32 (fast sgemm), or, with the torch backend for small k on hardware with
-fast bfloat16 products (AVX512-BF16/AMX CPUs, CUDA tensor cores), in bfloat16 at several times
-the speed. Each score comes with a proven bound on its error (``_ErrorBound``); where two
+backends rank in float32 (fast sgemm), or, with the torch backend for small k on CPUs with
+fast bfloat16 products (AVX512-BF16/AMX), in bfloat16 at several times the speed. Each score comes with a proven bound on its error (``_ErrorBound``); where two
 scores are closer than that, the affected candidates are rescored in float64, so faiss, torch,
 fp32, bf16, CPU, GPU and any chunking or process count return the same neighbours. Partial
 selection (faiss heaps, ``torch.topk``) asks for spare candidates per row; rows whose k-th
@@ -71,12 +70,14 @@ def resolve_backend(backend: str, device: str, all_vs_all: bool = False) -> str:
 def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
     """The precision the scores are screened in (results are identical either way).
 
-    ``auto`` is bf16 for the torch backend when k is small and the hardware multiplies bf16
-    much faster than fp32; faiss always screens in fp32.
+    ``auto`` is bf16 for the torch backend on CPU when k is small and the CPU multiplies bf16
+    much faster than fp32. faiss and CUDA always screen in fp32: cuBLAS may sum bf16 products
+    in reduced precision (torch's ``allow_bf16_reduced_precision_reduction``), which the error
+    bound does not cover.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if backend != "torch":
+    if backend != "torch" or not str(device).startswith("cpu"):
         return "fp32"
     if precision == "auto":
         return "bf16" if k <= _BF16_MAX_K and fast_bf16(str(device)) else "fp32"
@@ -85,14 +86,11 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
 
 @functools.cache
 def fast_bf16(device: str) -> bool:
-    """Whether bf16 matrix products are at least 1.5× faster than fp32 here (measured once on CPU:
-    without AVX512-BF16 or AMX they are emulated and slower)."""
+    """Whether bf16 matrix products are at least 1.5× faster than fp32 on this CPU (measured
+    once: without AVX512-BF16 or AMX they are emulated and slower)."""
     import torch
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if dev.type != "cpu":
+    if torch.device(device).type != "cpu":
         return False
     a, b = torch.randn(1024, 256), torch.randn(1024, 256)
 
