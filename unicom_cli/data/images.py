@@ -6,7 +6,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -185,15 +185,21 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     Raises:
         BadImage: with a one-line reason (empty, not an image, truncated, too large…).
     """
-    from PIL import ImageOps, UnidentifiedImageError
-
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror})") from exc
+    return _decode_with_pillow(path, max_pixels, draft_size)
+
+
+def _decode_with_pillow(source: Path | str | IO[bytes], max_pixels: int | None,
+                        draft_size: int | None) -> "PILImage.Image":
+    """``load_image`` after the file checks: ``source`` is a path or the file's bytes."""
+    from PIL import ImageOps, UnidentifiedImageError
+
     try:
-        img = _open_unchecked(path)
+        img = _open_unchecked(source)
         with img:
             _check_pixels(img.size, max_pixels)
             if draft_size and img.format == "JPEG":
@@ -213,7 +219,7 @@ def load_image(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
 _OPEN_LOCK = threading.Lock()
 
 
-def _open_unchecked(path) -> "PILImage.Image":
+def _open_unchecked(path: Path | str | IO[bytes]) -> "PILImage.Image":
     """``Image.open`` (header only) with Pillow's own pixel limit off: ours, in load_image,
     replaces it, so that --max-pixels can also go above Pillow's. The global is restored at
     once; the lock keeps other threads of this process from seeing it off."""
@@ -238,58 +244,58 @@ def load_pixels(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     through Pillow.
     """
     try:
-        import simplejpeg
-    except ImportError:  # optional speed-up: Pillow decodes everything too
-        simplejpeg = None
-    try:
         if os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror})") from exc
-    if simplejpeg is None or draft_size or data[:3] != b"\xff\xd8\xff":
-        return np.asarray(load_image(path, max_pixels=max_pixels, draft_size=draft_size))
+    if not draft_size and data[:3] == b"\xff\xd8\xff":
+        pixels = _decode_with_turbojpeg(data, max_pixels)
+        if pixels is not None:
+            return pixels
     import io
 
-    from PIL import UnidentifiedImageError
+    return np.asarray(_decode_with_pillow(io.BytesIO(data), max_pixels, draft_size))
+
+
+def _decode_with_turbojpeg(data: bytes, max_pixels: int | None) -> np.ndarray | None:
+    """An RGB-coded JPEG decoded by TurboJPEG with its EXIF orientation applied; None for
+    anything else (or without simplejpeg), which Pillow then decodes or explains."""
+    import io
 
     try:
+        import simplejpeg
+    except ImportError:  # optional speed-up: Pillow decodes everything too
+        return None
+    try:
         with _open_unchecked(io.BytesIO(data)) as img:
-            _check_pixels(img.size, max_pixels)
             if img.format != "JPEG" or img.mode != "RGB":
-                return np.asarray(load_image(path, max_pixels=max_pixels, draft_size=draft_size))
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except BadImage:
-        raise
-    except UnidentifiedImageError as exc:
-        raise BadImage("not an image file Pillow can read (wrong extension or unknown format)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError) as exc:
-        raise BadImage(f"cannot decode: {str(exc) or type(exc).__name__}") from exc
+                return None
+            size, orientation = img.size, img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow's own decode reports what is wrong
+        return None
+    _check_pixels(size, max_pixels)
     try:
         pixels = simplejpeg.decode_jpeg(data, colorspace="RGB")
     except (ValueError, MemoryError) as exc:
         detail = "truncated JPEG (premature end of file)" if "Premature end" in str(exc) else str(exc)
         raise BadImage(f"cannot decode: {detail}") from exc
-    return _orient(pixels, orientation)
+    orient = _ORIENT.get(orientation)
+    return pixels if orient is None else np.ascontiguousarray(orient(pixels))
 
 
 _EXIF_ORIENTATION = 0x0112
-
-
-def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """The EXIF orientation (1-8) applied to an (H, W, C) array, as ``ImageOps.exif_transpose`` does."""
-    ops = {
-        2: lambda a: a[:, ::-1],
-        3: lambda a: a[::-1, ::-1],
-        4: lambda a: a[::-1],
-        5: lambda a: a.transpose(1, 0, 2),
-        6: lambda a: np.rot90(a, -1),
-        7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
-        8: lambda a: np.rot90(a, 1),
-    }
-    op = ops.get(orientation)
-    return pixels if op is None else np.ascontiguousarray(op(pixels))
+# EXIF orientation (2-8) → the flip/rotation of an (H, W, C) array that ImageOps.exif_transpose does.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:

@@ -3,11 +3,12 @@
 The order is defined once, independently of the backend: by the float64 inner product of the
 (float32) vectors, rounded to 12 decimals, descending, then by ascending gallery index. The
 backends rank in float32 (fast sgemm), or, with the torch backend for small k on CPUs with
-fast bfloat16 products (AVX512-BF16/AMX), in bfloat16 at several times the speed. Each score comes with a proven bound on its error (``_ErrorBound``); where two
-scores are closer than that, the affected candidates are rescored in float64, so faiss, torch,
-fp32, bf16, CPU, GPU and any chunking or process count return the same neighbours. Partial
-selection (faiss heaps, ``torch.topk``) asks for spare candidates per row; rows whose k-th
-score is within the error of the last spare are redone over their full score rows in float32.
+fast bfloat16 products (AVX512-BF16/AMX), in bfloat16 at several times the speed. Each score
+comes with a proven bound on its error (``_ErrorBound``); where two scores are closer than that,
+the affected candidates are rescored in float64, so faiss, torch, fp32, bf16, CPU, GPU and any
+chunking or process count return the same neighbours. Partial selection (faiss heaps,
+``torch.topk``) asks for spare candidates per row; rows whose k-th score is within the error of
+the last spare are redone over their full score rows in float32.
 """
 
 from __future__ import annotations
@@ -80,18 +81,16 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
     if backend != "torch" or not str(device).startswith("cpu"):
         return "fp32"
     if precision == "auto":
-        return "bf16" if k <= _BF16_MAX_K and fast_bf16(str(device)) else "fp32"
+        return "bf16" if k <= _BF16_MAX_K and fast_bf16() else "fp32"
     return precision
 
 
 @functools.cache
-def fast_bf16(device: str) -> bool:
+def fast_bf16() -> bool:
     """Whether bf16 matrix products are at least 1.5× faster than fp32 on this CPU (measured
     once: without AVX512-BF16 or AMX they are emulated and slower)."""
     import torch
 
-    if torch.device(device).type != "cpu":
-        return False
     a, b = torch.randn(1024, 256), torch.randn(1024, 256)
 
     def best(x, y) -> float:
@@ -206,7 +205,8 @@ class _ErrorBound:
         q_hat = _bf16_round(q)
         q_hat_norm = np.sqrt(np.einsum("ij,ij->i", q_hat, q_hat))
         residual = q - q_hat
-        inputs = (np.sqrt(np.einsum("ij,ij->i", residual, residual)) * self.g_norm + q_hat_norm * self.g_residual
+        residual_norm = np.sqrt(np.einsum("ij,ij->i", residual, residual))
+        inputs = (residual_norm * self.g_norm + q_hat_norm * self.g_residual
                   + 2 * self.dim * _F32_UNIT * q_hat_norm * self.g_hat_norm)
         finite = np.where(np.isfinite(s), np.abs(s), 0.0).max(axis=1, initial=0.0)
         largest = np.maximum(finite, np.where(np.isfinite(floor), np.abs(floor), 0.0))
@@ -256,7 +256,7 @@ def _finish(q, gallery, s, i, floor, bound, k, self_ids, exact_scores):
         out_s = np.where(np.take_along_axis(touched, order, 1),
                          np.take_along_axis(key, order, 1), out_s).astype(np.float32)
     out_i = np.take_along_axis(i, order, 1)
-    if bound.precision != "fp32" and not exact_scores:  # bf16 values are not worth returning
+    if bound.precision == "bf16" and not exact_scores:  # bf16 values are not worth returning
         r, c = np.nonzero(~np.take_along_axis(touched, order, 1) & np.isfinite(out_s))
         out_s[r, c] = _dots(q, r, gallery, out_i[r, c])
     unsafe = np.flatnonzero(s[:, k - 1] - floor <= 2 * eps)
