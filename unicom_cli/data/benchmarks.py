@@ -277,9 +277,8 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
         ids = row["images"].split()
         unknown = [i for i in ids if i not in position]
         if not ids or unknown:
-            raise DatasetLayout(f"{sol_path}:{n}: query {row['id']} lists "
-                                f"{'no index ids' if not ids else 'index id ' + unknown[0] + ' absent from ' + str(idx_path)}. "
-                                f"Get {SOURCES['gldv2']}")
+            what = "no index ids" if not ids else f"index id {unknown[0]} absent from {idx_path}"
+            raise DatasetLayout(f"{sol_path}:{n}: query {row['id']} lists {what}. Get {SOURCES['gldv2']}")
         q_ids.append(row["id"])
         relevant.append(np.array(sorted({position[i] for i in ids}), dtype=np.int64))
         usage.append(row["Usage"].lower())

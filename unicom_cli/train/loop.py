@@ -206,7 +206,7 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
     """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
