@@ -39,7 +39,7 @@ class KnnConfig:
 
 def run_knn(cfg: KnnConfig) -> dict | None:
     """Evaluate kNN accuracy; returns the results dict on rank 0, None on other ranks."""
-    from unicom_cli.data.benchmarks import scan_image_folder
+    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.distributed import device_for, is_main, world_size
     from unicom_cli.distributed.comm import shard_range
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
@@ -55,8 +55,8 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    train_paths, train_names = scan_image_folder(cfg.train_dataset)
-    val_paths, val_names = scan_image_folder(cfg.val_dataset)
+    train_paths, train_names = scan_class_folders(cfg.train_dataset)
+    val_paths, val_names = scan_class_folders(cfg.val_dataset)
     classes = sorted(set(train_names) | set(val_names))
     index = {c: i for i, c in enumerate(classes)}
     train_labels = np.array([index[n] for n in train_names], dtype=np.int64)

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from unicom_cli.errors import DatasetLayout, InputError, UsageError
-from unicom_cli.train.data import ImageList, relabel, scan_image_folder
+from unicom_cli.train.data import LabelledImages, relabel, scan_image_folder
 from unicom_cli.utils.console import info, warn
 
 BENCHMARKS = ("sop", "cub", "cars", "inshop", "inat")
-def train_split(name: str, root: Path | None) -> ImageList:
+def train_split(name: str, root: Path | None) -> LabelledImages:
     """The training images of a retrieval benchmark (the complement of its test classes).
 
     ``root`` is the folder holding the benchmark folders (default ./data), as for eval-retrieval.
@@ -31,7 +31,7 @@ def train_split(name: str, root: Path | None) -> ImageList:
     return relabel([bench.root / p for p in bench.train.paths], bench.train.labels.tolist())
 
 
-def _test_images(dataset: str, data: Path | None) -> ImageList | None:
+def _test_images(dataset: str, data: Path | None) -> LabelledImages | None:
     if dataset.startswith("folder:"):
         root = Path(dataset[len("folder:"):])
         for name in ("test", "val"):
