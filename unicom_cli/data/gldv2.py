@@ -34,6 +34,7 @@ from unicom_cli.data import reencode
 from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import usable_cores
 
 PREFIX = "train"
 PARTIAL_DIR = ".train.partial"
@@ -262,10 +263,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def default_workers() -> int:
     """All cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split planned: issue 16)

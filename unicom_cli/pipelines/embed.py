@@ -9,7 +9,6 @@ Two entry points share one batch loop:
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,6 +37,7 @@ from unicom_cli.pipelines.writer import (
     rows_done_total,
 )
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import cores_per_process
 
 if TYPE_CHECKING:
     import torch
@@ -53,11 +53,7 @@ def default_workers(device_type: str) -> int:
     """Decoding processes per rank: this rank's share of the cores on CUDA; on CPU, where the
     forward pass needs the cores, one per two cores but at least two (on 2 cores two decoders
     gave b/a 0.88-0.90 against 0.84-0.86 for one, benchmarks/embed_throughput.py)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
-    share = max(1, cores // world_size())
+    share = cores_per_process(world_size())
     return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
 
 
