@@ -22,6 +22,7 @@ def test_a_process_pinned_to_one_core_counts_one():
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
             "from unicom_cli.utils.cpu import usable_cores, cores_per_process; "
             "print(usable_cores(), cores_per_process(4), os.cpu_count())")
+    repo = os.path.dirname(os.path.dirname(unicom_cli.__file__))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(unicom_cli.__file__))}).stdout.split()
+                         env={**os.environ, "PYTHONPATH": repo}).stdout.split()
     assert out[:2] == ["1", "1"]
