@@ -169,7 +169,7 @@ def _settings(retries: int | None, backoff: float | None, progress: bool,
 
 
 def _request(url: str, offset: int = 0) -> urllib.request.Request:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
 
     headers = {"User-Agent": f"unicom-cli/{__version__}"}
     if offset:

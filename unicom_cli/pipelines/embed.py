@@ -262,7 +262,7 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     Every check that can fail on the user's input runs before the model is loaded. A run
     interrupted at any point continues when started again with the same arguments.
     """
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
     from unicom_cli.models.factory import create_model
     from unicom_cli.models.registry import get_spec
 

@@ -363,10 +363,7 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         atomic_save(state, path)
         spec = t.spec
         tmp = arch.with_name(arch.name + ".tmp")
-        tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
-                                   "patch_size": spec.patch_size, "width": spec.width,
-                                   "depth": spec.depth, "heads": spec.heads,
-                                   "embedding_size": spec.embedding_size}, indent=2))
+        tmp.write_text(json.dumps(spec.to_json(), indent=2))
         os.replace(tmp, arch)
     D.barrier()
     return path, arch
