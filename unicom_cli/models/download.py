@@ -31,6 +31,7 @@ from unicom_cli.models.weights import (
     SHA256_HEX,
     cache_dir,
     read_sidecar,
+    file_digest,
     sha256_file,
     sidecar,
     write_sidecar,
@@ -389,7 +390,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
     part = path.with_name(path.name + ".part")
     with _locked(path):
         if path.is_file():
-            digest = sha256_file(path)
+            digest = file_digest(path)  # a fresh record is trusted; --verify re-hashes
             reference = expected or read_sidecar(path)
             if reference is None or digest == reference:
                 write_sidecar(path, digest)
