@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     remember_command(argv)  # --gpus/--procs start this same command line again
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = _run_app(argv)
     except UnicomError as exc:
         if os.environ.get("UNICOM_DEBUG") == "1":
             raise
@@ -94,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         forget_command()
     # Without standalone mode click returns typer.Exit(code) as the result instead of raising.
     return result if isinstance(result, int) else 0
+
+
+def _run_app(argv: list[str] | None) -> object:
+    """The app, with a full or read-only disk anywhere turned into one line naming the folder."""
+    from unicom_cli.utils.files import disk_error
+
+    try:
+        return app(args=argv, standalone_mode=False)
+    except OSError as exc:
+        converted = disk_error(exc)
+        if converted is None:
+            raise
+        raise converted from exc
 
 
 def _click_exceptions() -> tuple[type[Exception], ...]:

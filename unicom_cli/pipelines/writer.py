@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from unicom_cli.errors import InputError, OutputExists, UsageError
+from unicom_cli.utils.files import write_text_atomic
 
 DTYPES = ("float32", "float16")
 FORMAT_VERSION = 1
@@ -93,7 +94,7 @@ class OutputFiles:
                 path.unlink(missing_ok=True)
         if plan != "resume":
             self.workdir.mkdir()
-            atomic_write_text(self.workdir / "run.json", json.dumps(fingerprint, indent=1))
+            write_text_atomic(self.workdir / "run.json", json.dumps(fingerprint, indent=1))
 
     def check_resume(self, fingerprint: dict) -> None:
         """Raise a UsageError naming every argument that differs from the interrupted run."""
@@ -108,16 +109,6 @@ class OutputFiles:
             raise UsageError(f"{self.feats}: an unfinished run with other arguments is in "
                              f"{self.workdir} ({'; '.join(diffs)}). Rerun with the same "
                              "arguments to resume it, or add --overwrite to start over")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class PartWriter:
@@ -184,7 +175,7 @@ class PartWriter:
         self._failures.flush()
         os.fsync(self._failures.fileno())
         state = {"rows_done": done, "failures_bytes": self._failures.tell(), "rows": self.rows}
-        atomic_write_text(self.state_path, json.dumps(state))
+        write_text_atomic(self.state_path, json.dumps(state))
         self.rows_done = done
         self._last = time.monotonic()
         _crash_hook(done)
