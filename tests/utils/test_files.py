@@ -33,10 +33,9 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
 def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(ZeroDivisionError):
-        with atomic_open(target) as handle:
-            handle.write("half")
-            1 / 0
+    with pytest.raises(ZeroDivisionError), atomic_open(target) as handle:
+        handle.write("half")
+        raise ZeroDivisionError
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
 
@@ -83,9 +82,8 @@ def test_second_run_is_refused_at_once_and_a_sigkill_releases_the_lock(tmp_path)
     output = tmp_path / "feats.npy"
     holder = _start_holder(output)
     try:
-        with pytest.raises(OutputInUse) as err:
-            with output_lock(output):
-                pass
+        with pytest.raises(OutputInUse) as err, output_lock(output):
+            pass
         assert f"in use by another unicom run (pid {holder.pid})" in str(err.value)
     finally:
         holder.send_signal(signal.SIGKILL)

@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnicomError as exc:
         if os.environ.get("UNICOM_DEBUG") == "1":
             raise
-        from unicom_cli.utils.console import err_console
-
         from rich.markup import escape
+
+        from unicom_cli.utils.console import err_console
 
         # escape: messages quote paths and backend errors such as "[/src/pair.cc:545] …"
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -20,9 +20,10 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from unicom_cli.errors import DiskError, OutputInUse
 
@@ -134,12 +135,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
                 newline: str | None = "\n") -> Iterator[IO[Any]]:
     """``open(path, mode)`` that replaces ``path`` atomically when the block ends without error."""
     binary = "b" in mode
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=None if binary else encoding,
-                  newline=None if binary else newline) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if binary else encoding,
+                                        newline=None if binary else newline) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -180,7 +180,7 @@ class OutputLock:
         self.path = lock_path(output)
         self._fd: int | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         import fcntl
 
         for _ in range(10):  # the holder may unlink the file between our open and our lock
@@ -217,7 +217,7 @@ class OutputLock:
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:  # noqa: PYI034
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
