@@ -147,12 +147,29 @@ def test_overwrite_protection_and_resume_argument_check(folder, tiny_spec_file, 
 
 
 def _cli(folder_root: Path, out: Path, spec: Path, ckpt: Path, env: dict | None = None,
-         ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "unicom_cli", "embed", str(folder_root), "-o", str(out),
+         entry: list[str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, *(entry or ["-m", "unicom_cli"]), "embed", str(folder_root), "-o", str(out),
            "--model", str(spec), "--weights", str(ckpt), "--batch-size", "2", "--workers", "1",
            "--no-draft"]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+# `unicom embed` that SIGKILLs itself right after its first checkpoint with >= k rows done: a real
+# kill -9 at a known point, with the hook in the test instead of the product.
+KILL_AFTER_ROWS = """
+import os, signal, sys
+from unicom_cli.pipelines import writer
+k = int(os.environ["KILL_AFTER_ROWS"])
+checkpoint = writer.PartWriter.checkpoint
+def checkpoint_then_die(self):
+    checkpoint(self)
+    if self.rows_done >= k:
+        os.kill(os.getpid(), signal.SIGKILL)
+writer.PartWriter.checkpoint = checkpoint_then_die
+from unicom_cli.cli.app import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_resume_after_kill_at_random_batch_is_bitwise_identical(folder, tiny_spec_file,
@@ -164,7 +181,8 @@ def test_resume_after_kill_at_random_batch_is_bitwise_identical(folder, tiny_spe
     out = tmp_path / "killed.npy"
     k = random.Random().randrange(1, len(folder[1]) - 1)
     proc = _cli(folder[0], out, tiny_spec_file, tiny_checkpoint,
-                {"UNICOM_TEST_CRASH_AFTER_ROWS": str(k)})
+                {"KILL_AFTER_ROWS": str(k), "UNICOM_TEST_CHECKPOINT_S": "0"},
+                entry=["-c", KILL_AFTER_ROWS])
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, f"k={k}"
     assert not out.exists() and (tmp_path / "killed.npy.partial" / "run.json").exists()

@@ -20,7 +20,7 @@ from unicom_cli.cli import (
     models,
     prepare_gldv2,
 )
-from unicom_cli.errors import UnicomError
+from unicom_cli.errors import InputError, UnicomError
 
 app = typer.Typer(
     name="unicom",
@@ -102,6 +102,12 @@ def _run_app(argv: list[str] | None) -> object:
 
     try:
         return app(args=argv, standalone_mode=False)
+    except typer.Abort as exc:
+        # click turns EOFError into Abort too; only Ctrl-C is an interruption (exit 130)
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):
+            raise InputError(f"unexpected end of a file: an input is empty or truncated ({cause or 'EOFError'})") from cause
+        raise
     except OSError as exc:
         converted = disk_error(exc)
         if converted is None:

@@ -91,6 +91,8 @@ def _print_summary(summary) -> None:
         table.add_row("wrote", str(path))
     console.print(table)
     for name, reason in summary.failures[:SHOWN_FAILURES]:
+        # a non-UTF-8 file name holds surrogates, which a terminal cannot print
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failures) > SHOWN_FAILURES:
         console.print(f"  … and {len(summary.failures) - SHOWN_FAILURES:,} more in "

@@ -22,12 +22,15 @@ from unicom_cli.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageDataset,
     ImageList,
+    LINE_BREAK_REASON,
     PathList,
+    escape_line_breaks,
     list_images,
 )
 from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
+from unicom_cli.pipelines.features import NONFINITE_REASON
 from unicom_cli.pipelines.writer import (
     DTYPES,
     OutputFiles,
@@ -37,6 +40,7 @@ from unicom_cli.pipelines.writer import (
     rows_done_total,
 )
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +121,10 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         for pos, pixels, reasons in loader:
             with torch.inference_mode():  # not around the yield: the caller's code runs outside
                 feats = forward(pixels).numpy()
+            reasons = list(reasons)
+            nonfinite = ~np.isfinite(feats).all(axis=1)
+            for i in np.flatnonzero(nonfinite):  # never a good row: listed as a failure
+                reasons[i] = reasons[i] or NONFINITE_REASON
             bad = np.array([bool(r) for r in reasons])
             if bad.any():
                 feats[bad] = 0.0
@@ -288,8 +296,16 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
 
     Every check that can fail on the user's input runs before the model is loaded. A run
-    interrupted at any point continues when started again with the same arguments.
+    interrupted at any point continues when started again with the same arguments. A second
+    run on the same output is refused at once (the lock dies with the process holding it).
     """
+    files = OutputFiles.for_output(config.output)
+    files.check_writable()
+    with output_lock(files.feats):
+        return _embed_images(config)
+
+
+def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli import __version__
     from unicom_cli.models.factory import create_model
     from unicom_cli.models.registry import get_spec
@@ -359,12 +375,14 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
         "autocast": fingerprint["autocast"], "world_size": world,
     }
-    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta)
+    unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
+    meta["images"] = total + len(unlisted)
+    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
-        count=count, total=total,
-        failures=[(images.relative[p], r) for p, r in sorted(failed.items())],
+        count=count, total=total + len(unlisted),
+        failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
         outputs=list(files.finals()),

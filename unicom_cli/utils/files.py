@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from unicom_cli.errors import DiskError, OutputInUse
+from unicom_cli.errors import DiskError, InputError, OutputInUse
 
 # Errors of the *place* being written, which the user fixes by freeing space or choosing another one.
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -86,6 +86,22 @@ def ensure_free_space(folder: str | os.PathLike, nbytes: int, what: str = "the o
                         f"{human_bytes(free)} free); free some space or choose another folder")
 
 
+def preallocate(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> None:
+    """Give a (sparse) file all its disk blocks now, so that writing it through a memory map
+    never meets a full disk: that is a SIGBUS with no message, this is a DiskError naming the
+    folder. A no-op for blocks already allocated (a resumed run)."""
+    path = Path(path)
+    with disk_errors(folder if folder is not None else path.parent):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(fd)
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """The hidden temp name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
     path = Path(path)
@@ -132,11 +148,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8",
-                newline: str | None = "\n") -> Iterator[IO[Any]]:
-    """``open(path, mode)`` that replaces ``path`` atomically when the block ends without error."""
+                newline: str | None = "\n", errors: str | None = None) -> Iterator[IO[Any]]:
+    """``open(path, mode)`` that replaces ``path`` atomically when the block ends without error.
+
+    ``errors="surrogateescape"`` writes ids of non-UTF-8 file names as their original bytes.
+    """
     binary = "b" in mode
-    with atomic_path(path) as tmp, open(tmp, mode, encoding=None if binary else encoding,
-                                        newline=None if binary else newline) as handle:
+    text = {} if binary else {"encoding": encoding, "newline": newline, "errors": errors}
+    with atomic_path(path) as tmp, open(tmp, mode, **text) as handle:
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
@@ -184,8 +203,12 @@ class OutputLock:
         import fcntl
 
         for _ in range(10):  # the holder may unlink the file between our open and our lock
-            with disk_errors(self.path.parent):
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                with disk_errors(self.path.parent):
+                    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                raise InputError(f"{self.path.parent}: the output folder does not exist; create "
+                                 f"it first (mkdir -p {self.path.parent})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
