@@ -242,7 +242,7 @@ def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_chec
             assert result.ok[i]
             assert_matches_reference(result.features[i][None], reference[name][None])
     assert sorted(Path(p).name for p, _ in result.failures) == sorted(BAD)
-    assert result.indices is None
+    assert np.array_equal(result.positions, np.arange(len(names)))
 
 
 def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint, monkeypatch):
@@ -261,10 +261,10 @@ def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint,
         monkeypatch.setattr(embed_mod, "shard_range", functools.partial(shard_range, rank_=r, world=3))
         assert len(embed_mod.batch_shard(len(names), 4)) == [8, 8, 1][r]  # 5 batches (17 rows) over 3 ranks
         part = extract_features(paths, loaded, batch_size=4, workers=0, gather=False)
-        assert np.array_equal(part.features, full.features[part.indices])
-        assert np.array_equal(part.ok, full.ok[part.indices])
+        assert np.array_equal(part.features, full.features[part.positions])
+        assert np.array_equal(part.ok, full.ok[part.positions])
         assert {p for p, _ in part.failures} <= {p for p, _ in full.failures}
-        seen.extend(part.indices.tolist())
+        seen.extend(part.positions.tolist())
     assert seen == list(range(len(names)))
 
 

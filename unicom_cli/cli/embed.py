@@ -21,10 +21,10 @@ from unicom_cli.cli.options import (
     ProcsOpt,
     RdzvOpt,
     WeightsOpt,
+    WorkersOpt,
 )
 
 SHOWN_FAILURES = 10
-EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, its share up to 12 on CUDA; 0: decode inline).")]
 
 
 def embed(
@@ -33,7 +33,7 @@ def embed(
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
     batch_size: BatchSizeOpt = 64,
-    workers: EmbedWorkersOpt = None,
+    workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,

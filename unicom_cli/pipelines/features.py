@@ -41,12 +41,16 @@ class ModelOptions:
 
 @dataclass
 class Features:
-    """Rows for some positions of a path list; ``ok`` False where the image or row is missing."""
+    """Rows for some positions of a path list; ``ok`` False where the image or row is missing.
 
-    features: np.ndarray  # (len(positions), D) float32, un-normalised
+    What both sources of features give: the embed pipeline (:func:`extract_features`, all rows
+    or one rank's shard) and a precomputed file (:func:`load_embeddings`).
+    """
+
+    features: np.ndarray  # (len(positions), D) float32, un-normalised, missing rows zero
     positions: np.ndarray  # int64 positions in the path list
     ok: np.ndarray  # bool per row
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 def ids_file(npy: Path) -> Path:
@@ -128,11 +132,9 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
     full = [str(Path(root) / p) for p in paths]
     res = extract_features(full, loaded, batch_size=opts.batch_size, workers=opts.workers,
                            description=description, gather=gather)
-    positions = np.arange(len(paths)) if gather else np.asarray(res.indices, dtype=np.int64)
-    failures = [(str(p), str(r)) for p, r in res.failures]
-    refuse_nonfinite([p for p, r in failures if r == NONFINITE_REASON], len(res.ok),
+    refuse_nonfinite([p for p, r in res.failures if r == NONFINITE_REASON], len(res.ok),
                      "the model's features")
-    return Features(np.asarray(res.features, dtype=np.float32), positions, np.asarray(res.ok, bool), failures)
+    return res
 
 
 def load_model(opts: ModelOptions):
