@@ -112,7 +112,7 @@ def test_fp16_checkpoint_loads_strict_and_gives_the_reference_embedding(tiny_spe
                                                                          tiny_checkpoint):
     state = torch.load(tiny_checkpoint, weights_only=True)
     assert state["pos_embed"].dtype == torch.float16
-    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint)
+    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint, precision="fp32")
     model = loaded.model
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
