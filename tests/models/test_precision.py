@@ -124,3 +124,23 @@ def test_resume_with_another_precision_is_refused(tmp_path, tiny_spec_file, tiny
     cpu_is(ZEN3)  # auto on a CPU without bf16 resolves to fp32: refused the same way
     assert _embed(main, folder, out, tiny_spec_file, tiny_checkpoint) == 2
     assert "--precision bf16 to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_retrieval_records_and_prints_the_precision(tmp_path, tiny_spec_file, tiny_checkpoint,
+                                                         cpu_is, capsys):
+    import torch
+
+    from unicom_cli.cli.app import main
+    from unicom_cli.data.digits import write_digits_tree
+
+    torch.set_num_threads(1)
+    tree = write_digits_tree(tmp_path / "d", size=32, limit_per_class=4)
+    for flags, expected in ((SAPPHIRE_RAPIDS, "bf16"), (ZEN3, "fp32")):
+        cpu_is(flags)
+        out = tmp_path / f"{expected}.json"
+        assert main(["eval-retrieval", "--dataset", f"folder:{tree.test}", "--model",
+                     str(tiny_spec_file), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                     "--workers", "0", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["precision"] == expected
+        assert f"tiny on cpu, {expected}" in capsys.readouterr().err
