@@ -204,7 +204,7 @@ class EmbedConfig:
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
-    precision: str | None = None  # fp32/fp16/bf16; None: fp16 on CUDA, fp32 on CPU
+    precision: str | None = "auto"  # auto/fp32/fp16/bf16 (models.factory.resolve_inference_precision)
     normalize: bool = False  # L2-normalise rows
     num_feat: int | None = None  # keep the first K dims after normalising (implies normalize)
     dtype: str = "float32"  # or float16
@@ -257,7 +257,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
         "batch_size": config.batch_size,
         "world_size": world_size(),
         "device": next(loaded.model.parameters()).device.type,
-        "autocast": str(loaded.model.autocast_dtype),
+        "precision": loaded.precision,
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
@@ -278,7 +278,7 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli import __version__
-    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.models.registry import get_spec
 
     start_time = time.perf_counter()
@@ -294,6 +294,8 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
                           device=device_for(config.device), precision=config.precision)
+    if is_main():
+        info(describe_precision(loaded, config.precision))
     fingerprint = _fingerprint(config, images, loaded)
     digests = gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
@@ -344,7 +346,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
-        "autocast": fingerprint["autocast"], "world_size": world,
+        "precision": loaded.precision, "world_size": world,
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)

@@ -33,7 +33,7 @@ class ModelOptions:
     model: str = "ViT-B/32"
     weights: Path | None = None
     device: str = "auto"
-    precision: str | None = None
+    precision: str | None = "auto"  # models.factory.resolve_inference_precision
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
@@ -138,12 +138,16 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
 
 
 def load_model(opts: ModelOptions):
-    """The model on this rank's device (``create_model``)."""
-    from unicom_cli.distributed import device_for
-    from unicom_cli.models.factory import create_model
+    """The model on this rank's device (``create_model``); says which precision it runs in."""
+    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.models.factory import create_model, describe_precision
+    from unicom_cli.utils.console import info
 
-    return create_model(opts.model, opts.weights, device=device_for(opts.device),
-                        precision=opts.precision, cache=opts.cache_dir)
+    loaded = create_model(opts.model, opts.weights, device=device_for(opts.device),
+                          precision=opts.precision, cache=opts.cache_dir)
+    if is_main():
+        info(describe_precision(loaded, opts.precision))
+    return loaded
 
 
 def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarray) -> Path:
@@ -165,6 +169,7 @@ def model_fields(loaded) -> dict:
         "model": None if loaded is None else loaded.spec.name,
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
+        "precision": None if loaded is None else loaded.precision,
     }
 
 
