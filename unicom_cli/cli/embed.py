@@ -11,13 +11,13 @@ from unicom_cli.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
     GpusOpt,
+    InferencePrecisionOpt,
     MasterAddrOpt,
     MasterPortOpt,
     ModelOpt,
     NnodesOpt,
     NodeRankOpt,
     NumFeatOpt,
-    PrecisionOpt,
     ProcsOpt,
     RdzvOpt,
     WeightsOpt,
@@ -35,7 +35,7 @@ def embed(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
@@ -91,6 +91,8 @@ def _print_summary(summary) -> None:
         table.add_row("wrote", str(path))
     console.print(table)
     for name, reason in summary.failures[:SHOWN_FAILURES]:
+        # a non-UTF-8 file name holds surrogates, which a terminal cannot print
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failures) > SHOWN_FAILURES:
         console.print(f"  … and {len(summary.failures) - SHOWN_FAILURES:,} more in "

@@ -263,7 +263,7 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
             what = "no index ids" if not ids else f"index id {unknown[0]} absent from {idx_path}"
             raise DatasetLayout(f"{sol_path}:{n}: query {row['id']} lists {what}. Get {SOURCES['gldv2']}")
         q_ids.append(row["id"])
-        relevant.append(np.array(sorted({position[i] for i in ids}), dtype=np.int64))
+        relevant.append(np.array([position[i] for i in ids], dtype=np.int64))  # as listed (DELF)
         usage.append(row["Usage"].lower())
     if not q_ids:
         raise DatasetLayout(f"{sol_path}: no query with Usage {' or '.join(sorted(wanted))}. "

@@ -21,13 +21,15 @@ from unicom_cli.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageDataset,
     ImageList,
+    LINE_BREAK_REASON,
     PathList,
+    escape_line_breaks,
     list_images,
 )
 from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
-from unicom_cli.pipelines.features import Features
+from unicom_cli.pipelines.features import NONFINITE_REASON, Features
 from unicom_cli.pipelines.writer import (
     DTYPES,
     OutputFiles,
@@ -38,6 +40,7 @@ from unicom_cli.pipelines.writer import (
 )
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
     import torch
@@ -114,6 +117,10 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         for pos, pixels, reasons in loader:
             with torch.inference_mode():  # not around the yield: the caller's code runs outside
                 feats = forward(pixels).numpy()
+            reasons = list(reasons)
+            nonfinite = ~np.isfinite(feats).all(axis=1)
+            for i in np.flatnonzero(nonfinite):  # never a good row: listed as a failure
+                reasons[i] = reasons[i] or NONFINITE_REASON
             bad = np.array([bool(r) for r in reasons])
             if bad.any():
                 feats[bad] = 0.0
@@ -197,7 +204,7 @@ class EmbedConfig:
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
-    precision: str | None = None  # fp32/fp16/bf16; None: fp16 on CUDA, fp32 on CPU
+    precision: str | None = "auto"  # auto/fp32/fp16/bf16 (models.factory.resolve_inference_precision)
     normalize: bool = False  # L2-normalise rows
     num_feat: int | None = None  # keep the first K dims after normalising (implies normalize)
     dtype: str = "float32"  # or float16
@@ -250,7 +257,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
         "batch_size": config.batch_size,
         "world_size": world_size(),
         "device": next(loaded.model.parameters()).device.type,
-        "autocast": str(loaded.model.autocast_dtype),
+        "precision": loaded.precision,
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
@@ -260,10 +267,18 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
 
     Every check that can fail on the user's input runs before the model is loaded. A run
-    interrupted at any point continues when started again with the same arguments.
+    interrupted at any point continues when started again with the same arguments. A second
+    run on the same output is refused at once (the lock dies with the process holding it).
     """
+    files = OutputFiles.for_output(config.output)
+    files.check_writable()
+    with output_lock(files.feats):
+        return _embed_images(config)
+
+
+def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli._version import __version__
-    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.models.registry import get_spec
 
     start_time = time.perf_counter()
@@ -279,6 +294,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
                           device=device_for(config.device), precision=config.precision)
+    if is_main():
+        info(describe_precision(loaded, config.precision))
     fingerprint = _fingerprint(config, images, loaded)
     digests = gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
@@ -329,14 +346,16 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
-        "autocast": fingerprint["autocast"], "world_size": world,
+        "precision": loaded.precision, "world_size": world,
     }
-    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta)
+    unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
+    meta["images"] = total + len(unlisted)
+    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
-        count=count, total=total,
-        failures=[(images.relative[p], r) for p, r in sorted(failed.items())],
+        count=count, total=total + len(unlisted),
+        failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
         outputs=list(files.finals()),

@@ -51,6 +51,7 @@ class FinetuneConfig:
     m3: float = 0.0
     s: float = 32.0
     sample_rate: float = 1.0
+    margin_filter: float = 0.0  # zero negative cosines above this (reference --margin_loss_filter; 0: off)
     num_feat: int | None = None  # train on a random subset of this many dimensions per step
     precision: str | None = None  # fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)
     grad_accum: int = 1
@@ -218,7 +219,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
     model, spec = build_model(cfg, device)
     pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
-                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed).to(device)
+                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
+                    margin_filter=cfg.margin_filter).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     raw_model = model
