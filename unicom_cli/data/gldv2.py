@@ -35,6 +35,7 @@ from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import usable_cores
+from unicom_cli.utils.files import write_json_atomic, write_text_atomic
 
 PREFIX = "train"
 PARTIAL_DIR = ".train.partial"
@@ -250,15 +251,7 @@ def _settings(cfg: PrepareConfig, images: Path) -> dict:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1)
 
 
 def default_workers() -> int:
@@ -304,7 +297,7 @@ def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split pla
         if not entries:
             raise InputError(f"{cfg.csv}: none of the listed images was found under {images}")
         # written once: the checkpoint (state.json, rewritten every few seconds) stays small
-        _write_text(partial / "plan.lst", "".join(f"{label}\t{rel}\n" for label, rel in entries))
+        write_text_atomic(partial / "plan.lst", "".join(f"{label}\t{rel}\n" for label, rel in entries))
         _write_json(partial / "plan.json", {"landmarks": landmarks, **planning,
                                             "plan_seconds": round(time.perf_counter() - t_plan, 3)})
         state = {"version": STATE_VERSION, "settings": settings, "done": 0, "records": 0, "rec_bytes": 0,
@@ -411,12 +404,12 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     """Write train.lst, labels.csv and report.json into the partial folder, then mark it final."""
     failed = {f["position"] for f in state["failed"]}
     written = [entry for pos, entry in enumerate(entries) if pos not in failed]
-    _write_text(partial / f"{PREFIX}.lst",
+    write_text_atomic(partial / f"{PREFIX}.lst",
                 "".join(f"{i}\t{label:f}\t{rel}\n" for i, (label, rel) in enumerate(written)))
     plan = json.loads((partial / "plan.json").read_text())
     landmarks = plan["landmarks"]
     per_label = Counter(label for label, _ in written)
-    _write_text(partial / "labels.csv", "landmark_id,label,count\n" + "".join(
+    write_text_atomic(partial / "labels.csv", "landmark_id,label,count\n" + "".join(
         f"{landmark},{label},{per_label[label]}\n" for label, landmark in enumerate(landmarks)))
     encode_s = state["encode_seconds"]
     done_now = len(entries) - resumed_from

@@ -34,6 +34,7 @@ from typing import Callable, TypeVar
 
 from unicom_cli.errors import DistributedError, UnicomError, UsageError
 from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import write_json_atomic
 
 T = TypeVar("T")
 
@@ -342,9 +343,7 @@ def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
     if error_dir:
         record = {"rank": group.rank, "time": time.time(), "message": message, "exit_code": code,
                   "traceback": trace, "collateral": _is_collateral(exc)}
-        tmp = Path(error_dir, f".rank{group.rank}.json.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, Path(error_dir, f"rank{group.rank}.json"))
+        write_json_atomic(Path(error_dir, f"rank{group.rank}.json"), record, indent=None)
         _exit_now(code)  # quiet: the launcher prints the root cause once
     _leave(joined)
     _record_for_torchrun(exc)

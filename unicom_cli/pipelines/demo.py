@@ -7,7 +7,6 @@ Python), so the demo doubles as a tour of the CLI and exercises the multi-proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from unicom_cli.errors import UnicomError
+from unicom_cli.utils.files import atomic_path
 
 # A small UNICOM ViT that trains in minutes on two CPU cores.
 DEMO_ARCH = {"name": "demo-vit", "input_size": 32, "patch_size": 8, "width": 64, "depth": 2,
@@ -70,9 +70,8 @@ def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path, Path]:
     arch.write_text(json.dumps(DEMO_ARCH, indent=2))
     init = cfg.output / "init.pt"
     torch.manual_seed(cfg.seed)
-    tmp = init.with_suffix(".tmp")
-    torch.save(build_model(get_spec(arch)).state_dict(), tmp)
-    os.replace(tmp, init)
+    with atomic_path(init) as tmp:
+        torch.save(build_model(get_spec(arch)).state_dict(), tmp)
     return tree.root, arch, init
 
 

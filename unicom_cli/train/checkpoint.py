@@ -16,6 +16,7 @@ import torch
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, UsageError
 from unicom_cli.utils.console import info
+from unicom_cli.utils.files import atomic_path
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -37,9 +38,9 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` that leaves the old file or the new one at ``path``, never half of one."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _checkpoints(output: Path) -> list[Path]:

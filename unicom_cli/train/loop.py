@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resum
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import write_json_atomic
 
 
 @dataclass
@@ -364,8 +364,6 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        tmp = arch.with_name(arch.name + ".tmp")
-        tmp.write_text(json.dumps(spec.to_json(), indent=2))
-        os.replace(tmp, arch)
+        write_json_atomic(arch, spec.to_json())
     D.barrier()
     return path, arch
