@@ -235,6 +235,7 @@ class EmbedConfig:
     # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
     draft: bool = False
     progress: bool = True
+    head: Path | None = None  # classifier head: also write <stem>.predictions.csv
 
 
 @dataclass
@@ -303,6 +304,10 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     if config.num_feat is not None and config.num_feat > spec.embedding_size:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{spec.embedding_size} dimensions")
+    if config.head is not None:
+        from unicom_cli.pipelines.linear import check_head
+
+        head = check_head(config.head, spec.embedding_size, config.normalize, config.num_feat)
     plan = files.plan(config.overwrite)
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
@@ -360,6 +365,12 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "autocast": fingerprint["autocast"], "world_size": world,
     }
     count, failed = assemble(files, images.relative, world, dim, config.dtype, meta)
+    outputs = list(files.finals())
+    if config.head is not None:
+        from unicom_cli.pipelines.linear import write_predictions
+
+        outputs.append(files.feats.with_suffix(".predictions.csv"))
+        write_predictions(head, files.feats, files.ids, outputs[-1])
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
@@ -367,5 +378,5 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         failures=[(images.relative[p], r) for p, r in sorted(failed.items())],
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
-        outputs=list(files.finals()),
+        outputs=outputs,
     )

@@ -136,3 +136,37 @@ def _prepare(x: np.ndarray, normalize: bool, where: Path) -> np.ndarray:
         bad = int((~np.isfinite(x).all(axis=1)).sum())
         raise InputError(f"{where}: {bad} feature rows contain NaN or inf; re-embed those images")
     return l2_normalize(x) if normalize else x
+
+
+def check_head(head_path: Path, embedding_size: int, normalize: bool, num_feat: int | None):
+    """Load the head for ``unicom embed --head`` and check it fits the rows embed will write."""
+    from unicom_cli.eval.linear import LinearHead
+
+    head = LinearHead.load(head_path)
+    if head.weight.shape[1] != embedding_size or num_feat is not None:
+        raise UsageError(f"--head {head_path}: the head takes {head.weight.shape[1]}-dim features; "
+                         f"this model writes {num_feat or embedding_size} (use the model the head was "
+                         f"fitted on, without --num-feat)")
+    if normalize and not head.normalize:
+        raise UsageError(f"--head {head_path}: the head was fitted on raw features; drop --normalize")
+    return head
+
+
+def write_predictions(head, npy: Path, ids: Path, out: Path, chunk: int = 65536) -> int:
+    """CSV ``id,class,probability`` (the top class and its softmax probability) for every row of
+    an embed output, written atomically; returns the number of rows."""
+    import csv
+    import io
+
+    from unicom_cli.pipelines.writer import atomic_write_text
+
+    matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
+    names = [line for line in Path(ids).read_text(encoding="utf-8").splitlines() if line]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "class", "probability"])
+    for s in range(0, len(matrix), chunk):
+        k, p = head.predict(np.asarray(matrix[s:s + chunk], dtype=np.float32))
+        writer.writerows((names[s + i], head.classes[c], f"{q:.6f}") for i, (c, q) in enumerate(zip(k, p)))
+    atomic_write_text(Path(out), buf.getvalue())
+    return len(matrix)
