@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from unicom_cli.errors import InputError
-from unicom_cli.eval.linear import COARSE_GRID, LinearHead, accuracy_counts, fit, search_C
+from unicom_cli.eval.linear import (
+    COARSE_GRID,
+    LinearHead,
+    accuracy_counts,
+    fit,
+    search_C,
+)
 
 
 @pytest.fixture(scope="module")

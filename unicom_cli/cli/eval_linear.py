@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt, ModelOpt,
-    NnodesOpt, NodeRankOpt, PrecisionOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt,
+    BatchSizeOpt,
+    CacheDirOpt,
+    DeviceOpt,
+    GpusOpt,
+    JsonOutOpt,
+    MasterAddrOpt,
+    MasterPortOpt,
+    ModelOpt,
+    NnodesOpt,
+    NodeRankOpt,
+    PrecisionOpt,
+    ProcsOpt,
+    RdzvOpt,
+    WeightsOpt,
+    WorkersOpt,
 )
 
 EXAMPLES = """Examples:
@@ -25,15 +38,15 @@ EXAMPLES = """Examples:
 def eval_linear(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the training images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
-    C: Annotated[Optional[float], typer.Option("--C", help="Inverse regularisation strength (scikit-learn's C). Default: searched on a held-out part of the train set.", show_default=False)] = None,
+    C: Annotated[float | None, typer.Option("--C", help="Inverse regularisation strength (scikit-learn's C). Default: searched on a held-out part of the train set.", show_default=False)] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (the original UNICOM example does not).")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the train images held out to choose C.")] = 0.1,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit (scikit-learn's max_iter).")] = 1000,
-    save_classifier: Annotated[Optional[Path], typer.Option("--save-classifier", help="Write the fitted head (.safetensors) for `unicom embed --head`.")] = None,
+    save_classifier: Annotated[Path | None, typer.Option("--save-classifier", help="Write the fitted head (.safetensors) for `unicom embed --head`.")] = None,
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
-    train_embeddings: Annotated[Optional[Path], typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
-    val_embeddings: Annotated[Optional[Path], typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
+    train_embeddings: Annotated[Path | None, typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
+    val_embeddings: Annotated[Path | None, typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     json_out: JsonOutOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
