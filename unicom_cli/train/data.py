@@ -22,6 +22,7 @@ class ImageList:
     paths: list[Path]
     labels: list[int]
     num_classes: int
+    classes: list[str] | None = None  # name of each label (the class folder), when known
 
 
 def scan_image_folder(root: Path) -> ImageList:
@@ -39,14 +40,14 @@ def scan_image_folder(root: Path) -> ImageList:
     if not paths:
         raise DatasetLayout(f"{root}: no images found in class sub-folders "
                             f"(expected {root}/<class>/<image>.jpg)")
-    return ImageList(paths, labels, len(classes))
+    return ImageList(paths, labels, len(classes), [c.name for c in classes])
 
 
 def relabel(paths: list, labels: list) -> ImageList:
     """Map arbitrary class ids (e.g. SOP class_id) to contiguous labels in sorted order."""
     ids = sorted(set(labels))
     index = {c: i for i, c in enumerate(ids)}
-    return ImageList([Path(p) for p in paths], [index[c] for c in labels], len(ids))
+    return ImageList([Path(p) for p in paths], [index[c] for c in labels], len(ids), [str(c) for c in ids])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
