@@ -15,6 +15,7 @@ from unicom_cli.cli import (
     download,
     embed,
     eval_knn,
+    eval_linear,
     eval_retrieval,
     finetune,
     models,
@@ -52,6 +53,7 @@ app.command("download")(download.download)
 app.command("embed")(embed.embed)
 app.command("eval-retrieval")(eval_retrieval.eval_retrieval)
 app.command("eval-knn")(eval_knn.eval_knn)
+app.command("eval-linear", epilog=eval_linear.EXAMPLES)(eval_linear.eval_linear)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)

@@ -214,6 +214,7 @@ class EmbedConfig:
     # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
     draft: bool = False
     progress: bool = True
+    head: Path | None = None  # classifier head: also write <stem>.predictions.csv
 
 
 @dataclass
@@ -276,6 +277,26 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         return _embed_images(config)
 
 
+def _load_head(config: EmbedConfig, embedding_size: int):
+    """The ``--head`` classifier, checked against the features before any work (None without one)."""
+    if config.head is None:
+        return None
+    from unicom_cli.pipelines.linear import check_head
+
+    return check_head(config.head, embedding_size, config.normalize, config.num_feat)
+
+
+def _write_predictions(head, files: OutputFiles) -> list[Path]:
+    """``feats.predictions.csv`` (class and probability per row) when a head was given."""
+    if head is None:
+        return []
+    from unicom_cli.pipelines.linear import write_predictions
+
+    out = files.feats.with_suffix(".predictions.csv")
+    write_predictions(head, files.feats, files.ids, out)
+    return [out]
+
+
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli import __version__
     from unicom_cli.models.factory import create_model, describe_precision
@@ -290,6 +311,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     if config.num_feat is not None and config.num_feat > spec.embedding_size:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{spec.embedding_size} dimensions")
+    head = _load_head(config, spec.embedding_size)
     plan = files.plan(config.overwrite)
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
@@ -351,6 +373,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)
     count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
+    outputs = list(files.finals()) + _write_predictions(head, files)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
@@ -358,5 +381,5 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
-        outputs=list(files.finals()),
+        outputs=outputs,
     )
