@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -21,9 +22,10 @@ from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
-from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
+from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.files import disk_errors, output_lock, write_json_atomic
 
 
 @dataclass
@@ -206,16 +208,50 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
-    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
+def _validate(cfg: FinetuneConfig) -> None:
+    """Values that would crash deep inside training, or train silently to nothing: refused first."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
     if cfg.grad_accum < 1:
         raise UsageError("--grad-accum must be at least 1")
+    for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag} {value}: must be a finite number above 0")
+    if not (math.isfinite(cfg.sample_rate) and 0 < cfg.sample_rate <= 1):
+        raise UsageError(f"--sample-rate {cfg.sample_rate}: must be in (0, 1] (the share of "
+                         "negative class centres used per step)")
+    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
+        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
+    if cfg.num_feat is not None and cfg.num_feat < 1:
+        raise UsageError(f"--num-feat {cfg.num_feat}: must be at least 1")
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise UsageError(f"--output {cfg.output}: is a file; give the run folder")
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank).
+
+    A second run on the same ``--output`` is refused at once (the lock dies with its process).
+    """
     cfg.output = Path(cfg.output)
+    _validate(cfg)
+    if D.is_main():  # the lock lives beside the run folder, which is made only when training starts
+        with disk_errors(cfg.output.parent):
+            cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg.output), disk_errors(cfg.output):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     device, amp_dtype = _setup(cfg)
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
+    if loader.num_classes < 2:
+        raise InputError(f"the training set has {loader.num_classes} class: a margin loss needs at "
+                         "least 2 (its loss is 0 from the first step)")
     model, spec = build_model(cfg, device)
+    if cfg.num_feat is not None and cfg.num_feat > spec.embedding_size:
+        raise UsageError(f"--num-feat {cfg.num_feat}: the embeddings have only "
+                         f"{spec.embedding_size} dimensions")
     pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
                     m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed).to(device)
     if cfg.grad_checkpointing:
@@ -245,9 +281,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
-    resumed = resume_path(cfg)
+    resumed = resume(t, cfg)
     if resumed:
-        t.load(resumed)
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
@@ -361,11 +396,9 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        tmp = arch.with_name(arch.name + ".tmp")
-        tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
-                                   "patch_size": spec.patch_size, "width": spec.width,
-                                   "depth": spec.depth, "heads": spec.heads,
-                                   "embedding_size": spec.embedding_size}, indent=2))
-        os.replace(tmp, arch)
+        write_json_atomic(arch, {"name": spec.name, "input_size": spec.input_size,
+                                 "patch_size": spec.patch_size, "width": spec.width,
+                                 "depth": spec.depth, "heads": spec.heads,
+                                 "embedding_size": spec.embedding_size})
     D.barrier()
     return path, arch
