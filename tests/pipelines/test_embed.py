@@ -79,7 +79,9 @@ def assert_matches_reference(feats, expected):
 
 
 def _config(folder, out, spec, ckpt, **kw) -> EmbedConfig:
-    kw = {"batch_size": 4, "workers": 0, "progress": False, "draft": False, **kw}
+    # fp32: compared with fp32 references (the default is bf16 on CPUs with native bf16).
+    kw = {"batch_size": 4, "workers": 0, "progress": False, "draft": False, "precision": "fp32",
+          **kw}
     return EmbedConfig(input=folder[0], output=out, model=str(spec), weights=ckpt, **kw)
 
 
@@ -150,7 +152,7 @@ def _cli(folder_root: Path, out: Path, spec: Path, ckpt: Path, env: dict | None 
          entry: list[str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, *(entry or ["-m", "unicom_cli"]), "embed", str(folder_root), "-o", str(out),
            "--model", str(spec), "--weights", str(ckpt), "--batch-size", "2", "--workers", "1",
-           "--no-draft"]
+           "--no-draft", "--precision", "fp32"]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -219,7 +221,7 @@ def test_resume_after_external_kill9_at_a_random_moment(tmp_path, tiny_spec_file
     def run(output: Path):
         return embed_images(EmbedConfig(input=root, output=output, model=str(tiny_spec_file),
                                         weights=tiny_checkpoint, batch_size=2, workers=1,
-                                        draft=False, progress=False))
+                                        draft=False, progress=False, precision="fp32"))
 
     assert run(out).resumed_from > 0
     clean = tmp_path / "c.npy"
@@ -231,7 +233,7 @@ def test_resume_after_external_kill9_at_a_random_moment(tmp_path, tiny_spec_file
 
 def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_checkpoint):
     root, names = folder
-    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint)
+    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint, precision="fp32")
     paths = [root / n for n in names]
     result = extract_features(paths, loaded, batch_size=5, workers=1)
     assert result.features.shape == (len(names), 16) and result.features.dtype == np.float32
@@ -242,7 +244,7 @@ def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_chec
             assert result.ok[i]
             assert_matches_reference(result.features[i][None], reference[name][None])
     assert sorted(Path(p).name for p, _ in result.failures) == sorted(BAD)
-    assert result.indices is None
+    assert np.array_equal(result.positions, np.arange(len(names)))
 
 
 def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint, monkeypatch):
@@ -261,16 +263,17 @@ def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint,
         monkeypatch.setattr(embed_mod, "shard_range", functools.partial(shard_range, rank_=r, world=3))
         assert len(embed_mod.batch_shard(len(names), 4)) == [8, 8, 1][r]  # 5 batches (17 rows) over 3 ranks
         part = extract_features(paths, loaded, batch_size=4, workers=0, gather=False)
-        assert np.array_equal(part.features, full.features[part.indices])
-        assert np.array_equal(part.ok, full.ok[part.indices])
+        assert np.array_equal(part.features, full.features[part.positions])
+        assert np.array_equal(part.ok, full.ok[part.positions])
         assert {p for p, _ in part.failures} <= {p for p, _ in full.failures}
-        seen.extend(part.indices.tolist())
+        seen.extend(part.positions.tolist())
     assert seen == list(range(len(names)))
 
 
 def test_public_embed_folder(folder, reference, tiny_spec_file, tiny_checkpoint, tmp_path):
     summary = unicom_cli.embed_folder(folder[0], tmp_path / "api.npy", model=str(tiny_spec_file),
-                                      weights=tiny_checkpoint, workers=0, progress=False)
+                                      weights=tiny_checkpoint, workers=0, progress=False,
+                                      precision="fp32")
     ids = (tmp_path / "api.ids.txt").read_text().splitlines()
     assert summary.count == len(ids) == len(reference)
     np.testing.assert_allclose(np.load(tmp_path / "api.npy")[0], reference[ids[0]], rtol=1e-4,

@@ -36,6 +36,7 @@ from unicom_cli.data.images import DEFAULT_MAX_PIXELS
 from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
 from unicom_cli.utils.console import info, progress_bar, warn
+from unicom_cli.utils.cpu import usable_cores
 from unicom_cli.utils.files import disk_errors, output_lock, write_json_atomic, write_text_atomic
 
 PREFIX = "train"
@@ -146,7 +147,8 @@ def _read_rows(path: Path, reader, rows: list[Landmark]) -> None:
         if not row or not "".join(row).strip():
             continue
         if len(row) != 2 or not row[0].strip():
-            raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', got {','.join(row)[:80]!r}")
+            raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', "
+                             f"got {','.join(row)[:80]!r}")
         ids = row[1].split()
         if not ids:
             raise InputError(f"{path} line {line}: landmark {row[0].strip()} lists no images")
@@ -296,13 +298,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def default_workers() -> int:
     """All cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
-def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
+def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split planned: issue 16)
     """Build OUT/train.{lst,rec,idx}, labels.csv and report.json from GLDv2's train_clean.csv.
     """
     t0 = time.perf_counter()
@@ -521,7 +520,7 @@ def _read_lst(path: Path, problems: list[str]) -> list[tuple[int, float, str]]:
     return entries
 
 
-def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:
+def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:  # noqa: C901 (split planned: issue 16)
     """Read every record of OUT/train.rec back and check it against train.idx, train.lst and labels.csv.
 
     Checks: record framing, count, ids (header == .idx key == .lst index == position), .idx

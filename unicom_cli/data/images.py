@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from unicom_cli.errors import BadImage, InputError
+from unicom_cli.errors import BadImage, DatasetLayout, InputError
 
 if TYPE_CHECKING:
     import torch
@@ -117,6 +117,30 @@ def scan_folder(root: Path, unlisted: list[str] | None = None) -> list[str]:
         raise InputError(f"{root}: cannot read the folder ({errors[0].strerror}); check its permissions")
     found.sort()
     return found
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
+    """An ImageFolder tree: (image paths relative to ``root``, the class folder name of each).
+
+    Classes are the visible sub-folders of ``root`` in sorted order (``.ipynb_checkpoints`` is
+    not a class); inside each, the rules of :func:`scan_folder`. Used by eval-retrieval's
+    ``folder:`` data sets, eval-knn and finetune alike, so a tree means the same to all of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder; expected an ImageFolder tree (one sub-folder per class)")
+    paths: list[str] = []
+    names: list[str] = []
+    with os.scandir(root) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    for cls in classes:
+        found = scan_folder(root / cls)
+        paths.extend(f"{cls}/{rel}" for rel in found)
+        names.extend([cls] * len(found))
+    if not paths:
+        raise DatasetLayout(f"{root}: no images in class sub-folders; expected an ImageFolder tree "
+                            f"{root}/<class>/<image>.jpg")
+    return paths, names
 
 
 def read_path_list(list_file: Path) -> tuple[Path, list[str]]:

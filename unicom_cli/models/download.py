@@ -263,7 +263,7 @@ def _start_over(part: Path, why: str) -> _Retry:
 
 
 def _attempt(opener, url: str, part: Path, label: str, settings: _Settings,
-             known: dict) -> tuple[str, bool]:
+             known: dict) -> tuple[str, bool]:  # noqa: C901 (split planned: issue 16)
     """One try: continue ``part`` from its current size; return (sha256 of part, resumed).
 
     ``known["total"]`` keeps the file's length once a server has told it (Content-Length of a

@@ -33,7 +33,7 @@ class ModelOptions:
     model: str = "ViT-B/32"
     weights: Path | None = None
     device: str = "auto"
-    precision: str | None = None
+    precision: str | None = "auto"  # models.factory.resolve_inference_precision
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
@@ -41,12 +41,16 @@ class ModelOptions:
 
 @dataclass
 class Features:
-    """Rows for some positions of a path list; ``ok`` False where the image or row is missing."""
+    """Rows for some positions of a path list; ``ok`` False where the image or row is missing.
 
-    features: np.ndarray  # (len(positions), D) float32, un-normalised
+    What both sources of features give: the embed pipeline (:func:`extract_features`, all rows
+    or one rank's shard) and a precomputed file (:func:`load_embeddings`).
+    """
+
+    features: np.ndarray  # (len(positions), D) float32, un-normalised, missing rows zero
     positions: np.ndarray  # int64 positions in the path list
     ok: np.ndarray  # bool per row
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 def ids_file(npy: Path) -> Path:
@@ -128,20 +132,22 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
     full = [str(Path(root) / p) for p in paths]
     res = extract_features(full, loaded, batch_size=opts.batch_size, workers=opts.workers,
                            description=description, gather=gather)
-    positions = np.arange(len(paths)) if gather else np.asarray(res.indices, dtype=np.int64)
-    failures = [(str(p), str(r)) for p, r in res.failures]
-    refuse_nonfinite([p for p, r in failures if r == NONFINITE_REASON], len(res.ok),
+    refuse_nonfinite([p for p, r in res.failures if r == NONFINITE_REASON], len(res.ok),
                      "the model's features")
-    return Features(np.asarray(res.features, dtype=np.float32), positions, np.asarray(res.ok, bool), failures)
+    return res
 
 
 def load_model(opts: ModelOptions):
-    """The model on this rank's device (``create_model``)."""
-    from unicom_cli.distributed import device_for
-    from unicom_cli.models.factory import create_model
+    """The model on this rank's device (``create_model``); says which precision it runs in."""
+    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.models.factory import create_model, describe_precision
+    from unicom_cli.utils.console import info
 
-    return create_model(opts.model, opts.weights, device=device_for(opts.device),
-                        precision=opts.precision, cache=opts.cache_dir)
+    loaded = create_model(opts.model, opts.weights, device=device_for(opts.device),
+                          precision=opts.precision, cache=opts.cache_dir)
+    if is_main():
+        info(describe_precision(loaded, opts.precision))
+    return loaded
 
 
 def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarray) -> Path:
@@ -163,6 +169,7 @@ def model_fields(loaded) -> dict:
         "model": None if loaded is None else loaded.spec.name,
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
+        "precision": None if loaded is None else loaded.precision,
     }
 
 

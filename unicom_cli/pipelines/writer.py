@@ -105,6 +105,13 @@ class OutputFiles:
                              "to start over") from exc
         diffs = [f"{key}: was {recorded.get(key)!r}, now {value!r}"
                  for key, value in fingerprint.items() if recorded.get(key) != value]
+        if recorded.get("precision") not in (None, fingerprint.get("precision")):
+            # Mixing fp32 and bf16 rows in one matrix is never wanted; say which flag resumes.
+            raise UsageError(f"{self.feats}: the unfinished run in {self.workdir} embedded in "
+                             f"{recorded.get('precision')}, this one would use "
+                             f"{fingerprint['precision']}. Rerun with --precision "
+                             f"{recorded.get('precision')} to resume it, or add --overwrite to "
+                             "start over")
         if diffs:
             raise UsageError(f"{self.feats}: an unfinished run with other arguments is in "
                              f"{self.workdir} ({'; '.join(diffs)}). Rerun with the same "
