@@ -262,8 +262,8 @@ def _start_over(part: Path, why: str) -> _Retry:
     return _Retry(DownloadError(why))
 
 
-def _attempt(opener, url: str, part: Path, label: str, settings: _Settings,
-             known: dict) -> tuple[str, bool]:  # noqa: C901 (split planned: issue 16)
+def _attempt(opener, url: str, part: Path, label: str, settings: _Settings,  # noqa: C901 (split planned: issue 16)
+             known: dict) -> tuple[str, bool]:
     """One try: continue ``part`` from its current size; return (sha256 of part, resumed).
 
     ``known["total"]`` keeps the file's length once a server has told it (Content-Length of a
