@@ -7,13 +7,14 @@ images, so the metrics do not depend on the number of processes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
@@ -49,8 +50,11 @@ def run_knn(cfg: KnnConfig) -> dict | None:
 
     if not cfg.nb_knn or min(cfg.nb_knn) < 1:
         raise UsageError("--nb-knn values must be ≥ 1")
-    if cfg.temperature <= 0:
-        raise UsageError("--temperature must be > 0")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
+    from unicom_cli.utils.files import check_output_file
+
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
     if (cfg.train_embeddings is None) != (cfg.val_embeddings is None):
         raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
     t0 = time.perf_counter()
@@ -84,6 +88,11 @@ def run_knn(cfg: KnnConfig) -> dict | None:
              if train.failures else f"{train_skipped} train images skipped")
     if val.failures:
         warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
+    checked = [("val", val, val_paths)] + ([("train", train, train_paths)] if world_size() == 1 else [])
+    for name, part, paths in checked:
+        if len(part.ok) and not part.ok.any():  # every image unreadable: no table of "nan"
+            first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
+            raise InputError(f"none of the {len(paths):,} {name} images could be used{first}")
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)

@@ -209,6 +209,15 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
+def _warmup_share(total_steps: int) -> float:
+    """10 % warm-up; OneCycle divides by (warm-up steps - 1), so very short runs (<= 10 steps,
+    smoke tests) get a longer share instead of a ZeroDivisionError; < 3 steps cannot work."""
+    if total_steps < 3:
+        raise UsageError(f"{total_steps} optimizer step(s) in all: the OneCycle schedule needs at "
+                         "least 3; add --epochs or lower --batch-size/--grad-accum")
+    return 0.1 if total_steps > 10 else min(0.5, 1.5 / total_steps)
+
+
 def _validate(cfg: FinetuneConfig) -> None:
     """Values that would crash deep inside training, or train silently to nothing: refused first."""
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -279,7 +288,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
                          f"{cfg.grad_accum}; lower --grad-accum or --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1)
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
+        pct_start=_warmup_share(total_steps))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
