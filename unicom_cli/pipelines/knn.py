@@ -48,15 +48,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     from unicom_cli.pipelines.features import load_embeddings, load_model, model_features, write_json
     from unicom_cli.utils.console import warn
 
-    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
-        raise UsageError("--nb-knn values must be ≥ 1")
-    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
-        raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
-    from unicom_cli.utils.files import check_output_file
-
-    check_output_file(cfg.json_out, "--json")  # before the work, not after it
-    if (cfg.train_embeddings is None) != (cfg.val_embeddings is None):
-        raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
+    _validate(cfg)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     train_paths, train_names = scan_class_folders(cfg.train_dataset)
@@ -88,11 +80,9 @@ def run_knn(cfg: KnnConfig) -> dict | None:
              if train.failures else f"{train_skipped} train images skipped")
     if val.failures:
         warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
-    checked = [("val", val, val_paths)] + ([("train", train, train_paths)] if world_size() == 1 else [])
-    for name, part, paths in checked:
-        if len(part.ok) and not part.ok.any():  # every image unreadable: no table of "nan"
-            first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
-            raise InputError(f"none of the {len(paths):,} {name} images could be used{first}")
+    _refuse_unusable("val", val, len(val_paths))
+    if world_size() == 1:  # with several ranks, train holds only this rank's share
+        _refuse_unusable("train", train, len(train_paths))
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)
@@ -155,6 +145,26 @@ def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) ->
                 entry[f"{key}_std"] = float(np.std(values))
         metrics[str(kk)] = entry
     return metrics
+
+
+def _validate(cfg: KnnConfig) -> None:
+    """Options that cannot work, refused before any feature is computed."""
+    from unicom_cli.utils.files import check_output_file
+
+    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
+        raise UsageError("--nb-knn values must be ≥ 1")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
+    if (cfg.train_embeddings is None) != (cfg.val_embeddings is None):
+        raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
+
+
+def _refuse_unusable(name: str, part, total: int) -> None:
+    """Every image unreadable: refuse, instead of a table of "nan" with exit 0."""
+    if len(part.ok) and not part.ok.any():
+        first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
+        raise InputError(f"none of the {total:,} {name} images could be used{first}")
 
 
 def _count(failures: list) -> int:
