@@ -34,7 +34,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from unicom_cli import __version__
+        from unicom_cli._version import __version__
 
         typer.echo(f"unicom-cli {__version__}")
         raise typer.Exit()

@@ -298,7 +298,7 @@ def _write_predictions(head, files: OutputFiles) -> list[Path]:
 
 
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
     from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.models.registry import get_spec
 

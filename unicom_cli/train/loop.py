@@ -444,10 +444,7 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        write_json_atomic(arch, {"name": spec.name, "input_size": spec.input_size,
-                                 "patch_size": spec.patch_size, "width": spec.width,
-                                 "depth": spec.depth, "heads": spec.heads,
-                                 "embedding_size": spec.embedding_size})
+        write_json_atomic(arch, spec.to_json())
         if t.cfg.task == "classify":
             t.pfc.export(_head_path(path), spec)
     D.barrier()
