@@ -80,10 +80,24 @@ class _Forward:
         import torch
 
         x = pixels.to(self.device, non_blocking=self.cuda)
-        x = x.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        x = x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)  # one float copy
         if self.cuda:  # cuDNN's NHWC kernels for the patch convolution
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu()
+
+
+def _yield_to_the_forward(worker_id: int) -> None:
+    """Decoders on CPU run at a lower priority than the forward pass they share the cores with.
+
+    The forward splits each operation evenly over its threads: a decoder that takes one of
+    their cores mid-operation stalls all of them (OpenMP waits for the slowest). At a lower
+    priority the decoders use what the forward leaves and the whole CPU when it waits for a
+    batch, so no core idles either way.
+    """
+    try:
+        os.nice(10)
+    except OSError:  # pragma: no cover - not permitted: run at the same priority
+        pass
 
 
 def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel", *,
@@ -106,6 +120,7 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
+        worker_init_fn=None if forward.cuda else _yield_to_the_forward,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
     )
     if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
