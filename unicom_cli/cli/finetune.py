@@ -9,7 +9,7 @@ import typer
 
 from unicom_cli.cli.options import (
     DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, PrecisionOpt, ProcsOpt,
-    RdzvOpt, WeightsOpt, WorkersOpt,
+    RdzvOpt, WeightsOpt,
 )
 
 _T = "Training"
@@ -55,7 +55,7 @@ def finetune(
     seed: Annotated[Optional[int], _opt("--seed", help="Seed (default 1024).")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = None,
+    workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,

@@ -24,6 +24,7 @@ from unicom_cli.errors import InputError, TrainingDiverged, UsageError
 from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import cores_per_process
 
 
 @dataclass
@@ -133,7 +134,7 @@ class _ImageLoader:
         self.sampler = StepBatches(len(images.paths), cfg.batch_size, D.rank(), D.world_size(), cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         workers = cfg.workers if cfg.workers is not None else \
-            (min(8, (os.cpu_count() or 1) // max(1, D.world_size())) if device.type == "cuda" else 0)
+            (min(8, cores_per_process(D.world_size())) if device.type == "cuda" else 0)
         self.loader = torch.utils.data.DataLoader(
             SeededImageDataset(images, train_transform(spec, cfg.augment)),
             batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
@@ -207,7 +208,7 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
     """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")

@@ -1,4 +1,4 @@
-"""What this machine's CPU can do: usable cores and native bfloat16, decided in one place."""
+"""What this machine's CPU can do: usable cores (CPU-affinity aware) and native bfloat16, decided in one place."""
 
 from __future__ import annotations
 
@@ -14,11 +14,17 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (CPU affinity aware; containers and taskset included)."""
+    """Cores this process may run on: its CPU affinity (taskset, cgroup cpusets, SLURM's
+    ``--cpus-per-task``), not the machine's total, which over-subscribes a shared node."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
+    except AttributeError:  # pragma: no cover - macOS and Windows have no affinity call
         return os.cpu_count() or 1
+
+
+def cores_per_process(world: int) -> int:
+    """This process's share of the usable cores when ``world`` processes share the node (>= 1)."""
+    return max(1, usable_cores() // max(1, world))
 
 
 @functools.cache
