@@ -86,20 +86,6 @@ class _Forward:
         return self.model(x).float().cpu()
 
 
-def _yield_to_the_forward(worker_id: int) -> None:
-    """Decoders on CPU run at a lower priority than the forward pass they share the cores with.
-
-    The forward splits each operation evenly over its threads: a decoder that takes one of
-    their cores mid-operation stalls all of them (OpenMP waits for the slowest). At a lower
-    priority the decoders use what the forward leaves and the whole CPU when it waits for a
-    batch, so no core idles either way.
-    """
-    try:
-        os.nice(10)
-    except OSError:  # pragma: no cover - not permitted: run at the same priority
-        pass
-
-
 def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel", *,
                  batch_size: int, workers: int | None, draft: bool = False,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -120,7 +106,6 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
-        worker_init_fn=None if forward.cuda else _yield_to_the_forward,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
     )
     if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
