@@ -39,6 +39,13 @@ class WeightsError(UnicomError):
     """Weights could not be downloaded, verified or loaded."""
 
 
+class CheckpointMismatch(WeightsError):
+    """A checkpoint whose keys or shapes do not fit the chosen architecture: a wrong pairing the
+    user fixes by picking the matching model, so bad input (exit 2)."""
+
+    exit_code = 2
+
+
 class ChecksumMismatch(WeightsError):
     """A file's SHA-256 differs from the expected one."""
 
@@ -61,3 +68,7 @@ class OutputExists(UsageError):
 
 class TrainingDiverged(UnicomError):
     """The training loss became NaN or infinite (finetune stops and names the step)."""
+
+
+class ExportFailed(UnicomError):
+    """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""

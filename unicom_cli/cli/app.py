@@ -16,6 +16,7 @@ from unicom_cli.cli import (
     embed,
     eval_knn,
     eval_retrieval,
+    export,
     finetune,
     models,
     prepare_gldv2,
@@ -55,6 +56,7 @@ app.command("eval-knn")(eval_knn.eval_knn)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("export")(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

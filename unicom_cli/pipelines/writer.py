@@ -59,16 +59,7 @@ class OutputFiles:
 
     def check_writable(self) -> None:
         """Fail before any work when the output folder is missing or not writable."""
-        folder = self.feats.parent
-        if not folder.is_dir():
-            raise InputError(f"{folder}: the output folder does not exist; create it first "
-                             f"(mkdir -p {folder})")
-        try:  # os.access lies for root and on some network file systems: really try
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
-                pass
-        except OSError as exc:
-            raise InputError(f"{folder}: cannot write to the output folder ({exc.strerror}); "
-                             "pick another -o") from exc
+        check_folder_writable(self.feats.parent)
 
     def plan(self, overwrite: bool) -> str:
         """'fresh', 'resume' or 'overwrite'; raises OutputExists for a finished output.
@@ -108,6 +99,19 @@ class OutputFiles:
             raise UsageError(f"{self.feats}: an unfinished run with other arguments is in "
                              f"{self.workdir} ({'; '.join(diffs)}). Rerun with the same "
                              "arguments to resume it, or add --overwrite to start over")
+
+
+def check_folder_writable(folder: Path) -> None:
+    """Raise InputError unless ``folder`` exists and a file can really be created in it."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: the output folder does not exist; create it first "
+                         f"(mkdir -p {folder})")
+    try:  # os.access lies for root and on some network file systems: really try
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write to the output folder ({exc.strerror}); "
+                         "pick another -o") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> None:
