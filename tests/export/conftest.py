@@ -24,12 +24,16 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
     """(architecture JSON, fp16 checkpoint in the published format) shared by a module."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny(root: Path) -> tuple[Path, Path]:
+    """The tiny architecture of tests/conftest.py and a seeded checkpoint with trained-looking BN stats."""
     import torch
 
     from unicom_cli.models.registry import get_spec
     from unicom_cli.models.vit import build_model
 
-    root = tmp_path_factory.mktemp("tiny")
     spec_file = root / "tiny.json"
     spec_file.write_text(json.dumps(TINY))
     torch.manual_seed(0)

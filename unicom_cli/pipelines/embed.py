@@ -107,19 +107,21 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
     import torch
     from torch.utils.data import DataLoader
 
-    forward = loaded if _is_onnx(loaded) else _Forward(loaded)
+    onnx = _is_onnx(loaded)
+    forward = loaded if onnx else _Forward(loaded)
     if workers is None:
         workers = default_workers(forward.device.type)
     dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
                            draft=draft)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
+        pin_memory=not onnx and forward.cuda,  # ONNX Runtime reads host numpy arrays
+        prefetch_factor=4 if workers else None,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
     )
     if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
         return
-    model = None if _is_onnx(loaded) else loaded.model
+    model = None if onnx else loaded.model
     was_training = model is not None and model.training
     if model is not None:
         model.eval()
