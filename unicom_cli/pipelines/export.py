@@ -3,7 +3,6 @@ checked on real photos against PyTorch before anything appears at the output pat
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -14,6 +13,7 @@ from unicom_cli.errors import ExportFailed, InputError, OutputExists, UsageError
 from unicom_cli.export.check import BOUNDS, Parity
 from unicom_cli.export.graph import OPSET_DEFAULT
 from unicom_cli.utils.console import info
+from unicom_cli.utils.files import disk_errors, output_lock
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 KINDS = {".onnx": "onnx", ".safetensors": "safetensors"}
@@ -73,7 +73,7 @@ def _validate(config: ExportConfig) -> str:
     """Every check on the arguments, before any model is loaded; returns the kind of export."""
     from unicom_cli.export.graph import check_options
     from unicom_cli.models.registry import get_spec
-    from unicom_cli.pipelines.writer import check_folder_writable
+    from unicom_cli.utils.files import check_writable_folder
 
     kind = KINDS.get(Path(config.output).suffix)
     if kind is None:
@@ -92,7 +92,7 @@ def _validate(config: ExportConfig) -> str:
                          f"{spec.embedding_size} dimensions")
     if kind == "onnx":
         _require_onnx_tools()
-    check_folder_writable(Path(config.output).parent)
+    check_writable_folder(Path(config.output).parent)
     if Path(config.output).exists() and not config.overwrite:
         raise OutputExists(f"{config.output} already exists; add --overwrite to replace it")
     return kind
@@ -128,24 +128,29 @@ def export_model(config: ExportConfig) -> ExportSummary:
     loaded = create_model(model_arg, weights=weights, pretrained=config.pretrained, device="cpu",
                           precision="fp32", cache=config.cache)
     partial = output.parent / f".{output.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        if kind == "onnx":
-            files, parity, dim = _write_onnx(config, loaded, partial / output.name, names, photos)
-        else:
-            files, parity, dim = _write_safetensors(config, loaded, partial / output.name, names, photos)
-        if not parity.ok:
-            worst = int(parity.cosine.argmin())
-            raise ExportFailed(
-                f"{output}: self-check failed: cosine with PyTorch {parity.cosine[worst]:.7f} on "
-                f"'{names[worst]}' (batch of {len(names)}), {parity.single_cosine:.7f} on "
-                f"'{names[0]}' alone; required ≥ {parity.bound} ({config.precision}). Nothing was "
-                "written; report this with UNICOM_DEBUG=1 output")
-        finals = _move_into_place(files, output.parent, config.overwrite)
-    finally:
+    with output_lock(output), disk_errors(output.parent):
         shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            finals, parity, dim = _export_into(config, kind, loaded, partial, output, names, photos)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return ExportSummary(kind, loaded.spec.name, dim, parity, time.perf_counter() - start, finals)
+
+
+def _export_into(config: ExportConfig, kind: str, loaded, partial: Path, output: Path,
+                 names: list[str], photos) -> tuple[list[Path], Parity, int]:
+    """Write into ``partial``, check, then move into place (or raise, leaving the output alone)."""
+    write = _write_onnx if kind == "onnx" else _write_safetensors
+    files, parity, dim = write(config, loaded, partial / output.name, names, photos)
+    if not parity.ok:
+        worst = int(parity.cosine.argmin())
+        raise ExportFailed(
+            f"{output}: self-check failed: cosine with PyTorch {parity.cosine[worst]:.7f} on "
+            f"'{names[worst]}' (batch of {len(names)}), {parity.single_cosine:.7f} on "
+            f"'{names[0]}' alone; required ≥ {parity.bound} ({config.precision}). Nothing was "
+            "written; report this with UNICOM_DEBUG=1 output")
+    return _move_into_place(files, output.parent, config.overwrite), parity, dim
 
 
 def _move_into_place(files: list[Path], folder: Path, overwrite: bool) -> list[Path]:
@@ -179,7 +184,7 @@ def _write_onnx(config: ExportConfig, loaded, path: Path, names: list[str], phot
     from unicom_cli.export.metadata import describe, sidecar_path
     from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.weights import sha256_file
-    from unicom_cli.pipelines.writer import atomic_write_text
+    from unicom_cli.utils.files import write_json_atomic
 
     spec = loaded.spec
     info(f"exporting {spec.name} to ONNX (opset {config.opset}, {config.precision}, "
@@ -195,7 +200,7 @@ def _write_onnx(config: ExportConfig, loaded, path: Path, names: list[str], phot
                         "input_shape": ["batch", 3, spec.input_size, spec.input_size],
                         "output": OUTPUT_NAME, "output_dim": dim, "normalized": config.normalize,
                         "num_feat": config.num_feat, "opset": config.opset})
-    atomic_write_text(sidecar_path(path), json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(sidecar_path(path), meta)
     info(f"checking it with ONNX Runtime on {len(names)} photos…")
     runtime = OnnxModel(path, device="cpu")
     reference = _reference(loaded, photos, normalize=config.normalize, num_feat=config.num_feat)
@@ -214,7 +219,7 @@ def _write_safetensors(config: ExportConfig, loaded, path: Path, names: list[str
     from unicom_cli.export.metadata import describe, sidecar_path
     from unicom_cli.models.factory import create_model
     from unicom_cli.models.weights import sha256_file
-    from unicom_cli.pipelines.writer import atomic_write_text
+    from unicom_cli.utils.files import write_json_atomic
 
     dtype = torch.float16 if config.precision == "fp16" else torch.float32
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
@@ -223,7 +228,7 @@ def _write_safetensors(config: ExportConfig, loaded, path: Path, names: list[str
     meta = describe(loaded.spec, file=path, file_sha256=sha256_file(path),
                     weights_sha256=loaded.sha256, precision=config.precision)
     arch = sidecar_path(path)
-    atomic_write_text(arch, json.dumps(meta, indent=2) + "\n")
+    write_json_atomic(arch, meta)
     info(f"checking {path.name} + {arch.name} load back to the same embeddings…")
     reloaded = create_model(arch, weights=path, device="cpu", precision="fp32")
     reference = _reference(loaded, photos)
