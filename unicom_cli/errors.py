@@ -70,10 +70,6 @@ class TrainingDiverged(UnicomError):
     """The training loss became NaN or infinite (finetune stops and names the step)."""
 
 
-<<<<<<< HEAD
-class ExportFailed(UnicomError):
-    """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""
-=======
 class DiskError(UnicomError):
     """The output folder is full, read-only or not writable (names the folder and the fix)."""
 
@@ -84,4 +80,7 @@ class OutputInUse(UnicomError):
 
 class NonFiniteFeatures(UnicomError):
     """Features contain NaN or infinite values (names the count and the first ids)."""
->>>>>>> main
+
+
+class ExportFailed(UnicomError):
+    """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""

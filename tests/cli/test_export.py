@@ -89,7 +89,8 @@ def test_embed_onnx_equals_the_pytorch_route(exported, tiny, folder, tmp_path):
     spec_file, ckpt = tiny
     onnx_out, torch_out = tmp_path / "onnx.npy", tmp_path / "torch.npy"
     assert _embed(folder, onnx_out, "--model", str(exported[0]), "--runtime", "onnx") == 0
-    assert _embed(folder, torch_out, "--model", str(spec_file), "--weights", str(ckpt)) == 0
+    assert _embed(folder, torch_out, "--model", str(spec_file), "--weights", str(ckpt),
+                  "--precision", "fp32") == 0
     a, b = np.load(onnx_out), np.load(torch_out)
     assert a.shape == b.shape == (6, 16)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
@@ -102,7 +103,8 @@ def test_embed_onnx_equals_the_pytorch_route(exported, tiny, folder, tmp_path):
     # --normalize --num-feat on top of a plain graph: the same post-processing as PyTorch's.
     n_onnx, n_torch = tmp_path / "n1.npy", tmp_path / "n2.npy"
     assert _embed(folder, n_onnx, "--model", str(exported[0]), "--num-feat", "8") == 0  # runtime implied
-    assert _embed(folder, n_torch, "--model", str(spec_file), "--weights", str(ckpt), "--num-feat", "8") == 0
+    assert _embed(folder, n_torch, "--model", str(spec_file), "--weights", str(ckpt),
+                  "--num-feat", "8", "--precision", "fp32") == 0
     np.testing.assert_allclose(np.load(n_onnx), np.load(n_torch), rtol=0, atol=1e-5)
 
 
@@ -113,7 +115,7 @@ def test_graph_with_baked_normalisation_is_not_renormalised(tiny, folder, tmp_pa
                  "--num-feat", "12"]) == 0
     assert _embed(folder, tmp_path / "a.npy", "--model", str(graph), "--num-feat", "8") == 0
     assert _embed(folder, tmp_path / "b.npy", "--model", str(spec_file), "--weights", str(ckpt),
-                  "--num-feat", "8") == 0
+                  "--num-feat", "8", "--precision", "fp32") == 0
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"), rtol=0, atol=1e-5)
     assert _embed(folder, tmp_path / "c.npy", "--model", str(graph), "--num-feat", "13") == 2
 
