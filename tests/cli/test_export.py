@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.export.conftest import make_tiny
+from tests.pipelines.test_embed import KILL_AFTER_ROWS
 from unicom_cli.cli.app import main
 
 
@@ -132,15 +133,15 @@ def test_safetensors_export_is_accepted_by_weights(tiny, folder, tmp_path):
 
 @pytest.mark.slow
 def test_embed_onnx_resumes_after_kill(exported, folder, tmp_path):
-    """The process SIGKILLs itself after k rows (the writer's test hook); the rerun finishes it."""
+    """The process SIGKILLs itself once k rows are checkpointed (hook in the test); the rerun finishes."""
     graph = exported[0]
     clean = tmp_path / "clean.npy"
     assert _embed(folder, clean, "--model", str(graph)) == 0
     out = tmp_path / "killed.npy"
     k = random.Random().randrange(1, 5)
-    cmd = [sys.executable, "-m", "unicom_cli", "embed", str(folder), "-o", str(out), "--model",
+    cmd = [sys.executable, "-c", KILL_AFTER_ROWS, "embed", str(folder), "-o", str(out), "--model",
            str(graph), "--workers", "0", "--batch-size", "2", "--no-draft"]
-    proc = subprocess.run(cmd, env={**os.environ, "UNICOM_TEST_CRASH_AFTER_ROWS": str(k),
+    proc = subprocess.run(cmd, env={**os.environ, "KILL_AFTER_ROWS": str(k), "UNICOM_TEST_CHECKPOINT_S": "0",
                                     "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists() and (tmp_path / "killed.npy.partial" / "run.json").exists()
