@@ -200,3 +200,25 @@ def test_photos_are_the_seven_real_ones():
     names, pixels = sample_photos(48)
     assert names == list(PHOTOS) and pixels.shape == (7, 3, 48, 48) and pixels.dtype == np.uint8
     assert len({p.tobytes() for p in pixels}) == 7 and pixels.std() > 30  # distinct, not blank
+
+
+@pytest.mark.slow
+def test_vit_b32_architecture_with_random_weights(tmp_path):
+    """The published ViT-B/32 architecture (random weights: no download), batch 1 and 7."""
+    out = tmp_path / "b32.onnx"
+    torch.manual_seed(0)
+    summary = export_model(ExportConfig("ViT-B/32", out, pretrained=False))
+    assert summary.output_dim == 512 and summary.parity.ok and summary.parity.cosine.min() >= 0.99999
+    torch.manual_seed(0)  # the same initialisation as inside export_model
+    loaded = create_model("ViT-B/32", pretrained=False, device="cpu", precision="fp32")
+    photos = sample_photos(224)[1]
+    mean = np.asarray(loaded.spec.mean).reshape(1, 3, 1, 1)
+    std = np.asarray(loaded.spec.std).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = loaded.model(torch.from_numpy(((photos / 255.0 - mean) / std).astype(np.float32))).numpy()
+    runtime = OnnxModel(out, device="cpu")
+    seven, one = runtime.run(photos), runtime.run(photos[:1])
+    assert seven.shape == (7, 512) and one.shape == (1, 512)
+    assert cosine(seven, ref).min() >= 0.99999 and cosine(one, ref[:1]).min() >= 0.99999
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["name"] == "ViT-B/32" and meta["input_size"] == 224 and meta["weights_sha256"] is None
