@@ -15,19 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.export.conftest import make_tiny
+from tests.export.conftest import make_tiny, one_torch_thread  # noqa: F401 (autouse fixture)
 from tests.pipelines.test_embed import KILL_AFTER_ROWS
 from unicom_cli.cli.app import main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

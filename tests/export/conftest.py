@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,19 +28,7 @@ def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def make_tiny(root: Path) -> tuple[Path, Path]:
-    """The tiny architecture of tests/conftest.py and a seeded checkpoint with trained-looking BN stats."""
-    import torch
-
-    from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.vit import build_model
-
+    """The tiny architecture of tests/conftest.py and its seeded checkpoint, in ``root``."""
     spec_file = root / "tiny.json"
     spec_file.write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    model = build_model(get_spec(spec_file))
-    for bn in (model.feature[1], model.feature[3]):
-        bn.running_mean.normal_(0, 0.1)
-        bn.running_var.uniform_(0.5, 2.0)
-    ckpt = root / "FP16-tiny.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, ckpt)
-    return spec_file, ckpt
+    return spec_file, write_tiny_checkpoint(spec_file, root / "FP16-tiny.pt")

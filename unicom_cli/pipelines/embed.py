@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.factory import LoadedModel
+    from unicom_cli.models.registry import ModelSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +287,33 @@ def _runtime_fields(loaded: "LoadedModel | OnnxModel") -> dict:
             "precision": loaded.precision}
 
 
+def _model_output(model: str, runtime: str) -> tuple["ModelSpec", int, bool]:
+    """(spec, dimensions the model emits, whether they come L2-normalised), without loading it."""
+    if runtime == "onnx":
+        from unicom_cli.export.metadata import read_onnx_metadata
+
+        spec, meta = read_onnx_metadata(Path(model))
+        return spec, int(meta["onnx"]["output_dim"]), bool(meta["onnx"]["normalized"])
+    from unicom_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    return spec, spec.embedding_size, False
+
+
+def _load_model(config: EmbedConfig, runtime: str) -> tuple["LoadedModel | OnnxModel", str]:
+    """The model (PyTorch, or the exported graph in ONNX Runtime) and the line that describes it."""
+    if runtime == "onnx":
+        from unicom_cli.export.runtime import OnnxModel
+
+        loaded = OnnxModel(config.model, device=config.device)
+        return loaded, f"{config.model} with ONNX Runtime on {loaded.device}, {loaded.precision} graph"
+    from unicom_cli.models.factory import create_model, describe_precision
+
+    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
+                          device=device_for(config.device), precision=config.precision)
+    return loaded, describe_precision(loaded, config.precision)
+
+
 def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | OnnxModel") -> dict:
     """The arguments that decide the output's bytes; a resumed run must match them all."""
     return {
@@ -322,8 +350,6 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli import __version__
-    from unicom_cli.models.factory import create_model, describe_precision
-    from unicom_cli.models.registry import get_spec
 
     start_time = time.perf_counter()
     _validate(config)
@@ -331,28 +357,13 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     images = list_images(config.input)
     files = OutputFiles.for_output(config.output)
     files.check_writable()
-    if runtime == "onnx":
-        from unicom_cli.export.metadata import read_onnx_metadata
-
-        spec, graph = read_onnx_metadata(config.model)
-        model_dim, normalized_by_model = graph["onnx"]["output_dim"], graph["onnx"]["normalized"]
-    else:
-        spec = get_spec(config.model)
-        model_dim, normalized_by_model = spec.embedding_size, False
+    spec, model_dim, normalized_by_model = _model_output(config.model, runtime)
     if config.num_feat is not None and config.num_feat > model_dim:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{model_dim} dimensions")
     plan = files.plan(config.overwrite)
 
-    if runtime == "onnx":
-        from unicom_cli.export.runtime import OnnxModel
-
-        loaded = OnnxModel(config.model, device=config.device)
-        description = f"{config.model} with ONNX Runtime on {loaded.device}, {loaded.precision} graph"
-    else:
-        loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                              device=device_for(config.device), precision=config.precision)
-        description = describe_precision(loaded, config.precision)
+    loaded, description = _load_model(config, runtime)
     if is_main():
         info(description)
     fingerprint = _fingerprint(config, images, loaded)
