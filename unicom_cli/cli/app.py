@@ -17,6 +17,7 @@ from unicom_cli.cli import (
     eval_knn,
     eval_linear,
     eval_retrieval,
+    export,
     finetune,
     models,
     prepare_gldv2,
@@ -57,6 +58,7 @@ app.command("eval-linear", epilog=eval_linear.EXAMPLES)(eval_linear.eval_linear)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("export")(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:
