@@ -234,6 +234,51 @@ def test_create_model_downloads_on_first_use(served, payload, tiny_checkpoint, m
     assert served.requests == []
 
 
+# ----------------------------------------------------------------------------- issue 19, items 7-8
+
+def test_cut_then_416_is_never_cached_as_final(served, payload, cache):
+    """Item 7: a Drive-style file (no published digest) cut halfway, then 416 to the resume: the
+    half must not be cached (it was, digest recorded, --verify ok); the download starts over."""
+    served.fault(PATH, "cut", "416")
+    result = fetch(_spec(served.base + PATH, None), cache=cache)
+    assert result.path.read_bytes() == payload
+    assert read_sidecar(result.path) == _sha(payload)
+    assert served.requested(PATH)[-1] is None  # the last request started over from byte 0
+
+
+def test_416_to_a_leftover_part_starts_over(served, payload, cache):
+    (cache / "FP16-tiny.pt.part").write_bytes(payload[: len(payload) // 3])
+    served.fault(PATH, "416")
+    assert fetch(_spec(served.base + PATH, None), cache=cache).path.read_bytes() == payload
+
+
+def test_a_trickle_stalls_and_is_retried(served, payload, cache, monkeypatch):
+    """Item 8: 20 bytes/s never trips the per-read timeout; the stall window does."""
+    monkeypatch.setenv("UNICOM_DOWNLOAD_STALL_S", "0.5")
+    served.fault(PATH, "trickle")
+    path = fetch_weights(_spec(served.base + PATH, _sha(payload)), cache=cache)
+    assert path.read_bytes() == payload
+    assert len(served.requested(PATH)) == 2 and served.requested(PATH)[1] is not None
+
+
+def test_a_server_cutting_every_response_is_given_up_on(served, payload, cache):
+    """Item 8: every response cut at half used to mean requests without end."""
+    served.fault(PATH, *["cut"] * 1000)
+    with pytest.raises(DownloadError, match="failed attempts"):
+        fetch(_spec(served.base + PATH, _sha(payload)), cache=cache, retries=2)
+    assert len(served.requested(PATH)) == 4 * (2 + 1)
+    assert not (cache / "FP16-tiny.pt").exists()
+
+
+def test_a_body_without_length_is_capped(served, cache):
+    """Item 8: no Content-Length and no end: stopped at the expected size + margin."""
+    served.fault(PATH, "endless")
+    spec = _spec(served.base + PATH, None)
+    with pytest.raises(DownloadError, match="without announcing a length"):
+        fetch(spec, cache=cache, retries=0)
+    assert not (cache / "FP16-tiny.pt").exists() and not (cache / "FP16-tiny.pt.part").exists()
+
+
 def _age(path, seconds: int = 10) -> None:
     """Move the file's modification time into the past (as a download finished long ago)."""
     old = path.stat().st_mtime_ns - seconds * 10**9

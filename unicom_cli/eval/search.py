@@ -42,6 +42,9 @@ class SearchResult:
 def l2_normalize(x: np.ndarray, num_feat: int | None = None) -> np.ndarray:
     """Row-wise L2 normalisation in float32; then keep the first ``num_feat`` dims (SPEC §2, no renormalising)."""
     x = np.asarray(x, dtype=np.float32)
+    if num_feat is not None and not 1 <= num_feat <= x.shape[1]:
+        raise UsageError(f"--num-feat {num_feat}: the features have {x.shape[1]} dimensions; "
+                         f"choose 1 to {x.shape[1]}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     out = x / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(out[:, :num_feat] if num_feat else out)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from unicom_cli.errors import UsageError, WeightsError
+from unicom_cli.errors import CheckpointMismatch, UsageError, WeightsError
 from unicom_cli.models.registry import ModelSpec, get_spec, with_input_size
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[:3])
-        raise WeightsError(f"{source}: does not match architecture {model.spec.name}: {detail}. "
+        raise CheckpointMismatch(f"{source}: does not match architecture {model.spec.name}: {detail}. "
                            f"Pick the --model that this checkpoint was trained with") from exc
 
 

@@ -108,6 +108,11 @@ _register(ModelSpec(
     gdrive_id="1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
 
 _JSON_FIELDS = ("input_size", "patch_size", "width", "depth", "heads", "embedding_size")
+# Far above every published ViT (ViT-22B: width 6144, depth 48): sizes beyond are typos that
+# would otherwise ask for terabytes before failing.
+_JSON_LIMITS = {"input_size": 8192, "patch_size": 1024, "width": 16384, "depth": 256,
+                "heads": 256, "embedding_size": 65536}
+_JSON_MAX_PARAMS = 25_000_000_000
 
 
 def available_models() -> list[str]:
@@ -121,21 +126,32 @@ def spec_from_json(path: Path) -> ModelSpec:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise UnknownModel(f"{path}: cannot read model JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UnknownModel(f"{path}: model JSON must be an object with {', '.join(_JSON_FIELDS)}, "
+                           f"got a {type(data).__name__}")
     missing = [k for k in _JSON_FIELDS if k not in data]
     if missing:
         raise UnknownModel(f"{path}: model JSON lacks {', '.join(missing)}; "
                            f"it needs {', '.join(_JSON_FIELDS)}")
     values = {}
     for key in _JSON_FIELDS:
-        if not isinstance(data[key], int) or data[key] <= 0:
-            raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {data[key]!r}")
-        values[key] = data[key]
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {value!r}")
+        if value > _JSON_LIMITS[key]:
+            raise UnknownModel(f"{path}: '{key}' {value:,} is beyond any ViT (at most "
+                               f"{_JSON_LIMITS[key]:,})")
+        values[key] = value
     if values["input_size"] < values["patch_size"]:
         raise UnknownModel(f"{path}: input_size {values['input_size']} is smaller than "
                            f"patch_size {values['patch_size']}")
     if values["width"] % values["heads"]:
         raise UnknownModel(f"{path}: width {values['width']} is not divisible by heads {values['heads']}")
-    return ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
+    spec = ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
+    if spec.num_params > _JSON_MAX_PARAMS:
+        raise UnknownModel(f"{path}: {spec.num_params:,} parameters is beyond any ViT (at most "
+                           f"{_JSON_MAX_PARAMS:,}); check the sizes")
+    return spec
 
 
 def get_spec(name_or_path: str | Path) -> ModelSpec:

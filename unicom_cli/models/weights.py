@@ -151,12 +151,15 @@ def load_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
+            if "weights only" not in str(exc).lower():  # random bytes, another format
+                raise WeightsError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0][:100]}); "
+                                   "the file is corrupt or of another format") from exc
             raise UnsafeCheckpoint(
                 f"{path}: refused to load: the file contains pickled objects other than tensors "
                 f"(it could run code). Only plain state dicts are accepted; re-save it with "
                 f"torch.save(model.state_dict()) or as .safetensors") from exc
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise WeightsError(f"{path}: cannot read checkpoint ({exc}); the file may be "
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:
+            raise WeightsError(f"{path}: cannot read checkpoint ({exc or type(exc).__name__}); the file may be "
                                f"truncated: delete it and download again") from exc
     if isinstance(state, dict):
         for key in _CONTAINER_KEYS:
