@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt, MasterAddrOpt,
-    MasterPortOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+    BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, ModelOpt, NumFeatOpt,
+    WeightsOpt, WorkersOpt, int_list, launch_options,
 )
 
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
+
+@launch_options
 def eval_knn(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the train (memory) images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -34,16 +38,11 @@ def eval_knn(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k."""
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.knn import KnnConfig, run_knn
 
@@ -53,7 +52,6 @@ def eval_knn(
         model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
         backend=backend, num_feat=num_feat, json_out=json_out)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_knn, cfg)
     if results is not None:
         print_results(results)

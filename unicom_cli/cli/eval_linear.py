@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,19 +11,16 @@ from unicom_cli.cli.options import (
     BatchSizeOpt,
     CacheDirOpt,
     DeviceOpt,
-    GpusOpt,
     JsonOutOpt,
-    MasterAddrOpt,
-    MasterPortOpt,
     ModelOpt,
-    NnodesOpt,
-    NodeRankOpt,
     PrecisionOpt,
-    ProcsOpt,
-    RdzvOpt,
     WeightsOpt,
     WorkersOpt,
+    launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = """Examples:
 
@@ -35,6 +32,7 @@ EXAMPLES = """Examples:
 """
 
 
+@launch_options
 def eval_linear(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the training images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -53,20 +51,15 @@ def eval_linear(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Fit a multinomial logistic regression (L-BFGS) on frozen features; top-1/top-5 on the val set.
 
     Without --C the regularisation is chosen on a held-out 10% of the train set (a coarse sweep
     over 1e-6…1e6, then a binary search), then refitted on the whole train set.
     """
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.linear import LinearConfig, run_linear
 
@@ -75,7 +68,6 @@ def eval_linear(
         max_iter=max_iter, model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
         json_out=json_out)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_linear, cfg)
     if results is not None:
         print_results(results)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt, MasterAddrOpt,
-    MasterPortOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+    BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, ModelOpt, NumFeatOpt,
+    WeightsOpt, WorkersOpt, int_list, launch_options,
 )
 
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
+
+@launch_options
 def eval_retrieval(
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all).")] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the data sets in their usual layouts.")] = Path("data"),
@@ -33,16 +37,11 @@ def eval_retrieval(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Evaluate retrieval exactly as the papers do (SPEC §2) on CPU or GPUs, 1 process or many."""
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.errors import UsageError
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.retrieval import RetrievalConfig, run_retrieval
@@ -55,7 +54,6 @@ def eval_retrieval(
         model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
         recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
         save_features=save_features, backend=backend, json_out=json_out, vis=vis)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_retrieval, cfg)
     if results is not None:
         print_results(results)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, PrecisionOpt, ProcsOpt,
-    RdzvOpt, WeightsOpt,
+    DeviceOpt, PrecisionOpt, WeightsOpt, launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 _T = "Training"
 _L = "Loss (Partial FC)"
@@ -21,6 +23,7 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
+@launch_options
 def finetune(
     arch: Annotated[Optional[str], _opt("--arch", "--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
     dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
@@ -56,20 +59,15 @@ def finetune(
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Finetune a UNICOM model with Partial FC and a margin loss (ArcFace/CosFace).
 
     `unicom finetune --arch ViT-L/14` alone runs the published GLDv2 recipe on ./data/GLDv2
     (made by `unicom prepare-gldv2`).
     """
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune
     from unicom_cli.train.recipes import recipe_for
     from unicom_cli.utils.console import console, info
@@ -93,7 +91,6 @@ def finetune(
     if name:
         info(f"recipe {name} (published on {recipe_gpus} GPU{'s' if recipe_gpus > 1 else ''} × "
              f"batch {values.get('batch_size')}); flags given override it")
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     summary = run_command(launch, run_finetune, cfg)
     if summary is None:
         return
