@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.distributed.toy_cli import rows_for
 from unicom_cli.distributed import launch
-from unicom_cli.distributed.launch import GroupEnv, LaunchConfig, detect_group, parse_nodelist, run_command
+from unicom_cli.distributed.env import GroupEnv, detect_group, parse_nodelist
+from unicom_cli.distributed.launch import LaunchConfig, run_command
 from unicom_cli.errors import DistributedError, UsageError
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
