@@ -27,6 +27,18 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("UNICOM_HOME", str(tmp_path_factory.mktemp("unicom_home")))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread avoids OpenMP barrier stalls on a busy machine. Modules
+    that want it say ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def tiny_spec_file(tmp_path) -> Path:
     """A JSON architecture file for a 2-block ViT at 32 px (16 patches, 16-dim embedding)."""

@@ -14,16 +14,9 @@ from unicom_cli.cli.app import main
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A digits ImageFolder tree and raw-pixel features for it, ids as `embed` writes them."""
-    from sklearn.datasets import load_digits
+    from tests.cli.test_eval_retrieval import digits_with_features
 
-    from unicom_cli.data.digits import write_digits_tree
-
-    root = tmp_path_factory.mktemp("digits_nan")
-    tree = write_digits_tree(root / "tree", size=16, limit_per_class=20)
-    data = load_digits().data.astype(np.float32)
-    ids = sorted(p.relative_to(tree.test).as_posix() for p in tree.test.rglob("*.png"))
-    feats = np.stack([data[int(i.split("/")[1][:4])] for i in ids])
-    return tree, ids, feats
+    return digits_with_features(tmp_path_factory.mktemp("digits_nan"), limit_per_class=20)
 
 
 def _save(folder, name, feats, ids):

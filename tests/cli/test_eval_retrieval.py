@@ -9,18 +9,23 @@ from typer.testing import CliRunner
 from unicom_cli.cli.app import app
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits tree (PNG) and a raw-pixel feature file for its test folder, ids as `embed` writes them."""
+def digits_with_features(root, limit_per_class: int):
+    """A digits tree (PNG) and raw-pixel features of its test folder, ids as `embed` writes them."""
     from sklearn.datasets import load_digits
 
     from unicom_cli.data.digits import write_digits_tree
 
-    root = tmp_path_factory.mktemp("digits")
-    tree = write_digits_tree(root / "tree", size=16, limit_per_class=60)
+    tree = write_digits_tree(root / "tree", size=16, limit_per_class=limit_per_class)
     data = load_digits().data.astype(np.float32)
     ids = sorted(p.relative_to(tree.test).as_posix() for p in tree.test.rglob("*.png"))
-    feats = np.stack([data[int(i.split("/")[1][:4])] for i in ids])
+    return tree, ids, np.stack([data[int(i.split("/")[1][:4])] for i in ids])
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits tree and a raw-pixel feature file for its test folder."""
+    root = tmp_path_factory.mktemp("digits")
+    tree, ids, feats = digits_with_features(root, limit_per_class=60)
     np.save(root / "feats.npy", feats)
     (root / "feats.ids.txt").write_text("\n".join(ids) + "\n")
     return tree, root / "feats.npy", ids, feats

@@ -12,13 +12,8 @@ from tests.conftest import TINY, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+def _one_thread(one_torch_thread):
+    """Every export test runs its tiny models on one thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

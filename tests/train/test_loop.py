@@ -22,13 +22,6 @@ def _losses(path: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines if "step" in m and "loss" in m}
 
 
-@pytest.fixture(scope="module")
-def digits_small(tmp_path_factory) -> Path:
-    from unicom_cli.data.digits import write_digits_tree
-
-    return write_digits_tree(tmp_path_factory.mktemp("digits"), size=32, limit_per_class=12).root
-
-
 def _cfg(spec_file, data, out, **kw) -> FinetuneConfig:
     base = dict(arch=str(spec_file), dataset=f"folder:{data}", output=out, epochs=2, batch_size=8,
                 lr=1e-3, lr_pfc_weight=10, m2=0.3, device="cpu", drop_path=0.1, eval_every=0,

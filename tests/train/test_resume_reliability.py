@@ -11,22 +11,13 @@ import torch
 
 from unicom_cli.cli.app import main
 from unicom_cli.errors import InputError, UsageError
+from tests.train.test_loop import _cfg as loop_cfg
 from unicom_cli.train.loop import FinetuneConfig, finetune
 
 
-@pytest.fixture(scope="module")
-def digits_small(tmp_path_factory) -> Path:
-    from unicom_cli.data.digits import write_digits_tree
-
-    return write_digits_tree(tmp_path_factory.mktemp("digits"), size=32, limit_per_class=12).root
-
-
 def _cfg(spec_file, data, out, **kw) -> FinetuneConfig:
-    base = dict(arch=str(spec_file), dataset=f"folder:{data}", output=out, epochs=2, batch_size=8,
-                lr=1e-3, lr_pfc_weight=10, m2=0.3, device="cpu", drop_path=0.1, eval_every=0,
-                log_every=1, workers=0, seed=7, save_every=2)
-    base.update(kw)
-    return FinetuneConfig(**base)
+    """test_loop's small run, checkpointing every 2 steps."""
+    return loop_cfg(spec_file, data, out, **{"save_every": 2, **kw})
 
 
 @pytest.fixture(scope="module")
