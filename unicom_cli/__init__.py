@@ -21,15 +21,17 @@ __all__ = ["available_models", "embed_folder", "load", "__version__"]
 
 
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,
-         ) -> tuple["UnicomViT", Callable]:
+         *, random_init: bool = False, seed: int = 0) -> tuple["UnicomViT", Callable]:
     """Load a UNICOM model by name (downloading its weights on first use) or JSON file.
 
-    Returns ``(model, transform)``: the model in eval mode on ``device`` and the CLIP eval
-    transform for PIL images.
+    A JSON architecture needs ``weights``, or ``random_init=True`` for a network drawn from
+    ``seed`` on purpose. Returns ``(model, transform)``: the model in eval mode on ``device``
+    and the CLIP eval transform for PIL images.
     """
     from unicom_cli.models.factory import create_model
 
-    loaded = create_model(name_or_path, weights=weights, device=device)
+    loaded = create_model(name_or_path, weights=weights, device=device,
+                          pretrained=not random_init, seed=seed)
     return loaded.model, loaded.transform
 
 

@@ -6,7 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from unicom_cli.cli.options import CacheDirOpt
+from unicom_cli.cli.options import CacheDirOpt, MirrorOpt
+
+EXAMPLES = [
+    "unicom download ViT-B/32 ViT-L/14",
+    "unicom download --all --mirror http://host/unicom",
+    "unicom download --verify",
+]
 
 _STYLE = {"downloaded": "green", "cached": "green", "ok": "green", "failed": "red",
           "corrupt": "red", "missing": "yellow", "partial": "yellow", "unverified": "yellow"}
@@ -17,10 +23,7 @@ def download(
         metavar="NAME", help="Model names (see `unicom models`).", show_default=False)] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every registered model.")] = False,
     cache_dir: CacheDirOpt = None,
-    mirror: Annotated[Optional[str], typer.Option(
-        "--mirror", envvar="UNICOM_MIRROR", show_envvar=True,
-        help="URL or folder replacing https://github.com/deepglint/unicom/releases/download "
-             "(holds <tag>/<file>; Drive-only models at gldv2/<file>).")] = None,
+    mirror: MirrorOpt = None,
     sha256: Annotated[Optional[str], typer.Option(
         "--sha256", help="Pin the expected SHA-256 of the one named model's file.")] = None,
     verify: Annotated[bool, typer.Option(
@@ -28,9 +31,7 @@ def download(
 ) -> None:
     """Download model weights (resumable, SHA-256 verified) into the cache.
 
-    Other commands download what they need on first use; this fetches ahead of time, e.g.
-    `unicom download ViT-B/32 ViT-L/14`, `unicom download --all --mirror http://host/unicom`,
-    `unicom download --verify`.
+    Other commands download what they need on first use; this fetches ahead of time.
     """
     from rich.table import Table
 

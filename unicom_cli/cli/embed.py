@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -13,15 +13,24 @@ from unicom_cli.cli.options import (
     GpusOpt,
     MasterAddrOpt,
     MasterPortOpt,
+    MirrorOpt,
     ModelOpt,
     NnodesOpt,
     NodeRankOpt,
     NumFeatOpt,
     PrecisionOpt,
     ProcsOpt,
+    RandomInitOpt,
     RdzvOpt,
+    SeedOpt,
     WeightsOpt,
 )
+
+EXAMPLES = [
+    "unicom embed photos/ -o feats/photos.npy",
+    "unicom embed list.txt -o feats.npy --model ViT-L/14 --num-feat 256 --dtype float16",
+    "unicom embed photos/ -o feats.npy --procs 2",
+]
 
 SHOWN_FAILURES = 10
 EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, its share up to 12 on CUDA; 0: decode inline).")]
@@ -29,16 +38,19 @@ EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0
 
 def embed(
     input: Annotated[Path, typer.Argument(help="Folder of images (scanned recursively) or a text file with one path per line.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy; .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy (its folder is created); .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    mirror: MirrorOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: EmbedWorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
+    dtype: Annotated[Literal["float32", "float16"], typer.Option("--dtype", help="Element type of the output matrix.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
@@ -55,11 +67,15 @@ def embed(
     Bad files are skipped and listed in the .failures.txt file; rows and ids stay aligned.
     An interrupted run continues where it stopped when started again with the same arguments.
     """
+    from unicom_cli.utils.console import status
+
+    status(f"loading {model} …")
     from unicom_cli.distributed.launch import LaunchConfig, run_command
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
 
     config = EmbedConfig(
-        input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+        input=input, output=output, model=model, weights=weights, pretrained=not random_init,
+        seed=seed, mirror=mirror, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
         num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,

@@ -221,7 +221,9 @@ class EmbedConfig:
     output: Path  # feats.npy; siblings .ids.txt, .json, .failures.txt
     model: str = "ViT-B/32"
     weights: Path | None = None  # state dict instead of the published weights
-    pretrained: bool = True  # False: random weights (benchmarks), never downloads
+    pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
+    seed: int = 0  # seed of the random weights
+    mirror: str | None = None  # where to download published weights from
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -271,6 +273,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
         "paths_sha256": images.relative.digest(),
         "model": loaded.spec.name,
         "weights_sha256": loaded.sha256,
+        "random_init_seed": loaded.random_init_seed,
         "input_size": loaded.spec.input_size,
         "normalize": config.normalize,
         "num_feat": config.num_feat,
@@ -306,7 +309,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     plan = files.plan(config.overwrite)
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          device=device_for(config.device), precision=config.precision)
+                          seed=config.seed, device=device_for(config.device),
+                          precision=config.precision, mirror=config.mirror)
     fingerprint = _fingerprint(config, images, loaded)
     digests = _all_gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
@@ -351,7 +355,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
-        "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
+        "weights_sha256": loaded.sha256, "random_init_seed": loaded.random_init_seed,
+        "input_size": loaded.spec.input_size,
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
         "normalized": config.normalize, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,

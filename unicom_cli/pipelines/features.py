@@ -22,6 +22,9 @@ class ModelOptions:
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
+    random_init: bool = False  # a seeded random network instead of trained weights (asked for)
+    seed: int = 0  # seed of the random init
+    mirror: str | None = None  # where to download published weights from
 
 
 @dataclass
@@ -113,8 +116,9 @@ def load_model(opts: ModelOptions):
     from unicom_cli.distributed import device_for
     from unicom_cli.models.factory import create_model
 
-    return create_model(opts.model, opts.weights, device=device_for(opts.device),
-                        precision=opts.precision, cache=opts.cache_dir)
+    return create_model(opts.model, opts.weights, pretrained=not opts.random_init, seed=opts.seed,
+                        device=device_for(opts.device), precision=opts.precision,
+                        cache=opts.cache_dir, mirror=opts.mirror)
 
 
 def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarray) -> Path:
@@ -138,6 +142,7 @@ def model_fields(loaded) -> dict:
         "model": None if loaded is None else loaded.spec.name,
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
+        "random_init_seed": None if loaded is None else loaded.random_init_seed,
     }
 
 

@@ -17,13 +17,16 @@ from unicom_cli.errors import UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
+DEFAULT_NB_KNN = [10, 20, 100, 200]
+
+
 @dataclass
 class KnnConfig:
     """Everything `unicom eval-knn` needs; filled by the CLI."""
 
     train_dataset: Path
     val_dataset: Path
-    nb_knn: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    nb_knn: list[int] | None = None  # None: DEFAULT_NB_KNN, less the values above the train size
     temperature: float = 0.07
     per_class: bool = False
     n_per_class: int | None = None
@@ -47,7 +50,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     from unicom_cli.pipelines.features import load_embeddings, load_model, model_features, write_json
     from unicom_cli.utils.console import warn
 
-    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
+    if cfg.nb_knn is not None and (not cfg.nb_knn or min(cfg.nb_knn) < 1):
         raise UsageError("--nb-knn values must be ≥ 1")
     if cfg.temperature <= 0:
         raise UsageError("--temperature must be > 0")
@@ -64,6 +67,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     unseen = sorted(set(val_names) - set(train_names))
     if unseen:
         warn(f"{len(unseen)} val classes have no train images (e.g. {unseen[0]}): those images always miss")
+    nb_knn = _fitting_k(cfg, train_names)  # before any feature is extracted
 
     t = time.perf_counter()
     loaded = None
@@ -92,7 +96,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device)
-    k = max(cfg.nb_knn)
+    k = max(nb_knn)
     subsets = few_shot_subsets(train_labels, cfg.n_per_class, cfg.n_tries) if cfg.n_per_class else [None]
     runs = []
     for subset in subsets:
@@ -108,9 +112,9 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         return None
 
     t = time.perf_counter()
-    per_try = [knn_classify(s, lab, val_y, cfg.nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
+    per_try = [knn_classify(s, lab, val_y, nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
     metrics = {}
-    for kk in cfg.nb_knn:
+    for kk in nb_knn:
         entry = {}
         keys = ("top1", "top5") + (("top1_per_class", "top5_per_class") if cfg.per_class else ())
         for key in keys:
@@ -137,9 +141,40 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "processes": world_size(),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
+    written = []
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
+        written.append(cfg.json_out)
+    results["written"] = written
     return results
+
+
+def _fitting_k(cfg: KnnConfig, train_names: list[str]) -> list[int]:
+    """The k values to evaluate: a k above the train images available fails here, before any work,
+    when the user typed it; from the default list such values are dropped, with a note."""
+    from collections import Counter
+
+    from unicom_cli.utils.console import info
+
+    available = len(train_names)
+    what = f"{available:,} train images"
+    if cfg.n_per_class:
+        available = sum(min(cfg.n_per_class, n) for n in Counter(train_names).values())
+        what = f"{available:,} train images in each few-shot draw (--n-per-class {cfg.n_per_class})"
+    if cfg.nb_knn is not None:
+        too_big = [k for k in cfg.nb_knn if k > available]
+        if too_big:
+            raise UsageError(f"--nb-knn {', '.join(map(str, too_big))}: more neighbours than the "
+                             f"{what} in {cfg.train_dataset}; choose k ≤ {available}")
+        return list(cfg.nb_knn)
+    kept = [k for k in DEFAULT_NB_KNN if k <= available]
+    if not kept:
+        raise UsageError(f"{cfg.train_dataset}: only {what}, fewer than the smallest default "
+                         f"k {DEFAULT_NB_KNN[0]}; pass --nb-knn K with K ≤ {available}")
+    if len(kept) < len(DEFAULT_NB_KNN):
+        dropped = ", ".join(str(k) for k in DEFAULT_NB_KNN if k > available)
+        info(f"k = {dropped} left out of the default --nb-knn: more than the {what}")
+    return kept
 
 
 def _count(failures: list) -> int:
