@@ -58,11 +58,13 @@ class OutputFiles:
         return (self.feats, self.ids, self.meta, self.failures)
 
     def check_writable(self) -> None:
-        """Fail before any work when the output folder is missing or not writable."""
+        """Create the output folder if missing; fail before any work when it cannot be written."""
         folder = self.feats.parent
-        if not folder.is_dir():
-            raise InputError(f"{folder}: the output folder does not exist; create it first "
-                             f"(mkdir -p {folder})")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot create the output folder ({exc.strerror}); "
+                             "pick another -o") from exc
         try:  # os.access lies for root and on some network file systems: really try
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
                 pass
