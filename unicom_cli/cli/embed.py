@@ -9,6 +9,7 @@ import typer
 
 from unicom_cli.cli.options import (
     BatchSizeOpt,
+    CacheDirOpt,
     DeviceOpt,
     GpusOpt,
     MasterAddrOpt,
@@ -44,6 +45,7 @@ def embed(
     random_init: RandomInitOpt = False,
     seed: SeedOpt = 0,
     mirror: MirrorOpt = None,
+    cache_dir: CacheDirOpt = None,
     batch_size: BatchSizeOpt = 64,
     workers: EmbedWorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -75,7 +77,7 @@ def embed(
 
     config = EmbedConfig(
         input=input, output=output, model=model, weights=weights, pretrained=not random_init,
-        seed=seed, mirror=mirror, batch_size=batch_size,
+        seed=seed, mirror=mirror, cache_dir=cache_dir, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
         num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
@@ -94,7 +96,7 @@ def embed(
 def _print_summary(summary) -> None:
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("embedded", f"{summary.count:,} of {summary.total:,} images "
@@ -103,9 +105,8 @@ def _print_summary(summary) -> None:
         table.add_row("resumed", f"{summary.resumed_from:,} images were done by an earlier run")
     table.add_row("failures", f"{len(summary.failures):,}")
     table.add_row("time", f"{summary.seconds:,.1f} s ({summary.images_per_s:,.1f} images/s)")
-    for path in summary.outputs:
-        table.add_row("wrote", str(path))
     console.print(table)
+    print_context([f"wrote {path}" for path in summary.outputs])  # whole paths, never cut
     for name, reason in summary.failures[:SHOWN_FAILURES]:
         console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failures) > SHOWN_FAILURES:

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, MirrorOpt, NnodesOpt, NodeRankOpt, PrecisionOpt,
+    CacheDirOpt, DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, MirrorOpt, NnodesOpt, NodeRankOpt, PrecisionOpt,
     ProcsOpt, RandomInitOpt, RdzvOpt, WeightsOpt, WorkersOpt, alias, prefer,
 )
 
@@ -36,6 +36,7 @@ def finetune(
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
     mirror: MirrorOpt = None,
+    cache_dir: CacheDirOpt = None,
     epochs: Annotated[Optional[int], _opt("--epochs", min=1, help="Epochs.")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", "-b", min=1, help="Images per batch, per process.")] = None,
     lr: Annotated[Optional[float], _opt("--lr", help="Peak learning rate of the backbone (OneCycle, 10% warm-up).")] = None,
@@ -94,7 +95,7 @@ def finetune(
                  input_size=input_size, output_dim=output_dim, m1=m1, m2=m2, m3=m3, s=s,
                  sample_rate=sample_rate, num_feat=num_feat, save_every=save_every, keep=keep,
                  eval_every=eval_every, resume=resume, seed=seed, max_steps=max_steps,
-                 workers=workers, mirror=mirror, pretrained=False if random_init else None)
+                 workers=workers, mirror=mirror, cache_dir=cache_dir, pretrained=False if random_init else None)
     recipe_arch = values.get("arch")
     values.update({k: v for k, v in flags.items() if v is not None})
     if arch and recipe_arch and arch != recipe_arch:

@@ -55,9 +55,10 @@ def prepare_gldv2(
                                pass_through=pass_through, workers=workers, seed=seed, limit=limit,
                                min_images_per_class=min_images, overwrite=overwrite))
     counts = result.report["counts"]
-    console.print(f"packed {result.records:,} images of {result.classes:,} landmarks "
-                  f"({result.images_per_s or 0:,.1f} images/s)", highlight=False)
-    for name in ("train.rec", "train.idx", "train.lst", "labels.csv", "report.json"):
+    console.print(f"wrote {result.records:,} images of {result.classes:,} landmarks to "
+                  f"{result.out / 'train.rec'} ({result.images_per_s or 0:,.1f} images/s)",
+                  highlight=False, soft_wrap=True)
+    for name in ("train.idx", "train.lst", "labels.csv", "report.json"):
         console.print(f"wrote {result.out / name}", highlight=False, soft_wrap=True)
     if result.skipped:
         console.print(f"[yellow]skipped {result.skipped:,}[/] ({counts['missing']:,} missing, "

@@ -224,6 +224,7 @@ class EmbedConfig:
     pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
     seed: int = 0  # seed of the random weights
     mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -310,7 +311,8 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
                           seed=config.seed, device=device_for(config.device),
-                          precision=config.precision, mirror=config.mirror)
+                          precision=config.precision, mirror=config.mirror,
+                          cache=config.cache_dir)
     fingerprint = _fingerprint(config, images, loaded)
     digests = _all_gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:

@@ -39,6 +39,7 @@ class FinetuneConfig:
     init_from: str | None = None  # registered model whose weights initialise `arch` (336px → 512)
     pretrained: bool = True  # False: start from a random init (seeded by `seed`)
     mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     input_size: int | None = None  # train at another resolution (grid resampled)
     output_dim: int | None = None  # embedding size; ≠ checkpoint's → fresh last layer
     epochs: int = 16
@@ -101,7 +102,8 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                                      and target.source != "registry")
     loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=not scratch,
                           seed=cfg.seed, device="cpu", drop_path_rate=cfg.drop_path,
-                          input_size=cfg.input_size or target.input_size, mirror=cfg.mirror)
+                          input_size=cfg.input_size or target.input_size, mirror=cfg.mirror,
+                          cache=cfg.cache_dir)
     model, spec = loaded.model, loaded.spec
     if cfg.output_dim and cfg.output_dim != spec.embedding_size:
         info(f"output dim {cfg.output_dim} ≠ {spec.embedding_size}: fresh feature.2/feature.3")
