@@ -12,6 +12,7 @@ from unicom_cli.cli.options import (
     CacheDirOpt,
     DeviceOpt,
     GpusOpt,
+    InferencePrecisionOpt,
     MasterAddrOpt,
     MasterPortOpt,
     MirrorOpt,
@@ -19,12 +20,12 @@ from unicom_cli.cli.options import (
     NnodesOpt,
     NodeRankOpt,
     NumFeatOpt,
-    PrecisionOpt,
     ProcsOpt,
     RandomInitOpt,
     RdzvOpt,
     SeedOpt,
     WeightsOpt,
+    WorkersOpt,
 )
 
 EXAMPLES = [
@@ -34,7 +35,6 @@ EXAMPLES = [
 ]
 
 SHOWN_FAILURES = 10
-EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, its share up to 12 on CUDA; 0: decode inline).")]
 
 
 def embed(
@@ -47,9 +47,9 @@ def embed(
     mirror: MirrorOpt = None,
     cache_dir: CacheDirOpt = None,
     batch_size: BatchSizeOpt = 64,
-    workers: EmbedWorkersOpt = None,
+    workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     dtype: Annotated[Literal["float32", "float16"], typer.Option("--dtype", help="Element type of the output matrix.")] = "float32",
@@ -108,6 +108,8 @@ def _print_summary(summary) -> None:
     console.print(table)
     print_context([f"wrote {path}" for path in summary.outputs])  # whole paths, never cut
     for name, reason in summary.failures[:SHOWN_FAILURES]:
+        # a non-UTF-8 file name holds surrogates, which a terminal cannot print
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failures) > SHOWN_FAILURES:
         console.print(f"  … and {len(summary.failures) - SHOWN_FAILURES:,} more in "

@@ -8,9 +8,9 @@ from typing import Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt,
-    MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, PrecisionOpt, ProcsOpt, RandomInitOpt,
-    RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
+    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
+    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
 )
 
 EXAMPLES = [
@@ -40,7 +40,7 @@ def eval_knn(
     backend: BackendOpt = "auto",
     json_out: JsonOutOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,

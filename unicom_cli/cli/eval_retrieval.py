@@ -8,9 +8,9 @@ from typing import Annotated, List, Literal, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt,
-    MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, PrecisionOpt, ProcsOpt, RandomInitOpt,
-    RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
+    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
+    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
 )
 
 EXAMPLES = [
@@ -41,7 +41,7 @@ def eval_retrieval(
     vis_k: Annotated[int, typer.Option("--vis-k", min=1, help="Results per query in the --vis picture.")] = 5,
     backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,

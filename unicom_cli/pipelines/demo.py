@@ -7,7 +7,6 @@ Python), so the demo doubles as a tour of the CLI and exercises the multi-proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

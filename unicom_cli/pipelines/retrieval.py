@@ -74,13 +74,13 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device, split.all_vs_all and world_size() == 1)
-    neighbours, scores = _search_all(split, x, recall_at, backend, device)
+    neighbours, scores = search_split(split, x, recall_at, backend, device)
     timings["search"] = time.perf_counter() - t
     if not is_main():
         return None
 
     t = time.perf_counter()
-    metrics = _metrics(split, neighbours, recall_at)
+    metrics = split_metrics(split, neighbours, recall_at)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -112,12 +112,13 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     return results
 
 
-def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str,
-                device: str) -> tuple[np.ndarray, np.ndarray]:
+def search_split(split, x: np.ndarray, recall_at: list[int], backend: str,
+                 device: str) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour positions (into ``split.gallery`` or, all-vs-all, into the split) and their
     cosine scores, gathered on every rank.
 
-    Each rank searches a contiguous block of the queries against the whole gallery.
+    ``x``: L2-normalised features of the split's images. Each rank searches a contiguous block of
+    the queries against the whole gallery. Used by eval-retrieval and by finetune's evaluation.
     """
     from unicom_cli.distributed.comm import gather_rows, shard_range
     from unicom_cli.eval.retrieval import relevant_counts
@@ -142,7 +143,7 @@ def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str,
             gather_rows(rows, np.asarray(res.scores, dtype=np.float32), len(queries)))
 
 
-def _metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:
+def split_metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:
     """Percentages: recall@K (and MAP@R all-vs-all), or GLDv2 mAP@100 per split."""
     from unicom_cli.eval.retrieval import gldv2_map_at_100, map_at_r, recall_at_k, relevant_counts
 
