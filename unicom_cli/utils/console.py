@@ -44,7 +44,7 @@ def status(message: str) -> None:
     Printed by the process the user started only (rank 0 and not a launched worker).
     """
     if _is_main() and not os.environ.get("UNICOM_LAUNCHER_PID"):
-        err_console.print(message, style="dim", highlight=False)
+        err_console.print(message, style="dim", highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
