@@ -120,6 +120,19 @@ def test_every_downloading_command_takes_mirror_and_fails_before_building(comman
     assert str(mirror) in err and "UNICOM_HOME" in err
 
 
+def test_offline_failure_comes_before_torch_is_even_imported(digits, tmp_path):
+    probe = (
+        "import sys\n"
+        "from unicom_cli.cli.app import main\n"
+        f"code = main(['embed', {str(digits.test)!r}, '-o', {str(tmp_path / 'f.npy')!r}, '--mirror', "
+        f"{str(tmp_path / 'offline')!r}, '--cache-dir', {str(tmp_path / 'c')!r}])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["1", "False"], result.stdout + result.stderr
+    assert "UNICOM_HOME" in result.stderr
+
+
 # ------------------------------------------------------------------ 4. short checkpoint messages
 
 def test_wrong_checkpoint_is_a_short_line(digits, tiny_checkpoint, tmp_path, capsys):
@@ -320,3 +333,31 @@ def test_every_help_ends_with_examples_and_no_noise(command):
     assert 2 <= len(examples) <= 3 and tail[-1].strip().startswith("unicom "), text[-600:]
     for noise in ("SPEC", "<bool>", "{input}", "{csv}", "{names}"):
         assert noise not in text
+
+
+# ------------------------------------------------------------------ 7. a quick start for a CPU laptop
+
+def test_quick_start_installs_no_dali_and_ci_still_does():
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    quick = readme[readme.index("## Quickstart"):readme.index("## Installing on a GPU machine")]
+    installs = [line for line in quick.splitlines() if "pip install" in line]
+    assert installs and not any("dali" in line for line in installs)
+    assert any("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs)
+    assert "GB" in quick  # what each route costs
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any("dali" in dep for dep in extras["test"]) and "dali" in extras
+    assert '".[test,dali]"' in (ROOT / ".ci" / "run").read_text()
+
+
+# ------------------------------------------------------------------ 14. what --procs guarantees
+
+def test_embed_records_the_threads_each_process_used(digits, tiny_spec_file, tiny_checkpoint, tmp_path):
+    out = tmp_path / "f.npy"
+    assert main(["embed", str(digits.test), "-o", str(out), "--model", str(tiny_spec_file),
+                 "--weights", str(tiny_checkpoint), "-j", "0"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["threads_per_process"] == 1
+    readme = (ROOT / "README.md").read_text()
+    assert "byte-identical to a 1-process run" not in readme  # the claim is now stated precisely
+    assert "threads_per_process" in readme

@@ -223,7 +223,8 @@ def create_model(
         pretrained: False never loads weights: a random init drawn from ``seed`` (announced).
         seed: seed of the random init (the same seed gives the same network in every process).
         input_size: run at another resolution; pos_embed and the head are resampled.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; in a process group ``auto``/``cuda``
+            mean this rank's GPU. Resolved after the weights (torch is imported only then).
         precision: ``fp32``/``fp16``/``bf16`` autocast for the blocks; ``auto``/None picks per
             device and CPU (``resolve_inference_precision``).
         mirror: where to download published weights from (see ``models.download.source_url``).
@@ -240,7 +241,9 @@ def create_model(
     from unicom_cli.models.weights import load_state_dict, sha256_file
     from unicom_cli.utils.console import info
 
-    dev = resolve_device(device)
+    from unicom_cli.distributed import device_for
+
+    dev = resolve_device(device_for(device))
     digest: str | None = None
     if path is None:
         info(f"{spec.name}: random initialisation with seed {seed} (no trained weights)")

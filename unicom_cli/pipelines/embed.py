@@ -26,7 +26,7 @@ from unicom_cli.data.images import (
     escape_line_breaks,
     list_images,
 )
-from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
+from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.pipelines.features import NONFINITE_REASON, Features
@@ -267,6 +267,12 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
     }
 
 
+def _forward_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
 
@@ -297,7 +303,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     plan = files.plan(config.overwrite)
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          seed=config.seed, device=device_for(config.device),
+                          seed=config.seed, device=config.device,
                           precision=config.precision, mirror=config.mirror,
                           cache=config.cache_dir)
     if is_main():
@@ -354,6 +360,8 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
         "precision": loaded.precision, "world_size": world,
+        # CPU bytes match a 1-process run when the forward ran with as many threads (README).
+        "threads_per_process": _forward_threads(),
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)

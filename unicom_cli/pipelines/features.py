@@ -142,12 +142,12 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
 
 def load_model(opts: ModelOptions):
     """The model on this rank's device (``create_model``); says which precision it runs in."""
-    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.distributed import is_main
     from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.utils.console import info
 
     loaded = create_model(opts.model, opts.weights, pretrained=not opts.random_init, seed=opts.seed,
-                          device=device_for(opts.device), precision=opts.precision,
+                          device=opts.device, precision=opts.precision,
                           cache=opts.cache_dir, mirror=opts.mirror)
     if is_main():
         info(describe_precision(loaded, opts.precision))
