@@ -29,6 +29,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog=command_settings(["unicom demo", "unicom embed photos/ -o feats/photos.npy",
+                             "unicom eval-retrieval --dataset folder:photos/ --vis top5.jpg"])["epilog"],
 )
 
 

@@ -31,7 +31,9 @@ def demo(
     from rich.table import Table
 
     from unicom_cli.pipelines.demo import DemoConfig, run_demo
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, status
+
+    status(f"writing real digits to {output} …")
 
     def announce(step, number: int, total: int) -> None:
         console.rule(f"[bold]step {number}/{total}: {step.title}")

@@ -36,7 +36,7 @@ def download(
     from rich.table import Table
 
     from unicom_cli.models.download import download_models, verify_cache
-    from unicom_cli.utils.console import console, err_console
+    from unicom_cli.utils.console import console, err_console, print_context
 
     names = names or []
     if verify:
@@ -47,8 +47,7 @@ def download(
         failed = [r for r in results if r.status == "failed"]
 
     folder = next((r.path.parent for r in results if r.path), None)
-    table = Table(box=None, pad_edge=False, caption=f"cache: {folder}" if folder else None,
-                  caption_justify="left")
+    table = Table(box=None, pad_edge=False)
     for column in ("model", "status", "sha256", "file"):
         table.add_column(column, no_wrap=column != "file", overflow="fold")
     for r in results:
@@ -57,6 +56,8 @@ def download(
         table.add_row(r.name, f"[{style}]{r.status}[/]", digest, r.path.name if r.path else "-")
     if not (len(results) == 1 and failed):  # a single failure: its one-line error says it all
         console.print(table)
+        if folder:
+            print_context([f"cache: {folder}"])
     for r in results:
         if r.sha256 and r.checksum in ("computed", "recorded", "none") and r.status != "corrupt":
             console.print(f"{r.name} sha256 {r.sha256}", highlight=False, soft_wrap=True)

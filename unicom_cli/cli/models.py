@@ -79,10 +79,9 @@ def models(
     from rich import box
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
-    table = Table(box=box.SIMPLE_HEAD, caption=f"cache: {root}", caption_justify="left",
-                  pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("name", no_wrap=True)
     for column in ("input", "dim", "params", "size"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -103,3 +102,4 @@ def models(
                       _human(row["file_size"], (" B", " KB", " MB", " GB")),
                       cached, f"[{style}]{row['checksum']}[/]" if style else row["checksum"])
     console.print(table)
+    print_context([f"cache: {root}"])
