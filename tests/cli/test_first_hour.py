@@ -16,8 +16,8 @@ from PIL import Image
 from unicom_cli.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "prepare-gldv2",
-            "finetune", "demo")
+COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "eval-linear",
+            "prepare-gldv2", "finetune", "demo", "export")
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,8 @@ def test_example_script_refuses_then_accepts_random_init(digits, tiny_spec_file,
 
 # ------------------------------------------------------------------ 2, 3. --mirror and fail fast
 
-@pytest.mark.parametrize("command", ["embed", "eval-retrieval", "eval-knn", "finetune"])
+@pytest.mark.parametrize("command", ["embed", "eval-retrieval", "eval-knn", "eval-linear", "finetune",
+                                     "export"])
 def test_every_downloading_command_takes_mirror_and_fails_before_building(command, digits, tmp_path,
                                                                         capsys, monkeypatch):
     import unicom_cli.models.vit as vit
@@ -112,9 +113,13 @@ def test_every_downloading_command_takes_mirror_and_fails_before_building(comman
             "eval-retrieval": ["eval-retrieval", "--dataset", f"folder:{digits.test}"],
             "eval-knn": ["eval-knn", "--train-dataset", str(digits.knn_train),
                          "--val-dataset", str(digits.knn_val), "--nb-knn", "1"],
+            "eval-linear": ["eval-linear", "--train-dataset", str(digits.knn_train),
+                            "--val-dataset", str(digits.knn_val)],
             "finetune": ["finetune", "--dataset", f"folder:{digits.root}", "--output", str(tmp_path / "run")],
+            "export": ["export", "-o", str(tmp_path / "m.onnx")],
             }[command]
-    code = main([*args, "--model", "ViT-B/32", "--mirror", str(mirror), "--cache-dir", str(tmp_path / "c")])
+    model = ["ViT-B/32"] if command == "export" else ["--model", "ViT-B/32"]
+    code = main([*args, *model, "--mirror", str(mirror), "--cache-dir", str(tmp_path / "c")])
     err = _err(capsys)
     assert code == 1, err
     assert str(mirror) in err and "UNICOM_HOME" in err
@@ -164,6 +169,8 @@ def test_models_shows_a_garbage_file_as_corrupt(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["embed", "nowhere/", "-o", "f.npy"],
                                   ["eval-retrieval", "--dataset", "folder:nowhere/"],
                                   ["eval-knn", "--train-dataset", "a", "--val-dataset", "b"],
+                                  ["eval-linear", "--train-dataset", "a", "--val-dataset", "b"],
+                                  ["export", "ViT-B/32", "-o", "m.onnx"],
                                   ["finetune", "--dataset", "folder:nowhere/"]])
 def test_status_line_comes_before_torch_is_imported(argv, tmp_path):
     probe = (

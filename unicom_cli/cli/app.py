@@ -15,7 +15,9 @@ from unicom_cli.cli import (
     download,
     embed,
     eval_knn,
+    eval_linear,
     eval_retrieval,
+    export,
     finetune,
     models,
     prepare_gldv2,
@@ -36,7 +38,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from unicom_cli import __version__
+        from unicom_cli._version import __version__
 
         typer.echo(f"unicom-cli {__version__}")
         raise typer.Exit()
@@ -56,9 +58,11 @@ app.command("download", **command_settings(download.EXAMPLES))(download.download
 app.command("embed", **command_settings(embed.EXAMPLES))(embed.embed)
 app.command("eval-retrieval", **command_settings(eval_retrieval.EXAMPLES))(eval_retrieval.eval_retrieval)
 app.command("eval-knn", **command_settings(eval_knn.EXAMPLES))(eval_knn.eval_knn)
+app.command("eval-linear", **command_settings(eval_linear.EXAMPLES))(eval_linear.eval_linear)
 app.command("prepare-gldv2", **command_settings(prepare_gldv2.EXAMPLES))(prepare_gldv2.prepare_gldv2)
 app.command("finetune", **command_settings(finetune.EXAMPLES))(finetune.finetune)
 app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
+app.command("export", **command_settings(export.EXAMPLES))(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ def embed(
     seed: SeedOpt = 0,
     mirror: MirrorOpt = None,
     cache_dir: CacheDirOpt = None,
+    runtime: Annotated[Optional[Literal["torch", "onnx"]], typer.Option("--runtime", help="torch, or onnx to run a graph from `unicom export` with ONNX Runtime (default: onnx for a .onnx --model).", show_default=False)] = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -56,6 +57,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,
@@ -77,10 +79,10 @@ def embed(
 
     config = EmbedConfig(
         input=input, output=output, model=model, weights=weights, pretrained=not random_init,
-        seed=seed, mirror=mirror, cache_dir=cache_dir, batch_size=batch_size,
+        seed=seed, mirror=mirror, cache_dir=cache_dir, runtime=runtime, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
-        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
+        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft, head=head,
     )
     if max_pixels is not None:
         config.max_pixels = max_pixels

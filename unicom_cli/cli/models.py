@@ -28,13 +28,13 @@ def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
 def _row(name: str, root) -> dict:
     """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
     from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.weights import read_sidecar, sidecar_is_fresh
+    from unicom_cli.models.weights import trusted_digest
 
     spec = get_spec(name)
     path = root / spec.filename
     part = path.with_name(path.name + ".part")
     cached = path.is_file()
-    recorded = read_sidecar(path) if cached and sidecar_is_fresh(path) else None
+    recorded = trusted_digest(path) if cached else None
     # Without hashing (this stays instant): a file smaller than the model's fp16 tensors alone
     # cannot be its published weights.
     corrupt = cached and path.stat().st_size < spec.fp16_file_size

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from unicom_cli.errors import InputError, UsageError, WeightsError
+from unicom_cli.errors import CheckpointMismatch, InputError, UsageError, WeightsError
 from unicom_cli.models.registry import ModelSpec, available_models, get_spec, with_input_size
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
     try:
         model.load_state_dict(loadable, strict=True)
     except RuntimeError as exc:
-        raise WeightsError(_mismatch(model, state, source)) from exc
+        raise CheckpointMismatch(_mismatch(model, state, source)) from exc
 
 
 def _mismatch(model: "UnicomViT", state: dict, source: str) -> str:
@@ -176,8 +176,10 @@ def autocast_dtype(precision: str | None, device: "torch.device | str") -> "torc
 
 
 def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool = True,
-                    cache: str | Path | None = None, mirror: str | None = None) -> Path | None:
-    """The weights file to load, downloading published weights first; None for a random init.
+                    cache: str | Path | None = None,
+                    mirror: str | None = None) -> tuple[Path | None, str | None]:
+    """(weights file, its SHA-256 when already known), downloading published weights first;
+    (None, None) for a random init.
 
     Runs before the network is built so that a missing file or an offline machine fails in
     a fraction of a second. A JSON architecture has no weights of its own: without ``weights``
@@ -189,13 +191,14 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, pretr
         path = Path(weights)
         if not path.is_file():
             raise InputError(f"{path}: weights file not found; check the path or run `unicom download`")
-        return path
+        return path, None
     if not pretrained:
-        return None
+        return None, None
     if spec.source == "registry":
-        from unicom_cli.models.download import fetch_weights
+        from unicom_cli.models.download import fetch
 
-        return fetch_weights(spec, cache=cache, mirror=mirror)
+        fetched = fetch(spec, cache=cache, mirror=mirror)  # verified, or trusted from its fresh record
+        return fetched.path, fetched.sha256
     raise UsageError(f"{spec.source}: an architecture file has no weights; pass --weights FILE "
                      f"(e.g. a finetune run's model.pt), or --random-init [--seed N] to use a "
                      f"randomly initialised network on purpose")
@@ -232,19 +235,17 @@ def create_model(
     spec = get_spec(name_or_path)
     if input_size and input_size != spec.input_size:
         spec = with_input_size(spec, input_size)
-    path = resolve_weights(spec, weights, pretrained=pretrained, cache=cache, mirror=mirror)
+    path, digest = resolve_weights(spec, weights, pretrained=pretrained, cache=cache, mirror=mirror)
 
     import torch
 
+    from unicom_cli.distributed import device_for
     from unicom_cli.models.transforms import eval_transform
     from unicom_cli.models.vit import build_model
-    from unicom_cli.models.weights import load_state_dict, sha256_file
+    from unicom_cli.models.weights import file_digest, load_state_dict
     from unicom_cli.utils.console import info
 
-    from unicom_cli.distributed import device_for
-
     dev = resolve_device(device_for(device))
-    digest: str | None = None
     if path is None:
         info(f"{spec.name}: random initialisation with seed {seed} (no trained weights)")
         with torch.random.fork_rng(devices=[]):
@@ -254,7 +255,7 @@ def create_model(
         state = load_state_dict(path)
         model = build_model(spec, drop_path_rate=drop_path_rate)
         load_weights_into(model, state, str(path))
-        digest = sha256_file(path)
+        digest = digest or file_digest(path)
     resolved = resolve_inference_precision(dev, precision)
     model.autocast_dtype = autocast_dtype(resolved, dev)
     model = model.to(dev).eval()

@@ -78,6 +78,9 @@ def _legend(draw, font) -> None:
     draw.text((x, 8), "#rank · cosine score, then class/file", fill=TEXT, font=font)
 
 
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def save_retrieval_grid(out: Path, root: Path, split, neighbours: np.ndarray,
                         n_queries: int = 6, k: int = 5, seed: int = 0,
                         scores: np.ndarray | None = None) -> Path:
