@@ -34,7 +34,10 @@ def _save(folder, name, feats, ids):
 
 def _err(capsys) -> str:
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # Status lines ("loading …", the precision) may come first; the error is one line, the last.
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines and lines[-1].startswith("error:"), err
+    assert sum(line.startswith("error:") for line in lines) == 1, err
     return " ".join(err.split())
 
 

@@ -40,9 +40,11 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
 
 
 def _one_line_error(err: str) -> str:
+    # Status lines ("loading …", the precision) may come first; the error is one line, the last.
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    assert lines and lines[-1].startswith("error:") and "Traceback" not in err, err
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    return lines[-1]
 
 
 @pytest.mark.slow
