@@ -40,10 +40,10 @@ def small_model(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _cfg(spec, weights, data: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(arch=str(spec), weights=weights, dataset=f"folder:{data}", output=out, epochs=6,
-                batch_size=32, lr=1e-3, device="cpu", workers=0, task="classify", augment=False,
-                label_smoothing=0.1, layer_decay=0.75, weight_decay=0.05, drop_path=0.0, log_every=1,
-                seed=3)
+    base = {"arch": str(spec), "weights": weights, "dataset": f"folder:{data}", "output": out, "epochs": 6,
+                "batch_size": 32, "lr": 1e-3, "device": "cpu", "workers": 0, "task": "classify", "augment": False,
+                "label_smoothing": 0.1, "layer_decay": 0.75, "weight_decay": 0.05, "drop_path": 0.0, "log_every": 1,
+                "seed": 3}
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -109,7 +109,7 @@ def digits_tiny(tmp_path_factory) -> Path:
 def test_resume_is_exact_with_mixup(small_model, digits_tiny, tmp_path):
     """40 train images, batch 8: 5 steps per epoch; cut after step 7, resume from step 6 (mid-epoch)."""
     spec, weights = small_model
-    kw = dict(batch_size=8, epochs=3, mixup=0.8, cutmix=1.0, drop_path=0.1, augment=True, eval_every=1)
+    kw = {"batch_size": 8, "epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "augment": True, "eval_every": 1}
     full = finetune(_cfg(spec, weights, digits_tiny, tmp_path / "full", **kw))
     assert full.steps == 15  # (OneCycle needs more than 10 steps for its 10% warm-up)
     finetune(_cfg(spec, weights, digits_tiny, tmp_path / "cut", save_every=2, max_steps=7, **kw))
