@@ -149,7 +149,8 @@ def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # no
         x[3, 5] = np.nan
         np.save(bad, x)
         (tmp_path / "bad.ids.txt").write_text(tn.with_suffix(".ids.txt").read_text())
-        args, expected = base[:5] + ["--train-embeddings", str(bad)] + base[7:] + ["--C", "1"], "bad.npy: 1 feature rows contain NaN"
+        args = base[:5] + ["--train-embeddings", str(bad)] + base[7:] + ["--C", "1"]
+        expected = "bad.npy: 1 of 200 feature rows are not finite"
     elif case == "head_is_folder":
         args, expected = base + ["--C", "1", "--save-classifier", str(tmp_path)], "is a folder"
     else:

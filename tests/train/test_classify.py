@@ -84,7 +84,7 @@ def test_finetune_beats_the_frozen_linear_probe(small_model, tmp_path_factory):
 
     # The exported backbone embeds as before, and the head file classifies its embeddings
     # exactly as the evaluation did.
-    from unicom_cli.data.benchmarks import scan_image_folder
+    from unicom_cli.data.images import scan_class_folders as scan_image_folder
     from unicom_cli.eval.linear import LinearHead
     from unicom_cli.pipelines.features import model_features
 

@@ -81,16 +81,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
 
     t = time.perf_counter()
     per_try = [knn_classify(s, lab, val_y, cfg.nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
-    metrics = {}
-    for kk in cfg.nb_knn:
-        entry = {}
-        keys = ("top1", "top5") + (("top1_per_class", "top5_per_class") if cfg.per_class else ())
-        for key in keys:
-            values = [r[kk][key] for r in per_try]
-            entry[key] = float(np.mean(values))
-            if len(values) > 1:
-                entry[f"{key}_std"] = float(np.std(values))
-        metrics[str(kk)] = entry
+    metrics = _mean_over_tries(per_try, cfg.nb_knn, cfg.per_class)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -112,6 +103,21 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
     return results
+
+
+def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) -> dict:
+    """Accuracies per k averaged over the few-shot tries (``*_std`` where there are several)."""
+    metrics = {}
+    for kk in nb_knn:
+        entry = {}
+        keys = ("top1", "top5") + (("top1_per_class", "top5_per_class") if per_class else ())
+        for key in keys:
+            values = [r[kk][key] for r in per_try]
+            entry[key] = float(np.mean(values))
+            if len(values) > 1:
+                entry[f"{key}_std"] = float(np.std(values))
+        metrics[str(kk)] = entry
+    return metrics
 
 
 def _comm_device():
