@@ -153,7 +153,7 @@ def write_predictions(head, npy: Path, ids: Path, out: Path, chunk: int = 65536)
     import csv
     import io
 
-    from unicom_cli.pipelines.writer import atomic_write_text
+    from unicom_cli.utils.files import write_text_atomic
 
     matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
     names = [line for line in Path(ids).read_text(encoding="utf-8").splitlines() if line]
@@ -163,5 +163,5 @@ def write_predictions(head, npy: Path, ids: Path, out: Path, chunk: int = 65536)
     for s in range(0, len(matrix), chunk):
         k, p = head.predict(np.asarray(matrix[s:s + chunk], dtype=np.float32))
         writer.writerows((names[s + i], head.classes[c], f"{q:.6f}") for i, (c, q) in enumerate(zip(k, p)))
-    atomic_write_text(Path(out), buf.getvalue())
+    write_text_atomic(out, buf.getvalue())
     return len(matrix)
