@@ -29,7 +29,7 @@ def features(n: int, dim: int, classes: int, noise: float, seed: int) -> tuple[n
     means /= np.linalg.norm(means, axis=1, keepdims=True)
     y = rng.integers(0, classes, n)
     x = means[y] + noise / np.sqrt(dim) * rng.standard_normal((n, dim), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True), y
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), y
 
 
 def main() -> None:
@@ -39,9 +39,10 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--val", type=int, default=10_000, help="held-out rows scored by both")
     ap.add_argument("--C", type=float, default=1.0)
-    ap.add_argument("--noise", type=float, default=8.0, help="noise norm relative to the class mean")
+    ap.add_argument("--noise", type=float, default=5.0, help="noise norm relative to the class mean")
     ap.add_argument("--max-iter", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for both (torch and scikit-learn's BLAS); 1 suits a busy shared box")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-sklearn", action="store_true")
     args = ap.parse_args()
@@ -50,12 +51,14 @@ def main() -> None:
 
     from unicom_cli.eval.linear import accuracy_counts, fit
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # scikit-learn's BLAS: the same number of threads
     x, y = features(args.n + args.val, args.dim, args.classes, args.noise, 0)
     xtr, ytr, xva, yva = x[:args.n], y[:args.n], x[args.n:], y[args.n:]
     print(f"{args.n:,} × {args.dim} train features, {args.classes:,} classes, {args.val:,} held out; "
-          f"C={args.C}, max_iter={args.max_iter}, torch threads {torch.get_num_threads()}, device {args.device}")
+          f"C={args.C}, max_iter={args.max_iter}, {args.threads} thread(s) each, device {args.device}")
 
     dev = torch.device(args.device)
     xt, yt = torch.from_numpy(xtr).to(dev), torch.from_numpy(ytr).to(dev)
