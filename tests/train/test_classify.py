@@ -158,3 +158,26 @@ def test_refuses_bad_settings(case, small_model, digits_tiny, tmp_path):
                                           "task": "--task detect"}[case]):
         finetune(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def _finetune_worker(rank, world, cfg):
+    finetune(cfg)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_head_and_track_one_process(small_model, digits_tiny, tmp_path):
+    """The head lives outside DDP: its averaged gradients keep the ranks' copies identical."""
+    from tests.train.dist_util import spawn
+
+    spec, weights = small_model
+    one = _cfg(spec, weights, digits_tiny, tmp_path / "one", batch_size=8, epochs=3, eval_every=0)
+    finetune(one)
+    two = _cfg(spec, weights, digits_tiny, tmp_path / "two", batch_size=4, epochs=3, eval_every=0)
+    spawn(_finetune_worker, 2, two)
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000015"
+    heads = [torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["centres"] for r in (0, 1)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 16))
+    # Same global batches and init; only the feature head's BatchNorm sees 4 instead of 8 images.
+    assert b[1] == pytest.approx(a[1], rel=0.05)

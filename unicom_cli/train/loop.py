@@ -240,7 +240,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     model, spec = build_model(cfg, device)
     if cfg.task == "classify":  # the head takes Partial FC's place: same loss call, same checkpoint slot
         pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
-                           mixup=cfg.mixup, cutmix=cfg.cutmix).to(device)
+                           mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
     else:
         pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
                         m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
