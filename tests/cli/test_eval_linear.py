@@ -13,14 +13,7 @@ from tests.cli.test_eval_knn import _free_port, digits_knn  # noqa: F401  (the f
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(args, tmp_path, capsys, name="l.json"):

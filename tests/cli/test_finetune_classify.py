@@ -10,14 +10,7 @@ import pytest
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

@@ -17,12 +17,7 @@ SMALL = {"name": "small", "input_size": 32, "patch_size": 8, "width": 64, "depth
          "embedding_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
