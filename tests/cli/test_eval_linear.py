@@ -13,7 +13,14 @@ from tests.cli.test_eval_knn import _free_port, digits_knn  # noqa: F401  (the f
 from unicom_cli.cli.app import main
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def _run(args, tmp_path, capsys, name="l.json"):
@@ -127,7 +134,7 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("case", ["negative_C", "one_embeddings", "nan_features", "head_is_folder",
                                   "corrupt_head", "head_wrong_dim"])
-def test_hostile_input_one_line(case, digits_knn, tmp_path, capsys,  # noqa: F811
+def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # noqa: F811
                                        tiny_spec_file, tiny_checkpoint):
     (tf, tn, tx, _), (vf, vn, *_) = digits_knn["train"], digits_knn["val"]
     base = ["eval-linear", "--train-dataset", str(tf), "--val-dataset", str(vf),
@@ -160,7 +167,7 @@ def test_hostile_input_one_line(case, digits_knn, tmp_path, capsys,  # noqa: F81
                 "--weights", str(tiny_checkpoint), "--workers", "0", "--head", str(head)]
     code = main(args)
     err = capsys.readouterr().err
-    assert code == (1 if case == "nan_features" else 2), err  # bad data: 1; bad usage/input: 2
+    assert code == (1 if case == "nan_features" else 2), err  # non-finite features: a failure
     assert expected in " ".join(err.split()) and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2  # one message (maybe wrapped by the terminal width)
     assert not list(tmp_path.glob("e.*")) and not (tmp_path / "h2.safetensors").exists()

@@ -166,3 +166,27 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, disk_size
     assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
     done = (disk / "f.npy.partial" / "part-00000.state.json")
     assert done.exists() == (where == "assemble")
+
+
+def test_a_big_file_has_its_header_checked_before_it_is_read(tmp_path):
+    """Item 6: a 200 MiB (sparse) file below the size bound is refused from its header alone;
+    measured in a fresh process, whose peak memory would grow by 200 MiB on a whole read."""
+    junk = tmp_path / "junk.png"
+    with open(junk, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+        handle.truncate(200 << 20)
+    # VmHWM (the peak of this process's memory) starts afresh at exec; ru_maxrss would not.
+    script = (
+        "import re, sys\n"
+        "from unicom_cli.data.images import load_pixels\n"
+        "from unicom_cli.errors import BadImage\n"
+        "def peak():\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "before = peak()\n"
+        "try:\n    load_pixels(sys.argv[1])\nexcept BadImage as exc:\n    print(exc)\n"
+        "print(peak() - before)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(junk)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    reason, grown_kib = done.stdout.strip().splitlines()
+    assert "cannot decode" in reason or "not an image" in reason
+    assert int(grown_kib) < 100 << 10, grown_kib

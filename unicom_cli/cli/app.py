@@ -17,6 +17,7 @@ from unicom_cli.cli import (
     eval_knn,
     eval_linear,
     eval_retrieval,
+    export,
     finetune,
     models,
     prepare_gldv2,
@@ -34,7 +35,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from unicom_cli import __version__
+        from unicom_cli._version import __version__
 
         typer.echo(f"unicom-cli {__version__}")
         raise typer.Exit()
@@ -57,6 +58,7 @@ app.command("eval-linear", epilog=eval_linear.EXAMPLES)(eval_linear.eval_linear)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("export")(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

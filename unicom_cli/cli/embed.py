@@ -32,6 +32,7 @@ def embed(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy; .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="torch, or onnx to run a graph from `unicom export` with ONNX Runtime (default: onnx for a .onnx --model).", show_default=False)] = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -60,7 +61,7 @@ def embed(
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
 
     config = EmbedConfig(
-        input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+        input=input, output=output, model=model, weights=weights, runtime=runtime, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
         num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft, head=head,

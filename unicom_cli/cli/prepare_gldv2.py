@@ -24,6 +24,7 @@ def prepare_gldv2(
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images of the CSV (for trials).")] = None,
     min_images: Annotated[int, typer.Option("--min-images-per-class", min=1, help="Drop landmarks with fewer images on disk.")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild a finished output, or discard an unfinished one.")] = False,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this, unread (decompression bombs; default 178,956,970).", show_default=False)] = None,
     verify: Annotated[Optional[Path], typer.Option("--verify", help="Check a finished output folder (every record) and exit.")] = None,
 ) -> None:
     """Pack GLDv2 into OUT/train.{lst,rec,idx} + labels.csv + report.json, resumably and reproducibly.
@@ -45,7 +46,8 @@ def prepare_gldv2(
 
     result = run(PrepareConfig(csv=csv, images=images, out=out, resize=resize, quality=quality,
                                pass_through=pass_through, workers=workers, seed=seed, limit=limit,
-                               min_images_per_class=min_images, overwrite=overwrite))
+                               min_images_per_class=min_images, overwrite=overwrite,
+                               **({} if max_pixels is None else {"max_pixels": max_pixels})))
     counts = result.report["counts"]
     console.print(f"wrote {result.records:,} images of {result.classes:,} landmarks to "
                   f"{result.out / 'train.rec'} ({result.images_per_s or 0:,.1f} images/s)", highlight=False)

@@ -205,7 +205,7 @@ def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions
     val rows are gathered on every rank. Shared by eval-knn and eval-linear.
     """
     from unicom_cli.data.images import scan_class_folders
-    from unicom_cli.distributed.comm import gather_objects, shard_range
+    from unicom_cli.distributed.comm import shard_range
     from unicom_cli.errors import UsageError
     from unicom_cli.utils.console import warn
 
@@ -229,10 +229,17 @@ def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions
         loaded = load_model(opts)
         train = model_features(train_paths, train_dataset, opts, loaded, description="train features", gather=False)
         val = model_features(val_paths, val_dataset, opts, loaded, description="val features")
-    train_skipped = int(sum(gather_objects(len(train.failures))))  # each rank knows only its own
+    train_skipped = _count_all_ranks(len(train.failures))
     if train_skipped:
         warn(f"{train_skipped} train images skipped (first: {train.failures[0][0]}: {train.failures[0][1]})"
              if train.failures else f"{train_skipped} train images skipped")
     if val.failures:
         warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
     return LabelledFeatures(classes, train, train_labels, val, val_labels, loaded, train_skipped)
+
+
+def _count_all_ranks(n: int) -> int:
+    """Sum of ``n`` over ranks (each rank only knows its own skipped images)."""
+    from unicom_cli.distributed.comm import gather_objects
+
+    return int(sum(gather_objects(n)))

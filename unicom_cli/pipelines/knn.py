@@ -7,13 +7,14 @@ images, so the metrics do not depend on the number of processes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
@@ -44,10 +45,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     from unicom_cli.eval.search import l2_normalize, resolve_backend
     from unicom_cli.pipelines.features import labelled_features, write_json
 
-    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
-        raise UsageError("--nb-knn values must be ≥ 1")
-    if cfg.temperature <= 0:
-        raise UsageError("--temperature must be > 0")
+    _validate(cfg)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -56,6 +54,9 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     timings["features"] = time.perf_counter() - t
     train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
     train_labels, train_skipped = data.train_labels, data.train_skipped
+    _refuse_unusable("val", val, len(val.ok))
+    if world_size() == 1:  # with several ranks, train holds only this rank's share
+        _refuse_unusable("train", train, len(train.ok))
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)
@@ -118,6 +119,24 @@ def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) ->
                 entry[f"{key}_std"] = float(np.std(values))
         metrics[str(kk)] = entry
     return metrics
+
+
+def _validate(cfg: KnnConfig) -> None:
+    """Options that cannot work, refused before any feature is computed."""
+    from unicom_cli.utils.files import check_output_file
+
+    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
+        raise UsageError("--nb-knn values must be ≥ 1")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
+
+
+def _refuse_unusable(name: str, part, total: int) -> None:
+    """Every image unreadable: refuse, instead of a table of "nan" with exit 0."""
+    if len(part.ok) and not part.ok.any():
+        first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
+        raise InputError(f"none of the {total:,} {name} images could be used{first}")
 
 
 def _comm_device():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
@@ -42,6 +42,11 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
                                                save_features, write_json)
     from unicom_cli.utils.console import warn
 
+    from unicom_cli.pipelines.vis import PICTURE_SUFFIXES
+    from unicom_cli.utils.files import check_output_file
+
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
+    check_output_file(cfg.vis, "--vis", PICTURE_SUFFIXES)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     bench = load_benchmark(cfg.dataset, cfg.data_root, gldv2_splits=cfg.gldv2_splits,
@@ -65,6 +70,10 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
         warn(f"{len(skipped)} of {len(split.paths)} images skipped (first: {skipped[0][0]}: {skipped[0][1]})")
         split = split.subset(feats.ok)
     x = feats.features[feats.ok]
+    if len(x) < 2:
+        raise InputError(f"{bench.root}: {len(x)} usable image(s) of {len(split.paths) + len(skipped)}; "
+                         "retrieval needs at least 2" + (f" (first skipped: {skipped[0][0]}: "
+                                                          f"{skipped[0][1]})" if skipped else ""))
     if cfg.save_features is not None and is_main():
         save_features(cfg.save_features, f"{bench.name.split(':')[0]}-test", split.paths, x)
     x = l2_normalize(x, cfg.num_feat)
@@ -78,6 +87,10 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
         return None
 
     t = time.perf_counter()
+    dropped = [k for k in recall_at if k > neighbours.shape[1]]
+    if dropped and split.relevant is None:
+        warn(f"--recall-at {', '.join(map(str, dropped))} dropped: only {neighbours.shape[1]} "
+             "neighbours per query exist in this data set")
     metrics = split_metrics(split, neighbours, recall_at)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

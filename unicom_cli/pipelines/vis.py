@@ -31,6 +31,9 @@ def _tile(path: Path, colour: tuple[int, int, int]):
     return tile
 
 
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 def save_retrieval_grid(out: Path, root: Path, split, neighbours: np.ndarray,
                         n_queries: int = 6, k: int = 5, seed: int = 0) -> Path:
     """Write a JPEG grid: one row per query (blue frame), then its top-k (green hit, red miss).

@@ -13,6 +13,7 @@ from unicom_cli.data.images import scan_class_folders
 from unicom_cli.errors import InputError
 from unicom_cli.utils.console import warn
 
+
 @dataclass
 class LabelledImages:
     """Training images with contiguous integer labels 0..num_classes-1."""
@@ -98,6 +99,9 @@ class SeededImageDataset(torch.utils.data.Dataset):
                 break
             except Exception as exc:  # PIL raises many kinds
                 warn(f"{path}: cannot decode ({exc}); using another image in its place")
+        else:  # not one image of the data set decodes
+            raise InputError(f"{self.images.paths[index]}: none of the {len(self):,} training "
+                             "images can be decoded; check the data set")
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -21,10 +21,11 @@ from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
-from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
+from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import disk_errors, output_lock, write_json_atomic
 
 
 @dataclass
@@ -222,8 +223,17 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
-    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
+def _warmup_share(total_steps: int) -> float:
+    """10 % warm-up; OneCycle divides by (warm-up steps - 1), so very short runs (<= 10 steps,
+    smoke tests) get a longer share instead of a ZeroDivisionError; < 3 steps cannot work."""
+    if total_steps < 3:
+        raise UsageError(f"{total_steps} optimizer step(s) in all: the OneCycle schedule needs at "
+                         "least 3; add --epochs or lower --batch-size/--grad-accum")
+    return 0.1 if total_steps > 10 else min(0.5, 1.5 / total_steps)
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    """Values that would crash deep inside training, or train silently to nothing: refused first."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
     if cfg.grad_accum < 1:
@@ -231,14 +241,50 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     if cfg.task not in ("retrieval", "classify"):
         raise UsageError(f"--task {cfg.task}: choose retrieval or classify")
     if cfg.task == "classify":
-        from unicom_cli.train.heads import ClassifyHead, check_classify, param_groups
+        from unicom_cli.train.heads import check_classify
 
         check_classify(cfg)
+    for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag} {value}: must be a finite number above 0")
+    if not (math.isfinite(cfg.sample_rate) and 0 < cfg.sample_rate <= 1):
+        raise UsageError(f"--sample-rate {cfg.sample_rate}: must be in (0, 1] (the share of "
+                         "negative class centres used per step)")
+    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
+        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
+    if cfg.num_feat is not None and cfg.num_feat < 1:
+        raise UsageError(f"--num-feat {cfg.num_feat}: must be at least 1")
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise UsageError(f"--output {cfg.output}: is a file; give the run folder")
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank).
+
+    A second run on the same ``--output`` is refused at once (the lock dies with its process).
+    """
     cfg.output = Path(cfg.output)
+    _validate(cfg)
+    if D.is_main():  # the lock lives beside the run folder, which is made only when training starts
+        with disk_errors(cfg.output.parent):
+            cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg.output), disk_errors(cfg.output):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
     device, amp_dtype = _setup(cfg)
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
+    if loader.num_classes < 2:
+        raise InputError(f"the training set has {loader.num_classes} class: a margin loss needs at "
+                         "least 2 (its loss is 0 from the first step)")
     model, spec = build_model(cfg, device)
+    if cfg.num_feat is not None and cfg.num_feat > spec.embedding_size:
+        raise UsageError(f"--num-feat {cfg.num_feat}: the embeddings have only "
+                         f"{spec.embedding_size} dimensions")
     if cfg.task == "classify":  # the head takes Partial FC's place: same loss call, same checkpoint slot
+        from unicom_cli.train.heads import ClassifyHead
+
         pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
                            mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
     else:
@@ -259,6 +305,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     forward = torch.compile(model) if cfg.compile else model
 
     if cfg.task == "classify":
+        from unicom_cli.train.heads import param_groups
+
         groups = param_groups(raw_model, pfc, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     else:
         groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -271,13 +319,13 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
                          f"{cfg.grad_accum}; lower --grad-accum or --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1)
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
+        pct_start=_warmup_share(total_steps))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
-    resumed = resume_path(cfg)
+    resumed = resume(t, cfg)
     if resumed:
-        t.load(resumed)
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
@@ -396,12 +444,7 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        tmp = arch.with_name(arch.name + ".tmp")
-        tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
-                                   "patch_size": spec.patch_size, "width": spec.width,
-                                   "depth": spec.depth, "heads": spec.heads,
-                                   "embedding_size": spec.embedding_size}, indent=2))
-        os.replace(tmp, arch)
+        write_json_atomic(arch, spec.to_json())
         if t.cfg.task == "classify":
             t.pfc.export(_head_path(path), spec)
     D.barrier()
