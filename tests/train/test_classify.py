@@ -35,10 +35,10 @@ def small_model(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _cfg(spec, weights, data: Path, out: Path, **kw) -> FinetuneConfig:
-    base = {"arch": str(spec), "weights": weights, "dataset": f"folder:{data}", "output": out, "epochs": 6,
-                "batch_size": 32, "lr": 1e-3, "device": "cpu", "workers": 0, "task": "classify", "augment": False,
-                "label_smoothing": 0.1, "layer_decay": 0.75, "weight_decay": 0.05, "drop_path": 0.0, "log_every": 1,
-                "seed": 3}
+    base = {"arch": str(spec), "weights": weights, "dataset": f"folder:{data}", "output": out,
+            "epochs": 6, "batch_size": 32, "lr": 1e-3, "device": "cpu", "workers": 0, "task": "classify",
+            "augment": False, "label_smoothing": 0.1, "layer_decay": 0.75, "weight_decay": 0.05,
+            "drop_path": 0.0, "log_every": 1, "seed": 3}
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -79,13 +79,13 @@ def test_finetune_beats_the_frozen_linear_probe(small_model, tmp_path_factory):
 
     # The exported backbone embeds as before, and the head file classifies its embeddings
     # exactly as the evaluation did.
-    from unicom_cli.data.images import scan_class_folders as scan_image_folder
+    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.eval.linear import LinearHead
     from unicom_cli.pipelines.features import model_features
 
     run = tmp / "plain"
     loaded = create_model(run / "arch.json", weights=run / "model.pt", device="cpu")
-    paths, names = scan_image_folder(tree.knn_val)
+    paths, names = scan_class_folders(tree.knn_val)
     feats = model_features(paths, tree.knn_val, ModelOptions(workers=0), loaded)
     head = LinearHead.load(run / "head.safetensors")
     pred, _ = head.predict(feats.features)
@@ -104,7 +104,8 @@ def digits_tiny(tmp_path_factory) -> Path:
 def test_resume_is_exact_with_mixup(small_model, digits_tiny, tmp_path):
     """40 train images, batch 8: 5 steps per epoch; cut after step 7, resume from step 6 (mid-epoch)."""
     spec, weights = small_model
-    kw = {"batch_size": 8, "epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "augment": True, "eval_every": 1}
+    kw = {"batch_size": 8, "epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "augment": True,
+          "eval_every": 1}
     full = finetune(_cfg(spec, weights, digits_tiny, tmp_path / "full", **kw))
     assert full.steps == 15  # (OneCycle needs more than 10 steps for its 10% warm-up)
     finetune(_cfg(spec, weights, digits_tiny, tmp_path / "cut", save_every=2, max_steps=7, **kw))
