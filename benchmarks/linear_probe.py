@@ -69,7 +69,8 @@ def main() -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     ours_s = time.perf_counter() - t
-    ours_acc = 100 * accuracy_counts(torch.from_numpy(xva).to(dev), torch.from_numpy(yva).to(dev), W, b, (1,))[1] / args.val
+    hits = accuracy_counts(torch.from_numpy(xva).to(dev), torch.from_numpy(yva).to(dev), W, b, (1,))[1]
+    ours_acc = 100 * hits / args.val
     print(f"ours (torch L-BFGS, float32):       {ours_s:8.1f} s  {iters:4d} iterations  top-1 {ours_acc:.2f}")
     if args.skip_sklearn:
         return
