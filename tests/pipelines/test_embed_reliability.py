@@ -17,7 +17,6 @@ from PIL import Image
 
 from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
-from unicom_cli.pipelines.features import NONFINITE_REASON
 
 
 def _digits(folder: Path, n: int) -> Path:
@@ -74,6 +73,8 @@ def test_nan_weights_give_failures_never_good_rows(tmp_path, tiny_spec_file, tin
                                                   capsys):
     """Item 2: a checkpoint with a NaN weight: every row is listed as a failure, none as good."""
     import torch
+
+    from unicom_cli.pipelines.features import NONFINITE_REASON
 
     state = torch.load(tiny_checkpoint, weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
