@@ -38,6 +38,11 @@ def tiny_spec_file(tmp_path) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
     """A checkpoint in the published format: fp16 state dict, same keys, trained-looking BN stats."""
+    return write_tiny_checkpoint(tiny_spec_file, tmp_path / "FP16-tiny.pt")
+
+
+def write_tiny_checkpoint(tiny_spec_file: Path, path: Path) -> Path:
+    """The seeded tiny checkpoint of ``tiny_checkpoint`` at ``path`` (for module-scoped fixtures)."""
     import torch
 
     from unicom_cli.models.registry import get_spec
@@ -48,7 +53,6 @@ def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
     for bn in (model.feature[1], model.feature[3]):
         bn.running_mean.normal_(0, 0.1)
         bn.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "FP16-tiny.pt"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
     return path
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from unicom_cli._version import __version__
 from unicom_cli.models.registry import available_models
 
 if TYPE_CHECKING:
     from unicom_cli.models.vit import UnicomViT
 
-__version__ = "0.1.0"
 __all__ = ["available_models", "embed_folder", "load", "__version__"]
 
 

@@ -66,6 +66,7 @@ def test_bad_input_messages(tree, capsys):
     assert f"{missing}: not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs(tree):
     result = subprocess.run([sys.executable, "-m", "unicom_cli", "prepare-gldv2", str(tree.csv), "--limit", "3",
                              "--resize", "32", "-j", "0"], capture_output=True, text=True, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 
 import pytest
@@ -276,3 +277,47 @@ def test_a_body_without_length_is_capped(served, cache):
     with pytest.raises(DownloadError, match="without announcing a length"):
         fetch(spec, cache=cache, retries=0)
     assert not (cache / "FP16-tiny.pt").exists() and not (cache / "FP16-tiny.pt.part").exists()
+
+
+def _age(path, seconds: int = 10) -> None:
+    """Move the file's modification time into the past (as a download finished long ago)."""
+    old = path.stat().st_mtime_ns - seconds * 10**9
+    os.utime(path, ns=(old, old))
+
+
+def test_fresh_record_is_trusted_and_verify_still_hashes(served, payload, cache, monkeypatch):
+    """Loading trusts <file>.sha256 when size and mtime are unchanged; --verify reads every byte."""
+    from unicom_cli.models import weights
+    from unicom_cli.models.download import verify_cache
+
+    spec = _spec(served.base + PATH, _sha(payload))
+    monkeypatch.setitem(registry._MODELS, spec.name, spec)
+    path = fetch(spec, cache=cache).path
+    _age(path)  # the record no longer matches: the next load hashes once and records again
+    hashed = []
+    real = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert fetch(spec, cache=cache).sha256 == _sha(payload) and hashed == [path]
+    assert fetch(spec, cache=cache).sha256 == _sha(payload) and hashed == [path]  # trusted
+
+    # Same size, same mtime, other bytes: loading cannot tell; --verify can.
+    stat = path.stat()
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fetch(spec, cache=cache).status == "cached" and len(hashed) == 1
+    [result] = verify_cache([spec.name], cache=cache)
+    assert result.status == "corrupt" and result.sha256 == _sha(path.read_bytes())
+
+
+def test_changed_file_is_hashed_again_even_within_one_clock_tick(served, payload, cache, monkeypatch):
+    """A rewrite keeping the size is caught by the mtime, or, in the same tick, by the record
+    being no older than the file."""
+    spec = _spec(served.base + PATH, _sha(payload))
+    path = fetch(spec, cache=cache).path
+    _age(path)
+    fetch(spec, cache=cache)  # fresh record now
+    stat = path.stat()
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    assert path.stat().st_mtime_ns != stat.st_mtime_ns
+    result = fetch(spec, cache=cache)
+    assert result.status == "downloaded" and path.read_bytes() == payload

@@ -158,6 +158,18 @@ def test_input_size_not_a_multiple_of_the_patch_floors_the_grid(tmp_path):
     assert get_spec(path).grid == 3
 
 
+@pytest.mark.parametrize("name", available_models())
+def test_architecture_json_round_trips(name, tmp_path):
+    """ModelSpec.to_json is the architecture file finetune writes (arch.json) and --model reads."""
+    spec = get_spec(name)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(spec.to_json()))
+    back = get_spec(path)
+    assert set(spec.to_json()) == {"name", "input_size", "patch_size", "width", "depth", "heads",
+                                   "embedding_size"}
+    assert (back.name, back.num_params, back.grid) == (spec.name, spec.num_params, spec.grid)
+
+
 def test_every_norm_has_the_reference_epsilon(tiny_spec_file):
     """SPEC §1: LayerNorm eps is PyTorch's 1e-5 (not timm's 1e-6), the head's BatchNorm 2e-5.
 

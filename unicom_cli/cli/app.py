@@ -15,7 +15,9 @@ from unicom_cli.cli import (
     download,
     embed,
     eval_knn,
+    eval_linear,
     eval_retrieval,
+    export,
     finetune,
     models,
     prepare_gldv2,
@@ -33,7 +35,7 @@ app = typer.Typer(
 
 def _show_version(value: bool) -> None:
     if value:
-        from unicom_cli import __version__
+        from unicom_cli._version import __version__
 
         typer.echo(f"unicom-cli {__version__}")
         raise typer.Exit()
@@ -52,9 +54,11 @@ app.command("download")(download.download)
 app.command("embed")(embed.embed)
 app.command("eval-retrieval")(eval_retrieval.eval_retrieval)
 app.command("eval-knn")(eval_knn.eval_knn)
+app.command("eval-linear", epilog=eval_linear.EXAMPLES)(eval_linear.eval_linear)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("export")(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ def embed(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy; .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="torch, or onnx to run a graph from `unicom export` with ONNX Runtime (default: onnx for a .onnx --model).", show_default=False)] = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
@@ -42,6 +43,7 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,
@@ -59,10 +61,10 @@ def embed(
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
 
     config = EmbedConfig(
-        input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+        input=input, output=output, model=model, weights=weights, runtime=runtime, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
-        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
+        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft, head=head,
     )
     if max_pixels is not None:
         config.max_pixels = max_pixels

@@ -22,13 +22,13 @@ def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
 def _row(name: str, root) -> dict:
     """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
     from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.weights import read_sidecar, sidecar_is_fresh
+    from unicom_cli.models.weights import trusted_digest
 
     spec = get_spec(name)
     path = root / spec.filename
     part = path.with_name(path.name + ".part")
     cached = path.is_file()
-    recorded = read_sidecar(path) if cached and sidecar_is_fresh(path) else None
+    recorded = trusted_digest(path) if cached else None
     if spec.sha256:
         # A recorded digest other than the published one: a file pinned with --sha256.
         checksum = {None: "published", spec.sha256: "verified"}.get(recorded, "pinned")

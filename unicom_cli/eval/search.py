@@ -74,9 +74,9 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
 
     ``auto`` is bf16 for the torch backend on CPU when k is small and the CPU multiplies bf16
     natively (``utils.cpu.native_bf16``, from its capabilities: a timing on a busy machine
-    picked fp32 on an AMX CPU and made a 60k all-vs-all search 7x slower). faiss and CUDA always screen in fp32: cuBLAS may sum bf16 products
-    in reduced precision (torch's ``allow_bf16_reduced_precision_reduction``), which the error
-    bound does not cover.
+    picked fp32 on an AMX CPU and made a 60k all-vs-all search 7x slower). faiss and CUDA always
+    screen in fp32: cuBLAS may sum bf16 products in reduced precision (torch's
+    ``allow_bf16_reduced_precision_reduction``), which the error bound does not cover.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")

@@ -31,6 +31,7 @@ from unicom_cli.models.weights import (
     SHA256_HEX,
     cache_dir,
     read_sidecar,
+    file_digest,
     sha256_file,
     sidecar,
     write_sidecar,
@@ -181,7 +182,7 @@ def _settings(retries: int | None, backoff: float | None, progress: bool,
 
 
 def _request(url: str, offset: int = 0) -> urllib.request.Request:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
 
     headers = {"User-Agent": f"unicom-cli/{__version__}"}
     if offset:
@@ -455,7 +456,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
     part = path.with_name(path.name + ".part")
     with _locked(path):
         if path.is_file():
-            digest = sha256_file(path)
+            digest = file_digest(path)  # a fresh record is trusted; --verify re-hashes
             reference = expected or read_sidecar(path)
             if reference is None or digest == reference:
                 write_sidecar(path, digest)

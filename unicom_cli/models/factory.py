@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from unicom_cli.errors import UsageError, WeightsError
+from unicom_cli.errors import CheckpointMismatch, UsageError, WeightsError
 from unicom_cli.models.registry import ModelSpec, get_spec, with_input_size
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
     except RuntimeError as exc:
         first = str(exc).splitlines()
         detail = " ".join(line.strip() for line in first[:3])
-        raise WeightsError(f"{source}: does not match architecture {model.spec.name}: {detail}. "
+        raise CheckpointMismatch(f"{source}: does not match architecture {model.spec.name}: {detail}. "
                            f"Pick the --model that this checkpoint was trained with") from exc
 
 
@@ -163,7 +163,7 @@ def create_model(
     """
     from unicom_cli.models.transforms import eval_transform
     from unicom_cli.models.vit import build_model
-    from unicom_cli.models.weights import load_state_dict, sha256_file
+    from unicom_cli.models.weights import file_digest, load_state_dict
 
     spec = get_spec(name_or_path)
     if input_size and input_size != spec.input_size:
@@ -175,12 +175,13 @@ def create_model(
     if weights is not None:
         path = Path(weights)
     elif pretrained and spec.source == "registry":
-        from unicom_cli.models.download import fetch_weights
+        from unicom_cli.models.download import fetch
 
-        path = fetch_weights(spec, cache=cache)
+        fetched = fetch(spec, cache=cache)  # verified, or trusted from its fresh record
+        path, digest = fetched.path, fetched.sha256
     if path is not None:
         load_weights_into(model, load_state_dict(path), str(path))
-        digest = sha256_file(path)
+        digest = digest or file_digest(path)
     resolved = resolve_inference_precision(dev, precision)
     model.autocast_dtype = autocast_dtype(resolved, dev)
     model = model.to(dev).eval()

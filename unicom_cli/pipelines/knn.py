@@ -40,53 +40,27 @@ class KnnConfig:
 
 def run_knn(cfg: KnnConfig) -> dict | None:
     """Evaluate kNN accuracy; returns the results dict on rank 0, None on other ranks."""
-    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.distributed import device_for, is_main, world_size
-    from unicom_cli.distributed.comm import shard_range
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
     from unicom_cli.eval.search import l2_normalize, resolve_backend
-    from unicom_cli.pipelines.features import load_embeddings, load_model, model_features, write_json
-    from unicom_cli.utils.console import warn
+    from unicom_cli.pipelines.features import labelled_features, write_json
 
     _validate(cfg)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    train_paths, train_names = scan_class_folders(cfg.train_dataset)
-    val_paths, val_names = scan_class_folders(cfg.val_dataset)
-    classes = sorted(set(train_names) | set(val_names))
-    index = {c: i for i, c in enumerate(classes)}
-    train_labels = np.array([index[n] for n in train_names], dtype=np.int64)
-    val_labels = np.array([index[n] for n in val_names], dtype=np.int64)
-    unseen = sorted(set(val_names) - set(train_names))
-    if unseen:
-        warn(f"{len(unseen)} val classes have no train images (e.g. {unseen[0]}): those images always miss")
-
     t = time.perf_counter()
-    loaded = None
-    if cfg.train_embeddings is not None:
-        shard = shard_range(len(train_paths))
-        train = load_embeddings(cfg.train_embeddings, cfg.train_dataset, train_paths,
-                                np.arange(shard.start, shard.stop))
-        val = load_embeddings(cfg.val_embeddings, cfg.val_dataset, val_paths)
-    else:
-        loaded = load_model(cfg.model)
-        train = model_features(train_paths, cfg.train_dataset, cfg.model, loaded,
-                               description="train features", gather=False)
-        val = model_features(val_paths, cfg.val_dataset, cfg.model, loaded, description="val features")
+    data = labelled_features(cfg.train_dataset, cfg.val_dataset, cfg.model, cfg.train_embeddings,
+                             cfg.val_embeddings)
     timings["features"] = time.perf_counter() - t
-    train_skipped = _count(train.failures)
-    if train_skipped:
-        warn(f"{train_skipped} train images skipped (first: {train.failures[0][0]}: {train.failures[0][1]})"
-             if train.failures else f"{train_skipped} train images skipped")
-    if val.failures:
-        warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
-    _refuse_unusable("val", val, len(val_paths))
+    train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
+    train_labels, train_skipped = data.train_labels, data.train_skipped
+    _refuse_unusable("val", val, len(val.ok))
     if world_size() == 1:  # with several ranks, train holds only this rank's share
-        _refuse_unusable("train", train, len(train_paths))
+        _refuse_unusable("train", train, len(train.ok))
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)
-    val_y = val_labels[val.ok]
+    val_y = data.val_labels[val.ok]
 
     t = time.perf_counter()
     device = device_for(cfg.model.device)
@@ -117,7 +91,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "val_dataset": str(cfg.val_dataset),
         **model_fields(loaded),
         "embeddings": None if cfg.train_embeddings is None else [str(cfg.train_embeddings), str(cfg.val_embeddings)],
-        "sizes": {"train": len(train_paths) - train_skipped, "val": int(len(val_y)), "classes": len(classes)},
+        "sizes": {"train": len(train_labels) - train_skipped, "val": len(val_y), "classes": len(classes)},
         "skipped": {"train": train_skipped, "val": len(val.failures)},
         "temperature": cfg.temperature,
         "few_shot": None if not cfg.n_per_class else {"n_per_class": cfg.n_per_class, "n_tries": cfg.n_tries},
@@ -156,8 +130,6 @@ def _validate(cfg: KnnConfig) -> None:
     if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
     check_output_file(cfg.json_out, "--json")  # before the work, not after it
-    if (cfg.train_embeddings is None) != (cfg.val_embeddings is None):
-        raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
 
 
 def _refuse_unusable(name: str, part, total: int) -> None:
@@ -165,21 +137,6 @@ def _refuse_unusable(name: str, part, total: int) -> None:
     if len(part.ok) and not part.ok.any():
         first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
         raise InputError(f"none of the {total:,} {name} images could be used{first}")
-
-
-def _count(failures: list) -> int:
-    """Skipped train images over all ranks (each rank only knows its own)."""
-    from unicom_cli.distributed import world_size
-
-    n = len(failures)
-    if world_size() == 1:
-        return n
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t)
-    return int(t.item())
 
 
 def _comm_device():

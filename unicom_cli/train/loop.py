@@ -70,6 +70,13 @@ class FinetuneConfig:
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     shuffle_fill: int = 16384  # DALI reader shuffling buffer
+    # --task classify (train/heads.py): a linear head + cross-entropy instead of Partial FC
+    task: str = "retrieval"  # retrieval | classify
+    weight_decay: float = 0.0  # AdamW/SGD weight decay (classify: not on biases, norms, pos_embed)
+    layer_decay: float = 1.0  # classify: block i's lr = lr × layer_decay^(depth - i)
+    label_smoothing: float = 0.0  # classify
+    mixup: float = 0.0  # classify: Mixup alpha (timm; 0: off)
+    cutmix: float = 0.0  # classify: CutMix alpha (timm; 0: off)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class FinetuneSummary:
     best: dict | None = None
     evals: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
+    head_path: Path | None = None  # classify: the head for `unicom embed --head`
 
 
 # ----------------------------------------------------------------------------------- model
@@ -132,6 +140,7 @@ class _ImageLoader:
         from unicom_cli.train.data import SeededImageDataset, StepBatches
 
         self.num_classes = images.num_classes
+        self.classes = images.classes or [str(i) for i in range(images.num_classes)]
         self.sampler = StepBatches(len(images.paths), cfg.batch_size, D.rank(), D.world_size(), cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         workers = cfg.workers if cfg.workers is not None else \
@@ -180,13 +189,18 @@ def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
 # -------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(cfg: FinetuneConfig, model: nn.Module, spec, device: torch.device) -> dict | None:
-    """Recall@1 (mAP@100 for GLDv2) of ``model`` on the data set's test split, or None."""
+def evaluate(cfg: FinetuneConfig, model: nn.Module, spec, device: torch.device, head=None) -> dict | None:
+    """Recall@1 (mAP@100 for GLDv2) of ``model`` on the data set's test split (top-1/top-5 of
+    ``head`` for --task classify), or None."""
     from unicom_cli.train import datasets
 
     was_training = model.training
     model.eval()
     try:
+        if cfg.task == "classify":
+            from unicom_cli.train.heads import evaluate_classify
+
+            return evaluate_classify(cfg, model, head, spec, device)
         return datasets.evaluate(cfg.dataset, cfg.data, model, spec, device,
                                           batch_size=max(cfg.batch_size, 32), workers=cfg.workers)
     finally:
@@ -224,6 +238,12 @@ def _validate(cfg: FinetuneConfig) -> None:
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
     if cfg.grad_accum < 1:
         raise UsageError("--grad-accum must be at least 1")
+    if cfg.task not in ("retrieval", "classify"):
+        raise UsageError(f"--task {cfg.task}: choose retrieval or classify")
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import check_classify
+
+        check_classify(cfg)
     for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
         if not math.isfinite(value) or value <= 0:
             raise UsageError(f"{flag} {value}: must be a finite number above 0")
@@ -262,9 +282,15 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     if cfg.num_feat is not None and cfg.num_feat > spec.embedding_size:
         raise UsageError(f"--num-feat {cfg.num_feat}: the embeddings have only "
                          f"{spec.embedding_size} dimensions")
-    pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
-                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
-                    margin_filter=cfg.margin_filter).to(device)
+    if cfg.task == "classify":  # the head takes Partial FC's place: same loss call, same checkpoint slot
+        from unicom_cli.train.heads import ClassifyHead
+
+        pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
+                           mixup=cfg.mixup, cutmix=cfg.cutmix).to(device)
+    else:
+        pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
+                        m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
+                        margin_filter=cfg.margin_filter).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     raw_model = model
@@ -278,10 +304,15 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     raw_model.autocast_dtype = amp_dtype
     forward = torch.compile(model) if cfg.compile else model
 
-    groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" \
-        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import param_groups
+
+        groups = param_groups(raw_model, pfc, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    else:
+        groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
+                  {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" \
+        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise InputError(f"one epoch has {loader.steps_per_epoch} batches, fewer than --grad-accum "
@@ -325,6 +356,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
             for micro, (images, labels) in enumerate(batches):
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                if cfg.task == "classify":
+                    images, labels = pfc.mix(images, labels)
                 last_micro = (micro + 1) % cfg.grad_accum == 0
                 sync = last_micro or not isinstance(model, nn.parallel.DistributedDataParallel)
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
@@ -338,6 +371,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
                 loss_sum += torch.nan_to_num(detached) / cfg.grad_accum
                 if not last_micro:
                     continue
+                if cfg.task == "classify":
+                    pfc.sync_grads()
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -380,11 +415,12 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     model_path, arch_path = _export(t, cfg.output / "model.pt")
     return FinetuneSummary(cfg.output, model_path, arch_path, t.step, t.epoch + t.step_in_epoch / steps_per_epoch,
                            last_loss, images_done / max(seconds, 1e-9), seconds, t.best, t.evals,
-                           str(resumed) if resumed else None)
+                           str(resumed) if resumed else None,
+                           _head_path(cfg.output / "model.pt") if cfg.task == "classify" else None)
 
 
 def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
-    result = evaluate(cfg, t.raw_model, t.spec, t.device)
+    result = evaluate(cfg, t.raw_model, t.spec, t.device, head=t.pfc)
     if result is None:
         return
     result = {"epoch": t.epoch, "step": t.step, **result}
@@ -408,9 +444,14 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        write_json_atomic(arch, {"name": spec.name, "input_size": spec.input_size,
-                                 "patch_size": spec.patch_size, "width": spec.width,
-                                 "depth": spec.depth, "heads": spec.heads,
-                                 "embedding_size": spec.embedding_size})
+        write_json_atomic(arch, spec.to_json())
+        if t.cfg.task == "classify":
+            t.pfc.export(_head_path(path), spec)
     D.barrier()
     return path, arch
+
+
+def _head_path(model_path: Path) -> Path:
+    """model.pt → head.safetensors, best.pt → best-head.safetensors."""
+    stem = model_path.stem
+    return model_path.with_name("head.safetensors" if stem == "model" else f"{stem}-head.safetensors")

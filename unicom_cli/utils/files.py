@@ -116,6 +116,22 @@ def check_output_file(path: str | os.PathLike | None, option: str,
                          f"{', '.join(suffixes)}")
 
 
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Raise InputError unless ``folder`` exists and a file can really be created in it."""
+    import tempfile
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: the output folder does not exist; create it first "
+                         f"(mkdir -p {folder})")
+    try:  # os.access lies for root and on some network file systems: really try
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write to the output folder ({exc.strerror}); "
+                         "pick another -o") from exc
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """The hidden temp name next to ``path`` (same folder, so ``os.replace`` is atomic)."""
     path = Path(path)
