@@ -9,23 +9,18 @@ from typer.testing import CliRunner
 from unicom_cli.cli.app import app
 
 
-def digits_with_features(root, limit_per_class: int):
-    """A digits tree (PNG) and raw-pixel features of its test folder, ids as `embed` writes them."""
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits tree (PNG) and a raw-pixel feature file for its test folder, ids as `embed` writes them."""
     from sklearn.datasets import load_digits
 
     from unicom_cli.data.digits import write_digits_tree
 
-    tree = write_digits_tree(root / "tree", size=16, limit_per_class=limit_per_class)
+    root = tmp_path_factory.mktemp("digits")
+    tree = write_digits_tree(root / "tree", size=16, limit_per_class=60)
     data = load_digits().data.astype(np.float32)
     ids = sorted(p.relative_to(tree.test).as_posix() for p in tree.test.rglob("*.png"))
-    return tree, ids, np.stack([data[int(i.split("/")[1][:4])] for i in ids])
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """The digits tree and a raw-pixel feature file for its test folder."""
-    root = tmp_path_factory.mktemp("digits")
-    tree, ids, feats = digits_with_features(root, limit_per_class=60)
+    feats = np.stack([data[int(i.split("/")[1][:4])] for i in ids])
     np.save(root / "feats.npy", feats)
     (root / "feats.ids.txt").write_text("\n".join(ids) + "\n")
     return tree, root / "feats.npy", ids, feats
@@ -55,8 +50,10 @@ def test_digits_recall_at_1_equals_numpy(digits, tmp_path):
     assert "recall@1" in res.output
     from PIL import Image
 
+    from unicom_cli.pipelines.vis import grid_size
+
     with Image.open(tmp_path / "v.jpg") as im:
-        assert im.size == (6 * 128 + 6, 6 * 128)
+        assert im.size == grid_size(6, 5)
         px = np.asarray(im.convert("RGB"))
     green = (px[..., 1] > 140) & (px[..., 0] < 80)
     assert green.sum() > 1000  # hit borders drawn

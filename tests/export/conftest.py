@@ -12,8 +12,13 @@ from tests.conftest import TINY, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    """Every export test runs its tiny models on one thread (tests/conftest.py)."""
+def one_torch_thread():
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,12 @@ class ClassifyHead(nn.Module):
     """
 
     def __init__(self, dim: int, classes: list[str], *, label_smoothing: float = 0.0,
-                 mixup: float = 0.0, cutmix: float = 0.0) -> None:
+                 mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.classes = list(classes)
         self.fc = nn.Linear(dim, len(classes))
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        # Its own generator: every rank (seeded differently by the loop) starts from the same head.
+        nn.init.trunc_normal_(self.fc.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(self.fc.bias)
         self.label_smoothing = label_smoothing
         self.mixer = None
