@@ -87,6 +87,20 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a busy machine: one torch thread avoids OpenMP barrier stalls.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def one_error_line(err: str) -> str:
     """The CLI's message for a failure: no traceback and exactly one ``error:`` line, the last one
     (notes such as the model and device may come before it). Returns it, whitespace collapsed."""
