@@ -26,7 +26,7 @@ from unicom_cli.data.images import (
     escape_line_breaks,
     list_images,
 )
-from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
+from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.pipelines.features import NONFINITE_REASON, Features
@@ -82,7 +82,7 @@ class _Forward:
         import torch
 
         x = pixels.to(self.device, non_blocking=self.cuda)
-        x = x.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        x = x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)  # one float copy
         if self.cuda:  # cuDNN's NHWC kernels for the patch convolution
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu()
@@ -215,7 +215,10 @@ class EmbedConfig:
     model: str = "ViT-B/32"  # or, with runtime "onnx", a .onnx file written by `unicom export`
     weights: Path | None = None  # state dict instead of the published weights
     runtime: str | None = None  # "torch" or "onnx" (ONNX Runtime); None: onnx for a .onnx model
-    pretrained: bool = True  # False: random weights (benchmarks), never downloads
+    pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
+    seed: int = 0  # seed of the random weights
+    mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -229,6 +232,7 @@ class EmbedConfig:
     # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
     draft: bool = False
     progress: bool = True
+    head: Path | None = None  # classifier head: also write <stem>.predictions.csv
 
 
 @dataclass
@@ -310,7 +314,8 @@ def _load_model(config: EmbedConfig, runtime: str) -> tuple["LoadedModel | OnnxM
     from unicom_cli.models.factory import create_model, describe_precision
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          device=device_for(config.device), precision=config.precision)
+                          seed=config.seed, device=config.device, precision=config.precision,
+                          mirror=config.mirror, cache=config.cache_dir)
     return loaded, describe_precision(loaded, config.precision)
 
 
@@ -323,6 +328,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | 
         "paths_sha256": images.relative.digest(),
         "model": loaded.spec.name,
         "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
         "normalize": config.normalize,
         "num_feat": config.num_feat,
@@ -333,6 +339,12 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | 
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
+
+
+def _forward_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def embed_images(config: EmbedConfig) -> EmbedSummary | None:
@@ -348,8 +360,28 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         return _embed_images(config)
 
 
+def _load_head(config: EmbedConfig, embedding_size: int):
+    """The ``--head`` classifier, checked against the features before any work (None without one)."""
+    if config.head is None:
+        return None
+    from unicom_cli.pipelines.linear import check_head
+
+    return check_head(config.head, embedding_size, config.normalize, config.num_feat)
+
+
+def _write_predictions(head, files: OutputFiles) -> list[Path]:
+    """``feats.predictions.csv`` (class and probability per row) when a head was given."""
+    if head is None:
+        return []
+    from unicom_cli.pipelines.linear import write_predictions
+
+    out = files.feats.with_suffix(".predictions.csv")
+    write_predictions(head, files.feats, files.ids, out)
+    return [out]
+
+
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
 
     start_time = time.perf_counter()
     _validate(config)
@@ -361,6 +393,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     if config.num_feat is not None and config.num_feat > model_dim:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{model_dim} dimensions")
+    head = _load_head(config, model_dim)
     plan = files.plan(config.overwrite)
 
     loaded, description = _load_model(config, runtime)
@@ -413,17 +446,22 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
-        "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
+        "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
+        "input_size": loaded.spec.input_size,
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
         "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
         "precision": loaded.precision, "runtime": fingerprint["runtime"], "world_size": world,
+        # CPU bytes match a 1-process run when the forward ran with as many threads (README).
+        "threads_per_process": _forward_threads(),
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)
     count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
+    outputs = list(files.finals()) + _write_predictions(head, files)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
@@ -431,5 +469,5 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
-        outputs=list(files.finals()),
+        outputs=outputs,
     )
