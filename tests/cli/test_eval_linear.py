@@ -77,7 +77,7 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     assert main(["embed", str(vf), "-o", str(tmp_path / "p.npy"), *model, "--head", str(head)]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     pred_csv = tmp_path / "p.predictions.csv"
-    assert "wrote" in printed and "p.predi" in printed
+    assert printed.count("wrote ") == 5  # .npy, .ids.txt, .json, .failures.txt and the predictions
     rows = list(csv.DictReader(pred_csv.open()))
     ids = (tmp_path / "p.ids.txt").read_text().split()
     assert [r["id"] for r in rows] == ids and len(ids) == 200
