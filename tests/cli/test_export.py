@@ -49,15 +49,8 @@ def exported(tiny, tmp_path_factory) -> tuple[Path, str]:
     spec_file, ckpt = tiny
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     buffer = io.StringIO()
-    from unicom_cli.utils import console as console_module
-
-    with contextlib.redirect_stdout(buffer):
-        saved = console_module.console.file
-        console_module.console.file = buffer
-        try:
-            code = main(["export", str(spec_file), "--weights", str(ckpt), "-o", str(out)])
-        finally:
-            console_module.console.file = saved
+    with contextlib.redirect_stdout(buffer):  # the results console writes to whatever stdout is now
+        code = main(["export", str(spec_file), "--weights", str(ckpt), "-o", str(out)])
     assert code == 0, buffer.getvalue()
     return out, buffer.getvalue()
 
@@ -181,7 +174,7 @@ def test_embed_onnx_bad_input(case, exported, folder, tmp_path, monkeypatch, cap
     assert not list(tmp_path.glob("f.*"))
 
 
-@pytest.mark.parametrize("case", ["opset", "no_onnxruntime", "read_only_out", "missing_out_dir",
+@pytest.mark.parametrize("case", ["opset", "no_onnxruntime", "read_only_out", "out_dir_is_a_file",
                                   "mismatch", "checkpoint_without_arch"])
 def test_export_bad_input(case, tiny, tmp_path, monkeypatch, capsys):
     spec_file, ckpt = tiny
@@ -192,7 +185,8 @@ def test_export_bad_input(case, tiny, tmp_path, monkeypatch, capsys):
         monkeypatch.setitem(sys.modules, "onnxruntime", None)
     elif case == "read_only_out":
         out = Path("/proc/m.onnx")
-    elif case == "missing_out_dir":
+    elif case == "out_dir_is_a_file":  # a missing folder is created; a file in its way is not
+        (tmp_path / "no").write_text("a file")
         out = tmp_path / "no" / "m.onnx"
     elif case == "mismatch":
         wide = tmp_path / "wide.json"
@@ -208,6 +202,6 @@ def test_export_bad_input(case, tiny, tmp_path, monkeypatch, capsys):
     assert code == 2, err
     assert err.count("error:") == 1 and "Traceback" not in err
     assert {"opset": "--opset 13", "no_onnxruntime": "pip install 'unicom-cli[onnx]'",
-            "read_only_out": "cannot write", "missing_out_dir": "does not exist",
+            "read_only_out": "cannot write", "out_dir_is_a_file": "cannot create the output folder",
             "mismatch": "does not match architecture", "checkpoint_without_arch": "no architecture file"}[case] in err
     assert not list(tmp_path.glob("m.*")) and not list(tmp_path.glob(".m.*"))

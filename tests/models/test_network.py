@@ -129,9 +129,13 @@ def test_fp16_checkpoint_loads_strict_and_gives_the_reference_embedding(tiny_spe
     assert (expected[0] - expected[1]).abs().max() > 1e-3
 
 
-def test_json_model_without_weights_is_freshly_initialised(tiny_spec_file):
-    loaded = create_model(tiny_spec_file)
-    assert loaded.weights_path is None and loaded.sha256 is None
+def test_json_model_without_weights_is_refused_unless_random_init_is_asked(tiny_spec_file):
+    from unicom_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="tiny.json.*--weights.*--random-init"):
+        create_model(tiny_spec_file)
+    loaded = create_model(tiny_spec_file, pretrained=False, seed=5)
+    assert loaded.weights_path is None and loaded.sha256 is None and loaded.random_init_seed == 5
     assert loaded.spec.source == str(tiny_spec_file)
 
 

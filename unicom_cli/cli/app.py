@@ -22,6 +22,7 @@ from unicom_cli.cli import (
     models,
     prepare_gldv2,
 )
+from unicom_cli.cli.help import command_settings
 from unicom_cli.errors import InputError, UnicomError
 
 app = typer.Typer(
@@ -30,6 +31,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog=command_settings(["unicom demo", "unicom embed photos/ -o feats/photos.npy",
+                             "unicom eval-retrieval --dataset folder:photos/ --vis top5.jpg"])["epilog"],
 )
 
 
@@ -49,16 +52,17 @@ def _options(
     """Embed, evaluate and finetune UNICOM image-retrieval models, from a laptop to many GPUs."""
 
 
-app.command("models")(models.models)
-app.command("download")(download.download)
-app.command("embed")(embed.embed)
-app.command("eval-retrieval")(eval_retrieval.eval_retrieval)
-app.command("eval-knn")(eval_knn.eval_knn)
-app.command("eval-linear", epilog=eval_linear.EXAMPLES)(eval_linear.eval_linear)
-app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
-app.command("finetune")(finetune.finetune)
-app.command("demo")(demo.demo)
-app.command("export")(export.export)
+# Each command module defines EXAMPLES: its --help ends with them (see cli/help.py).
+app.command("models", **command_settings(models.EXAMPLES))(models.models)
+app.command("download", **command_settings(download.EXAMPLES))(download.download)
+app.command("embed", **command_settings(embed.EXAMPLES))(embed.embed)
+app.command("eval-retrieval", **command_settings(eval_retrieval.EXAMPLES))(eval_retrieval.eval_retrieval)
+app.command("eval-knn", **command_settings(eval_knn.EXAMPLES))(eval_knn.eval_knn)
+app.command("eval-linear", **command_settings(eval_linear.EXAMPLES))(eval_linear.eval_linear)
+app.command("prepare-gldv2", **command_settings(prepare_gldv2.EXAMPLES))(prepare_gldv2.prepare_gldv2)
+app.command("finetune", **command_settings(finetune.EXAMPLES))(finetune.finetune)
+app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
+app.command("export", **command_settings(export.EXAMPLES))(export.export)
 
 
 def main(argv: list[str] | None = None) -> int:

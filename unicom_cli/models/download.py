@@ -42,8 +42,9 @@ GDRIVE_URL = "https://drive.google.com"
 GDRIVE_MIRROR_FOLDER = "gldv2"  # where a mirror keeps the Drive-only files: <mirror>/gldv2/<file>
 CHUNK = 1 << 20
 _WAYS_OUT = ("If this machine is offline or the server is blocked, point --mirror URL (or "
-             "$UNICOM_MIRROR) at a copy of the release files, or pass --weights FILE with a copy "
-             "downloaded elsewhere.")
+             "$UNICOM_MIRROR) at a copy of the release files, pass --weights FILE with a copy "
+             "downloaded elsewhere, or put that copy in the weights cache ($UNICOM_HOME or "
+             "--cache-dir; default ~/.cache/unicom).")
 
 _DRIVE_PAGE = ("{url}: Google Drive answered with a web page instead of the file (its download "
                "quota may be exceeded, or the file is no longer shared). Try later, or download it "
@@ -473,17 +474,31 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
             part.unlink(missing_ok=True)
             digest, _ = _download(spec, url, part, settings)
         if expected and digest != expected:
+            received = part.stat().st_size if part.exists() else 0
             part.unlink(missing_ok=True)
+            advice = ("the mirror holds another file than the published one: replace it there"
+                      if _mirror_base(mirror) else
+                      "Retry, or use --mirror if this server serves a different file")
             raise ChecksumMismatch(
-                f"{url}: SHA-256 {digest} does not match the expected {expected} ({checksum}); "
-                f"the partial file was deleted and nothing was cached. Retry, or use --mirror "
-                f"if this server serves a different file")
+                f"{url}: the {_size(received)} received (SHA-256 {digest[:12]}…) do not match "
+                f"the expected {expected[:12]}… ({checksum}; the published file is about "
+                f"{_size(spec.fp16_file_size)}); the download was deleted and nothing was cached. "
+                f"{advice[0].upper()}{advice[1:]}")
         os.replace(part, path)
         write_sidecar(path, digest)
     if not expected:
         info(f"{spec.name}: no published checksum; computed SHA-256 {digest} "
              f"(recorded in {sidecar(path).name}; pin it with --sha256)")
     return FetchResult(spec.name, path, digest, "downloaded", checksum)
+
+
+def _size(n: int) -> str:
+    """Bytes in a human unit: 5.0 KB, 351.7 MB."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def fetch_weights(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None = None,

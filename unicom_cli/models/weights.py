@@ -127,6 +127,24 @@ def clean_state_dict_keys(state: dict) -> dict:
     return cleaned
 
 
+_KNOWN_FORMATS = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+                  (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF document"),
+                  (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"))
+
+
+def _check_checkpoint_bytes(path: Path) -> None:
+    """Refuse a file that is neither a zip (torch.save) nor a legacy pickle before unpickling it,
+    so that an image passed as --weights is called what it is."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return
+    kind = next((name for magic, name in _KNOWN_FORMATS if head.startswith(magic)), None)
+    what = f"it is {kind}" if kind else ("it is empty" if not head else "unknown format")
+    raise WeightsError(f"{path}: not a model checkpoint ({what}); --weights takes a state dict "
+                       f"saved by torch.save (.pt/.pth) or a .safetensors file")
+
+
 def load_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
     """Load a state dict from ``.pt``/``.pth`` (weights only, never code) or ``.safetensors``.
 
@@ -146,6 +164,7 @@ def load_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
         except Exception as exc:  # safetensors raises several unrelated types
             raise WeightsError(f"{path}: not a valid safetensors file ({exc})") from exc
     else:
+        _check_checkpoint_bytes(path)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:

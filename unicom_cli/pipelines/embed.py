@@ -26,7 +26,7 @@ from unicom_cli.data.images import (
     escape_line_breaks,
     list_images,
 )
-from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
+from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.pipelines.features import NONFINITE_REASON, Features
@@ -215,7 +215,10 @@ class EmbedConfig:
     model: str = "ViT-B/32"  # or, with runtime "onnx", a .onnx file written by `unicom export`
     weights: Path | None = None  # state dict instead of the published weights
     runtime: str | None = None  # "torch" or "onnx" (ONNX Runtime); None: onnx for a .onnx model
-    pretrained: bool = True  # False: random weights (benchmarks), never downloads
+    pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
+    seed: int = 0  # seed of the random weights
+    mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -311,7 +314,8 @@ def _load_model(config: EmbedConfig, runtime: str) -> tuple["LoadedModel | OnnxM
     from unicom_cli.models.factory import create_model, describe_precision
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          device=device_for(config.device), precision=config.precision)
+                          seed=config.seed, device=config.device, precision=config.precision,
+                          mirror=config.mirror, cache=config.cache_dir)
     return loaded, describe_precision(loaded, config.precision)
 
 
@@ -324,6 +328,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | 
         "paths_sha256": images.relative.digest(),
         "model": loaded.spec.name,
         "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
         "normalize": config.normalize,
         "num_feat": config.num_feat,
@@ -334,6 +339,12 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | 
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
+
+
+def _forward_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def embed_images(config: EmbedConfig) -> EmbedSummary | None:
@@ -435,13 +446,17 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
-        "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
+        "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
+        "input_size": loaded.spec.input_size,
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
         "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
         "precision": loaded.precision, "runtime": fingerprint["runtime"], "world_size": world,
+        # CPU bytes match a 1-process run when the forward ran with as many threads (README).
+        "threads_per_process": _forward_threads(),
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)

@@ -34,6 +34,7 @@ class ExportConfig:
     input_dtype: str = "uint8"  # ONNX input: uint8 pixels or float32 normalised pixels
     overwrite: bool = False
     cache: Path | None = None  # weights cache for published models
+    mirror: str | None = None  # where to download published weights from
 
 
 @dataclass
@@ -126,7 +127,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
     output = Path(config.output)
     names, photos = sample_photos(get_spec(model_arg).input_size)  # skimage missing: fail early
     loaded = create_model(model_arg, weights=weights, pretrained=config.pretrained, device="cpu",
-                          precision="fp32", cache=config.cache)
+                          precision="fp32", cache=config.cache, mirror=config.mirror)
     partial = output.parent / f".{output.name}.partial"
     with output_lock(output), disk_errors(output.parent):
         shutil.rmtree(partial, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class ModelOptions:
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
+    random_init: bool = False  # a seeded random network instead of trained weights (asked for)
+    seed: int = 0  # seed of the random init
+    mirror: str | None = None  # where to download published weights from
 
 
 @dataclass
@@ -139,12 +143,13 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
 
 def load_model(opts: ModelOptions):
     """The model on this rank's device (``create_model``); says which precision it runs in."""
-    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.distributed import is_main
     from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.utils.console import info
 
-    loaded = create_model(opts.model, opts.weights, device=device_for(opts.device),
-                          precision=opts.precision, cache=opts.cache_dir)
+    loaded = create_model(opts.model, opts.weights, pretrained=not opts.random_init, seed=opts.seed,
+                          device=opts.device, precision=opts.precision,
+                          cache=opts.cache_dir, mirror=opts.mirror)
     if is_main():
         info(describe_precision(loaded, opts.precision))
     return loaded
@@ -170,6 +175,7 @@ def model_fields(loaded) -> dict:
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
         "precision": None if loaded is None else loaded.precision,
+        "random_init_seed": None if loaded is None else loaded.random_init_seed,
     }
 
 
@@ -198,8 +204,12 @@ class LabelledFeatures:
 
 def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions,
                       train_embeddings: Path | None = None,
-                      val_embeddings: Path | None = None) -> LabelledFeatures:
+                      val_embeddings: Path | None = None, *,
+                      check_train: Callable[[list[str]], None] | None = None) -> LabelledFeatures:
     """Scan both trees and read or extract their features, warning about skipped images.
+
+    ``check_train`` gets the train images' class names after the scan and before any feature is
+    read or extracted: options that cannot fit the data fail before the work.
 
     The train rows stay sharded across ranks (each rank extracts or reads its share only); the
     val rows are gathered on every rank. Shared by eval-knn and eval-linear.
@@ -220,6 +230,8 @@ def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions
     unseen = sorted(set(val_names) - set(train_names))
     if unseen:
         warn(f"{len(unseen)} val classes have no train images (e.g. {unseen[0]}): those images always miss")
+    if check_train is not None:
+        check_train(train_names)
     loaded = None
     if train_embeddings is not None:
         shard = shard_range(len(train_paths))

@@ -18,13 +18,16 @@ from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
+DEFAULT_NB_KNN = [10, 20, 100, 200]
+
+
 @dataclass
 class KnnConfig:
     """Everything `unicom eval-knn` needs; filled by the CLI."""
 
     train_dataset: Path
     val_dataset: Path
-    nb_knn: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    nb_knn: list[int] | None = None  # None: DEFAULT_NB_KNN, less the values above the train size
     temperature: float = 0.07
     per_class: bool = False
     n_per_class: int | None = None
@@ -49,8 +52,13 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     t = time.perf_counter()
+    nb_knn: list[int] = []
+
+    def check_k(train_names: list[str]) -> None:  # after the scan, before any feature
+        nb_knn.extend(_fitting_k(cfg, train_names))
+
     data = labelled_features(cfg.train_dataset, cfg.val_dataset, cfg.model, cfg.train_embeddings,
-                             cfg.val_embeddings)
+                             cfg.val_embeddings, check_train=check_k)
     timings["features"] = time.perf_counter() - t
     train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
     train_labels, train_skipped = data.train_labels, data.train_skipped
@@ -65,7 +73,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device)
-    k = max(cfg.nb_knn)
+    k = max(nb_knn)
     subsets = few_shot_subsets(train_labels, cfg.n_per_class, cfg.n_tries) if cfg.n_per_class else [None]
     runs = []
     for subset in subsets:
@@ -81,8 +89,8 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         return None
 
     t = time.perf_counter()
-    per_try = [knn_classify(s, lab, val_y, cfg.nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
-    metrics = _mean_over_tries(per_try, cfg.nb_knn, cfg.per_class)
+    per_try = [knn_classify(s, lab, val_y, nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
+    metrics = _mean_over_tries(per_try, nb_knn, cfg.per_class)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -101,9 +109,40 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "processes": world_size(),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
+    written = []
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
+        written.append(cfg.json_out)
+    results["written"] = written
     return results
+
+
+def _fitting_k(cfg: KnnConfig, train_names: list[str]) -> list[int]:
+    """The k values to evaluate: a k above the train images available fails here, before any work,
+    when the user typed it; from the default list such values are dropped, with a note."""
+    from collections import Counter
+
+    from unicom_cli.utils.console import info
+
+    available = len(train_names)
+    what = f"{available:,} train images"
+    if cfg.n_per_class:
+        available = sum(min(cfg.n_per_class, n) for n in Counter(train_names).values())
+        what = f"{available:,} train images in each few-shot draw (--n-per-class {cfg.n_per_class})"
+    if cfg.nb_knn is not None:
+        too_big = [k for k in cfg.nb_knn if k > available]
+        if too_big:
+            raise UsageError(f"--nb-knn {', '.join(map(str, too_big))}: more neighbours than the "
+                             f"{what} in {cfg.train_dataset}; choose k ≤ {available}")
+        return list(cfg.nb_knn)
+    kept = [k for k in DEFAULT_NB_KNN if k <= available]
+    if not kept:
+        raise UsageError(f"{cfg.train_dataset}: only {what}, fewer than the smallest default "
+                         f"k {DEFAULT_NB_KNN[0]}; pass --nb-knn K with K ≤ {available}")
+    if len(kept) < len(DEFAULT_NB_KNN):
+        dropped = ", ".join(str(k) for k in DEFAULT_NB_KNN if k > available)
+        info(f"k = {dropped} left out of the default --nb-knn: more than the {what}")
+    return kept
 
 
 def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) -> dict:
@@ -125,7 +164,7 @@ def _validate(cfg: KnnConfig) -> None:
     """Options that cannot work, refused before any feature is computed."""
     from unicom_cli.utils.files import check_output_file
 
-    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
+    if cfg.nb_knn is not None and (not cfg.nb_knn or min(cfg.nb_knn) < 1):
         raise UsageError("--nb-knn values must be ≥ 1")
     if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")

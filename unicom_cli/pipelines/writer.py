@@ -64,7 +64,7 @@ class OutputFiles:
         return (self.feats, self.ids, self.meta, self.failures)
 
     def check_writable(self) -> None:
-        """Fail before any work when the output folder is missing or not writable."""
+        """Create the output folder if missing; fail before any work when it cannot be written."""
         check_writable_folder(self.feats.parent)
 
     def plan(self, overwrite: bool) -> str:

@@ -1,6 +1,6 @@
 """The finetune loop: DDP, AMP, accumulation, OneCycle, Partial FC, checkpoint/resume, periodic eval.
 
-One process:        python -m unicom_cli finetune --dataset folder:DIR --arch ViT-B/32 --device cpu
+One process:        python -m unicom_cli finetune --dataset folder:DIR --model ViT-B/32 --device cpu
 Several CPU procs:  python -m unicom_cli finetune ... --procs 2
 8 GPUs, 2 nodes:    torchrun --nnodes 2 --nproc-per-node 8 ... -m unicom_cli finetune ...
 """
@@ -39,7 +39,9 @@ class FinetuneConfig:
     output: Path = Path("runs/finetune")
     weights: Path | None = None  # state dict to start from instead of the published weights
     init_from: str | None = None  # registered model whose weights initialise `arch` (336px → 512)
-    pretrained: bool = True
+    pretrained: bool = True  # False: start from a random init (seeded by `seed`)
+    mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     input_size: int | None = None  # train at another resolution (grid resampled)
     output_dim: int | None = None  # embedding size; ≠ checkpoint's → fresh last layer
     epochs: int = 16
@@ -106,9 +108,13 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     from unicom_cli.models.registry import get_spec
 
     target = get_spec(cfg.arch)
-    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=cfg.pretrained,
-                          device="cpu", drop_path_rate=cfg.drop_path,
-                          input_size=cfg.input_size or target.input_size)
+    # An architecture file without weights trains from scratch: a seeded init (announced).
+    scratch = not cfg.pretrained or (cfg.weights is None and cfg.init_from is None
+                                     and target.source != "registry")
+    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=not scratch,
+                          seed=cfg.seed, device="cpu", drop_path_rate=cfg.drop_path,
+                          input_size=cfg.input_size or target.input_size, mirror=cfg.mirror,
+                          cache=cfg.cache_dir)
     model, spec = loaded.model, loaded.spec
     if cfg.output_dim and cfg.output_dim != spec.embedding_size:
         info(f"output dim {cfg.output_dim} ≠ {spec.embedding_size}: fresh feature.2/feature.3")
@@ -286,7 +292,7 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
         from unicom_cli.train.heads import ClassifyHead
 
         pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
-                           mixup=cfg.mixup, cutmix=cfg.cutmix).to(device)
+                           mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
     else:
         pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
                         m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
@@ -428,7 +434,7 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
     if D.is_main():
         with open(cfg.output / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"eval": result}) + "\n")
-        info(f"eval after epoch {t.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+        info(f"eval after epoch {t.epoch} (%): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
                                                            if isinstance(v, float)))
     key = result["metric"]
     if t.best is None or result[key] > t.best[key]:

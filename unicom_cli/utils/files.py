@@ -117,13 +117,15 @@ def check_output_file(path: str | os.PathLike | None, option: str,
 
 
 def check_writable_folder(folder: str | os.PathLike) -> None:
-    """Raise InputError unless ``folder`` exists and a file can really be created in it."""
+    """Create ``folder`` if missing; raise InputError unless a file can really be created in it."""
     import tempfile
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: the output folder does not exist; create it first "
-                         f"(mkdir -p {folder})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc}); "
+                         "pick another -o") from exc
     try:  # os.access lies for root and on some network file systems: really try
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
             pass
