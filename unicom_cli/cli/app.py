@@ -17,8 +17,10 @@ from unicom_cli.cli import (
     eval_knn,
     eval_retrieval,
     finetune,
+    index,
     models,
     prepare_gldv2,
+    search,
 )
 from unicom_cli.errors import UnicomError
 
@@ -55,6 +57,8 @@ app.command("eval-knn")(eval_knn.eval_knn)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("index", epilog=index.EPILOG)(index.index)
+app.command("search", epilog=search.EPILOG)(search.search)
 
 
 def main(argv: list[str] | None = None) -> int:

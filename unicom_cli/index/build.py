@@ -292,7 +292,7 @@ def run_build(cfg: BuildConfig) -> BuildSummary | None:
 
     all_sources = sources
     if existing is not None:
-        earlier = _earlier_sources(existing, cfg.normalize)
+        earlier = recorded_sources(existing, cfg.normalize)
         all_sources = earlier + sources if earlier is not None else sources
     info(f"measuring recall@{RECALL_K} on {min(cfg.held_out, index.ntotal):,} held-out queries")
     held = held_out_queries(all_sources, cfg.held_out, RECALL_K, cfg.seed)
@@ -326,7 +326,7 @@ class _Scaled:
         self.bar.advance(int(round(n * self.scale)))
 
 
-def _earlier_sources(existing: Index, normalize: bool) -> list[FeatureSource] | None:
+def recorded_sources(existing: Index, normalize: bool) -> list[FeatureSource] | None:
     """The feature files an index was built from, when they are all still there unchanged."""
     out = []
     for item in existing.meta.get("sources", []):
@@ -365,7 +365,7 @@ def _meta(cfg: BuildConfig, choice: Choice, fields: dict, tuning: Tuning,
         "memory_bytes": choice.memory_bytes, "max_memory": max_memory,
         "search_params": tuning.params,
         "recall_at_10": round(tuning.recall, 4), "target_recall": cfg.target_recall,
-        "recall_reached": tuning.reached, "recall_queries": cfg.held_out,
+        "recall_reached": tuning.reached, "recall_queries": tuning.queries,
         "tuning": tuning.tried,
         "sources": earlier + [{"features": str(s.npy.resolve()), "count": s.count,
                                 "root": str(s.root) if s.root else None} for s in sources],

@@ -325,7 +325,7 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     meta = {
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
+        "model": loaded.spec.name, "weights": str(Path(loaded.weights_path).resolve()) if loaded.weights_path else None,
         "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
         "model_spec": loaded.spec.to_json(),  # rebuilds a JSON-described model (index queries)
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
