@@ -41,6 +41,7 @@ def index(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget of the index, e.g. 8G (default: half the RAM).", show_default=False)] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.0, max=1.0, help="recall@10 against exact search that the search parameters are tuned to reach.")] = 0.95,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors that are not (cosine similarity); --no-normalize keeps raw inner products.")] = True,
+    chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="Vectors read and added per step (bounds memory; process shards align to it).")] = 65536,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and re-embed a folder).")] = False,
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
@@ -95,7 +96,7 @@ def index(
     build = BuildConfig(features=features, output=output, index=kind,
                         max_memory=parse_memory(max_memory) if max_memory else None,
                         target_recall=target_recall, normalize=normalize, overwrite=overwrite,
-                        add=add, device=device)
+                        add=add, device=device, chunk_rows=chunk_rows)
     launch = LaunchConfig(gpus=gpus, procs=procs, nnodes=nnodes, node_rank=node_rank,
                           master_addr=master_addr, master_port=master_port,
                           rdzv_endpoint=rdzv_endpoint)

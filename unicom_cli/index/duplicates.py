@@ -1,4 +1,4 @@
-"""Groups of near-duplicate images in an index: all-vs-all neighbours above a similarity threshold, joined into groups."""
+"""Groups of near-duplicate images in an index: all-vs-all neighbours above a threshold, joined."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Query images → vectors processed exactly as an index's collection was (model, weights, crop, normalisation, num_feat)."""
+"""Query images → vectors made exactly as the index's collection was (model, weights, crop, normalisation, num_feat)."""
 
 from __future__ import annotations
 

@@ -132,7 +132,8 @@ class Index:
 
         Args:
             queries: (n, dim) vectors, already processed as ``meta`` says (normalised, cut
-                to ``num_feat``), or a list of image paths, embedded with the index's model.
+                to ``num_feat``), or a list of image paths, PIL images, RGB uint8 arrays or
+                encoded image bytes, embedded with the index's model (``embedder``).
             k: neighbours per query (1 ≤ k ≤ len(self)).
             exclude: per query a row never to return (its own entry; -1 for none).
             params: search parameters for this call instead of the tuned ones, e.g.
@@ -175,8 +176,10 @@ class Index:
                 path, reason = embedded.failures[0]
                 raise InputError(f"{path}: {reason}")
             vectors = embedded.vectors
+        elif len(queries) and not np.isscalar(queries[0]) and not isinstance(queries[0], (list, tuple)):
+            vectors = self.embedder(device, weights)(list(queries))  # PIL images, arrays, bytes
         else:
-            vectors = np.asarray(queries)
+            vectors = np.asarray(queries, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None]
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

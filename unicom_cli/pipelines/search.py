@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,10 +181,11 @@ def write_results(path: Path, outcome: SearchOutcome) -> Path:
 
 def write_table(path: Path, records: list[dict], columns: list[str]) -> Path:
     """Records → .csv / .jsonl / .parquet at ``path`` via a temp file and one rename."""
+    from unicom_cli.utils.files import atomic_path
+
     path = Path(path)
     suffix = path.suffix.lower()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".jsonl":
             with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
                 for rec in records:
@@ -198,8 +198,4 @@ def write_table(path: Path, records: list[dict], columns: list[str]) -> Path:
                 frame.to_csv(tmp, index=False)
             else:
                 frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

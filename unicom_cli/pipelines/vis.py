@@ -90,15 +90,11 @@ def _thumbnail_uri(path: Path | None) -> str:
 
 
 def _atomic_save(out: Path, write) -> Path:
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    from unicom_cli.utils.files import atomic_path
+
+    with atomic_path(out) as tmp:
         write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return Path(out)
 
 
 def save_search_html(out: Path, names: list[str], files: list[Path | None], ids: list[list[str]],
