@@ -106,9 +106,13 @@ def _train_sample_size(n: int, dim: int, factory_index, max_memory: int) -> int:
 
 def _gpu_training(index, device: str) -> object | None:
     """With faiss-gpu and a CUDA device, k-means of the coarse quantizer runs on the GPU."""
+    from unicom_cli.distributed import device_for
+
     faiss = _faiss()
-    if not str(device).startswith("cuda") or not hasattr(faiss, "StandardGpuResources") \
-            or faiss.get_num_gpus() < 1:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    device = device_for(device)  # auto → this rank's GPU where there is one
+    if not str(device).startswith("cuda"):
         return None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
@@ -131,6 +135,11 @@ def _new_index(choice: Choice, dim: int, sources: list[FeatureSource], cfg: Buil
         detail = str(exc).strip().splitlines()[-1]
         raise UsageError(f"--index {choice.factory!r}: not a faiss factory string faiss accepts "
                          f"({detail}); use auto, flat, hnsw, ivf, ivfpq or e.g. 'IVF1024,PQ32'") from exc
+    ivf_pq = faiss.try_extract_index_ivf(index)
+    if isinstance(ivf_pq, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (a PQ re-ordering for Hamming filtering that
+        # our search never uses); it is a simulated annealing that can take minutes.
+        ivf_pq.do_polysemous_training = False
     if not index.is_trained:
         n = sum(s.count for s in sources)
         size = _train_sample_size(n, dim, index, max_memory)

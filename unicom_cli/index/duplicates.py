@@ -28,9 +28,9 @@ def _vectors(index) -> tuple[np.ndarray, bool]:
 
     from unicom_cli.index.build import recorded_sources
 
-    inner = faiss.downcast_index(index.faiss_index)
-    if isinstance(inner, faiss.IndexFlat):
-        return inner.reconstruct_n(0, inner.ntotal), True
+    flat = index.flat_vectors()
+    if flat is not None:
+        return flat, True
     sources = recorded_sources(index, bool(index.meta.get("normalized")))
     if sources is not None and sum(s.count for s in sources) == len(index):
         return np.concatenate([s.rows(0, s.count) for s in sources]), False
