@@ -156,7 +156,7 @@ def test_duplicates_groups_match_connected_components(built, tmp_path, capsys):
 def test_add_a_second_collection(built, photos, tmp_path, tiny_spec_file, tiny_checkpoint):
     more = tmp_path / "more"
     more.mkdir()
-    Image.open(photos / "p3.jpg").rotate(90).save(more / "r3.jpg")
+    Image.open(photos / "sub" / "p3.jpg").rotate(90).save(more / "r3.jpg")
     assert main(["index", "--add", str(more), str(built), "--model", str(tiny_spec_file),
                  "--weights", str(tiny_checkpoint)]) == 0
     ids = (built / "ids.txt").read_text().splitlines()

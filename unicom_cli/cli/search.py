@@ -95,8 +95,9 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> N
     index = Index.load(index_path)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"
-    console.print(f"{len(found.groups):,} groups of near duplicates (similarity ≥ {threshold}) "
-                  f"in {len(index):,} images, by {how}", highlight=False)
+    groups = f"{len(found.groups):,} group{'' if len(found.groups) == 1 else 's'}"
+    console.print(f"{groups} of near duplicates (similarity ≥ {threshold}) in {len(index):,} "
+                  f"images, by {how}", highlight=False, soft_wrap=True)
     for g, rows in enumerate(found.groups[:10], start=1):
         table = Table(title=f"group {g}: {len(rows)} images", title_justify="left", show_edge=False)
         table.add_column("best score", justify="right")
