@@ -23,14 +23,11 @@ from unicom_cli.cli.options import (
     WeightsOpt,
 )
 
-EPILOG = """Examples:
-
-  unicom embed ./photos -o feats.npy && unicom index feats.npy -o photos.index
-
-  unicom index ./photos -o photos.index --model ViT-B/16 --max-memory 8G
-
-  unicom index --add more.npy photos.index
-"""
+EXAMPLES = [
+    "unicom embed ./photos -o feats.npy && unicom index feats.npy -o photos.index",
+    "unicom index ./photos -o photos.index --model ViT-B/16 --max-memory 8G",
+    "unicom index --add more.npy photos.index",
+]
 
 
 def index(

@@ -9,14 +9,11 @@ import typer
 
 from unicom_cli.cli.options import DeviceOpt, WeightsOpt
 
-EPILOG = """Examples:
-
-  unicom search photos.index query.jpg -k 10
-
-  unicom search photos.index ./queries -k 5 -o results.csv --vis results.html
-
-  unicom search photos.index --duplicates --threshold 0.95 -o dups.csv
-"""
+EXAMPLES = [
+    "unicom search photos.index query.jpg -k 10",
+    "unicom search photos.index ./queries -k 5 -o results.csv --vis results.html",
+    "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv",
+]
 SHOWN_QUERIES = 20
 
 

@@ -45,7 +45,7 @@ class FeatureSource:
         fields = {key: self.meta.get(key) for key in MODEL_KEYS}
         fields["dim"] = self.dim
         fields["normalized"] = bool(self.meta.get("normalized")) or self.normalize
-        for key in ("model_spec", "weights", "embedding_size"):
+        for key in ("model_spec", "weights", "embedding_size", "precision", "random_init_seed"):
             fields[key] = self.meta.get(key)
         if fields["weights"] and not os.path.isabs(fields["weights"]):
             fields["weights"] = os.path.abspath(fields["weights"])  # embed ran from this folder
