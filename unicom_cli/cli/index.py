@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
-    GpusOpt,
-    MasterAddrOpt,
-    MasterPortOpt,
     ModelOpt,
-    NnodesOpt,
-    NodeRankOpt,
     NumFeatOpt,
     PrecisionOpt,
-    ProcsOpt,
-    RdzvOpt,
     WeightsOpt,
+    launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom embed ./photos -o feats.npy && unicom index feats.npy -o photos.index",
@@ -30,6 +27,7 @@ EXAMPLES = [
 ]
 
 
+@launch_options
 def index(
     inputs: Annotated[List[Path], typer.Argument(help="Feature files (.npy from `unicom embed`) or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The index folder (default: <input name>.index here).", show_default=False)] = None,
@@ -46,13 +44,7 @@ def index(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = None,
     num_feat: NumFeatOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    launch: LaunchConfig = None,
 ) -> None:
     """Build a search index over a collection: exact for small ones, IVF or IVF+PQ for large.
 
@@ -60,7 +52,7 @@ def index(
     records the model, normalisation, faiss factory, tuned search parameters and the recall@10
     measured against exact search on held-out queries.
     """
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.errors import UsageError
     from unicom_cli.index.build import BuildConfig
     from unicom_cli.index.choose import parse_memory
@@ -94,9 +86,6 @@ def index(
                         max_memory=parse_memory(max_memory) if max_memory else None,
                         target_recall=target_recall, normalize=normalize, overwrite=overwrite,
                         add=add, device=device, chunk_rows=chunk_rows)
-    launch = LaunchConfig(gpus=gpus, procs=procs, nnodes=nnodes, node_rank=node_rank,
-                          master_addr=master_addr, master_port=master_port,
-                          rdzv_endpoint=rdzv_endpoint)
     result = run_command(launch, run_index_job, IndexJob(build, embeds))
     if result is None:
         return
