@@ -19,8 +19,10 @@ from unicom_cli.cli import (
     eval_retrieval,
     export,
     finetune,
+    index,
     models,
     prepare_gldv2,
+    search,
 )
 from unicom_cli.cli.help import command_settings
 from unicom_cli.errors import InputError, UnicomError
@@ -63,6 +65,8 @@ app.command("prepare-gldv2", **command_settings(prepare_gldv2.EXAMPLES))(prepare
 app.command("finetune", **command_settings(finetune.EXAMPLES))(finetune.finetune)
 app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
 app.command("export", **command_settings(export.EXAMPLES))(export.export)
+app.command("index", **command_settings(index.EXAMPLES))(index.index)
+app.command("search", **command_settings(search.EXAMPLES))(search.search)
 
 
 def main(argv: list[str] | None = None) -> int:
