@@ -19,6 +19,7 @@ from unicom_cli.cli import (
     finetune,
     models,
     prepare_gldv2,
+    serve,
 )
 from unicom_cli.errors import UnicomError
 
@@ -55,6 +56,7 @@ app.command("eval-knn")(eval_knn.eval_knn)
 app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
 app.command("finetune")(finetune.finetune)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> int:
