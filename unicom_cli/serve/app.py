@@ -4,8 +4,6 @@ Requests are checked (token, size, type, dimension) before they reach the model;
 decoded in the thread pool, then embedded and searched in micro-batches (``batcher``).
 """
 
-from __future__ import annotations
-
 import hmac
 import io
 import json
