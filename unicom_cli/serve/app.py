@@ -351,4 +351,6 @@ class _AccessLog:
 
             client = scope.get("client") or ("-", 0)
             ms = (time.perf_counter() - start) * 1000
-            info(escape(f"{client[0]} {scope['method']} {scope['path']} {status} {ms:.1f} ms"))
+            # The path as sent (still percent-encoded: no control characters reach the terminal).
+            path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+            info(escape(f"{client[0]} {scope['method']} {path} {status} {ms:.1f} ms"))

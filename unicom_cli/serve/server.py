@@ -38,9 +38,13 @@ def serve(config: ServeConfig) -> None:
     from unicom_cli.models.factory import resolve_device
 
     index = Index.load(config.index)
-    device = str(resolve_device(config.device))
-    embedder = index.embedder(device=device, weights=config.weights, precision=config.precision)
-    sock = bind(config.host, config.port)
+    sock = bind(config.host, config.port)  # a busy port fails before the model loads
+    try:
+        device = str(resolve_device(config.device))
+        embedder = index.embedder(device=device, weights=config.weights, precision=config.precision)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     app = create_app(index, embedder, config.settings)
     loaded = embedder.loaded
