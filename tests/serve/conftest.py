@@ -78,9 +78,9 @@ def _tiny_weights(folder: Path) -> tuple[Path, Path]:
 def collection(tmp_path_factory) -> Collection:
     """Photos → `unicom embed` → a flat index (exact search, so results can be checked)."""
     import torch
+    from unicom_cli.index import build_index
 
     from unicom_cli.cli.app import main
-    from unicom_cli.index import build_index
 
     root = tmp_path_factory.mktemp("serve")
     _photos(root / "photos")

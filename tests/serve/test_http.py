@@ -247,8 +247,8 @@ def test_a_full_queue_answers_503(collection):
     """In-process server with a gated embedder (the test's own wrapper): one query held in the
     model, one waiting in a queue of one; the next is refused, and both held ones finish."""
     import uvicorn
-
     from unicom_cli.index import Index
+
     from unicom_cli.serve.app import ServeSettings, create_app
     from unicom_cli.serve.server import bind
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,7 +28,7 @@ def serve(
     index: Annotated[Path, typer.Argument(help="Index folder written by `unicom index`.", show_default=False)],
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 makes the service reachable from the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port).")] = 8000,
-    token: Annotated[Optional[str], typer.Option("--token", envvar="UNICOM_TOKEN", show_default=False, help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.")] = None,
+    token: Annotated[str | None, typer.Option("--token", envvar="UNICOM_TOKEN", show_default=False, help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.")] = None,
     max_upload: Annotated[str, typer.Option("--max-upload", help="Largest image upload (413 above).")] = "20MB",
     max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a client may ask for.")] = 100,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Queries embedded together while the model is busy (1: micro-batching off).")] = 32,
@@ -52,7 +52,8 @@ def serve(
     from unicom_cli.errors import UsageError
 
     try:
-        from unicom_cli.serve.server import ServeConfig, ServeSettings, serve as run_server
+        from unicom_cli.serve.server import ServeConfig, ServeSettings
+        from unicom_cli.serve.server import serve as run_server
     except ImportError as exc:
         raise UsageError(f"unicom serve needs FastAPI and uvicorn ({exc.name} is missing): "
                          "pip install 'unicom-cli[serve]'") from None

@@ -8,10 +8,11 @@ import hmac
 import io
 import json
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ OPEN_PATHS = frozenset({"/healthz"})
 class ServeSettings:
     """What the service enforces; the CLI fills it from its options."""
 
-    token: Optional[str] = None  # Bearer token required on every route but /healthz
+    token: str | None = None  # Bearer token required on every route but /healthz
     max_upload: int = 20 * MB  # bytes per uploaded image (413 above)
     max_k: int = 100  # largest k a client may ask for
     default_k: int = 10
@@ -48,8 +49,8 @@ class _Query:
     """One search in a batch: decoded pixels or a ready vector, and its k."""
 
     k: int
-    pixels: Optional[np.ndarray] = None
-    vector: Optional[np.ndarray] = None
+    pixels: np.ndarray | None = None
+    vector: np.ndarray | None = None
 
 
 def search_batch(index: Any, embedder: Callable, queries: list[_Query]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -200,7 +201,7 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
 
     @app.get("/images/{row:int}", summary="The indexed image of a row (never a client-named path)",
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Unknown row"}})
-    async def image(row: int, size: Optional[int] = Query(
+    async def image(row: int, size: int | None = Query(
             None, ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX, description="Longest side of a JPEG thumbnail.")):
         path = _row(row)
         cache = {"Cache-Control": "private, max-age=3600"}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import signal
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import uvicorn
 
@@ -27,8 +27,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
-    weights: Optional[Path] = None
-    precision: Optional[str] = None
+    weights: Path | None = None
+    precision: str | None = None
     settings: ServeSettings = field(default_factory=ServeSettings)
 
 
