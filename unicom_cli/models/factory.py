@@ -115,7 +115,7 @@ def autocast_dtype(precision: str | None, device: "torch.device") -> "torch.dtyp
 
 
 def create_model(
-    name_or_path: str | Path,
+    name_or_path: str | Path | ModelSpec,
     weights: str | Path | None = None,
     *,
     pretrained: bool = True,
@@ -128,7 +128,8 @@ def create_model(
     """Build the network, load weights and return it in eval mode with its eval transform.
 
     Args:
-        name_or_path: a registered model name or a JSON architecture file.
+        name_or_path: a registered model name, a JSON architecture file or a ModelSpec
+            (e.g. the one an index recorded).
         weights: a state-dict file; None downloads the published weights of a registered model
             (on first use) or leaves a JSON-described model freshly initialised.
         pretrained: False never loads weights (random init).
@@ -140,7 +141,7 @@ def create_model(
     from unicom_cli.models.vit import build_model
     from unicom_cli.models.weights import load_state_dict, sha256_file
 
-    spec = get_spec(name_or_path)
+    spec = name_or_path if isinstance(name_or_path, ModelSpec) else get_spec(name_or_path)
     if input_size and input_size != spec.input_size:
         spec = with_input_size(spec, input_size)
     dev = resolve_device(device)
