@@ -79,10 +79,17 @@ def model_args(name: str, work: Path) -> list[str]:
 
 
 def build_index(images: Path, out: Path, models: list[str], device: str) -> None:
+    """`unicom embed` the images, then a flat index over them (the service's cost is the query
+    embedding; search over a few hundred rows is negligible)."""
     if out.exists():
         return
-    subprocess.run([sys.executable, "-m", "unicom_cli", "index", str(images), "-o", str(out),
-                    "--device", device, *models], check=True, env=_env())
+    from unicom_cli.index import build_index as build
+
+    feats = out.with_suffix(".npy")
+    subprocess.run([sys.executable, "-m", "unicom_cli", "embed", str(images), "-o", str(feats),
+                    "--device", device, "--overwrite", *models], check=True, env=_env(),
+                   stdout=subprocess.DEVNULL)
+    build(feats, out, index="flat", progress=False)
 
 
 def _env() -> dict:
