@@ -85,9 +85,9 @@ def build_index(images: Path, out: Path, models: list[str], device: str) -> None
         return
     from unicom_cli.index import build_index as build
 
-    feats = out.with_suffix(".npy")
+    feats = out.with_name(out.stem + "-feats.npy")
     subprocess.run([sys.executable, "-m", "unicom_cli", "embed", str(images), "-o", str(feats),
-                    "--device", device, "--overwrite", *models], check=True, env=_env(),
+                    "--device", device, *models], check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
     build(feats, out, index="flat", progress=False)
 
@@ -98,12 +98,14 @@ def _env() -> dict:
     return env
 
 
-def start_server(index: Path, weights: list[str], device: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(index: Path, weights: str, device: str, max_batch: int) -> tuple[subprocess.Popen, str]:
     """`unicom serve` on a free loopback port; returns the process and its base URL."""
     cmd = [sys.executable, "-m", "unicom_cli", "serve", str(index), "--port", "0", "--device", device,
-           "--max-batch", str(max_batch), "--queue-size", "256", *weights]
+           "--max-batch", str(max_batch), "--queue-size", "256", "--weights", weights]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env())
+    printed = []
     for line in proc.stderr:
+        printed.append(line)
         match = re.search(r"serving (http://\S+?)/", line)
         if match:
             # Keep draining the access log so the server never blocks on a full pipe.
@@ -111,7 +113,7 @@ def start_server(index: Path, weights: list[str], device: str, max_batch: int) -
 
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
             return proc, match.group(1)
-    raise SystemExit(f"the server did not start: {proc.wait()}")
+    raise SystemExit(f"the server did not start (exit {proc.wait()}):\n{''.join(printed[-5:])}")
 
 
 def rss_mb(pid: int) -> float:
@@ -160,9 +162,10 @@ async def load(url: str, queries: list[bytes], clients: int, seconds: float, k: 
 
 
 def run_model(name: str, work: Path, images: Path, queries: list[bytes], args) -> list[dict]:
-    weights = model_args(name, work)
+    models = model_args(name, work)
     index = work / f"{name.replace('/', '-')}.index"
-    build_index(images, index, weights, args.device)
+    build_index(images, index, models, args.device)
+    weights = models[-1]
     rows = []
     for max_batch in (32, 1):
         proc, url = start_server(index, weights, args.device, max_batch)

@@ -78,9 +78,9 @@ def _tiny_weights(folder: Path) -> tuple[Path, Path]:
 def collection(tmp_path_factory) -> Collection:
     """Photos → `unicom embed` → a flat index (exact search, so results can be checked)."""
     import torch
-    from unicom_cli.index import build_index
 
     from unicom_cli.cli.app import main
+    from unicom_cli.index import build_index
 
     root = tmp_path_factory.mktemp("serve")
     _photos(root / "photos")
@@ -115,13 +115,15 @@ class Server:
         return self.proc.wait(timeout=timeout)
 
 
-def start_server(collection: Collection, *extra: str, wait: bool = True) -> Server:
+def start_server(collection: Collection, *extra: str, wait: bool = True, token_env: str | None = None) -> Server:
     """`python -m unicom_cli serve` on a free loopback port (``--port 0``); the URL is read
-    from the line it prints once it listens."""
+    from the line it prints once it listens. ``token_env``: UNICOM_TOKEN for the process."""
     cmd = [sys.executable, "-m", "unicom_cli", "serve", str(collection.index), "--port", "0",
            "--device", "cpu", "--weights", str(collection.weights), *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", UNICOM_NO_PROGRESS="1", COLUMNS="200")
     env.pop("UNICOM_TOKEN", None)
+    if token_env:
+        env["UNICOM_TOKEN"] = token_env
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     server = Server(proc, "")
     ready = threading.Event()

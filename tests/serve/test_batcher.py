@@ -125,3 +125,22 @@ def test_stop_finishes_what_is_queued():
         return await asyncio.gather(first, *queued)
 
     assert asyncio.run(main()) == [0, 20, 40, 60]
+
+
+def test_the_queue_is_bounded_in_bytes_too():
+    async def main():
+        gate = Gate()
+        batcher = MicroBatcher(gate, max_batch=8, queue_size=100, max_cost=1000)
+        await batcher.start()
+        first = await _hold_first(batcher, gate, 0)
+        big = asyncio.create_task(batcher.submit(2, cost=1500))  # alone in the queue: accepted
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="1,500 of 1,000 bytes"):
+            await batcher.submit(4, cost=1)
+        gate.release.set()
+        done = await asyncio.gather(first, big)
+        small = await asyncio.gather(*(batcher.submit(x, cost=400) for x in (4, 6)))  # 800 fit
+        await batcher.stop()
+        return done + small
+
+    assert asyncio.run(main()) == [0, 20, 40, 60]

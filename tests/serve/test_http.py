@@ -247,8 +247,8 @@ def test_a_full_queue_answers_503(collection):
     """In-process server with a gated embedder (the test's own wrapper): one query held in the
     model, one waiting in a queue of one; the next is refused, and both held ones finish."""
     import uvicorn
-    from unicom_cli.index import Index
 
+    from unicom_cli.index import Index
     from unicom_cli.serve.app import ServeSettings, create_app
     from unicom_cli.serve.server import bind
 
@@ -303,17 +303,23 @@ def test_a_full_queue_answers_503(collection):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_the_request_in_flight_and_exits_0(collection, sig):
+    # SIGINT: also --host 0.0.0.0 (a warning); SIGTERM: also the token from UNICOM_TOKEN.
     extra = ("--host", "0.0.0.0") if sig == signal.SIGINT else ()
-    server = start_server(collection, *extra)
+    token = "from-the-environment" if sig == signal.SIGTERM else None
+    server = start_server(collection, *extra, token_env=token)
     try:
         if extra:
             assert any("reachable from the network" in line for line in server.lines)
+        if token:
+            assert httpx.get(server.url + "/info").status_code == 401
+            assert httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
         row, data = _jpeg_bytes(collection, "coins.jpg")
         boundary = "unicomtestboundary"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\n"
                 f"Content-Type: image/jpeg\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
         conn = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-        conn.sendall((f"POST /search?k=4 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        conn.sendall((f"POST /search?k=4 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{auth}"
                       f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
         conn.sendall(body[:1000])  # the request is in flight: headers and part of the body
         time.sleep(0.3)

@@ -1,7 +1,9 @@
 """The FastAPI app: routes over one loaded index and its query embedder, nothing else.
 
 Requests are checked (token, size, type, dimension) before they reach the model; images are
-decoded in the thread pool, then embedded and searched in micro-batches (``batcher``).
+decoded in parallel threads (at most one per core at a time), then resized, embedded and
+searched in micro-batches by one model thread (``batcher``), which is the only thread that
+runs torch: several threads each starting torch's own thread pool would oversubscribe the CPU.
 """
 
 import hmac
@@ -40,6 +42,7 @@ class ServeSettings:
     default_k: int = 10
     max_batch: int = 32  # queries embedded together; 1 turns micro-batching off
     queue_size: int = 64  # waiting queries before 503
+    queue_bytes: int = 1024 * MB  # decoded pixels waiting, at most (then 503)
     max_pixels: int = 64_000_000  # decoded size limit of an upload (decompression bombs)
     access_log: bool = True  # one line per request on stderr
 
@@ -80,18 +83,21 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
             index's own rows were made.
         settings: limits and the token.
     """
+    import anyio
+    import torch
     from fastapi import FastAPI, HTTPException, Query, Request
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import FileResponse, HTMLResponse, Response
-    from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
 
     settings = settings or ServeSettings()
     count = len(index)
-    input_size = embedder.loaded.spec.input_size
     max_k = min(settings.max_k, count)
     batcher: MicroBatcher = MicroBatcher(lambda qs: search_batch(index, embedder, qs),
-                                         max_batch=settings.max_batch, queue_size=settings.queue_size)
+                                         max_batch=settings.max_batch, queue_size=settings.queue_size,
+                                         max_cost=settings.queue_bytes)
+    # Decoders (libjpeg-turbo, Pillow) run one core each: more at once only holds more pixels.
+    decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -160,7 +166,8 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
             raise HTTPException(415, f"content type {kind or '(none)'}: send multipart/form-data with an "
                                      "'image' file, application/json with a 'vector', or an image body")
         try:
-            scores, rows = await batcher.submit(query)
+            cost = query.pixels.nbytes if query.pixels is not None else query.vector.nbytes
+            scores, rows = await batcher.submit(query, cost)
         except QueueFull:
             raise HTTPException(503, "the service is busy (request queue full); retry shortly",
                                 headers={"Retry-After": "1"}) from None
@@ -173,7 +180,8 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
         if len(data) > settings.max_upload:
             raise HTTPException(413, f"upload is larger than {settings.max_upload:,} bytes (--max-upload)")
         try:
-            return await run_in_threadpool(_decode_upload, data, settings.max_pixels, input_size)
+            return await anyio.to_thread.run_sync(_decode_upload, data, settings.max_pixels,
+                                                  limiter=decoders)
         except BadImage as exc:
             raise HTTPException(400, f"not a usable image: {exc}") from None
 
@@ -208,7 +216,7 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
         if size is None:
             return FileResponse(path, headers=cache)
         try:
-            data = await run_in_threadpool(_thumbnail, path, size)
+            data = await anyio.to_thread.run_sync(_thumbnail, path, size, limiter=decoders)
         except BadImage as exc:
             raise HTTPException(404, f"row {row}: the indexed file cannot be read ({exc})") from None
         return Response(data, media_type="image/jpeg", headers=cache)
@@ -216,16 +224,10 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
     return _guard(app, settings)
 
 
-def _decode_upload(data: bytes, max_pixels: int, size: int) -> np.ndarray:
-    """Decode, resize and centre-crop to the model input here, in the request's thread.
+def _decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    from unicom_cli.data.images import decode_pixels
 
-    The embedder's own resize + crop of a size x size image is the identity, so its features
-    are unchanged, while a queued query holds size^2 pixels instead of a whole photo.
-    """
-    from unicom_cli.data.images import decode_pixels, resize_center_crop
-
-    pixels = decode_pixels(data, max_pixels=max_pixels)
-    return resize_center_crop(pixels, size).permute(1, 2, 0).numpy()
+    return decode_pixels(data, max_pixels=max_pixels)
 
 
 def _thumbnail(path, size: int) -> bytes:

@@ -3,7 +3,8 @@
 One worker thread runs the batch function; the event loop only queues work and hands back
 results. There is no waiting window: a request that finds the model idle runs at once (no
 added latency for one client), and everything that queued up meanwhile forms the next batch.
-The queue is bounded, so a flood of requests is refused instead of growing memory.
+The queue is bounded in items and, optionally, in a cost such as bytes, so a flood of
+requests is refused instead of growing memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ Result = TypeVar("Result")
 
 
 class QueueFull(Exception):
-    """The queue holds ``queue_size`` waiting requests already (the service answers 503)."""
+    """The queue is at ``queue_size`` items or ``max_cost`` (the service answers 503)."""
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -30,12 +31,14 @@ class MicroBatcher(Generic[Item, Result]):
     """
 
     def __init__(self, fn: Callable[[list[Item]], Sequence[Result | BaseException]], *,
-                 max_batch: int = 32, queue_size: int = 64) -> None:
+                 max_batch: int = 32, queue_size: int = 64, max_cost: int | None = None) -> None:
         if max_batch < 1 or queue_size < 1:
             raise ValueError("max_batch and queue_size must be at least 1")
         self.fn = fn
         self.max_batch = max_batch
         self.queue_size = queue_size
+        self.max_cost = max_cost
+        self._cost = 0  # of the items waiting
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -57,19 +60,23 @@ class MicroBatcher(Generic[Item, Result]):
         self._executor.shutdown(wait=True)
         self._worker = None
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, cost: int = 0) -> Result:
         """Queue one item and wait for its result.
 
         Raises:
-            QueueFull: when ``queue_size`` items are already waiting.
+            QueueFull: when ``queue_size`` items are already waiting, or when ``cost`` would
+                take the waiting items past ``max_cost`` (an item alone is always accepted).
         """
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not called")
+        if self.max_cost is not None and self._cost and self._cost + cost > self.max_cost:
+            raise QueueFull(f"the waiting requests hold {self._cost:,} of {self.max_cost:,} bytes")
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait((item, future))
+            self._queue.put_nowait((item, future, cost))
         except asyncio.QueueFull:
             raise QueueFull(f"{self.queue_size} requests are already waiting") from None
+        self._cost += cost
         return await future
 
     async def _run(self) -> None:
@@ -86,8 +93,9 @@ class MicroBatcher(Generic[Item, Result]):
                     stopping = True
                     break
                 batch.append(nxt)
+            self._cost -= sum(cost for _, _, cost in batch)
             # A caller that went away (client disconnected) no longer needs its item computed.
-            batch = [(item, fut) for item, fut in batch if not fut.done()]
+            batch = [(item, fut) for item, fut, _ in batch if not fut.done()]
             if batch:
                 await self._process(loop, batch)
 
