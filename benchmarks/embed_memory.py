@@ -97,7 +97,8 @@ def main() -> None:
     print(f"{'images':>8} {'seconds':>8} {'RSS at start MB':>16} {'main peak MB':>13} {'worker peak MB':>15}")
     print(f"(batch size {args.batch_size}, {args.workers} decoding worker(s), tiny model, 1 thread)")
     for r in rows:
-        print(f"{r['images']:>8,} {r['seconds']:>8.1f} {r['rss_before_mb']:>16.1f} {r['peak_main_mb']:>13.1f} {r['peak_worker_mb']:>15.1f}")
+        print(f"{r['images']:>8,} {r['seconds']:>8.1f} {r['rss_before_mb']:>16.1f} "
+              f"{r['peak_main_mb']:>13.1f} {r['peak_worker_mb']:>15.1f}")
     base, last = rows[0], rows[-1]
     growth = last["peak_main_mb"] - base["peak_main_mb"]
     print(f"main-process growth {base['images']:,} -> {last['images']:,} images: {growth:+.1f} MB "

@@ -79,7 +79,7 @@ def main() -> None:
             ours.append(timed(lambda c: finetune(c).steps * c.batch_size, cfg))
     for i, unit in ((0, "wall"), (1, "cpu")):
         b, o = max(r[i] for r in base), max(r[i] for r in ours)
-        runs = lambda rs: ", ".join(f"{r[i]:.1f}" for r in rs)  # noqa: E731
+        runs = lambda rs, i=i: ", ".join(f"{r[i]:.1f}" for r in rs)  # noqa: E731
         print(f"[{unit:4}] bare loop {b:7.1f} images/s (runs {runs(base)}); finetune() {o:7.1f} "
               f"(runs {runs(ours)}); ratio {o / b:.3f}")
     print("target: ratio >= 0.95 (finetune() logs every step and checkpoints each epoch)")

@@ -51,3 +51,33 @@ def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
     path = tmp_path / "FP16-tiny.pt"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
     return path
+
+
+def _mount_tmpfs(folder: Path, size: str, readonly: bool = False) -> bool:
+    """Mount a tmpfs of ``size`` at ``folder`` (root only); False where that is not permitted."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(folder)],
+                          capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, nearly full file system: ``small_disk(size)`` mounts a tmpfs of that size (root)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str = "256k", readonly: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        if not _mount_tmpfs(folder, size, readonly):
+            pytest.skip("mounting a small tmpfs needs root (the full-disk test needs a real full disk)")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)

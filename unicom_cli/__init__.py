@@ -32,15 +32,19 @@ def __getattr__(name: str):
 
 
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,
-         ) -> tuple["UnicomViT", Callable]:
+         precision: str | None = None) -> tuple["UnicomViT", Callable]:
     """Load a UNICOM model by name (downloading its weights on first use) or JSON file.
 
     Returns ``(model, transform)``: the model in eval mode on ``device`` and the CLIP eval
-    transform for PIL images.
+    transform for PIL images. ``precision`` None keeps the original's behaviour (fp16 autocast
+    on CUDA, exact fp32 on CPU); ``"auto"`` is what the commands use (bf16 on CPUs with native
+    bf16), or ``"fp32"``, ``"fp16"``, ``"bf16"``.
     """
-    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.factory import create_model, resolve_device
 
-    loaded = create_model(name_or_path, weights=weights, device=device)
+    if precision is None:
+        precision = "fp32" if resolve_device(device).type == "cpu" else "auto"
+    loaded = create_model(name_or_path, weights=weights, device=device, precision=precision)
     return loaded.model, loaded.transform
 
 

@@ -61,3 +61,15 @@ class OutputExists(UsageError):
 
 class TrainingDiverged(UnicomError):
     """The training loss became NaN or infinite (finetune stops and names the step)."""
+
+
+class DiskError(UnicomError):
+    """The output folder is full, read-only or not writable (names the folder and the fix)."""
+
+
+class OutputInUse(UnicomError):
+    """Another unicom run holds the lock of this output; two runs on one output corrupt it."""
+
+
+class NonFiniteFeatures(UnicomError):
+    """Features contain NaN or infinite values (names the count and the first ids)."""

@@ -1,7 +1,6 @@
 """eval-retrieval / eval-knn with a (tiny) model: features through the embed pipeline, end to end."""
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,26 +28,7 @@ def _reference_features(paths, loaded):
     return np.stack(rows).astype(np.float32), np.array(ok)
 
 
-@pytest.fixture
-def embed_pipeline(monkeypatch):
-    """The embed helper's extract_features; a minimal stand-in with its signature until it lands."""
-    try:
-        from unicom_cli.pipelines.embed import extract_features  # noqa: F401
-        return "real"
-    except ImportError:
-        import sys
-
-        def extract_features(paths, loaded, *, batch_size=64, workers=None, description="features", gather=True):
-            feats, ok = _reference_features(paths, loaded)
-            failures = [(p, "cannot decode") for p, good in zip(paths, ok) if not good]
-            return SimpleNamespace(features=feats, ok=ok, failures=failures, indices=np.arange(len(paths)))
-
-        monkeypatch.setitem(sys.modules, "unicom_cli.pipelines.embed",
-                            SimpleNamespace(extract_features=extract_features))
-        return "stand-in"
-
-
-def test_retrieval_and_knn_with_tiny_model(embed_pipeline, tiny_spec_file, tiny_checkpoint, tmp_path):
+def test_retrieval_and_knn_with_tiny_model(tiny_spec_file, tiny_checkpoint, tmp_path):
     from unicom_cli.data.digits import write_digits_tree
     from unicom_cli.models.factory import create_model
 

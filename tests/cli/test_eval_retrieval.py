@@ -129,7 +129,7 @@ def test_gldv2_map_at_100_per_split(tmp_path):
     r = json.loads(out.read_text())
     gn = g / np.linalg.norm(g, axis=1, keepdims=True)
     expected = {"public": [], "private": []}
-    for (q, rel, usage), v in zip(queries, qf):
+    for (_q, rel, usage), v in zip(queries, qf):
         ranking = np.argsort(-(gn @ (v / np.linalg.norm(v))), kind="stable")[:100]
         hits = np.isin(ranking, rel)
         ap = sum(hits[:i + 1].sum() / (i + 1) for i in range(100) if hits[i]) / min(len(rel), 100)

@@ -17,7 +17,8 @@ def test_finetune_folder_end_to_end(tiny_spec_file, tiny_checkpoint, tmp_path, c
     out = tmp_path / "run"
     code = main(["finetune", "--arch", str(tiny_spec_file), "--weights", str(tiny_checkpoint),
                  "--dataset", f"folder:{tree.root}", "--epochs", "1", "--batch-size", "8",
-                 "--lr", "1e-3", "--device", "cpu", "--output", str(out), "--workers", "0"])
+                 "--lr", "1e-3", "--device", "cpu", "--output", str(out), "--workers", "0",
+                 "--margin-filter", "0.3"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "finetuned 5 steps" in printed and "best recall@1" in printed
@@ -25,7 +26,8 @@ def test_finetune_folder_end_to_end(tiny_spec_file, tiny_checkpoint, tmp_path, c
     assert lines[0]["step"] == 5 and lines[-1]["eval"]["images"] == 40
     state = torch.load(out / "model.pt", weights_only=True)
     assert set(state) == set(torch.load(tiny_checkpoint, weights_only=True))
-    assert json.loads((out / "config.json").read_text())["batch_size"] == 8
+    config = json.loads((out / "config.json").read_text())
+    assert config["batch_size"] == 8 and config["margin_filter"] == 0.3
 
 
 def test_default_is_the_gldv2_recipe_and_missing_data_says_how_to_make_it(tmp_path, monkeypatch, capsys):
@@ -47,3 +49,8 @@ def test_default_is_the_gldv2_recipe_and_missing_data_says_how_to_make_it(tmp_pa
 def test_unknown_recipe_lists_the_choices(capsys):
     assert main(["finetune", "--recipe", "nope"]) == 2
     assert "sop-vit-b16" in capsys.readouterr().err
+
+
+def test_margin_filter_outside_0_1_is_refused(capsys):
+    assert main(["finetune", "--margin-filter", "1.5"]) == 2
+    assert "--margin-filter" in capsys.readouterr().err

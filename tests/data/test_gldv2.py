@@ -91,7 +91,7 @@ def test_resize_geometry_shorter_side_and_upscaling(tree, built):
     _, out = built
     reader = RecordReader(out / "train.rec", out / "train.idx")
     rows = lst_lines(out)
-    for (header, image), (_, _, rel) in zip(reader, rows):
+    for (_header, image), (_, _, rel) in zip(reader, rows):
         w, h = tree.sizes[rel]  # displayed size (EXIF orientation applied)
         want = (R, h * R // w) if h > w else (w * R // h, R)
         img = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -230,7 +230,9 @@ def test_dali_cpu_pipeline_reads_the_output(built, tmp_path):
     for rec, idx, n in ((out / "train.rec", out / "train.idx", 7), (magic_rec, tmp_path / "magic.idx", 2)):
         @dali.pipeline_def(batch_size=n, num_threads=1, device_id=None)
         def pipe():
-            jpegs, labels = fn.readers.mxnet(path=[str(rec)], index_path=[str(idx)], random_shuffle=False)
+            # built and run within this iteration, so the loop variables are the current ones
+            jpegs, labels = fn.readers.mxnet(path=[str(rec)], index_path=[str(idx)],  # noqa: B023
+                                             random_shuffle=False)
             return fn.decoders.image(jpegs, device="cpu", output_type=dali.types.BGR), labels
 
         p = pipe()

@@ -19,6 +19,7 @@ from unicom_cli.data.images import (
     load_image,
     load_pixels,
     resize_center_crop,
+    scan_class_folders,
     scan_folder,
 )
 from unicom_cli.errors import BadImage, InputError
@@ -44,6 +45,22 @@ def test_scan_is_recursive_sorted_and_filtered(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     assert scan_folder(tmp_path) == ["a.png", "b/a/x.webp", "b/z.JPG", "d.tiff", "e.gif",
                                      "f.bmp", "g.jpeg", "h.tif"]
+
+
+def test_class_folders_one_rule_for_eval_knn_and_finetune(tmp_path):
+    from unicom_cli.data.benchmarks import load_benchmark
+    from unicom_cli.train.data import scan_image_folder
+
+    for rel in ["dog/b.png", "cat/x/a.jpg", "cat/.thumbs/t.jpg", ".ipynb_checkpoints/c.jpg",
+                "cat/notes.txt", "loose.jpg"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert scan_class_folders(tmp_path) == (["cat/x/a.jpg", "dog/b.png"], ["cat", "dog"])
+    train = scan_image_folder(tmp_path)  # finetune's reader
+    assert (train.paths, train.labels, train.num_classes) == (
+        [tmp_path / "cat/x/a.jpg", tmp_path / "dog/b.png"], [0, 1], 2)
+    split = load_benchmark(f"folder:{tmp_path}").test  # eval-retrieval's reader
+    assert (split.paths, split.labels.tolist()) == (["cat/x/a.jpg", "dog/b.png"], [0, 1])
 
 
 def test_path_list_file_relative_to_its_folder(tmp_path):

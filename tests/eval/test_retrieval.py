@@ -74,6 +74,12 @@ def test_gldv2_map_duplicates_in_predictions():
     assert gldv2_map_at_100({"q": ["a", "a", "x", "b"]}, {"q": {"a", "b"}}) == pytest.approx((1 / 1 + 2 / 4) / 2)
 
 
+def test_gldv2_map_counts_a_repeated_solution_id_as_delf_does():
+    # DELF's official metric divides by min(len(solution row), 100), the row read as a list:
+    # "a a b" counts 3 relevant entries though only 2 distinct ids can be retrieved.
+    assert gldv2_map_at_100({"q": ["a", "b"]}, {"q": ["a", "a", "b"]}) == pytest.approx(2 / 3)
+
+
 def test_gldv2_map_fewer_than_100_relevant_and_no_hits_and_missing_query():
     sol = {"q1": ["r1", "r2", "r3"], "q2": ["z"], "q3": ["y"]}
     preds = {"q1": ["n", "r2", "n2", "r1"], "q2": ["n"] * 100}  # q3 not predicted: AP 0

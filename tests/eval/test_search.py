@@ -180,3 +180,16 @@ def test_precision_choice():
     assert resolve_precision("bf16", "torch", "cuda:0", 1) == "fp32"  # cuBLAS reductions: no bound
     with pytest.raises(UsageError, match="fp64"):
         resolve_precision("fp64", "torch", "cpu", 1)
+
+
+@pytest.mark.parametrize("flags,expected", [({"avx2", "avx512f"}, "fp32"),
+                                            ({"avx2", "avx512_bf16"}, "bf16"),
+                                            ({"amx_bf16", "amx_tile"}, "bf16")])
+def test_auto_precision_follows_the_cpu_capabilities(monkeypatch, flags, expected):
+    """Decided from the CPU's flags (the seam ``cpu_flags``), never from a timing."""
+    from unicom_cli.eval.search import resolve_precision
+    from unicom_cli.utils import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert resolve_precision("auto", "torch", "cpu", 1) == expected
+    assert resolve_precision("fp32", "torch", "cpu", 1) == "fp32"

@@ -112,7 +112,7 @@ def test_fp16_checkpoint_loads_strict_and_gives_the_reference_embedding(tiny_spe
                                                                          tiny_checkpoint):
     state = torch.load(tiny_checkpoint, weights_only=True)
     assert state["pos_embed"].dtype == torch.float16
-    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint)
+    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint, precision="fp32")
     model = loaded.model
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -156,3 +156,33 @@ def test_input_size_not_a_multiple_of_the_patch_floors_the_grid(tmp_path):
     path.write_text(json.dumps({"input_size": 30, "patch_size": 8, "width": 32, "depth": 1,
                                 "heads": 2, "embedding_size": 4}))
     assert get_spec(path).grid == 3
+
+
+def test_every_norm_has_the_reference_epsilon(tiny_spec_file):
+    """SPEC §1: LayerNorm eps is PyTorch's 1e-5 (not timm's 1e-6), the head's BatchNorm 2e-5.
+
+    Pinned by the definition rather than the attribute: each norm is applied in float64 to
+    tokens of small variance, where the two epsilons give visibly different outputs.
+    """
+    model = build_model(get_spec(tiny_spec_file)).double().eval()
+    layer_norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    depth = get_spec(tiny_spec_file).depth
+    assert len(layer_norms) == 2 * depth + 1 and len(batch_norms) == 2
+    gen = torch.Generator().manual_seed(0)
+    for norm in layer_norms:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=gen)
+            norm.bias.uniform_(-0.1, 0.1, generator=gen)
+        x = torch.randn(4, norm.normalized_shape[0], generator=gen, dtype=torch.float64) * 3e-3
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        expected = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
+        torch.testing.assert_close(norm(x), expected.detach(), rtol=1e-12, atol=1e-12)
+    for bn in batch_norms:
+        with torch.no_grad():
+            bn.running_mean.normal_(0, 1e-3, generator=gen)
+            bn.running_var.uniform_(1e-6, 1e-5, generator=gen)
+        x = torch.randn(4, bn.num_features, generator=gen, dtype=torch.float64) * 3e-3
+        expected = (x - bn.running_mean) / torch.sqrt(bn.running_var + 2e-5) * bn.weight + bn.bias
+        torch.testing.assert_close(bn(x), expected.detach(), rtol=1e-12, atol=1e-12)

@@ -79,7 +79,9 @@ def assert_matches_reference(feats, expected):
 
 
 def _config(folder, out, spec, ckpt, **kw) -> EmbedConfig:
-    kw = {"batch_size": 4, "workers": 0, "progress": False, "draft": False, **kw}
+    # fp32: compared with fp32 references (the default is bf16 on CPUs with native bf16).
+    kw = {"batch_size": 4, "workers": 0, "progress": False, "draft": False, "precision": "fp32",
+          **kw}
     return EmbedConfig(input=folder[0], output=out, model=str(spec), weights=ckpt, **kw)
 
 
@@ -147,12 +149,29 @@ def test_overwrite_protection_and_resume_argument_check(folder, tiny_spec_file, 
 
 
 def _cli(folder_root: Path, out: Path, spec: Path, ckpt: Path, env: dict | None = None,
-         ) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "unicom_cli", "embed", str(folder_root), "-o", str(out),
+         entry: list[str] | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, *(entry or ["-m", "unicom_cli"]), "embed", str(folder_root), "-o", str(out),
            "--model", str(spec), "--weights", str(ckpt), "--batch-size", "2", "--workers", "1",
-           "--no-draft"]
+           "--no-draft", "--precision", "fp32"]
     return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+# `unicom embed` that SIGKILLs itself right after its first checkpoint with >= k rows done: a real
+# kill -9 at a known point, with the hook in the test instead of the product.
+KILL_AFTER_ROWS = """
+import os, signal, sys
+from unicom_cli.pipelines import writer
+k = int(os.environ["KILL_AFTER_ROWS"])
+checkpoint = writer.PartWriter.checkpoint
+def checkpoint_then_die(self):
+    checkpoint(self)
+    if self.rows_done >= k:
+        os.kill(os.getpid(), signal.SIGKILL)
+writer.PartWriter.checkpoint = checkpoint_then_die
+from unicom_cli.cli.app import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def test_resume_after_kill_at_random_batch_is_bitwise_identical(folder, tiny_spec_file,
@@ -164,7 +183,8 @@ def test_resume_after_kill_at_random_batch_is_bitwise_identical(folder, tiny_spe
     out = tmp_path / "killed.npy"
     k = random.Random().randrange(1, len(folder[1]) - 1)
     proc = _cli(folder[0], out, tiny_spec_file, tiny_checkpoint,
-                {"UNICOM_TEST_CRASH_AFTER_ROWS": str(k)})
+                {"KILL_AFTER_ROWS": str(k), "UNICOM_TEST_CHECKPOINT_S": "0"},
+                entry=["-c", KILL_AFTER_ROWS])
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, f"k={k}"
     assert not out.exists() and (tmp_path / "killed.npy.partial" / "run.json").exists()
@@ -201,7 +221,7 @@ def test_resume_after_external_kill9_at_a_random_moment(tmp_path, tiny_spec_file
     def run(output: Path):
         return embed_images(EmbedConfig(input=root, output=output, model=str(tiny_spec_file),
                                         weights=tiny_checkpoint, batch_size=2, workers=1,
-                                        draft=False, progress=False))
+                                        draft=False, progress=False, precision="fp32"))
 
     assert run(out).resumed_from > 0
     clean = tmp_path / "c.npy"
@@ -213,7 +233,7 @@ def test_resume_after_external_kill9_at_a_random_moment(tmp_path, tiny_spec_file
 
 def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_checkpoint):
     root, names = folder
-    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint)
+    loaded = create_model(tiny_spec_file, weights=tiny_checkpoint, precision="fp32")
     paths = [root / n for n in names]
     result = extract_features(paths, loaded, batch_size=5, workers=1)
     assert result.features.shape == (len(names), 16) and result.features.dtype == np.float32
@@ -224,7 +244,7 @@ def test_extract_features_in_memory(folder, reference, tiny_spec_file, tiny_chec
             assert result.ok[i]
             assert_matches_reference(result.features[i][None], reference[name][None])
     assert sorted(Path(p).name for p, _ in result.failures) == sorted(BAD)
-    assert result.indices is None
+    assert np.array_equal(result.positions, np.arange(len(names)))
 
 
 def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint, monkeypatch):
@@ -243,16 +263,17 @@ def test_shards_cover_the_list_in_order(folder, tiny_spec_file, tiny_checkpoint,
         monkeypatch.setattr(embed_mod, "shard_range", functools.partial(shard_range, rank_=r, world=3))
         assert len(embed_mod.batch_shard(len(names), 4)) == [8, 8, 1][r]  # 5 batches (17 rows) over 3 ranks
         part = extract_features(paths, loaded, batch_size=4, workers=0, gather=False)
-        assert np.array_equal(part.features, full.features[part.indices])
-        assert np.array_equal(part.ok, full.ok[part.indices])
+        assert np.array_equal(part.features, full.features[part.positions])
+        assert np.array_equal(part.ok, full.ok[part.positions])
         assert {p for p, _ in part.failures} <= {p for p, _ in full.failures}
-        seen.extend(part.indices.tolist())
+        seen.extend(part.positions.tolist())
     assert seen == list(range(len(names)))
 
 
 def test_public_embed_folder(folder, reference, tiny_spec_file, tiny_checkpoint, tmp_path):
     summary = unicom_cli.embed_folder(folder[0], tmp_path / "api.npy", model=str(tiny_spec_file),
-                                      weights=tiny_checkpoint, workers=0, progress=False)
+                                      weights=tiny_checkpoint, workers=0, progress=False,
+                                      precision="fp32")
     ids = (tmp_path / "api.ids.txt").read_text().splitlines()
     assert summary.count == len(ids) == len(reference)
     np.testing.assert_allclose(np.load(tmp_path / "api.npy")[0], reference[ids[0]], rtol=1e-4,

@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, out: str, spec: st
         full = extract_features(paths, loaded, batch_size=3, workers=0)
         mine = extract_features(paths, loaded, batch_size=3, workers=0, gather=False)
         np.savez(f"{results}-{rank}.npz", features=full.features, ok=full.ok,
-                 failures=np.array([p for p, _ in full.failures]), indices=mine.indices,
+                 failures=np.array([p for p, _ in full.failures]), indices=mine.positions,
                  mine=mine.features)
     finally:
         dist.barrier()

@@ -21,7 +21,7 @@ from unicom_cli.cli import (
     prepare_gldv2,
     serve,
 )
-from unicom_cli.errors import UnicomError
+from unicom_cli.errors import InputError, UnicomError
 
 app = typer.Typer(
     name="unicom",
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     remember_command(argv)  # --gpus/--procs start this same command line again
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = _run_app(argv)
     except UnicomError as exc:
         if os.environ.get("UNICOM_DEBUG") == "1":
             raise
-        from unicom_cli.utils.console import err_console
-
         from rich.markup import escape
+
+        from unicom_cli.utils.console import err_console
 
         # escape: messages quote paths and backend errors such as "[/src/pair.cc:545] …"
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -96,6 +96,25 @@ def main(argv: list[str] | None = None) -> int:
         forget_command()
     # Without standalone mode click returns typer.Exit(code) as the result instead of raising.
     return result if isinstance(result, int) else 0
+
+
+def _run_app(argv: list[str] | None) -> object:
+    """The app, with a full or read-only disk anywhere turned into one line naming the folder."""
+    from unicom_cli.utils.files import disk_error
+
+    try:
+        return app(args=argv, standalone_mode=False)
+    except typer.Abort as exc:
+        # click turns EOFError into Abort too; only Ctrl-C is an interruption (exit 130)
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, EOFError):
+            raise InputError(f"unexpected end of a file: an input is empty or truncated ({cause or 'EOFError'})") from cause
+        raise
+    except OSError as exc:
+        converted = disk_error(exc)
+        if converted is None:
+            raise
+        raise converted from exc
 
 
 def _click_exceptions() -> tuple[type[Exception], ...]:

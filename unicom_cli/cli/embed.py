@@ -11,20 +11,20 @@ from unicom_cli.cli.options import (
     BatchSizeOpt,
     DeviceOpt,
     GpusOpt,
+    InferencePrecisionOpt,
     MasterAddrOpt,
     MasterPortOpt,
     ModelOpt,
     NnodesOpt,
     NodeRankOpt,
     NumFeatOpt,
-    PrecisionOpt,
     ProcsOpt,
     RdzvOpt,
     WeightsOpt,
+    WorkersOpt,
 )
 
 SHOWN_FAILURES = 10
-EmbedWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, its share up to 12 on CUDA; 0: decode inline).")]
 
 
 def embed(
@@ -33,9 +33,9 @@ def embed(
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
     batch_size: BatchSizeOpt = 64,
-    workers: EmbedWorkersOpt = None,
+    workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
@@ -91,6 +91,8 @@ def _print_summary(summary) -> None:
         table.add_row("wrote", str(path))
     console.print(table)
     for name, reason in summary.failures[:SHOWN_FAILURES]:
+        # a non-UTF-8 file name holds surrogates, which a terminal cannot print
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         console.print(f"  skipped {name}: {reason}", highlight=False, soft_wrap=True)
     if len(summary.failures) > SHOWN_FAILURES:
         console.print(f"  … and {len(summary.failures) - SHOWN_FAILURES:,} more in "

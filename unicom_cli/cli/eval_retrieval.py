@@ -8,8 +8,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, JsonOutOpt, MasterAddrOpt, MasterPortOpt, ModelOpt,
-    NnodesOpt, NodeRankOpt, NumFeatOpt, PrecisionOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt, MasterAddrOpt,
+    MasterPortOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
 )
 
 
@@ -29,7 +29,7 @@ def eval_retrieval(
     vis: Annotated[Optional[Path], typer.Option("--vis", help="Save a picture of a few queries and their top-k (hits green, misses red).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Search backend: auto, faiss or torch.")] = "auto",
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,

@@ -9,7 +9,7 @@ import typer
 
 from unicom_cli.cli.options import (
     DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, NnodesOpt, NodeRankOpt, PrecisionOpt, ProcsOpt,
-    RdzvOpt, WeightsOpt, WorkersOpt,
+    RdzvOpt, WeightsOpt,
 )
 
 _T = "Training"
@@ -46,6 +46,7 @@ def finetune(
     m3: Annotated[Optional[float], _opt("--m3", help="Additive cosine margin (CosFace).", panel=_L)] = None,
     s: Annotated[Optional[float], _opt("-s", "--scale", help="Logit scale.", panel=_L)] = None,
     sample_rate: Annotated[Optional[float], _opt("--sample-rate", help="Share of negative class centres used per step.", panel=_L)] = None,
+    margin_filter: Annotated[Optional[float], _opt("--margin-filter", min=0.0, max=1.0, help="Zero negative cosines above this (inter-class filtering; 0, the default, is off).", panel=_L)] = None,
     num_feat: Annotated[Optional[int], _opt("--num-feat", help="Random embedding dimensions used per step.", panel=_L)] = None,
     save_every: Annotated[Optional[int], _opt("--save-every", min=0, help="Checkpoint every N steps (and at each epoch end).", panel=_C)] = None,
     keep: Annotated[Optional[int], _opt("--keep", min=1, help="Checkpoints kept (default 3).", panel=_C)] = None,
@@ -54,7 +55,7 @@ def finetune(
     seed: Annotated[Optional[int], _opt("--seed", help="Seed (default 1024).")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
-    workers: WorkersOpt = None,
+    workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,
@@ -78,7 +79,7 @@ def finetune(
                  batch_size=batch_size, lr=lr, lr_pfc_weight=lr_pfc_weight, optimizer=optimizer,
                  precision=precision, grad_accum=grad_accum, drop_path=drop_path,
                  input_size=input_size, output_dim=output_dim, m1=m1, m2=m2, m3=m3, s=s,
-                 sample_rate=sample_rate, num_feat=num_feat, save_every=save_every, keep=keep,
+                 sample_rate=sample_rate, margin_filter=margin_filter, num_feat=num_feat, save_every=save_every, keep=keep,
                  eval_every=eval_every, resume=resume, seed=seed, max_steps=max_steps,
                  workers=workers)
     recipe_arch = values.get("arch")

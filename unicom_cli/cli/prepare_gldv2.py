@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from unicom_cli.cli.options import WorkersOpt
 from unicom_cli.errors import UnicomError, UsageError
+
+PrepareWorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Encoding threads (default: every core this process may use; 0 or 1: encode in this thread).")]
 
 
 def prepare_gldv2(
@@ -18,7 +19,7 @@ def prepare_gldv2(
     resize: Annotated[int, typer.Option("--resize", min=0, help="Shorter side in pixels (im2rec --resize); 0 keeps the size.")] = 672,
     quality: Annotated[int, typer.Option("--quality", min=1, max=100, help="JPEG quality of the re-encoded images.")] = 100,
     pass_through: Annotated[bool, typer.Option("--pass-through", help="Store the original image bytes (checked to decode) instead of re-encoding.")] = False,
-    workers: WorkersOpt = None,
+    workers: PrepareWorkersOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the list shuffle (same seed, same bytes).")] = 0,
     limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N images of the CSV (for trials).")] = None,
     min_images: Annotated[int, typer.Option("--min-images-per-class", min=1, help="Drop landmarks with fewer images on disk.")] = 1,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import DatasetLayout, InputError
+from unicom_cli.data.images import scan_class_folders
+from unicom_cli.errors import DatasetLayout
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DATASETS = ("cub", "cars", "sop", "inshop", "inat", "gldv2")
 
 # Where each data set comes from (for error messages).
@@ -105,28 +105,11 @@ def _labels_from_names(names: list[str], vocabulary: list[str] | None = None) ->
     return np.array([vocab[n] for n in names], dtype=np.int64)
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[str]]:
-    """An ImageFolder tree: (paths relative to ``root``, class folder names), in sorted order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: not a folder; expected an ImageFolder tree (one sub-folder per class)")
-    paths, names = [], []
-    for cls in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(cls.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                paths.append(f.relative_to(root).as_posix())
-                names.append(cls.name)
-    if not paths:
-        raise InputError(f"{root}: no images in class sub-folders; expected an ImageFolder tree "
-                         f"<root>/<class>/<image>.jpg")
-    return paths, names
-
-
 def load_cub(data_root: Path) -> Benchmark:
     """CUB-200-2011: classes 1–100 train, 101–200 test (labels = sorted folder order)."""
     root = Path(data_root) / "CUB_200_2011"
     images = _need(root / "images", "cub", "CUB_200_2011/images/<200 class folders>/*.jpg")
-    paths, names = scan_image_folder(images)
+    paths, names = scan_class_folders(images)
     classes = sorted(set(names))
     if len(classes) != 200:
         raise DatasetLayout(f"{images}: {len(classes)} class folders, expected 200. "
@@ -277,11 +260,10 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
         ids = row["images"].split()
         unknown = [i for i in ids if i not in position]
         if not ids or unknown:
-            raise DatasetLayout(f"{sol_path}:{n}: query {row['id']} lists "
-                                f"{'no index ids' if not ids else 'index id ' + unknown[0] + ' absent from ' + str(idx_path)}. "
-                                f"Get {SOURCES['gldv2']}")
+            what = "no index ids" if not ids else f"index id {unknown[0]} absent from {idx_path}"
+            raise DatasetLayout(f"{sol_path}:{n}: query {row['id']} lists {what}. Get {SOURCES['gldv2']}")
         q_ids.append(row["id"])
-        relevant.append(np.array(sorted({position[i] for i in ids}), dtype=np.int64))
+        relevant.append(np.array([position[i] for i in ids], dtype=np.int64))  # as listed (DELF)
         usage.append(row["Usage"].lower())
     if not q_ids:
         raise DatasetLayout(f"{sol_path}: no query with Usage {' or '.join(sorted(wanted))}. "
@@ -297,15 +279,15 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
 def load_folder(path: Path) -> Benchmark:
     """A user's ImageFolder tree, all-vs-all (label = class folder)."""
     root = Path(path)
-    paths, names = scan_image_folder(root)
+    paths, names = scan_class_folders(root)
     return Benchmark(f"folder:{root}", root, Split(paths, _labels_from_names(names)), None, [1, 2, 4, 8])
 
 
 def load_query_gallery(query_dir: Path, gallery_dir: Path) -> Benchmark:
     """Two ImageFolder trees, query vs gallery (label = class folder name, shared by both)."""
     query_dir, gallery_dir = Path(query_dir).resolve(), Path(gallery_dir).resolve()
-    qp, qn = scan_image_folder(query_dir)
-    gp, gn = scan_image_folder(gallery_dir)
+    qp, qn = scan_class_folders(query_dir)
+    gp, gn = scan_class_folders(gallery_dir)
     import os
 
     root = Path(os.path.commonpath([query_dir, gallery_dir]))

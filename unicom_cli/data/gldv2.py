@@ -34,6 +34,7 @@ from unicom_cli.data import reencode
 from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import usable_cores
 
 PREFIX = "train"
 PARTIAL_DIR = ".train.partial"
@@ -105,7 +106,8 @@ def read_train_csv(path: Path) -> list[Landmark]:
             if not row or not "".join(row).strip():
                 continue
             if len(row) != 2 or not row[0].strip():
-                raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', got {','.join(row)[:80]!r}")
+                raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', "
+                                 f"got {','.join(row)[:80]!r}")
             ids = row[1].split()
             if not ids:
                 raise InputError(f"{path} line {line}: landmark {row[0].strip()} lists no images")
@@ -261,13 +263,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def default_workers() -> int:
     """All cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
-def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
+def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split planned: issue 16)
     """Build OUT/train.{lst,rec,idx}, labels.csv and report.json from GLDv2's train_clean.csv.
     """
     t0 = time.perf_counter()
@@ -474,7 +473,7 @@ def _read_lst(path: Path, problems: list[str]) -> list[tuple[int, float, str]]:
     return entries
 
 
-def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:
+def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:  # noqa: C901 (split planned: issue 16)
     """Read every record of OUT/train.rec back and check it against train.idx, train.lst and labels.csv.
 
     Checks: record framing, count, ids (header == .idx key == .lst index == position), .idx

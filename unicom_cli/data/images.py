@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from unicom_cli.errors import BadImage, InputError
+from unicom_cli.errors import BadImage, DatasetLayout, InputError
 
 if TYPE_CHECKING:
     import torch
@@ -59,9 +60,12 @@ class PathList(Sequence[str]):
 class ImageList:
     """The images of one run: a root folder and paths relative to it (the ids that get written)."""
 
-    def __init__(self, root: Path, relative: PathList) -> None:
+    def __init__(self, root: Path, relative: PathList, unlisted: Sequence[str] = ()) -> None:
         self.root = root
         self.relative = relative
+        # Image files whose names contain a line break: they cannot be one line of the ids file,
+        # so they are reported as failures (names escaped as \\n) instead of embedded.
+        self.unlisted = list(unlisted)
 
     def __len__(self) -> int:
         return len(self.relative)
@@ -78,12 +82,21 @@ def is_image_file(name: str) -> bool:
 _LINE_BREAKS = {"\n", "\r"}
 
 
-def scan_folder(root: Path) -> list[str]:
+LINE_BREAK_REASON = "the file name contains a line break, which cannot be one line of the ids file; rename it"
+
+
+def escape_line_breaks(name: str) -> str:
+    """A name with line breaks as one line (``\\n``, ``\\r``), for failure lists."""
+    return name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def scan_folder(root: Path, unlisted: list[str] | None = None) -> list[str]:
     """Image files under ``root``, recursively, as POSIX paths relative to it, sorted.
 
     Sorting is by the relative path string, so the order is the same on every machine and
-    every rank. Hidden files and folders (leading dot) are skipped, and so are names with line
-    breaks (they cannot be one line of the ids file); symlinked folders are not followed.
+    every rank. Hidden files and folders (leading dot) are skipped; names with line breaks
+    (they cannot be one line of the ids file) go to ``unlisted`` instead, to be reported;
+    symlinked folders are not followed.
     """
     found: list[str] = []
     errors: list[OSError] = []
@@ -91,13 +104,43 @@ def scan_folder(root: Path) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
-            if not name.startswith(".") and is_image_file(name) and not _LINE_BREAKS & set(name):
-                rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-                found.append(rel.replace(os.sep, "/"))
+            if not name.startswith(".") and is_image_file(name):
+                rel = (name if rel_dir == "." else os.path.join(rel_dir, name)).replace(os.sep, "/")
+                if _LINE_BREAKS & set(rel):
+                    if unlisted is not None:
+                        unlisted.append(rel)
+                else:
+                    found.append(rel)
+    if unlisted is not None:
+        unlisted.sort()
     if errors and not found:
         raise InputError(f"{root}: cannot read the folder ({errors[0].strerror}); check its permissions")
     found.sort()
     return found
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
+    """An ImageFolder tree: (image paths relative to ``root``, the class folder name of each).
+
+    Classes are the visible sub-folders of ``root`` in sorted order (``.ipynb_checkpoints`` is
+    not a class); inside each, the rules of :func:`scan_folder`. Used by eval-retrieval's
+    ``folder:`` data sets, eval-knn and finetune alike, so a tree means the same to all of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a folder; expected an ImageFolder tree (one sub-folder per class)")
+    paths: list[str] = []
+    names: list[str] = []
+    with os.scandir(root) as entries:
+        classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    for cls in classes:
+        found = scan_folder(root / cls)
+        paths.extend(f"{cls}/{rel}" for rel in found)
+        names.extend([cls] * len(found))
+    if not paths:
+        raise DatasetLayout(f"{root}: no images in class sub-folders; expected an ImageFolder tree "
+                            f"{root}/<class>/<image>.jpg")
+    return paths, names
 
 
 def read_path_list(list_file: Path) -> tuple[Path, list[str]]:
@@ -125,8 +168,12 @@ def list_images(source: Path) -> ImageList:
     if source.is_dir():
         if not os.access(source, os.R_OK | os.X_OK):
             raise InputError(f"{source}: cannot read the folder; check its permissions")
-        root, paths = source, scan_folder(source)
+        unlisted: list[str] = []
+        root, paths = source, scan_folder(source, unlisted)
         what = f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {source}"
+        if unlisted:
+            what = (f"{source}: the only image files have line breaks in their names (e.g. "
+                    f"{escape_line_breaks(unlisted[0])}); rename them")
     else:
         if is_image_file(source.name):
             raise InputError(f"{source}: is an image; give its folder or a text file listing paths")
@@ -134,7 +181,7 @@ def list_images(source: Path) -> ImageList:
         what = f"{source}: the path list is empty"
     if not paths:
         raise InputError(what)
-    return ImageList(root, PathList(paths))
+    return ImageList(root, PathList(paths), unlisted if source.is_dir() else ())
 
 
 def _to_8bit(img: "PILImage.Image") -> "PILImage.Image":
@@ -244,8 +291,14 @@ def load_pixels(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     through Pillow.
     """
     try:
-        if os.path.getsize(path) == 0:
+        nbytes = os.path.getsize(path)
+        if nbytes == 0:
             raise BadImage("empty file (0 bytes)")
+        limit = max_file_bytes(max_pixels)
+        if limit is not None and nbytes > limit:  # before reading it whole into memory
+            raise BadImage(f"the file is {nbytes / 2**20:,.0f} MiB, more than an image within "
+                           f"--max-pixels can take ({limit / 2**20:,.0f} MiB); raise --max-pixels "
+                           "to accept it")
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
@@ -266,6 +319,12 @@ def decode_pixels(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     import io
 
     return np.asarray(_decode_with_pillow(io.BytesIO(data), max_pixels, draft_size))
+
+
+def max_file_bytes(max_pixels: int | None) -> int | None:
+    """The largest file an image within ``max_pixels`` can be: 4 bytes a pixel (uncompressed
+    RGBA BMP/TIFF) plus room for metadata. Bigger files are skipped unread."""
+    return None if max_pixels is None else 4 * max_pixels + (64 << 20)
 
 
 def _decode_with_turbojpeg(data: bytes, max_pixels: int | None) -> np.ndarray | None:
@@ -315,6 +374,24 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
                        "--max-pixels to accept it")
 
 
+ASPECT_TRIM = 64  # longer than 64x the short side: trimmed first (the resize stays below 64 x size² px)
+
+
+def _trim_long_side(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Only the central square of the short side survives the center crop. For an extreme
+    aspect ratio (1 x 10,000,000 px) cut the long side to that square plus the reach of the
+    antialiased bicubic filter before resizing: the resize then costs O(size²) instead of
+    O(size x long side), which for such images is tens of GB. Ordinary images are untouched."""
+    height, width = pixels.shape[:2]
+    short, long = min(height, width), max(height, width)
+    if long <= ASPECT_TRIM * short:
+        return pixels
+    reach = 2 * math.ceil(2 * max(1.0, short / size)) + 2  # bicubic taps, widened when shrinking
+    keep = min(long, short + 2 * reach)
+    start = (long - keep) // 2
+    return pixels[start:start + keep] if height > width else pixels[:, start:start + keep]
+
+
 def resize_center_crop(pixels: np.ndarray, size: int) -> "torch.Tensor":
     """Shorter side to ``size`` (bicubic), center crop to size x size: uint8 (3, size, size).
 
@@ -324,6 +401,7 @@ def resize_center_crop(pixels: np.ndarray, size: int) -> "torch.Tensor":
     """
     import torch
 
+    pixels = _trim_long_side(pixels, size)
     height, width = pixels.shape[:2]
     if width <= height:
         new_w, new_h = size, int(size * height / width)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from unicom_cli.errors import DistributedError, UnicomError, UsageError
+from unicom_cli.utils.cpu import cores_per_process
 
 T = TypeVar("T")
 
@@ -394,13 +395,6 @@ def _record_for_torchrun(exc: BaseException) -> None:
 # ----------------------------------------------------------------------------- the launcher
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
-
-
 def _free_port(addr: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((addr if addr not in ("localhost",) else "127.0.0.1", 0))
@@ -445,7 +439,7 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
         os.environ[_BACKEND_ENV] = backend
         os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
-            os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // nproc))
+            os.environ["OMP_NUM_THREADS"] = str(cores_per_process(nproc))
         config = ElasticConfig(
             min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
             run_id=os.environ.get("UNICOM_RUN_ID", "unicom"), max_restarts=0, monitor_interval=0.1,

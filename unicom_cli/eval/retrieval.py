@@ -71,13 +71,15 @@ def gldv2_map_at_100(predictions: Mapping[Hashable, Sequence[Hashable]],
 
     For each query of ``solution`` walk the first ``max_predictions`` entries of its
     prediction list (missing query: AP 0); skip an id already seen; at each 1-based position
-    i holding a new relevant id add (relevant so far)/i; divide by min(#relevant, 100).
-    Average over the queries of ``solution``.
+    i holding a new relevant id add (relevant so far)/i; divide by min(#relevant, 100), where
+    #relevant counts the solution row's entries as DELF's official code does (an id repeated in
+    the row counts twice). Average over the queries of ``solution``.
     """
     if not solution:
         return 0.0
     total = 0.0
     for query, relevant_ids in solution.items():
+        relevant_ids = list(relevant_ids)
         relevant_set = set(relevant_ids)
         if not relevant_set:
             raise ValueError(f"query {query!r} has no relevant ids")
@@ -91,5 +93,5 @@ def gldv2_map_at_100(predictions: Mapping[Hashable, Sequence[Hashable]],
             if pred in relevant_set:
                 correct += 1
                 ap += correct / i
-        total += ap / min(len(relevant_set), max_predictions)
+        total += ap / min(len(relevant_ids), max_predictions)
     return total / len(solution)

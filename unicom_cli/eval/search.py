@@ -13,8 +13,6 @@ the last spare are redone over their full score rows in float32.
 
 from __future__ import annotations
 
-import functools
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +70,8 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
     """The precision the scores are screened in (results are identical either way).
 
     ``auto`` is bf16 for the torch backend on CPU when k is small and the CPU multiplies bf16
-    much faster than fp32. faiss and CUDA always screen in fp32: cuBLAS may sum bf16 products
+    natively (``utils.cpu.native_bf16``, from its capabilities: a timing on a busy machine
+    picked fp32 on an AMX CPU and made a 60k all-vs-all search 7x slower). faiss and CUDA always screen in fp32: cuBLAS may sum bf16 products
     in reduced precision (torch's ``allow_bf16_reduced_precision_reduction``), which the error
     bound does not cover.
     """
@@ -81,27 +80,10 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
     if backend != "torch" or not str(device).startswith("cpu"):
         return "fp32"
     if precision == "auto":
-        return "bf16" if k <= _BF16_MAX_K and fast_bf16() else "fp32"
+        from unicom_cli.utils.cpu import native_bf16
+
+        return "bf16" if k <= _BF16_MAX_K and native_bf16() else "fp32"
     return precision
-
-
-@functools.cache
-def fast_bf16() -> bool:
-    """Whether bf16 matrix products are at least 1.5× faster than fp32 on this CPU (measured
-    once: without AVX512-BF16 or AMX they are emulated and slower)."""
-    import torch
-
-    a, b = torch.randn(1024, 256), torch.randn(1024, 256)
-
-    def best(x, y) -> float:
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            torch.mm(x, y.T)
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
-
-    return 1.5 * best(a.bfloat16(), b.bfloat16()) < best(a, b)
 
 
 def search(queries: np.ndarray, gallery: np.ndarray | None, k: int, *, exclude_self: bool = False,

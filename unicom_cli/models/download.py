@@ -235,7 +235,7 @@ def _hash_file_into(path: Path, hasher) -> None:
             hasher.update(chunk)
 
 
-def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> tuple[str, bool]:
+def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> tuple[str, bool]:  # noqa: C901 (split planned: issue 16)
     """One try: continue ``part`` from its current size; return (sha256 of part, resumed)."""
     offset = part.stat().st_size if part.exists() else 0
     hasher = hashlib.sha256()

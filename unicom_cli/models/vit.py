@@ -3,6 +3,8 @@ the UNICOM feature head. No I/O here: weights are loaded by ``models.factory``."
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -30,6 +32,8 @@ class UnicomViT(VisionTransformer):
             global_pool="",
             num_classes=0,
             act_layer=nn.ReLU6,
+            # PyTorch's LayerNorm default, as the reference network (timm's own default is 1e-6).
+            norm_layer=partial(nn.LayerNorm, eps=1e-5),
             drop_path_rate=drop_path_rate,
         )
         self.spec = spec

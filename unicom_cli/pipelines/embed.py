@@ -9,7 +9,6 @@ Two entry points share one batch loop:
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,13 +21,16 @@ from unicom_cli.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageDataset,
     ImageList,
+    LINE_BREAK_REASON,
     PathList,
+    escape_line_breaks,
     list_images,
 )
 from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
-from unicom_cli.distributed.comm import gather_rows, shard_range
+from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.models.forward import PixelForward
+from unicom_cli.pipelines.features import NONFINITE_REASON, Features
 from unicom_cli.pipelines.writer import (
     DTYPES,
     OutputFiles,
@@ -38,9 +40,10 @@ from unicom_cli.pipelines.writer import (
     rows_done_total,
 )
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
-    import torch
 
     from unicom_cli.models.factory import LoadedModel
 
@@ -53,11 +56,7 @@ def default_workers(device_type: str) -> int:
     """Decoding processes per rank: this rank's share of the cores on CUDA; on CPU, where the
     forward pass needs the cores, one per two cores but at least two (on 2 cores two decoders
     gave b/a 0.88-0.90 against 0.84-0.86 for one, benchmarks/embed_throughput.py)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        cores = os.cpu_count() or 1
-    share = max(1, cores // world_size())
+    share = cores_per_process(world_size())
     return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
 
 
@@ -92,6 +91,10 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
         for pos, pixels, reasons in loader:
             with torch.inference_mode():  # not around the yield: the caller's code runs outside
                 feats = forward(pixels).numpy()
+            reasons = list(reasons)
+            nonfinite = ~np.isfinite(feats).all(axis=1)
+            for i in np.flatnonzero(nonfinite):  # never a good row: listed as a failure
+                reasons[i] = reasons[i] or NONFINITE_REASON
             bad = np.array([bool(r) for r in reasons])
             if bad.any():
                 feats[bad] = 0.0
@@ -124,39 +127,14 @@ def postprocess(feats: np.ndarray, normalize: bool, num_feat: int | None, dtype:
 # In memory: extract_features
 
 
-@dataclass
-class FeatureResult:
-    """Embeddings of a list of images, in input order.
-
-    ``features``: float32 (N, D), un-normalised, failed rows zero; ``ok``: bool (N,);
-    ``failures``: (path, reason). With ``gather=False`` only this rank's shard, whose dataset
-    positions are ``indices``.
-    """
-
-    features: np.ndarray
-    ok: np.ndarray
-    failures: list[tuple[str, str]]
-    indices: np.ndarray | None = None
-
-
-def _all_gather_objects(obj: object) -> list:
-    if world_size() == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def extract_features(paths: Sequence[Path], loaded: "LoadedModel", *, batch_size: int = 64,
                      workers: int | None = None, description: str = "features",
-                     gather: bool = True) -> FeatureResult:
+                     gather: bool = True) -> Features:
     """Embed ``paths`` with ``loaded`` on 1 or N processes; bad files give zero rows, not errors.
 
     Each rank embeds its contiguous shard (whole batches of ``shard_range``, see
     :func:`batch_shard`); with ``gather`` every rank gets the full result back in input
-    order (index-aware all-gather).
+    order (index-aware all-gather), else only its shard, at ``positions``.
     """
     images = ImageList(Path(""), PathList(str(p) for p in paths))
     total = len(images)
@@ -175,13 +153,13 @@ def extract_features(paths: Sequence[Path], loaded: "LoadedModel", *, batch_size
                     ok[p - shard.start] = False
                     failures.append((int(p), str(paths[p]), reason))
             bar.advance(len(pos) * world_size())
-    indices = np.arange(shard.start, shard.stop, dtype=np.int64)
+    positions = np.arange(shard.start, shard.stop, dtype=np.int64)
     if not gather:
-        return FeatureResult(features, ok, [(p, r) for _, p, r in failures], indices)
-    features = gather_rows(indices, features, total)
-    ok = gather_rows(indices, ok.astype(np.uint8), total).astype(bool)
-    merged = sorted(f for part in _all_gather_objects(failures) for f in part)
-    return FeatureResult(features, ok, [(p, r) for _, p, r in merged])
+        return Features(features, positions, ok, [(p, r) for _, p, r in failures])
+    features = gather_rows(positions, features, total)
+    ok = gather_rows(positions, ok.astype(np.uint8), total).astype(bool)
+    merged = sorted(f for part in gather_objects(failures) for f in part)
+    return Features(features, np.arange(total, dtype=np.int64), ok, [(p, r) for _, p, r in merged])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +178,7 @@ class EmbedConfig:
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
-    precision: str | None = None  # fp32/fp16/bf16; None: fp16 on CUDA, fp32 on CPU
+    precision: str | None = "auto"  # auto/fp32/fp16/bf16 (models.factory.resolve_inference_precision)
     normalize: bool = False  # L2-normalise rows
     num_feat: int | None = None  # keep the first K dims after normalising (implies normalize)
     dtype: str = "float32"  # or float16
@@ -253,7 +231,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
         "batch_size": config.batch_size,
         "world_size": world_size(),
         "device": next(loaded.model.parameters()).device.type,
-        "autocast": str(loaded.model.autocast_dtype),
+        "precision": loaded.precision,
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
@@ -263,10 +241,18 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
 
     Every check that can fail on the user's input runs before the model is loaded. A run
-    interrupted at any point continues when started again with the same arguments.
+    interrupted at any point continues when started again with the same arguments. A second
+    run on the same output is refused at once (the lock dies with the process holding it).
     """
+    files = OutputFiles.for_output(config.output)
+    files.check_writable()
+    with output_lock(files.feats):
+        return _embed_images(config)
+
+
+def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli import __version__
-    from unicom_cli.models.factory import create_model
+    from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.models.registry import get_spec
 
     start_time = time.perf_counter()
@@ -282,8 +268,10 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
 
     loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
                           device=device_for(config.device), precision=config.precision)
+    if is_main():
+        info(describe_precision(loaded, config.precision))
     fingerprint = _fingerprint(config, images, loaded)
-    digests = _all_gather_objects(fingerprint["paths_sha256"])
+    digests = gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
         raise DistributedError(f"{config.input}: the ranks listed different files (files added "
                                "or removed during the scan, or the folder is not shared)")
@@ -333,14 +321,16 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
-        "autocast": fingerprint["autocast"], "world_size": world,
+        "precision": loaded.precision, "world_size": world,
     }
-    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta)
+    unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
+    meta["images"] = total + len(unlisted)
+    count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
-        count=count, total=total,
-        failures=[(images.relative[p], r) for p, r in sorted(failed.items())],
+        count=count, total=total + len(unlisted),
+        failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
         outputs=list(files.finals()),

@@ -8,7 +8,22 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import InputError
+from unicom_cli.errors import InputError, NonFiniteFeatures
+from unicom_cli.utils.files import atomic_open, disk_errors, write_json_atomic
+
+# The reason the embed pipeline gives a row whose features are NaN or infinite.
+NONFINITE_REASON = "the model gave non-finite features (NaN/Inf)"
+SHOWN_IDS = 3
+
+
+def refuse_nonfinite(ids: list[str], total: int, source: str) -> None:
+    """Evaluation on NaN/Inf features gives meaningless numbers (NaN sorts as a perfect match):
+    refuse, with the count and the first ids."""
+    if ids:
+        first = ", ".join(ids[:SHOWN_IDS]) + (", …" if len(ids) > SHOWN_IDS else "")
+        raise NonFiniteFeatures(f"{source}: {len(ids):,} of {total:,} feature rows are not finite "
+                                f"(NaN/Inf), e.g. {first}; check the weights and --precision, "
+                                "or re-embed")
 
 
 @dataclass
@@ -18,7 +33,7 @@ class ModelOptions:
     model: str = "ViT-B/32"
     weights: Path | None = None
     device: str = "auto"
-    precision: str | None = None
+    precision: str | None = "auto"  # models.factory.resolve_inference_precision
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
@@ -26,12 +41,16 @@ class ModelOptions:
 
 @dataclass
 class Features:
-    """Rows for some positions of a path list; ``ok`` False where the image or row is missing."""
+    """Rows for some positions of a path list; ``ok`` False where the image or row is missing.
 
-    features: np.ndarray  # (len(positions), D) float32, un-normalised
+    What both sources of features give: the embed pipeline (:func:`extract_features`, all rows
+    or one rank's shard) and a precomputed file (:func:`load_embeddings`).
+    """
+
+    features: np.ndarray  # (len(positions), D) float32, un-normalised, missing rows zero
     positions: np.ndarray  # int64 positions in the path list
     ok: np.ndarray  # bool per row
-    failures: list[tuple[str, str]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
 
 
 def ids_file(npy: Path) -> Path:
@@ -61,9 +80,17 @@ def load_embeddings(npy: Path, root: Path, paths: list[str],
             raise InputError(f"{f}: not found; expected {what}")
     try:
         matrix = np.load(npy, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise InputError(f"{npy}: not a .npy feature matrix: {exc}") from exc
-    ids = [line for line in ids_path.read_text().splitlines() if line.strip()]
+    except (ValueError, EOFError, OSError) as exc:
+        raise InputError(f"{npy}: not a .npy feature matrix ({exc or type(exc).__name__}); "
+                         "give a file written by `unicom embed`") from exc
+    if matrix.dtype.kind not in "fiu":
+        raise InputError(f"{npy}: holds {matrix.dtype} values, not numbers; give a float32/float16 "
+                         "matrix written by `unicom embed`")
+    try:  # ids of non-UTF-8 file names are the name's own bytes (see README)
+        text = ids_path.read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise InputError(f"{ids_path}: cannot read ({exc.strerror})") from exc
+    ids = [line for line in text.splitlines() if line.strip()]
     if matrix.ndim != 2 or len(ids) != matrix.shape[0]:
         raise InputError(f"{npy}: {matrix.shape[0] if matrix.ndim else 0} rows but {ids_path.name} lists "
                          f"{len(ids)} ids; expected a 2-D matrix with one row per id")
@@ -88,6 +115,8 @@ def load_embeddings(npy: Path, root: Path, paths: list[str],
     if ok.any():
         order = np.argsort(rows[ok])  # read the memory map in file order
         feats[np.flatnonzero(ok)[order]] = np.asarray(matrix[rows[ok][order]], dtype=np.float32)
+    bad = np.flatnonzero(ok & ~np.isfinite(feats).all(axis=1))
+    refuse_nonfinite([ids[rows[n]] for n in bad], int(ok.sum()), str(npy))
     failures = [(paths[p], f"not in {ids_path.name}") for p in positions[~ok]]
     return Features(feats, positions, ok, failures)
 
@@ -103,32 +132,34 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
     full = [str(Path(root) / p) for p in paths]
     res = extract_features(full, loaded, batch_size=opts.batch_size, workers=opts.workers,
                            description=description, gather=gather)
-    positions = np.arange(len(paths)) if gather else np.asarray(res.indices, dtype=np.int64)
-    failures = [(str(p), str(r)) for p, r in res.failures]
-    return Features(np.asarray(res.features, dtype=np.float32), positions, np.asarray(res.ok, bool), failures)
+    refuse_nonfinite([p for p, r in res.failures if r == NONFINITE_REASON], len(res.ok),
+                     "the model's features")
+    return res
 
 
 def load_model(opts: ModelOptions):
-    """The model on this rank's device (``create_model``)."""
-    from unicom_cli.distributed import device_for
-    from unicom_cli.models.factory import create_model
+    """The model on this rank's device (``create_model``); says which precision it runs in."""
+    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.models.factory import create_model, describe_precision
+    from unicom_cli.utils.console import info
 
-    return create_model(opts.model, opts.weights, device=device_for(opts.device),
-                        precision=opts.precision, cache=opts.cache_dir)
+    loaded = create_model(opts.model, opts.weights, device=device_for(opts.device),
+                          precision=opts.precision, cache=opts.cache_dir)
+    if is_main():
+        info(describe_precision(loaded, opts.precision))
+    return loaded
 
 
 def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarray) -> Path:
     """Write ``<name>.npy`` + ``<name>.ids.txt`` atomically (reusable with ``--embeddings``)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with disk_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     npy = directory / f"{name}.npy"
-    tmp = directory / f".{name}.npy.tmp"
-    with open(tmp, "wb") as fh:
+    with atomic_open(npy, "wb") as fh:
         np.save(fh, np.ascontiguousarray(feats, dtype=np.float32))
-    tmp_ids = directory / f".{name}.ids.tmp"
-    tmp_ids.write_text("".join(f"{p}\n" for p in paths))
-    os.replace(tmp, npy)
-    os.replace(tmp_ids, ids_file(npy))
+    with atomic_open(ids_file(npy), "w", errors="surrogateescape") as fh:
+        fh.write("".join(f"{p}\n" for p in paths))
     return npy
 
 
@@ -138,15 +169,15 @@ def model_fields(loaded) -> dict:
         "model": None if loaded is None else loaded.spec.name,
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
+        "precision": None if loaded is None else loaded.precision,
     }
 
 
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write."""
-    import json
-
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; --json needs a file name (e.g. {path}/results.json)")
+    with disk_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)

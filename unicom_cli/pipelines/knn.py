@@ -39,7 +39,7 @@ class KnnConfig:
 
 def run_knn(cfg: KnnConfig) -> dict | None:
     """Evaluate kNN accuracy; returns the results dict on rank 0, None on other ranks."""
-    from unicom_cli.data.benchmarks import scan_image_folder
+    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.distributed import device_for, is_main, world_size
     from unicom_cli.distributed.comm import shard_range
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
@@ -55,8 +55,8 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    train_paths, train_names = scan_image_folder(cfg.train_dataset)
-    val_paths, val_names = scan_image_folder(cfg.val_dataset)
+    train_paths, train_names = scan_class_folders(cfg.train_dataset)
+    val_paths, val_names = scan_class_folders(cfg.val_dataset)
     classes = sorted(set(train_names) | set(val_names))
     index = {c: i for i, c in enumerate(classes)}
     train_labels = np.array([index[n] for n in train_names], dtype=np.int64)
@@ -109,16 +109,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
 
     t = time.perf_counter()
     per_try = [knn_classify(s, lab, val_y, cfg.nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
-    metrics = {}
-    for kk in cfg.nb_knn:
-        entry = {}
-        keys = ("top1", "top5") + (("top1_per_class", "top5_per_class") if cfg.per_class else ())
-        for key in keys:
-            values = [r[kk][key] for r in per_try]
-            entry[key] = float(np.mean(values))
-            if len(values) > 1:
-                entry[f"{key}_std"] = float(np.std(values))
-        metrics[str(kk)] = entry
+    metrics = _mean_over_tries(per_try, cfg.nb_knn, cfg.per_class)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -140,6 +131,21 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
     return results
+
+
+def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) -> dict:
+    """Accuracies per k averaged over the few-shot tries (``*_std`` where there are several)."""
+    metrics = {}
+    for kk in nb_knn:
+        entry = {}
+        keys = ("top1", "top5") + (("top1_per_class", "top5_per_class") if per_class else ())
+        for key in keys:
+            values = [r[kk][key] for r in per_try]
+            entry[key] = float(np.mean(values))
+            if len(values) > 1:
+                entry[f"{key}_std"] = float(np.std(values))
+        metrics[str(kk)] = entry
+    return metrics
 
 
 def _count(failures: list) -> int:

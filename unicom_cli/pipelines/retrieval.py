@@ -72,13 +72,13 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device, split.all_vs_all and world_size() == 1)
-    neighbours = _search_all(split, x, recall_at, backend, device)
+    neighbours = search_split(split, x, recall_at, backend, device)
     timings["search"] = time.perf_counter() - t
     if not is_main():
         return None
 
     t = time.perf_counter()
-    metrics = _metrics(split, neighbours, recall_at)
+    metrics = split_metrics(split, neighbours, recall_at)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -107,10 +107,11 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     return results
 
 
-def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str, device: str) -> np.ndarray:
+def search_split(split, x: np.ndarray, recall_at: list[int], backend: str, device: str) -> np.ndarray:
     """Neighbour positions (into ``split.gallery`` or, all-vs-all, into the split), gathered on every rank.
 
-    Each rank searches a contiguous block of the queries against the whole gallery.
+    ``x``: L2-normalised features of the split's images. Each rank searches a contiguous block of
+    the queries against the whole gallery. Used by eval-retrieval and by finetune's evaluation.
     """
     from unicom_cli.distributed.comm import gather_rows, shard_range
     from unicom_cli.eval.retrieval import relevant_counts
@@ -133,7 +134,7 @@ def _search_all(split, x: np.ndarray, recall_at: list[int], backend: str, device
     return gather_rows(np.arange(block.start, block.stop), res.indices, len(queries))
 
 
-def _metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:
+def split_metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:
     """Percentages: recall@K (and MAP@R all-vs-all), or GLDv2 mAP@100 per split."""
     from unicom_cli.eval.retrieval import gldv2_map_at_100, map_at_r, recall_at_k, relevant_counts
 

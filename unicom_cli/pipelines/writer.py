@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from unicom_cli.errors import InputError, OutputExists, UsageError
+from unicom_cli.utils.files import disk_errors, ensure_free_space, preallocate, write_text_atomic
 
 DTYPES = ("float32", "float16")
 FORMAT_VERSION = 1
@@ -93,7 +94,7 @@ class OutputFiles:
                 path.unlink(missing_ok=True)
         if plan != "resume":
             self.workdir.mkdir()
-            atomic_write_text(self.workdir / "run.json", json.dumps(fingerprint, indent=1))
+            write_text_atomic(self.workdir / "run.json", json.dumps(fingerprint, indent=1))
 
     def check_resume(self, fingerprint: dict) -> None:
         """Raise a UsageError naming every argument that differs from the interrupted run."""
@@ -104,20 +105,17 @@ class OutputFiles:
                              "to start over") from exc
         diffs = [f"{key}: was {recorded.get(key)!r}, now {value!r}"
                  for key, value in fingerprint.items() if recorded.get(key) != value]
+        if recorded.get("precision") not in (None, fingerprint.get("precision")):
+            # Mixing fp32 and bf16 rows in one matrix is never wanted; say which flag resumes.
+            raise UsageError(f"{self.feats}: the unfinished run in {self.workdir} embedded in "
+                             f"{recorded.get('precision')}, this one would use "
+                             f"{fingerprint['precision']}. Rerun with --precision "
+                             f"{recorded.get('precision')} to resume it, or add --overwrite to "
+                             "start over")
         if diffs:
             raise UsageError(f"{self.feats}: an unfinished run with other arguments is in "
                              f"{self.workdir} ({'; '.join(diffs)}). Rerun with the same "
                              "arguments to resume it, or add --overwrite to start over")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file in the same folder, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class PartWriter:
@@ -137,19 +135,20 @@ class PartWriter:
         self.rows, self.dim, self.dtype = rows, dim, np.dtype(dtype)
         # Tests ask for a checkpoint after every batch to kill the process in between.
         self.checkpoint_every_s = float(os.environ.get("UNICOM_TEST_CHECKPOINT_S", checkpoint_every_s))
-        if os.environ.get("UNICOM_TEST_CRASH_AFTER_ROWS") is not None:
-            self.checkpoint_every_s = 0.0
         state = self._read_state()
         if state is None:
             self.rows_done, failures_bytes = 0, 0
-            self.array = np.lib.format.open_memmap(self.npy, mode="w+", dtype=self.dtype,
-                                                   shape=(rows, dim))
+            ensure_free_space(workdir, rows * dim * self.dtype.itemsize, "the embeddings")
+            with disk_errors(workdir):
+                self.array = np.lib.format.open_memmap(self.npy, mode="w+", dtype=self.dtype,
+                                                       shape=(rows, dim))
         else:
             self.rows_done, failures_bytes = state["rows_done"], state["failures_bytes"]
             self.array = np.lib.format.open_memmap(self.npy, mode="r+")
             if self.array.shape != (rows, dim) or self.array.dtype != self.dtype:
                 raise InputError(f"{self.npy}: shape {self.array.shape} {self.array.dtype} does "
                                  f"not match ({rows}, {dim}) {self.dtype}; add --overwrite")
+        preallocate(self.npy, workdir)  # a full disk now is a message, not a SIGBUS mid-run
         self._failures = open(self.failures_path, "ab")
         self._failures.truncate(failures_bytes)  # drop lines written after the last checkpoint
         self._failures.seek(failures_bytes)
@@ -172,7 +171,7 @@ class PartWriter:
         self.array[start:start + len(rows)] = rows
         if failures:
             text = "".join(f"{pos}\t{_one_line(reason)}\n" for pos, reason in failures)
-            self._failures.write(text.encode("utf-8"))
+            self._failures.write(text.encode("utf-8", "surrogateescape"))
         self._pending = start + len(rows)
         if time.monotonic() - self._last >= self.checkpoint_every_s or self._pending == self.rows:
             self.checkpoint()
@@ -184,25 +183,14 @@ class PartWriter:
         self._failures.flush()
         os.fsync(self._failures.fileno())
         state = {"rows_done": done, "failures_bytes": self._failures.tell(), "rows": self.rows}
-        atomic_write_text(self.state_path, json.dumps(state))
+        write_text_atomic(self.state_path, json.dumps(state))
         self.rows_done = done
         self._last = time.monotonic()
-        _crash_hook(done)
 
     def close(self) -> None:
         self.checkpoint()
         self._failures.close()
         del self.array
-
-
-def _crash_hook(rows_done: int) -> None:
-    """Test hook: ``UNICOM_TEST_CRASH_AFTER_ROWS=k`` SIGKILLs this process at its first
-    checkpoint with at least k rows done (a real kill -9 at a known point)."""
-    limit = os.environ.get("UNICOM_TEST_CRASH_AFTER_ROWS")
-    if limit is not None and rows_done >= int(limit):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _one_line(text: str) -> str:
@@ -216,7 +204,7 @@ def read_failures(workdir: Path, world: int) -> dict[int, str]:
         name = workdir / f"part-{rank:05d}"
         state = json.loads(Path(f"{name}.state.json").read_text())
         with open(f"{name}.failures.tsv", "rb") as handle:
-            data = handle.read(state["failures_bytes"]).decode("utf-8")
+            data = handle.read(state["failures_bytes"]).decode("utf-8", "surrogateescape")
         for line in data.splitlines():
             pos, reason = line.split("\t", 1)
             found[int(pos)] = reason
@@ -260,17 +248,26 @@ def _iter_good_rows(workdir: Path, world: int, failed: np.ndarray) -> Iterator[n
 
 
 def assemble(files: OutputFiles, ids: Sequence[str], world: int, dim: int, dtype: str,
-             meta: dict) -> tuple[int, dict[int, str]]:
+             meta: dict, unlisted: Sequence[tuple[str, str]] = ()) -> tuple[int, dict[int, str]]:
     """Rank 0: stream every part into the final files and move them into place.
 
     Returns (rows written, failures by position). Memory stays bounded by STREAM_ROWS rows
-    plus the failure list; the parts are removed afterwards.
+    plus the failure list; the parts are removed afterwards. ``unlisted`` are (name, reason)
+    of files that could not be embedded at all (names with line breaks): failures too.
     """
+    with disk_errors(files.feats.parent):
+        return _assemble(files, ids, world, dim, dtype, meta, unlisted)
+
+
+def _assemble(files: OutputFiles, ids: Sequence[str], world: int, dim: int, dtype: str,
+              meta: dict, unlisted: Sequence[tuple[str, str]]) -> tuple[int, dict[int, str]]:
     failed = read_failures(files.workdir, world)
     count = len(ids) - len(failed)
     tmp = {path: files.workdir / f"final-{path.name}" for path in files.finals()}
+    ensure_free_space(files.workdir, count * dim * np.dtype(dtype).itemsize, "the embeddings")
     array = np.lib.format.open_memmap(tmp[files.feats], mode="w+", dtype=np.dtype(dtype),
                                       shape=(count, dim))
+    preallocate(tmp[files.feats], files.workdir)
     row = 0
     for chunk in _iter_good_rows(files.workdir, world,
                                                  np.array(sorted(failed), dtype=np.int64)):
@@ -281,14 +278,20 @@ def assemble(files: OutputFiles, ids: Sequence[str], world: int, dim: int, dtype
                          "add --overwrite to start over")
     array.flush()
     del array
-    with open(tmp[files.ids], "w", encoding="utf-8", newline="\n") as handle:
+    # Ids are file names: one that is not UTF-8 is written as its own bytes (surrogateescape),
+    # so that reading it back the same way gives a path that opens the file (README).
+    text = {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"}
+    with open(tmp[files.ids], "w", **text) as handle:
         for pos in range(len(ids)):
             if pos not in failed:
                 handle.write(ids[pos] + "\n")
-    with open(tmp[files.failures], "w", encoding="utf-8", newline="\n") as handle:
+    with open(tmp[files.failures], "w", **text) as handle:
         for pos in sorted(failed):
             handle.write(f"{ids[pos]}\t{failed[pos]}\n")
-    tmp[files.meta].write_text(json.dumps({**meta, "count": count, "failures": len(failed)},
+        for name, reason in unlisted:
+            handle.write(f"{name}\t{reason}\n")
+    tmp[files.meta].write_text(json.dumps({**meta, "count": count,
+                                           "failures": len(failed) + len(unlisted)},
                                           indent=2) + "\n")
     for path in (files.failures, files.ids, files.feats, files.meta):
         with open(tmp[path], "rb") as handle:

@@ -9,44 +9,31 @@ from typing import Callable, Iterator
 
 import torch
 
-from unicom_cli.errors import DatasetLayout, InputError
+from unicom_cli.data.images import scan_class_folders
+from unicom_cli.errors import InputError
 from unicom_cli.utils.console import warn
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-
-
 @dataclass
-class ImageList:
-    """Image paths with contiguous integer labels 0..num_classes-1."""
+class LabelledImages:
+    """Training images with contiguous integer labels 0..num_classes-1."""
 
     paths: list[Path]
     labels: list[int]
     num_classes: int
 
 
-def scan_image_folder(root: Path) -> ImageList:
-    """An ImageFolder tree: one sub-folder per class, sorted names give labels 0..C-1."""
+def scan_image_folder(root: Path) -> LabelledImages:
+    """An ImageFolder tree (``data.images.scan_class_folders``): sorted class names give labels 0..C-1."""
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{root}: not a folder; --dataset folder:PATH needs one sub-folder per class")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    paths, labels = [], []
-    for label, folder in enumerate(classes):
-        for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                paths.append(path)
-                labels.append(label)
-    if not paths:
-        raise DatasetLayout(f"{root}: no images found in class sub-folders "
-                            f"(expected {root}/<class>/<image>.jpg)")
-    return ImageList(paths, labels, len(classes))
+    paths, names = scan_class_folders(root)
+    return relabel([root / p for p in paths], names)
 
 
-def relabel(paths: list, labels: list) -> ImageList:
+def relabel(paths: list, labels: list) -> LabelledImages:
     """Map arbitrary class ids (e.g. SOP class_id) to contiguous labels in sorted order."""
     ids = sorted(set(labels))
     index = {c: i for i, c in enumerate(ids)}
-    return ImageList([Path(p) for p in paths], [index[c] for c in labels], len(ids))
+    return LabelledImages([Path(p) for p in paths], [index[c] for c in labels], len(ids))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -91,7 +78,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
     by the next one, with a warning naming it.
     """
 
-    def __init__(self, images: ImageList, transform: Callable) -> None:
+    def __init__(self, images: LabelledImages, transform: Callable) -> None:
         self.images, self.transform = images, transform
 
     def __len__(self) -> int:

@@ -24,6 +24,7 @@ from unicom_cli.errors import InputError, TrainingDiverged, UsageError
 from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.cpu import cores_per_process
 
 
 @dataclass
@@ -50,6 +51,7 @@ class FinetuneConfig:
     m3: float = 0.0
     s: float = 32.0
     sample_rate: float = 1.0
+    margin_filter: float = 0.0  # zero negative cosines above this (reference --margin_loss_filter; 0: off)
     num_feat: int | None = None  # train on a random subset of this many dimensions per step
     precision: str | None = None  # fp32 | fp16 | bf16 (default fp16 on CUDA, fp32 on CPU)
     grad_accum: int = 1
@@ -132,7 +134,7 @@ class _ImageLoader:
         self.sampler = StepBatches(len(images.paths), cfg.batch_size, D.rank(), D.world_size(), cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         workers = cfg.workers if cfg.workers is not None else \
-            (min(8, (os.cpu_count() or 1) // max(1, D.world_size())) if device.type == "cuda" else 0)
+            (min(8, cores_per_process(D.world_size())) if device.type == "cuda" else 0)
         self.loader = torch.utils.data.DataLoader(
             SeededImageDataset(images, train_transform(spec, cfg.augment)),
             batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
@@ -206,7 +208,7 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
     """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
@@ -217,7 +219,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
     model, spec = build_model(cfg, device)
     pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
-                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed).to(device)
+                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
+                    margin_filter=cfg.margin_filter).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     raw_model = model

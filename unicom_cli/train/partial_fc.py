@@ -13,19 +13,34 @@ from unicom_cli.distributed import rank as _rank
 from unicom_cli.distributed import world_size as _world_size
 from unicom_cli.distributed.comm import shard_range
 
-# Keep acos away from ±1 where its derivative is infinite.
-_COS_EPS = 1e-6
-
 
 def margin_target(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
-    """The target-class logit before scaling: cos(m1·θ + m2) − m3 with θ = acos(cos).
+    """The target-class logit before scaling: value cos(m1·θ + m2) − m3 with θ = acos(cos).
 
-    m1 = 1, m3 = 0 is ArcFace; m1 = 1, m2 = 0 is CosFace (no acos then: exact and cheaper).
+    The gradient is taken with respect to cos θ (d/dcos = 1), as the reference does: it rewrites
+    the target logit's value under ``no_grad`` (a straight-through margin, as arcface_torch).
+    m1 = 1, m3 = 0 is ArcFace; m1 = 1, m2 = 0 is CosFace, whose derivative is 1 anyway.
     """
     if m1 == 1.0 and m2 == 0.0:
         return cos - m3
-    theta = torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
-    return torch.cos(m1 * theta + m2) - m3
+    with torch.no_grad():
+        shift = torch.cos(m1 * torch.acos(cos.clamp(-1.0, 1.0)) + m2) - m3 - cos
+    return cos + shift
+
+
+def filter_negatives(cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     threshold: float) -> torch.Tensor:
+    """Zero every non-target cosine above ``threshold`` (0: off), without gradient through them.
+
+    The reference's inter-class filtering (``--margin_loss_filter``): negatives that look like the
+    target class (label noise, near-duplicate classes) stop pushing the embedding away.
+    """
+    if threshold <= 0:
+        return cos
+    with torch.no_grad():
+        dirty = cos > threshold
+        dirty[rows, cols] = False
+    return cos.masked_fill(dirty, 0.0)
 
 
 def _group_active() -> bool:
@@ -91,30 +106,37 @@ class PartialFC(nn.Module):
     ``forward(embeddings, labels, step)`` takes this rank's batch and returns the mean margin
     softmax cross-entropy over the *global* batch (identical on every rank).
 
-    Sampling (sample_rate < 1) and dimension sampling (num_feat) draw from a generator seeded by
-    ``(seed, step)`` over *all* classes, so every rank agrees on the draw and the selected
-    classes do not depend on the number of processes: a non-target class is kept with
-    probability ``sample_rate`` (about ``sample_rate × local classes`` per rank), every class
-    that is a target in the global batch is always kept.
+    Sampling (sample_rate < 1), as the reference: each rank trains on exactly
+    ``int(sample_rate × local classes)`` of its centres per step, every positive of the global
+    batch on this rank plus the negatives with the highest scores of one uniform draw (only the
+    positives when they alone exceed that number). The draw (and the num_feat dimension draw)
+    comes from a generator seeded by ``(seed, step)`` over all classes, so it is reproducible and
+    every rank agrees on it. At sample rate 1.0 one process and N processes give the same loss
+    and gradients; below 1.0 the per-rank count depends on the number of processes, so the
+    selected centres (and the loss) do too, as in the reference.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, *, s: float = 32.0,
                  m1: float = 1.0, m2: float = 0.25, m3: float = 0.0, sample_rate: float = 1.0,
-                 num_feat: int | None = None, seed: int = 1024,
+                 num_feat: int | None = None, seed: int = 1024, margin_filter: float = 0.0,
                  rank: int | None = None, world: int | None = None) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if num_feat is not None and not 0 < num_feat <= embedding_size:
             raise ValueError(f"num_feat must be in 1..{embedding_size}, got {num_feat}")
+        if not 0.0 <= margin_filter <= 1.0:
+            raise ValueError(f"margin_filter must be in [0, 1] (0: off), got {margin_filter}")
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.sample_rate, self.num_feat, self.seed = sample_rate, num_feat, seed
+        self.margin_filter = margin_filter
         rank = _rank() if rank is None else rank
         world = _world_size() if world is None else world
         block = shard_range(num_classes, rank, world)
         self.class_start, self.local_classes = block.start, len(block)
         self.world = world
+        self.num_sample = int(sample_rate * self.local_classes)  # centres per step when < 1
         # Centres ~ N(0, 0.01): rows of one seeded draw over all classes, so that the init does
         # not depend on the number of processes (81k GLDv2 classes × 768: 250 MB, briefly).
         gen = torch.Generator().manual_seed(seed * 7919)
@@ -126,7 +148,7 @@ class PartialFC(nn.Module):
         return (f"classes={self.class_start}..{self.class_start + self.local_classes - 1} "
                 f"of {self.num_classes}, dim={self.embedding_size}, s={self.s}, "
                 f"m=({self.m1}, {self.m2}, {self.m3}), sample_rate={self.sample_rate}, "
-                f"num_feat={self.num_feat}")
+                f"num_feat={self.num_feat}, margin_filter={self.margin_filter}")
 
     def _generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -145,12 +167,15 @@ class PartialFC(nn.Module):
         local = labels - self.class_start
         on_rank = (local >= 0) & (local < self.local_classes)
         if self.sample_rate < 1.0:
-            # One uniform draw per class over all classes: identical on every rank and world size.
+            # One uniform draw over all classes (identical on every rank), this rank's slice of it.
             draw = torch.rand(self.num_classes, generator=gen)
-            keep = draw[self.class_start:self.class_start + self.local_classes] < self.sample_rate
-            keep = keep.to(device)
-            keep[local[on_rank]] = True
-            selected = keep.nonzero().squeeze(1)
+            draw = draw[self.class_start:self.class_start + self.local_classes].to(device)
+            positives = torch.unique(local[on_rank])
+            if len(positives) <= self.num_sample:
+                draw[positives] = 2.0  # above every draw: positives always in
+                selected = torch.topk(draw, self.num_sample).indices.sort().values
+            else:
+                selected = positives
             remap = torch.full((self.local_classes,), -1, dtype=torch.long, device=device)
             remap[selected] = torch.arange(len(selected), device=device)
             weight = weight.index_select(0, selected)
@@ -163,6 +188,7 @@ class PartialFC(nn.Module):
         cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight.float(), dim=1)).clamp(-1, 1)
         rows = (target >= 0).nonzero().squeeze(1)
         cols = target[rows]
+        cos = filter_negatives(cos, rows, cols, self.margin_filter)
         target_cos = cos[rows, cols]
         logits = cos.index_put((rows, cols), margin_target(target_cos, self.m1, self.m2, self.m3))
         logits = logits * self.s

@@ -1,0 +1,93 @@
+"""utils/files.py against real files, a real full tmpfs and real SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from unicom_cli.errors import DiskError, OutputInUse
+from unicom_cli.utils.files import (
+    atomic_open,
+    ensure_free_space,
+    lock_path,
+    output_lock,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    write_json_atomic(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(ZeroDivisionError), atomic_open(target) as handle:
+        handle.write("half")
+        raise ZeroDivisionError
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_full_disk_is_one_diskerror_naming_the_folder_and_no_temp_left(small_disk):
+    disk = small_disk("64k")
+    with pytest.raises(DiskError) as err:
+        write_text_atomic(disk / "big.txt", "x" * 1_000_000)
+    assert str(disk) in str(err.value) and "full" in str(err.value)
+    assert list(disk.iterdir()) == []
+
+
+def test_read_only_disk_is_a_diskerror(small_disk):
+    disk = small_disk("64k", readonly=True)
+    with pytest.raises(DiskError, match="read-only"):
+        write_text_atomic(disk / "a.txt", "x")
+
+
+def test_ensure_free_space_refuses_with_the_folder(small_disk):
+    disk = small_disk("4m")
+    ensure_free_space(disk, 1000)
+    with pytest.raises(DiskError) as err:
+        ensure_free_space(disk, 10 << 20)
+    assert str(disk) in str(err.value)
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from unicom_cli.utils.files import output_lock
+    with output_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def _start_holder(output):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(output)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_run_is_refused_at_once_and_a_sigkill_releases_the_lock(tmp_path):
+    output = tmp_path / "feats.npy"
+    holder = _start_holder(output)
+    try:
+        with pytest.raises(OutputInUse) as err, output_lock(output):
+            pass
+        assert f"in use by another unicom run (pid {holder.pid})" in str(err.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with output_lock(output):  # the kernel dropped the dead process's lock
+        assert lock_path(output).read_text().strip() == str(os.getpid())
+    assert not lock_path(output).exists()
