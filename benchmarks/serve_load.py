@@ -139,7 +139,7 @@ async def load(url: str, queries: list[bytes], clients: int, seconds: float, k: 
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    r = await http.post(f"/search?k={k}", files={"image": ("q.jpg", queries[i % len(queries)], "image/jpeg")})
+                    r = await _post(http, queries[i % len(queries)], k)
                     ok = r.status_code == 200 and len(r.json()["results"]) == k
                 except httpx.HTTPError:
                     ok = False
@@ -191,7 +191,11 @@ async def _warm(url: str, queries: list[bytes], k: int) -> None:
 
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         for i in range(WARMUP_REQUESTS):
-            await http.post(f"/search?k={k}", files={"image": ("q.jpg", queries[i % len(queries)], "image/jpeg")})
+            await _post(http, queries[i % len(queries)], k)
+
+
+async def _post(http, query: bytes, k: int):
+    return await http.post(f"/search?k={k}", files={"image": ("q.jpg", query, "image/jpeg")})
 
 
 def _print_row(r: dict) -> None:

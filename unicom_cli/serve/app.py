@@ -14,16 +14,18 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import quote
 
 import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.datastructures import UploadFile
 
 from unicom_cli.errors import BadImage
 from unicom_cli.serve.batcher import MicroBatcher, QueueFull
 from unicom_cli.utils.console import info
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
 
 MB = 1024 * 1024
 THUMBNAIL_MIN, THUMBNAIL_MAX = 16, 1024
@@ -73,7 +75,114 @@ def search_batch(index: Any, embedder: Callable, queries: list[_Query]) -> list[
     return [(scores[n, :q.k], rows[n, :q.k]) for n, q in enumerate(queries)]
 
 
-def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = None) -> "FastAPI":
+class _Service:
+    """What the routes share: the index, the embedder, the limits, the batcher, decoder slots."""
+
+    def __init__(self, index: Any, embedder: Callable, settings: ServeSettings) -> None:
+        import anyio
+        import torch
+
+        self.index = index
+        self.settings = settings
+        self.count = len(index)
+        self.max_k = min(settings.max_k, self.count)
+        self.default_k = min(settings.default_k, self.max_k)
+        self.batcher: MicroBatcher = MicroBatcher(
+            lambda queries: search_batch(index, embedder, queries), max_batch=settings.max_batch,
+            queue_size=settings.queue_size, max_cost=settings.queue_bytes)
+        # Decoders (libjpeg-turbo, Pillow) run one core each: more at once only holds more pixels.
+        self.decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
+
+    def info(self) -> dict:
+        return {"count": self.count, "dim": self.index.dim, "model": self.index.meta.get("model"),
+                "max_k": self.max_k, "default_k": self.default_k, "max_upload": self.settings.max_upload}
+
+    async def search(self, request: Request, k: int) -> dict:
+        start = time.perf_counter()
+        query = await self.parse(request, k)
+        try:
+            cost = (query.pixels if query.pixels is not None else query.vector).nbytes
+            scores, rows = await self.batcher.submit(query, cost)
+        except QueueFull:
+            raise HTTPException(503, "the service is busy (request queue full); retry shortly",
+                                headers={"Retry-After": "1"}) from None
+        results = [{"rank": rank, "row": int(row), "id": self.index.ids[row],
+                    "path": str(self.index.path_of(int(row))), "score": float(score),
+                    "thumbnail": f"/images/{int(row)}?size=256"}
+                   for rank, (score, row) in enumerate(zip(scores, rows), start=1) if row >= 0]
+        return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
+
+    async def parse(self, request: Request, k: int) -> _Query:
+        """The query of a request, by its content type."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            form = await request.form(max_files=1, max_fields=8)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "multipart body has no file field named 'image'")
+            return _Query(k, pixels=await self.decode(await upload.read(self.settings.max_upload + 1)))
+        if kind == "application/json":
+            return _Query(k, vector=self.vector(await request.body()))
+        if kind.startswith("image/") or kind == "application/octet-stream":
+            return _Query(k, pixels=await self.decode(await request.body()))
+        raise HTTPException(415, f"content type {kind or '(none)'}: send multipart/form-data with an "
+                                 "'image' file, application/json with a 'vector', or an image body")
+
+    async def decode(self, data: bytes) -> np.ndarray:
+        import anyio
+
+        if len(data) > self.settings.max_upload:
+            raise HTTPException(413, f"upload is larger than {self.settings.max_upload:,} bytes (--max-upload)")
+        try:
+            return await anyio.to_thread.run_sync(_decode_upload, data, self.settings.max_pixels,
+                                                  limiter=self.decoders)
+        except BadImage as exc:
+            raise HTTPException(400, f"not a usable image: {exc}") from None
+
+    def vector(self, body: bytes) -> np.ndarray:
+        try:
+            vector = np.asarray(json.loads(body)["vector"], dtype=np.float64)
+        except (ValueError, TypeError, KeyError):
+            raise HTTPException(422, 'expected a JSON object {"vector": [numbers...]}') from None
+        if vector.shape != (self.index.dim,):
+            raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs "
+                                     f"{self.index.dim} numbers")
+        if not np.isfinite(vector).all():
+            raise HTTPException(422, "vector contains NaN or infinite values")
+        return vector.astype(np.float32)
+
+    async def image(self, row: int, size: int | None) -> Response:
+        import anyio
+
+        if row >= self.count:
+            raise HTTPException(404, f"row {row} is not in the index (it has {self.count:,} rows)")
+        path = self.index.path_of(row)
+        if not path.is_file():
+            raise HTTPException(404, f"row {row}: the indexed file is no longer on disk")
+        cache = {"Cache-Control": "private, max-age=3600"}
+        if size is None:
+            return FileResponse(path, headers=cache)
+        try:
+            data = await anyio.to_thread.run_sync(_thumbnail, path, size, limiter=self.decoders)
+        except BadImage as exc:
+            raise HTTPException(404, f"row {row}: the indexed file cannot be read ({exc})") from None
+        return Response(data, media_type="image/jpeg", headers=cache)
+
+    def openapi_search_body(self) -> dict:
+        """/search takes three body types; the schema says so (FastAPI sees only ``Request``)."""
+        binary = {"type": "string", "format": "binary"}
+        return {"requestBody": {"required": True, "content": {
+            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+                "image": {**binary, "description": "An image file."}}}},
+            "application/json": {"schema": {"type": "object", "required": ["vector"], "properties": {
+                "vector": {"type": "array", "items": {"type": "number"},
+                           "description": f"A query feature of {self.index.dim} values, processed "
+                                          "as the index's rows."}}}},
+            "image/*": {"schema": binary},
+        }}}
+
+
+def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = None) -> FastAPI:
     """The service over ``index`` (an ``unicom_cli.index.Index``) and its query embedder.
 
     Args:
@@ -83,32 +192,18 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
             index's own rows were made.
         settings: limits and the token.
     """
-    import anyio
-    import torch
-    from fastapi import FastAPI, HTTPException, Query, Request
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import FileResponse, HTMLResponse, Response
-    from starlette.datastructures import UploadFile
-
     settings = settings or ServeSettings()
-    count = len(index)
-    max_k = min(settings.max_k, count)
-    batcher: MicroBatcher = MicroBatcher(lambda qs: search_batch(index, embedder, qs),
-                                         max_batch=settings.max_batch, queue_size=settings.queue_size,
-                                         max_cost=settings.queue_bytes)
-    # Decoders (libjpeg-turbo, Pillow) run one core each: more at once only holds more pixels.
-    decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
+    service = _Service(index, embedder, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await batcher.start()
+        await service.batcher.start()
         yield
-        await batcher.stop()  # after uvicorn has let in-flight requests finish
+        await service.batcher.stop()  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="unicom search", version="1", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description=f"Image search over {count:,} images.")
-    app.state.batcher = batcher
-    app.state.settings = settings
+                  redoc_url=None, description=f"Image search over {service.count:,} images.")
+    app.state.batcher = service.batcher
 
     @app.get("/healthz", summary="Liveness check (no token needed)")
     def healthz() -> dict:
@@ -123,103 +218,29 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
     def docs(request: Request) -> HTMLResponse:
         # The docs page fetches the schema itself: hand it the token it was opened with.
         token = request.query_params.get("token")
-        url = "/openapi.json" + (f"?token={_quote(token)}" if token else "")
+        url = "/openapi.json" + (f"?token={quote(token, safe='')}" if token else "")
         return get_swagger_ui_html(openapi_url=url, title="unicom search API")
 
     @app.get("/info", summary="What is being served")
-    def describe() -> dict:
-        return {"count": count, "dim": index.dim, "model": index.meta.get("model"),
-                "max_k": max_k, "default_k": min(settings.default_k, max_k),
-                "max_upload": settings.max_upload}
-
-    search_body = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary", "description": "An image file."}}}},
-        "application/json": {"schema": {"type": "object", "required": ["vector"], "properties": {
-            "vector": {"type": "array", "items": {"type": "number"},
-                       "description": f"A query feature of {index.dim} values."}}}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-    }}}
+    def info() -> dict:
+        return service.info()
 
     @app.post("/search", summary="Most similar indexed images to an image or a vector",
-              openapi_extra=search_body, responses={
+              openapi_extra=service.openapi_search_body(), responses={
                   400: {"description": "Not an image, or a corrupt one"},
                   413: {"description": f"Upload larger than {settings.max_upload:,} bytes"},
                   415: {"description": "Neither multipart, JSON nor an image body"},
                   422: {"description": "Bad k, or a vector of the wrong dimension"},
                   503: {"description": "Too many queued requests; retry shortly"}})
-    async def search(request: Request, k: int = Query(min(settings.default_k, max_k), ge=1, le=max_k,
-                                                      description=f"Number of results (1-{max_k}).")) -> dict:
-        start = time.perf_counter()
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=8)
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, "multipart body has no file field named 'image'")
-            query = _Query(k, pixels=await _decode(await upload.read(settings.max_upload + 1)))
-        elif kind == "application/json":
-            query = _Query(k, vector=_vector(await request.body()))
-        elif kind.startswith("image/") or kind == "application/octet-stream":
-            query = _Query(k, pixels=await _decode(await request.body()))
-        else:
-            raise HTTPException(415, f"content type {kind or '(none)'}: send multipart/form-data with an "
-                                     "'image' file, application/json with a 'vector', or an image body")
-        try:
-            cost = query.pixels.nbytes if query.pixels is not None else query.vector.nbytes
-            scores, rows = await batcher.submit(query, cost)
-        except QueueFull:
-            raise HTTPException(503, "the service is busy (request queue full); retry shortly",
-                                headers={"Retry-After": "1"}) from None
-        results = [{"rank": rank, "row": int(row), "id": index.ids[row], "path": str(index.path_of(int(row))),
-                    "score": float(score), "thumbnail": f"/images/{int(row)}?size=256"}
-                   for rank, (score, row) in enumerate(zip(scores, rows), start=1) if row >= 0]
-        return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
-
-    async def _decode(data: bytes) -> np.ndarray:
-        if len(data) > settings.max_upload:
-            raise HTTPException(413, f"upload is larger than {settings.max_upload:,} bytes (--max-upload)")
-        try:
-            return await anyio.to_thread.run_sync(_decode_upload, data, settings.max_pixels,
-                                                  limiter=decoders)
-        except BadImage as exc:
-            raise HTTPException(400, f"not a usable image: {exc}") from None
-
-    def _vector(body: bytes) -> np.ndarray:
-        try:
-            payload = json.loads(body)
-            values = payload["vector"]
-            vector = np.asarray(values, dtype=np.float64)
-        except (ValueError, TypeError, KeyError):
-            raise HTTPException(422, 'expected a JSON object {"vector": [numbers...]}') from None
-        if vector.shape != (index.dim,):
-            raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs "
-                                     f"{index.dim} numbers")
-        if not np.isfinite(vector).all():
-            raise HTTPException(422, "vector contains NaN or infinite values")
-        return vector.astype(np.float32)
-
-    def _row(row: int):
-        if row >= count:
-            raise HTTPException(404, f"row {row} is not in the index (it has {count:,} rows)")
-        path = index.path_of(row)
-        if not path.is_file():
-            raise HTTPException(404, f"row {row}: the indexed file is no longer on disk")
-        return path
+    async def search(request: Request, k: int = Query(
+            service.default_k, ge=1, le=service.max_k, description=f"Results (1-{service.max_k}).")) -> dict:
+        return await service.search(request, k)
 
     @app.get("/images/{row:int}", summary="The indexed image of a row (never a client-named path)",
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Unknown row"}})
     async def image(row: int, size: int | None = Query(
             None, ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX, description="Longest side of a JPEG thumbnail.")):
-        path = _row(row)
-        cache = {"Cache-Control": "private, max-age=3600"}
-        if size is None:
-            return FileResponse(path, headers=cache)
-        try:
-            data = await anyio.to_thread.run_sync(_thumbnail, path, size, limiter=decoders)
-        except BadImage as exc:
-            raise HTTPException(404, f"row {row}: the indexed file cannot be read ({exc})") from None
-        return Response(data, media_type="image/jpeg", headers=cache)
+        return await service.image(row, size)
 
     return _guard(app, settings)
 
@@ -241,12 +262,6 @@ def _thumbnail(path, size: int) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
     return out.getvalue()
-
-
-def _quote(value: str) -> str:
-    from urllib.parse import quote
-
-    return quote(value, safe="")
 
 
 def _guard(app: Any, settings: ServeSettings) -> Any:
@@ -320,8 +335,6 @@ class _BodyLimit:
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > self.limit:
-                    from fastapi import HTTPException
-
                     raise HTTPException(413, message)  # answered by the app's own handler
             return event
 
