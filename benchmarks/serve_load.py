@@ -4,12 +4,13 @@
     python benchmarks/serve_load.py --vit-b32 --seconds 20
     python benchmarks/serve_load.py --clients 1 4 --device cuda
 
-For each model and each setting (``--max-batch 32`` against ``--max-batch 1``) a real server is
-started as a subprocess on loopback; N asyncio clients then POST images (multipart) for a fixed
-time. Reported: requests/s, p50/p99 latency, errors (anything but 200), the server's RSS after
-a warm-up and at the end (it must not grow with the number of requests), and the throughput
-ratio batching on / off at each N. ViT-B/32 runs with random weights saved to a file (no
-download here): the cost of a forward pass does not depend on the weights' values.
+For each model, two real servers are started as subprocesses on loopback, ``--max-batch 32``
+(micro-batching on) and ``--max-batch 1`` (off); at each N they are measured one after the other:
+N asyncio clients POST images (multipart) for a fixed time. Reported: requests/s, p50/p99
+latency, errors (anything but 200), the server's RSS after a warm-up and at the end (it must not
+grow with the number of requests), and the throughput ratio batching on / off at each N.
+ViT-B/32 runs with random weights saved to a file (no download here): the cost of a forward
+pass does not depend on the weights' values.
 """
 
 from __future__ import annotations
@@ -162,27 +163,31 @@ async def load(url: str, queries: list[bytes], clients: int, seconds: float, k: 
 
 
 def run_model(name: str, work: Path, images: Path, queries: list[bytes], args) -> list[dict]:
+    """Both servers (batching on and off) run side by side and are measured alternately at each
+    N, so that a change in the machine's load hits both settings alike."""
     models = model_args(name, work)
     index = work / f"{name.replace('/', '-')}.index"
     build_index(images, index, models, args.device)
-    weights = models[-1]
+    servers = {"on": start_server(index, models[-1], args.device, 32),
+               "off": start_server(index, models[-1], args.device, 1)}
     rows = []
-    for max_batch in (32, 1):
-        proc, url = start_server(index, weights, args.device, max_batch)
-        try:
+    try:
+        rss_start = {}
+        for setting, (proc, url) in servers.items():
             asyncio.run(_warm(url, queries, args.k))
-            rss_start = rss_mb(proc.pid)
-            for clients in args.clients:
+            rss_start[setting] = rss_mb(proc.pid)
+        for clients in args.clients:
+            for setting, (proc, url) in servers.items():
                 result = asyncio.run(load(url, queries, clients, args.seconds, args.k))
-                rows.append({"model": name, "batching": "on" if max_batch > 1 else "off",
-                             "clients": clients, **result, "rss_start_mb": rss_start,
-                             "rss_end_mb": rss_mb(proc.pid)})
+                rows.append({"model": name, "batching": setting, "clients": clients, **result,
+                             "rss_start_mb": rss_start[setting], "rss_end_mb": rss_mb(proc.pid)})
                 _print_row(rows[-1])
-        finally:
+    finally:
+        for setting, (proc, _) in servers.items():
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
             if code != 0:
-                print(f"  server exit code {code} after SIGTERM (expected 0)")
+                print(f"  server ({setting}) exit code {code} after SIGTERM (expected 0)")
     return rows
 
 

@@ -38,17 +38,21 @@ def tiny_spec_file(tmp_path) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
     """A checkpoint in the published format: fp16 state dict, same keys, trained-looking BN stats."""
+    return make_tiny_checkpoint(tiny_spec_file, tmp_path / "FP16-tiny.pt")
+
+
+def make_tiny_checkpoint(spec_file: Path, path: Path) -> Path:
+    """``tiny_checkpoint`` for fixtures of a wider scope."""
     import torch
 
     from unicom_cli.models.registry import get_spec
     from unicom_cli.models.vit import build_model
 
     torch.manual_seed(0)
-    model = build_model(get_spec(tiny_spec_file))
+    model = build_model(get_spec(spec_file))
     for bn in (model.feature[1], model.feature[3]):
         bn.running_mean.normal_(0, 0.1)
         bn.running_var.uniform_(0.5, 2.0)
-    path = tmp_path / "FP16-tiny.pt"
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, path)
     return path
 

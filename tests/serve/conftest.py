@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, make_tiny_checkpoint
 
 TOKEN = "s3cret-token"
 MAX_UPLOAD = 1_000_000  # bytes: small, so the 413 tests send little
@@ -56,22 +56,10 @@ def _photos(folder: Path) -> None:
 
 
 def _tiny_weights(folder: Path) -> tuple[Path, Path]:
-    """The tiny architecture file and a checkpoint in the published format (fp16 state dict)."""
-    import torch
-
-    from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.vit import build_model
-
+    """The tiny architecture file and a checkpoint in the published format."""
     spec = folder / "tiny.json"
     spec.write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    model = build_model(get_spec(spec))
-    for bn in (model.feature[1], model.feature[3]):
-        bn.running_mean.normal_(0, 0.1)
-        bn.running_var.uniform_(0.5, 2.0)
-    weights = folder / "FP16-tiny.pt"
-    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}, weights)
-    return spec, weights
+    return spec, make_tiny_checkpoint(spec, folder / "FP16-tiny.pt")
 
 
 @pytest.fixture(scope="package")

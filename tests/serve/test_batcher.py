@@ -29,39 +29,32 @@ async def _hold_first(batcher: MicroBatcher, gate: Gate, first: int) -> asyncio.
     return task
 
 
-def test_requests_that_wait_are_embedded_together():
-    async def main():
-        gate = Gate()
-        batcher = MicroBatcher(gate, max_batch=4, queue_size=10)
-        await batcher.start()
-        first = await _hold_first(batcher, gate, 0)
-        waiting = [asyncio.create_task(batcher.submit(x)) for x in (2, 4, 6, 8, 10, 12)]
-        await asyncio.sleep(0)  # every submit has queued its item
-        gate.release.set()
-        results = await asyncio.gather(first, *waiting)
-        await batcher.stop()
-        return gate.batches, results, batcher.batches, batcher.items
+async def _held_then_released(batcher: MicroBatcher, gate: Gate, first: int, others: tuple) -> list:
+    """Submit ``first`` and hold it in the batch function, queue ``others``, release, collect."""
+    await batcher.start()
+    held = await _hold_first(batcher, gate, first)
+    waiting = [asyncio.create_task(batcher.submit(x)) for x in others]
+    await asyncio.sleep(0)  # every submit has queued its item
+    gate.release.set()
+    results = await asyncio.gather(held, *waiting)
+    await batcher.stop()
+    return results
 
-    batches, results, calls, items = asyncio.run(main())
-    assert batches == [[0], [2, 4, 6, 8], [10, 12]]  # the model was busy: the rest came in max_batch groups
+
+def test_requests_that_wait_are_embedded_together():
+    gate = Gate()
+    batcher = MicroBatcher(gate, max_batch=4, queue_size=10)
+    results = asyncio.run(_held_then_released(batcher, gate, 0, (2, 4, 6, 8, 10, 12)))
+    assert gate.batches == [[0], [2, 4, 6, 8], [10, 12]]  # the model was busy: the rest came in max_batch groups
     assert results == [0, 20, 40, 60, 80, 100, 120]
-    assert (calls, items) == (3, 7)
+    assert (batcher.batches, batcher.items) == (3, 7)
 
 
 def test_max_batch_one_turns_batching_off():
-    async def main():
-        gate = Gate()
-        batcher = MicroBatcher(gate, max_batch=1, queue_size=10)
-        await batcher.start()
-        first = await _hold_first(batcher, gate, 0)
-        waiting = [asyncio.create_task(batcher.submit(x)) for x in (2, 4, 6)]
-        await asyncio.sleep(0)
-        gate.release.set()
-        await asyncio.gather(first, *waiting)
-        await batcher.stop()
-        return gate.batches
-
-    assert asyncio.run(main()) == [[0], [2], [4], [6]]
+    gate = Gate()
+    batcher = MicroBatcher(gate, max_batch=1, queue_size=10)
+    assert asyncio.run(_held_then_released(batcher, gate, 0, (2, 4, 6))) == [0, 20, 40, 60]
+    assert gate.batches == [[0], [2], [4], [6]]
 
 
 def test_a_full_queue_refuses_instead_of_growing():
