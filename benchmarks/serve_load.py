@@ -1,7 +1,7 @@
 """Load on `unicom serve`: N concurrent clients, micro-batching on against off, in one run.
 
     python benchmarks/serve_load.py                      # tiny model, N = 1, 8, 32, 10 s each
-    python benchmarks/serve_load.py --vit-b32 --seconds 20
+    python benchmarks/serve_load.py --models tiny ViT-B/32 --seconds 20
     python benchmarks/serve_load.py --clients 1 4 --device cuda
 
 For each model, two real servers are started as subprocesses on loopback, ``--max-batch 32``
@@ -88,7 +88,7 @@ def build_index(images: Path, out: Path, models: list[str], device: str) -> None
 
     feats = out.with_name(out.stem + "-feats.npy")
     subprocess.run([sys.executable, "-m", "unicom_cli", "embed", str(images), "-o", str(feats),
-                    "--device", device, *models], check=True, env=_env(),
+                    "--device", device, "--overwrite", *models], check=True, env=_env(),
                    stdout=subprocess.DEVNULL)
     build(feats, out, index="flat", progress=False)
 
@@ -174,9 +174,9 @@ def run_model(name: str, work: Path, images: Path, queries: list[bytes], args) -
     try:
         rss_start = {}
         for setting, (proc, url) in servers.items():
-            asyncio.run(_warm(url, queries, args.k))
+            asyncio.run(_warm(url, queries, args.k, max(args.clients)))
             rss_start[setting] = rss_mb(proc.pid)
-        for clients in args.clients:
+        for clients in args.clients * args.rounds:
             for setting, (proc, url) in servers.items():
                 result = asyncio.run(load(url, queries, clients, args.seconds, args.k))
                 rows.append({"model": name, "batching": setting, "clients": clients, **result,
@@ -191,12 +191,15 @@ def run_model(name: str, work: Path, images: Path, queries: list[bytes], args) -
     return rows
 
 
-async def _warm(url: str, queries: list[bytes], k: int) -> None:
+async def _warm(url: str, queries: list[bytes], k: int, clients: int) -> None:
+    """Requests one at a time, then ``clients`` at once: the largest batch has been through
+    the model (and its memory allocated) before the starting RSS is read."""
     import httpx
 
-    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
         for i in range(WARMUP_REQUESTS):
             await _post(http, queries[i % len(queries)], k)
+        await asyncio.gather(*(_post(http, queries[i % len(queries)], k) for i in range(clients)))
 
 
 async def _post(http, query: bytes, k: int):
@@ -215,8 +218,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per (model, setting, N)")
     parser.add_argument("--images", type=int, default=500, help="indexed images")
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the sweep over N (RSS over time)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--vit-b32", action="store_true", help="also ViT-B/32 (random weights)")
+    parser.add_argument("--models", nargs="+", default=["tiny"], choices=["tiny", "ViT-B/32"],
+                        help="ViT-B/32 runs with random weights")
     parser.add_argument("--work", type=Path, default=None, help="keep images and indexes here")
     args = parser.parse_args()
 
@@ -224,17 +229,21 @@ def main() -> None:
     images = work / "images"
     queries = make_images(images, args.images) if not images.exists() else _queries(images)
     rows = []
-    for name in ["tiny"] + (["ViT-B/32"] if args.vit_b32 else []):
+    for name in args.models:
         rows += run_model(name, work, images, queries, args)
     print("\nthroughput, micro-batching on / off (same run):")
     for name in dict.fromkeys(r["model"] for r in rows):
         for clients in args.clients:
-            on = next(r for r in rows if (r["model"], r["batching"], r["clients"]) == (name, "on", clients))
-            off = next(r for r in rows if (r["model"], r["batching"], r["clients"]) == (name, "off", clients))
-            print(f"  {name:>9} N={clients:>3}: {on['rps'] / off['rps']:.2f}x "
-                  f"({on['rps']:.1f} vs {off['rps']:.1f} req/s)")
+            on = _mean_rps(rows, name, "on", clients)
+            off = _mean_rps(rows, name, "off", clients)
+            print(f"  {name:>9} N={clients:>3}: {on / off:.2f}x ({on:.1f} vs {off:.1f} req/s)")
     errors = sum(r["errors"] for r in rows)
     print(f"errors in total: {errors}")
+
+
+def _mean_rps(rows: list[dict], name: str, setting: str, clients: int) -> float:
+    found = [r["rps"] for r in rows if (r["model"], r["batching"], r["clients"]) == (name, setting, clients)]
+    return sum(found) / len(found)
 
 
 def _queries(images: Path) -> list[bytes]:
