@@ -6,7 +6,7 @@ OUT=${OUT:-unicom-demo}
 DATA=$OUT/digits
 ARCH=$OUT/demo-vit.json
 unicom eval-retrieval --model "$ARCH" --weights "$OUT/init.pt" --dataset "folder:$DATA/test" --recall-at 1,2,4,8
-unicom finetune --arch "$ARCH" --weights "$OUT/init.pt" --dataset "folder:$DATA" --epochs 3 --batch-size 64 \
+unicom finetune --model "$ARCH" --weights "$OUT/init.pt" --dataset "folder:$DATA" --epochs 3 --batch-size 64 \
   --lr 1e-3 --lr-pfc-weight 10 --m2 0.3 --no-augment --device cpu --output "$OUT/finetune-again"
 unicom eval-retrieval --model "$ARCH" --weights "$OUT/finetune-again/model.pt" --dataset "folder:$DATA/test"
 unicom embed "$DATA/test" -o "$OUT/features/again.npy" --model "$ARCH" --weights "$OUT/finetune-again/model.pt" --normalize --overwrite

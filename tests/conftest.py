@@ -38,18 +38,18 @@ def tiny_spec_file(tmp_path) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tiny_spec_file, tmp_path) -> Path:
     """A checkpoint in the published format: fp16 state dict, same keys, trained-looking BN stats."""
-    return make_tiny_checkpoint(tiny_spec_file, tmp_path / "FP16-tiny.pt")
+    return write_tiny_checkpoint(tiny_spec_file, tmp_path / "FP16-tiny.pt")
 
 
-def make_tiny_checkpoint(spec_file: Path, path: Path) -> Path:
-    """``tiny_checkpoint`` for fixtures of a wider scope."""
+def write_tiny_checkpoint(tiny_spec_file: Path, path: Path) -> Path:
+    """The seeded tiny checkpoint of ``tiny_checkpoint`` at ``path`` (for module-scoped fixtures)."""
     import torch
 
     from unicom_cli.models.registry import get_spec
     from unicom_cli.models.vit import build_model
 
     torch.manual_seed(0)
-    model = build_model(get_spec(spec_file))
+    model = build_model(get_spec(tiny_spec_file))
     for bn in (model.feature[1], model.feature[3]):
         bn.running_mean.normal_(0, 0.1)
         bn.running_var.uniform_(0.5, 2.0)
@@ -85,3 +85,27 @@ def small_disk(tmp_path):
     yield make
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a busy machine: one torch thread avoids OpenMP barrier stalls.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's message for a failure: no traceback and exactly one ``error:`` line, the last one
+    (notes such as the model and device may come before it). Returns it, whitespace collapsed."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [n for n, line in enumerate(lines) if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == len(lines) - 1, err
+    return " ".join(lines[-1].split())

@@ -6,6 +6,7 @@ Import the ``weights_server`` fixture into a test module to use it.
 from __future__ import annotations
 
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +26,9 @@ class Served:
     base: str = ""
 
     def fault(self, path: str, *kinds: str) -> None:
-        """Queue faults for the next requests of ``path``: 500, cut, ignore-range, corrupt, html."""
+        """Queue faults for the next requests of ``path``: 500, cut, ignore-range, corrupt, html,
+        416 (to a resume, with no length), trickle (1 byte every 50 ms), endless (no
+        Content-Length, bytes until the client hangs up)."""
         self.faults.setdefault(path, []).extend(kinds)
 
     def requested(self, path: str) -> list[str | None]:
@@ -72,7 +75,7 @@ def _handler(served: Served):  # noqa: C901 (one handler class: Range, faults, f
                     f'<input type="hidden" name="uuid" value="u-123"></form></body></html>')
             self._plain(200, page.encode(), "text/html; charset=utf-8")
 
-        def _file(self, path: str) -> None:
+        def _file(self, path: str) -> None:  # noqa: C901 - one branch per scripted fault
             queue = served.faults.get(path) or []
             fault = queue.pop(0) if queue else None
             if fault == "500":
@@ -86,6 +89,21 @@ def _handler(served: Served):  # noqa: C901 (one handler class: Range, faults, f
                 body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]
             start = 0
             rng = self.headers.get("Range")
+            if rng and fault == "416":  # "nothing beyond your part", without saying the length
+                self.send_response(416)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if fault == "endless":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                self.close_connection = True
+                try:
+                    while True:
+                        self.wfile.write(b"\0" * 65536)
+                except OSError:
+                    return
             if rng and fault != "ignore-range":
                 start = int(rng.split("=")[1].split("-")[0])
                 if start >= len(body):
@@ -105,6 +123,16 @@ def _handler(served: Served):  # noqa: C901 (one handler class: Range, faults, f
                 self.wfile.write(body[start:start + (len(body) - start) // 2])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            if fault == "trickle":
+                self.close_connection = True
+                try:
+                    for byte in body[start:]:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                except OSError:
+                    pass
                 return
             self.wfile.write(body[start:])
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from unicom_cli._version import __version__
 from unicom_cli.models.registry import available_models
 
 if TYPE_CHECKING:
     from unicom_cli.models.vit import UnicomViT
 
-__version__ = "0.1.0"
 __all__ = ["Index", "available_models", "embed_folder", "load", "__version__"]
 
 
@@ -32,19 +32,22 @@ def __getattr__(name: str):
 
 
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,
-         precision: str | None = None) -> tuple["UnicomViT", Callable]:
+         precision: str | None = None, *, random_init: bool = False,
+         seed: int = 0) -> tuple["UnicomViT", Callable]:
     """Load a UNICOM model by name (downloading its weights on first use) or JSON file.
 
     Returns ``(model, transform)``: the model in eval mode on ``device`` and the CLIP eval
     transform for PIL images. ``precision`` None keeps the original's behaviour (fp16 autocast
     on CUDA, exact fp32 on CPU); ``"auto"`` is what the commands use (bf16 on CPUs with native
-    bf16), or ``"fp32"``, ``"fp16"``, ``"bf16"``.
+    bf16), or ``"fp32"``, ``"fp16"``, ``"bf16"``. A JSON architecture needs ``weights``, or
+    ``random_init=True`` for a network drawn from ``seed`` on purpose.
     """
     from unicom_cli.models.factory import create_model, resolve_device
 
     if precision is None:
         precision = "fp32" if resolve_device(device).type == "cpu" else "auto"
-    loaded = create_model(name_or_path, weights=weights, device=device, precision=precision)
+    loaded = create_model(name_or_path, weights=weights, device=device, precision=precision,
+                          pretrained=not random_init, seed=seed)
     return loaded.model, loaded.transform
 
 

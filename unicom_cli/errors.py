@@ -39,6 +39,13 @@ class WeightsError(UnicomError):
     """Weights could not be downloaded, verified or loaded."""
 
 
+class CheckpointMismatch(WeightsError):
+    """A checkpoint whose keys or shapes do not fit the chosen architecture: a wrong pairing the
+    user fixes by picking the matching model, so bad input (exit 2)."""
+
+    exit_code = 2
+
+
 class ChecksumMismatch(WeightsError):
     """A file's SHA-256 differs from the expected one."""
 
@@ -73,3 +80,7 @@ class OutputInUse(UnicomError):
 
 class NonFiniteFeatures(UnicomError):
     """Features contain NaN or infinite values (names the count and the first ids)."""
+
+
+class ExportFailed(UnicomError):
+    """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""

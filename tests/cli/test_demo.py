@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
+@pytest.mark.slow
 def test_digits_tree_splits_by_class_and_is_seeded(tmp_path):
     from unicom_cli.data.digits import write_digits_tree
 
@@ -27,6 +30,23 @@ def test_digits_tree_splits_by_class_and_is_seeded(tmp_path):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
+def _recall_at_1(arch: Path, weights: Path, folder: Path, precision: str):
+    """Independent Recall@1 in percent: one image at a time, float64 cosine, the query excluded."""
+    from tests.cli.test_eval_model import _reference_features
+    from unicom_cli.models.factory import create_model
+
+    loaded = create_model(str(arch), weights, device="cpu", precision=precision)
+    paths = sorted(folder.glob("*/*.png"))
+    feats, ok = _reference_features([str(p) for p in paths], loaded)
+    assert ok.all()
+    labels = np.array([int(p.parent.name) for p in paths])
+    x = feats.astype(np.float64) / np.linalg.norm(feats, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    return pytest.approx(100 * np.mean(labels[sims.argmax(1)] == labels), abs=1e-9)
+
+
+@pytest.mark.slow
 def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
@@ -37,9 +57,10 @@ def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
     # Each step is shown as the exact command it runs.
     for command in ("$ unicom eval-retrieval", "$ unicom eval-knn", "$ unicom finetune", "$ unicom embed"):
         assert command in proc.stdout
-    for tag in ("before", "after"):
+    for tag, weights in (("before", out / "init.pt"), ("after", out / "finetune" / "model.pt")):
         retrieval = json.loads((out / f"retrieval-{tag}.json").read_text())
-        assert 0 <= retrieval["metrics"]["recall@1"] <= 100
+        assert retrieval["metrics"]["recall@1"] == _recall_at_1(
+            out / "demo-vit.json", weights, out / "digits" / "test", retrieval["precision"])
         knn = json.loads((out / f"knn-{tag}.json").read_text())
         assert set(knn["metrics"]) == {"10", "20"}
     assert (out / "finetune" / "model.pt").is_file()

@@ -11,15 +11,7 @@ from PIL import Image
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """A tiny model: one thread avoids OpenMP barrier stalls on a busy machine."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -67,7 +59,7 @@ def test_embed_cli_writes_outputs_and_summary(photos, tmp_path, tiny_spec_file, 
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["missing_input", "empty_folder", "missing_out_dir",
+@pytest.mark.parametrize("case", ["missing_input", "empty_folder", "out_dir_is_a_file",
                                   "read_only_out_dir", "bad_dtype", "num_feat_no_norm"])
 def test_errors_before_any_work(case, photos, tmp_path, tiny_spec_file, tiny_checkpoint, capsys,
                                 no_model_load):
@@ -77,8 +69,9 @@ def test_errors_before_any_work(case, photos, tmp_path, tiny_spec_file, tiny_che
     elif case == "empty_folder":
         src = tmp_path / "empty"
         src.mkdir()
-    elif case == "missing_out_dir":
-        out = tmp_path / "no" / "such" / "f.npy"
+    elif case == "out_dir_is_a_file":
+        (tmp_path / "taken").write_text("a file where the output folder should be")
+        out = tmp_path / "taken" / "such" / "f.npy"
     elif case == "read_only_out_dir":
         out = __import__("pathlib").Path("/proc/f.npy")  # read-only even for root
     elif case == "bad_dtype":
@@ -89,8 +82,8 @@ def test_errors_before_any_work(case, photos, tmp_path, tiny_spec_file, tiny_che
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2, err
     expected = {"missing_input": "nowhere: no such file or folder",
-                "empty_folder": "no image files", "missing_out_dir": "does not exist",
-                "read_only_out_dir": "cannot write", "bad_dtype": "--dtype int8",
+                "empty_folder": "no image files", "out_dir_is_a_file": "cannot create the output folder",
+                "read_only_out_dir": "cannot write", "bad_dtype": "'int8' is not one of",
                 "num_feat_no_norm": "--normalize"}[case]
     assert expected in err
     assert not list(tmp_path.glob("f.*"))

@@ -19,6 +19,8 @@ from tests.distributed.test_launch import alive, clean_env
 from tests.pipelines.test_embed import BAD, _make_folder
 from unicom_cli.cli.app import main
 
+pytestmark = pytest.mark.slow  # every test here runs `unicom embed --procs 2`
+
 BATCH = "3"
 SUFFIXES = (".npy", ".ids.txt", ".failures.txt")
 

@@ -102,6 +102,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_same_metrics(digits_knn, tmp_path):
     import torch.multiprocessing as mp
 

@@ -50,8 +50,10 @@ def test_digits_recall_at_1_equals_numpy(digits, tmp_path):
     assert "recall@1" in res.output
     from PIL import Image
 
+    from unicom_cli.pipelines.vis import grid_size
+
     with Image.open(tmp_path / "v.jpg") as im:
-        assert im.size == (6 * 128 + 6, 6 * 128)
+        assert im.size == grid_size(6, 5)
         px = np.asarray(im.convert("RGB"))
     green = (px[..., 1] > 140) & (px[..., 0] < 80)
     assert green.sum() > 1000  # hit borders drawn

@@ -66,8 +66,92 @@ def test_bad_input_messages(tree, capsys):
     assert f"{missing}: not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs(tree):
     result = subprocess.run([sys.executable, "-m", "unicom_cli", "prepare-gldv2", str(tree.csv), "--limit", "3",
                              "--resize", "32", "-j", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "wrote 3 images of 1 landmarks" in result.stdout
+
+
+# ----------------------------------------------------------------------------- issue 19, item 9
+
+def _one_line(capsys) -> str:
+    from tests.conftest import one_error_line
+
+    return one_error_line(capsys.readouterr().err)
+
+
+def test_a_landmark_with_ten_thousand_ids(tree, capsys):
+    many = " ".join(f"{n:016x}" for n in range(10_000))  # csv's default field limit is 128 KiB
+    tree.csv.write_text(tree.csv.read_text() + f"42,{many}\n")
+    assert main(["prepare-gldv2", str(tree.csv), "--resize", "48", "-j", "0"]) == 0
+    assert "10,002 missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["latin1_csv", "out_is_a_file"])
+def test_bad_csv_and_output_are_one_line(tree, tmp_path, capsys, case):
+    args = ["prepare-gldv2", str(tree.csv), "-j", "0"]
+    if case == "latin1_csv":
+        tree.csv.write_bytes(tree.csv.read_bytes() + b"caf\xe9,abcdef0123456789\n")
+        expected = "not UTF-8"
+    else:
+        (tmp_path / "file").write_text("x")
+        args += ["-o", str(tmp_path / "file")]
+        expected = "is a file"
+    assert main(args) == 2
+    assert expected in _one_line(capsys)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_full_or_read_only_output(tree, small_disk, capsys, readonly):
+    disk = small_disk("48k", readonly=readonly)
+    code = main(["prepare-gldv2", str(tree.csv), "-o", str(disk), "--resize", "0", "-j", "0"])
+    line = _one_line(capsys)
+    assert code == 1 and str(disk) in line
+    assert ("read-only" if readonly else "full") in line
+    assert not (disk / "train.rec").exists()
+
+
+def test_pixel_limit_applies(tree, capsys):
+    """A 20000x20000 PNG was decoded whole (2.4 GB); here a 2000x1500 one against --max-pixels."""
+    from PIL import Image
+
+    big = tree.images / "0/f/0/0f0e0d0c0b0a0003.jpg"
+    Image.new("RGB", (2000, 1500), (9, 99, 199)).save(big, format="PNG")
+    assert main(["prepare-gldv2", str(tree.csv), "--resize", "48", "-j", "0",
+                 "--max-pixels", "2000000"]) == 0
+    report = __import__("json").loads((tree.root / "report.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert "3,000,000 pixels is above the limit of 2,000,000" in reasons["0/f/0/0f0e0d0c0b0a0003.jpg"]
+
+
+def test_duplicate_ids_and_odd_landmark_ids(tree, capsys):
+    """An image under two landmarks is kept once (first landmark wins, with a warning); landmark
+    ids with a comma or a line break survive labels.csv and --verify."""
+    import csv as csvmod
+    import io
+
+    text = tree.csv.read_text().replace("\n500,", '\n"5,00",').replace("\n20,", '\n"2\n0",')
+    text += "77,a1b2c3d4e5f60001\n"  # already listed under "5,00"
+    tree.csv.write_text(text)
+    assert main(["prepare-gldv2", str(tree.csv), "--resize", "48", "-j", "0"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a1b2c3d4e5f60001 under landmarks 5,00 and 77" in err and "first landmark" in err
+    rows = list(csvmod.reader(io.StringIO((tree.root / "labels.csv").read_text(), newline="")))
+    assert rows[1][0] == "5,00" and ["2\n0", "1", "1"] in rows and "77" not in [r[0] for r in rows]
+    assert len((tree.root / "train.lst").read_text().splitlines()) == 7
+    assert main(["prepare-gldv2", "--verify", str(tree.root), "-j", "0"]) == 0
+
+
+def test_an_output_in_use_is_refused(tree, tmp_path, capsys):
+    from tests.utils.test_files import _start_holder
+
+    holder = _start_holder(tree.root / "train")
+    try:
+        assert main(["prepare-gldv2", str(tree.csv), "-j", "0"]) == 1
+        assert f"in use by another unicom run (pid {holder.pid})" in _one_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["prepare-gldv2", str(tree.csv), "-j", "0", "--resize", "48"]) == 0

@@ -140,7 +140,8 @@ def test_gldv2(tmp_path):
     t = b.test
     assert t.paths[0] == "test/a/0/q/a0q1.jpg" and t.paths[2] == "index/0/0/a/00a1b2.jpg"
     assert list(t.query) == [0, 1] and list(t.gallery) == [2, 3, 4, 5]
-    assert [list(r) for r in t.relevant] == [[1, 3, 1], [0]]  # as listed: DELF counts repeats and list(t.usage) == ["public", "private"]
+    assert [list(r) for r in t.relevant] == [[1, 3, 1], [0]]  # as listed: DELF counts repeats
+    assert list(t.usage) == ["public", "private"]
     sub = t.subset(np.array([True, True, True, False, True, True]))  # index image 11aa22 skipped
     assert [list(r) for r in sub.relevant] == [[-2, 2, -2], [0]] and list(sub.gallery) == [2, 3, 4]
     pub = load_benchmark("gldv2", tmp_path, gldv2_splits=("public",))

@@ -214,7 +214,7 @@ def test_verify_accepts_good_output_and_finds_damage(built, tmp_path):
 
 
 def test_dali_cpu_pipeline_reads_the_output(built, tmp_path):
-    dali = pytest.importorskip("nvidia.dali")
+    dali = pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is the optional GPU extra: pip install -e '.[dali]'")
     from nvidia.dali import fn
 
     _, out = built

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 
 import pytest
@@ -86,7 +87,7 @@ def test_junk_part_is_discarded_and_downloaded_again(served, payload, cache):
 
 def test_corrupted_bytes_are_rejected_and_nothing_is_cached(served, payload, cache):
     served.fault(PATH, "corrupt")
-    with pytest.raises(ChecksumMismatch, match="does not match the expected"):
+    with pytest.raises(ChecksumMismatch, match="do not match the expected"):
         fetch(_spec(served.base + PATH, _sha(payload)), cache=cache)
     assert not (cache / "FP16-tiny.pt").exists()
     assert not (cache / "FP16-tiny.pt.part").exists()
@@ -231,3 +232,92 @@ def test_create_model_downloads_on_first_use(served, payload, tiny_checkpoint, m
     served.requests.clear()
     create_model(spec.name)
     assert served.requests == []
+
+
+# ----------------------------------------------------------------------------- issue 19, items 7-8
+
+def test_cut_then_416_is_never_cached_as_final(served, payload, cache):
+    """Item 7: a Drive-style file (no published digest) cut halfway, then 416 to the resume: the
+    half must not be cached (it was, digest recorded, --verify ok); the download starts over."""
+    served.fault(PATH, "cut", "416")
+    result = fetch(_spec(served.base + PATH, None), cache=cache)
+    assert result.path.read_bytes() == payload
+    assert read_sidecar(result.path) == _sha(payload)
+    assert served.requested(PATH)[-1] is None  # the last request started over from byte 0
+
+
+def test_416_to_a_leftover_part_starts_over(served, payload, cache):
+    (cache / "FP16-tiny.pt.part").write_bytes(payload[: len(payload) // 3])
+    served.fault(PATH, "416")
+    assert fetch(_spec(served.base + PATH, None), cache=cache).path.read_bytes() == payload
+
+
+def test_a_trickle_stalls_and_is_retried(served, payload, cache, monkeypatch):
+    """Item 8: 20 bytes/s never trips the per-read timeout; the stall window does."""
+    monkeypatch.setenv("UNICOM_DOWNLOAD_STALL_S", "0.5")
+    served.fault(PATH, "trickle")
+    path = fetch_weights(_spec(served.base + PATH, _sha(payload)), cache=cache)
+    assert path.read_bytes() == payload
+    assert len(served.requested(PATH)) == 2 and served.requested(PATH)[1] is not None
+
+
+def test_a_server_cutting_every_response_is_given_up_on(served, payload, cache):
+    """Item 8: every response cut at half used to mean requests without end."""
+    served.fault(PATH, *["cut"] * 1000)
+    with pytest.raises(DownloadError, match="failed attempts"):
+        fetch(_spec(served.base + PATH, _sha(payload)), cache=cache, retries=2)
+    assert len(served.requested(PATH)) == 4 * (2 + 1)
+    assert not (cache / "FP16-tiny.pt").exists()
+
+
+def test_a_body_without_length_is_capped(served, cache):
+    """Item 8: no Content-Length and no end: stopped at the expected size + margin."""
+    served.fault(PATH, "endless")
+    spec = _spec(served.base + PATH, None)
+    with pytest.raises(DownloadError, match="without announcing a length"):
+        fetch(spec, cache=cache, retries=0)
+    assert not (cache / "FP16-tiny.pt").exists() and not (cache / "FP16-tiny.pt.part").exists()
+
+
+def _age(path, seconds: int = 10) -> None:
+    """Move the file's modification time into the past (as a download finished long ago)."""
+    old = path.stat().st_mtime_ns - seconds * 10**9
+    os.utime(path, ns=(old, old))
+
+
+def test_fresh_record_is_trusted_and_verify_still_hashes(served, payload, cache, monkeypatch):
+    """Loading trusts <file>.sha256 when size and mtime are unchanged; --verify reads every byte."""
+    from unicom_cli.models import weights
+    from unicom_cli.models.download import verify_cache
+
+    spec = _spec(served.base + PATH, _sha(payload))
+    monkeypatch.setitem(registry._MODELS, spec.name, spec)
+    path = fetch(spec, cache=cache).path
+    _age(path)  # the record no longer matches: the next load hashes once and records again
+    hashed = []
+    real = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p) or real(p))
+    assert fetch(spec, cache=cache).sha256 == _sha(payload) and hashed == [path]
+    assert fetch(spec, cache=cache).sha256 == _sha(payload) and hashed == [path]  # trusted
+
+    # Same size, same mtime, other bytes: loading cannot tell; --verify can.
+    stat = path.stat()
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fetch(spec, cache=cache).status == "cached" and len(hashed) == 1
+    [result] = verify_cache([spec.name], cache=cache)
+    assert result.status == "corrupt" and result.sha256 == _sha(path.read_bytes())
+
+
+def test_changed_file_is_hashed_again_even_within_one_clock_tick(served, payload, cache, monkeypatch):
+    """A rewrite keeping the size is caught by the mtime, or, in the same tick, by the record
+    being no older than the file."""
+    spec = _spec(served.base + PATH, _sha(payload))
+    path = fetch(spec, cache=cache).path
+    _age(path)
+    fetch(spec, cache=cache)  # fresh record now
+    stat = path.stat()
+    path.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+    assert path.stat().st_mtime_ns != stat.st_mtime_ns
+    result = fetch(spec, cache=cache)
+    assert result.status == "downloaded" and path.read_bytes() == payload

@@ -129,9 +129,13 @@ def test_fp16_checkpoint_loads_strict_and_gives_the_reference_embedding(tiny_spe
     assert (expected[0] - expected[1]).abs().max() > 1e-3
 
 
-def test_json_model_without_weights_is_freshly_initialised(tiny_spec_file):
-    loaded = create_model(tiny_spec_file)
-    assert loaded.weights_path is None and loaded.sha256 is None
+def test_json_model_without_weights_is_refused_unless_random_init_is_asked(tiny_spec_file):
+    from unicom_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="tiny.json.*--weights.*--random-init"):
+        create_model(tiny_spec_file)
+    loaded = create_model(tiny_spec_file, pretrained=False, seed=5)
+    assert loaded.weights_path is None and loaded.sha256 is None and loaded.random_init_seed == 5
     assert loaded.spec.source == str(tiny_spec_file)
 
 
@@ -156,6 +160,18 @@ def test_input_size_not_a_multiple_of_the_patch_floors_the_grid(tmp_path):
     path.write_text(json.dumps({"input_size": 30, "patch_size": 8, "width": 32, "depth": 1,
                                 "heads": 2, "embedding_size": 4}))
     assert get_spec(path).grid == 3
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_architecture_json_round_trips(name, tmp_path):
+    """ModelSpec.to_json is the architecture file finetune writes (arch.json) and --model reads."""
+    spec = get_spec(name)
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps(spec.to_json()))
+    back = get_spec(path)
+    assert set(spec.to_json()) == {"name", "input_size", "patch_size", "width", "depth", "heads",
+                                   "embedding_size"}
+    assert (back.name, back.num_params, back.grid) == (spec.name, spec.num_params, spec.grid)
 
 
 def test_every_norm_has_the_reference_epsilon(tiny_spec_file):

@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, init_file: str, root: str, out: str, spec: st
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_gloo_processes_match_one(tmp_path, tiny_spec_file, tiny_checkpoint):
     root = tmp_path / "imgs"

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
-from unicom_cli.pipelines.features import NONFINITE_REASON
 
 
 def _digits(folder: Path, n: int) -> Path:
@@ -37,12 +37,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "unicom_cli", *args],
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _one_line_error(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.slow
@@ -79,6 +73,8 @@ def test_nan_weights_give_failures_never_good_rows(tmp_path, tiny_spec_file, tin
                                                   capsys):
     """Item 2: a checkpoint with a NaN weight: every row is listed as a failure, none as good."""
     import torch
+
+    from unicom_cli.pipelines.features import NONFINITE_REASON
 
     state = torch.load(tiny_checkpoint, weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
@@ -160,9 +156,33 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, disk_size
     proc = _cli(*_args(src, out, spec, ckpt))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    line = _one_line_error(err)
+    line = one_error_line(err)
     assert str(disk) in line and "free space" in line
     assert not out.exists() and not (disk / "f.ids.txt").exists()
     assert not [p for p in disk.rglob("*") if ".tmp" in p.name]
     done = (disk / "f.npy.partial" / "part-00000.state.json")
     assert done.exists() == (where == "assemble")
+
+
+def test_a_big_file_has_its_header_checked_before_it_is_read(tmp_path):
+    """Item 6: a 200 MiB (sparse) file below the size bound is refused from its header alone;
+    measured in a fresh process, whose peak memory would grow by 200 MiB on a whole read."""
+    junk = tmp_path / "junk.png"
+    with open(junk, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+        handle.truncate(200 << 20)
+    # VmHWM (the peak of this process's memory) starts afresh at exec; ru_maxrss would not.
+    script = (
+        "import re, sys\n"
+        "from unicom_cli.data.images import load_pixels\n"
+        "from unicom_cli.errors import BadImage\n"
+        "def peak():\n"
+        "    return int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "before = peak()\n"
+        "try:\n    load_pixels(sys.argv[1])\nexcept BadImage as exc:\n    print(exc)\n"
+        "print(peak() - before)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(junk)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    reason, grown_kib = done.stdout.strip().splitlines()
+    assert "cannot decode" in reason or "not an image" in reason
+    assert int(grown_kib) < 100 << 10, grown_kib

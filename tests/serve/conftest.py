@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, make_tiny_checkpoint
+from tests.conftest import TINY, write_tiny_checkpoint
 
 TOKEN = "s3cret-token"
 MAX_UPLOAD = 1_000_000  # bytes: small, so the 413 tests send little
@@ -59,7 +59,7 @@ def _tiny_weights(folder: Path) -> tuple[Path, Path]:
     """The tiny architecture file and a checkpoint in the published format."""
     spec = folder / "tiny.json"
     spec.write_text(json.dumps(TINY))
-    return spec, make_tiny_checkpoint(spec, folder / "FP16-tiny.pt")
+    return spec, write_tiny_checkpoint(spec, folder / "FP16-tiny.pt")
 
 
 @pytest.fixture(scope="package")

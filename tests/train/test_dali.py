@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali")
+pytest.importorskip("nvidia.dali",
+                    reason="NVIDIA DALI is the optional GPU extra: pip install -e '.[dali]' (CI installs it)")
 
 from unicom_cli.data.dali import RecordLoader, find_record  # noqa: E402
 from unicom_cli.errors import InputError  # noqa: E402

@@ -196,6 +196,7 @@ def _two_process_worker(rank, world, out):
                    f"{out}/case{case}-rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """Sample rate 1.0: the same global batch gives the same loss, centre and backbone gradients
     on 2 processes as on 1. Below 1.0 each rank keeps int(rate × its classes) centres (5 of 6 and

@@ -15,12 +15,17 @@ from unicom_cli.cli import (
     download,
     embed,
     eval_knn,
+    eval_linear,
     eval_retrieval,
+    export,
     finetune,
+    index,
     models,
     prepare_gldv2,
+    search,
     serve,
 )
+from unicom_cli.cli.help import command_settings
 from unicom_cli.errors import InputError, UnicomError
 
 app = typer.Typer(
@@ -29,12 +34,14 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    epilog=command_settings(["unicom demo", "unicom embed photos/ -o feats/photos.npy",
+                             "unicom eval-retrieval --dataset folder:photos/ --vis top5.jpg"])["epilog"],
 )
 
 
 def _show_version(value: bool) -> None:
     if value:
-        from unicom_cli import __version__
+        from unicom_cli._version import __version__
 
         typer.echo(f"unicom-cli {__version__}")
         raise typer.Exit()
@@ -48,15 +55,20 @@ def _options(
     """Embed, evaluate and finetune UNICOM image-retrieval models, from a laptop to many GPUs."""
 
 
-app.command("models")(models.models)
-app.command("download")(download.download)
-app.command("embed")(embed.embed)
-app.command("eval-retrieval")(eval_retrieval.eval_retrieval)
-app.command("eval-knn")(eval_knn.eval_knn)
-app.command("prepare-gldv2")(prepare_gldv2.prepare_gldv2)
-app.command("finetune")(finetune.finetune)
-app.command("demo")(demo.demo)
-app.command("serve")(serve.serve)
+# Each command module defines EXAMPLES: its --help ends with them (see cli/help.py).
+app.command("models", **command_settings(models.EXAMPLES))(models.models)
+app.command("download", **command_settings(download.EXAMPLES))(download.download)
+app.command("embed", **command_settings(embed.EXAMPLES))(embed.embed)
+app.command("eval-retrieval", **command_settings(eval_retrieval.EXAMPLES))(eval_retrieval.eval_retrieval)
+app.command("eval-knn", **command_settings(eval_knn.EXAMPLES))(eval_knn.eval_knn)
+app.command("eval-linear", **command_settings(eval_linear.EXAMPLES))(eval_linear.eval_linear)
+app.command("prepare-gldv2", **command_settings(prepare_gldv2.EXAMPLES))(prepare_gldv2.prepare_gldv2)
+app.command("finetune", **command_settings(finetune.EXAMPLES))(finetune.finetune)
+app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
+app.command("export", **command_settings(export.EXAMPLES))(export.export)
+app.command("index", **command_settings(index.EXAMPLES))(index.index)
+app.command("search", **command_settings(search.EXAMPLES))(search.search)
+app.command("serve", **command_settings(serve.EXAMPLES))(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,21 +8,32 @@ from typing import Annotated, Optional
 
 import typer
 
-from unicom_cli.cli.options import ProcsOpt
+from unicom_cli.cli.options import BatchSizeOpt, OutputDirOpt, ProcsOpt
+
+EXAMPLES = [
+    "unicom demo",
+    "unicom demo -o /tmp/unicom-demo --procs 2",
+    "unicom demo --limit-per-class 20 --epochs 1",
+]
 
 
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for every output of the demo.")] = Path("unicom-demo"),
+    output: OutputDirOpt = Path("unicom-demo"),
     procs: ProcsOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Finetuning epochs over digits 0-4.")] = 3,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Finetuning batch (global).")] = 64,
+    batch_size: BatchSizeOpt = 64,
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", min=2, help="Use fewer digits (quick trial).")] = None,
 ) -> None:
-    """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise."""
+    """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise.
+
+    Writes everything under --output; --batch-size is the finetuning batch per process.
+    """
     from rich.table import Table
 
     from unicom_cli.pipelines.demo import DemoConfig, run_demo
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, status
+
+    status(f"writing real digits to {output} …")
 
     def announce(step, number: int, total: int) -> None:
         console.rule(f"[bold]step {number}/{total}: {step.title}")

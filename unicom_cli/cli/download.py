@@ -6,7 +6,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from unicom_cli.cli.options import CacheDirOpt
+from unicom_cli.cli.options import CacheDirOpt, MirrorOpt
+
+EXAMPLES = [
+    "unicom download ViT-B/32 ViT-L/14",
+    "unicom download --all --mirror http://host/unicom",
+    "unicom download --verify",
+]
 
 _STYLE = {"downloaded": "green", "cached": "green", "ok": "green", "failed": "red",
           "corrupt": "red", "missing": "yellow", "partial": "yellow", "unverified": "yellow"}
@@ -17,10 +23,7 @@ def download(
         metavar="NAME", help="Model names (see `unicom models`).", show_default=False)] = None,
     all_models: Annotated[bool, typer.Option("--all", help="Every registered model.")] = False,
     cache_dir: CacheDirOpt = None,
-    mirror: Annotated[Optional[str], typer.Option(
-        "--mirror", envvar="UNICOM_MIRROR", show_envvar=True,
-        help="URL or folder replacing https://github.com/deepglint/unicom/releases/download "
-             "(holds <tag>/<file>; Drive-only models at gldv2/<file>).")] = None,
+    mirror: MirrorOpt = None,
     sha256: Annotated[Optional[str], typer.Option(
         "--sha256", help="Pin the expected SHA-256 of the one named model's file.")] = None,
     verify: Annotated[bool, typer.Option(
@@ -28,14 +31,12 @@ def download(
 ) -> None:
     """Download model weights (resumable, SHA-256 verified) into the cache.
 
-    Other commands download what they need on first use; this fetches ahead of time, e.g.
-    `unicom download ViT-B/32 ViT-L/14`, `unicom download --all --mirror http://host/unicom`,
-    `unicom download --verify`.
+    Other commands download what they need on first use; this fetches ahead of time.
     """
     from rich.table import Table
 
     from unicom_cli.models.download import download_models, verify_cache
-    from unicom_cli.utils.console import console, err_console
+    from unicom_cli.utils.console import console, err_console, print_context
 
     names = names or []
     if verify:
@@ -46,8 +47,7 @@ def download(
         failed = [r for r in results if r.status == "failed"]
 
     folder = next((r.path.parent for r in results if r.path), None)
-    table = Table(box=None, pad_edge=False, caption=f"cache: {folder}" if folder else None,
-                  caption_justify="left")
+    table = Table(box=None, pad_edge=False)
     for column in ("model", "status", "sha256", "file"):
         table.add_column(column, no_wrap=column != "file", overflow="fold")
     for r in results:
@@ -56,6 +56,8 @@ def download(
         table.add_row(r.name, f"[{style}]{r.status}[/]", digest, r.path.name if r.path else "-")
     if not (len(results) == 1 and failed):  # a single failure: its one-line error says it all
         console.print(table)
+        if folder:
+            print_context([f"cache: {folder}"])
     for r in results:
         if r.sha256 and r.checksum in ("computed", "recorded", "none") and r.status != "corrupt":
             console.print(f"{r.name} sha256 {r.sha256}", highlight=False, soft_wrap=True)

@@ -3,45 +3,61 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
     BatchSizeOpt,
+    CacheDirOpt,
     DeviceOpt,
     GpusOpt,
     InferencePrecisionOpt,
     MasterAddrOpt,
     MasterPortOpt,
+    MirrorOpt,
     ModelOpt,
     NnodesOpt,
     NodeRankOpt,
     NumFeatOpt,
     ProcsOpt,
+    RandomInitOpt,
     RdzvOpt,
+    SeedOpt,
     WeightsOpt,
     WorkersOpt,
 )
+
+EXAMPLES = [
+    "unicom embed photos/ -o feats/photos.npy",
+    "unicom embed list.txt -o feats.npy --model ViT-L/14 --num-feat 256 --dtype float16",
+    "unicom embed photos/ -o feats.npy --procs 2",
+]
 
 SHOWN_FAILURES = 10
 
 
 def embed(
     input: Annotated[Path, typer.Argument(help="Folder of images (scanned recursively) or a text file with one path per line.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy; .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy (its folder is created); .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    mirror: MirrorOpt = None,
+    cache_dir: CacheDirOpt = None,
+    runtime: Annotated[Optional[Literal["torch", "onnx"]], typer.Option("--runtime", help="torch, or onnx to run a graph from `unicom export` with ONNX Runtime (default: onnx for a .onnx --model).", show_default=False)] = None,
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: InferencePrecisionOpt = "auto",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16.")] = "float32",
+    dtype: Annotated[Literal["float32", "float16"], typer.Option("--dtype", help="Element type of the output matrix.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
+    head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
     gpus: GpusOpt = None,
     procs: ProcsOpt = None,
     nnodes: NnodesOpt = 1,
@@ -55,14 +71,18 @@ def embed(
     Bad files are skipped and listed in the .failures.txt file; rows and ids stay aligned.
     An interrupted run continues where it stopped when started again with the same arguments.
     """
+    from unicom_cli.utils.console import status
+
+    status(f"loading {model} …")
     from unicom_cli.distributed.launch import LaunchConfig, run_command
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
 
     config = EmbedConfig(
-        input=input, output=output, model=model, weights=weights, batch_size=batch_size,
+        input=input, output=output, model=model, weights=weights, pretrained=not random_init,
+        seed=seed, mirror=mirror, cache_dir=cache_dir, runtime=runtime, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,
-        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft,
+        num_feat=num_feat, dtype=dtype, overwrite=overwrite, draft=draft, head=head,
     )
     if max_pixels is not None:
         config.max_pixels = max_pixels
@@ -78,7 +98,7 @@ def embed(
 def _print_summary(summary) -> None:
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("embedded", f"{summary.count:,} of {summary.total:,} images "
@@ -87,9 +107,8 @@ def _print_summary(summary) -> None:
         table.add_row("resumed", f"{summary.resumed_from:,} images were done by an earlier run")
     table.add_row("failures", f"{len(summary.failures):,}")
     table.add_row("time", f"{summary.seconds:,.1f} s ({summary.images_per_s:,.1f} images/s)")
-    for path in summary.outputs:
-        table.add_row("wrote", str(path))
     console.print(table)
+    print_context([f"wrote {path}" for path in summary.outputs])  # whole paths, never cut
     for name, reason in summary.failures[:SHOWN_FAILURES]:
         # a non-UTF-8 file name holds surrogates, which a terminal cannot print
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

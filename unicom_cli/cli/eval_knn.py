@@ -8,9 +8,16 @@ from typing import Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt, MasterAddrOpt,
-    MasterPortOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
+    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
+    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
 )
+
+EXAMPLES = [
+    "unicom eval-knn --train-dataset data/train --val-dataset data/val --json results/knn.json",
+    "unicom eval-knn --train-dataset data/train --val-dataset data/val --nb-knn 10,20 --n-per-class 5 --n-tries 3",
+    "unicom eval-knn --train-dataset data/train --val-dataset data/val --train-embeddings train.npy --val-embeddings val.npy",
+]
 
 
 def eval_knn(
@@ -23,11 +30,14 @@ def eval_knn(
     n_tries: Annotated[int, typer.Option("--n-tries", min=1, help="Few-shot: repeat with this many random draws (mean ± std).")] = 1,
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    mirror: MirrorOpt = None,
     train_embeddings: Annotated[Optional[Path], typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
     val_embeddings: Annotated[Optional[Path], typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     num_feat: NumFeatOpt = None,
     gather_on_cpu: Annotated[bool, typer.Option("--gather-on-cpu", help="Keep train features in host memory and stream them to the GPU (huge train sets).")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="Search backend: auto, faiss or torch.")] = "auto",
+    backend: BackendOpt = "auto",
     json_out: JsonOutOpt = None,
     device: DeviceOpt = "auto",
     precision: InferencePrecisionOpt = "auto",
@@ -42,15 +52,22 @@ def eval_knn(
     master_port: MasterPortOpt = None,
     rdzv_endpoint: RdzvOpt = None,
 ) -> None:
-    """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k."""
+    """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k.
+
+    Accuracies are percentages (0-100).
+    """
+    from unicom_cli.utils.console import status
+
+    status(f"loading {'features' if train_embeddings else model} …")
     from unicom_cli.distributed.launch import LaunchConfig, run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.knn import KnnConfig, run_knn
 
     cfg = KnnConfig(
-        train_dataset=train_dataset, val_dataset=val_dataset, nb_knn=int_list(nb_knn, "--nb-knn") or [10, 20, 100, 200],
+        train_dataset=train_dataset, val_dataset=val_dataset, nb_knn=int_list(nb_knn, "--nb-knn"),
         temperature=temperature, per_class=per_class, n_per_class=n_per_class, n_tries=n_tries,
-        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
+        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir,
+                           random_init=random_init, seed=seed, mirror=mirror),
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
         backend=backend, num_feat=num_feat, json_out=json_out)
     launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
@@ -60,24 +77,27 @@ def eval_knn(
 
 
 def print_results(results: dict) -> None:
-    """A Rich table: one row per k, top-1/top-5 (± std over few-shot tries)."""
+    """A Rich table: one row per k, top-1/top-5 in % (± std over few-shot tries), then the context."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     source = results["model"] or "precomputed features"
     table = Table(title=f"kNN · {source} · T={results['temperature']}", title_justify="left")
     table.add_column("k", justify="right")
     keys = [k for k in next(iter(results["metrics"].values())) if not k.endswith("_std")]
     for key in keys:
-        table.add_column(key.replace("_", " "), justify="right")
+        table.add_column(key.replace("_", " ") + " (%)", justify="right")
     for k, entry in results["metrics"].items():
         cells = [f"{entry[key]:.2f}" + (f" ± {entry[key + '_std']:.2f}" if key + "_std" in entry else "")
                  for key in keys]
         table.add_row(k, *cells)
+    console.print(table)
     s = results["sizes"]
     few = results["few_shot"]
-    table.caption = (f"{s['train']:,} train, {s['val']:,} val, {s['classes']} classes"
-                     + (f" · {few['n_per_class']} per class × {few['n_tries']} tries" if few else "")
-                     + f" · {results['processes']} process(es) · {results['timings']['total']:.1f} s")
-    console.print(table)
+    print_context([
+        f"{s['train']:,} train, {s['val']:,} val, {s['classes']} classes"
+        + (f" · {few['n_per_class']} per class × {few['n_tries']} tries" if few else ""),
+        f"{results['processes']} process(es) · {results['timings']['total']:.1f} s",
+        *(f"wrote {path}" for path in results.get("written", [])),
+    ])

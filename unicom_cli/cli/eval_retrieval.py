@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, Literal, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt, MasterAddrOpt,
-    MasterPortOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt, RdzvOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
+    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
+    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
 )
+
+EXAMPLES = [
+    "unicom eval-retrieval --dataset sop --data-root data --json results/sop.json",
+    "unicom eval-retrieval --dataset folder:photos/ --vis results/top5.jpg",
+    "unicom eval-retrieval --query queries/ --gallery gallery/ --embeddings feats.npy",
+]
 
 
 def eval_retrieval(
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all; a PATH holding train/ and test/ is read from test/).")] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the data sets in their usual layouts.")] = Path("data"),
-    split: Annotated[Optional[str], typer.Option("--split", help="GLDv2 queries: public or private (default both).")] = None,
+    split: Annotated[Optional[Literal["public", "private"]], typer.Option("--split", help="GLDv2 queries (default both).", show_default=False)] = None,
     query: Annotated[Optional[Path], typer.Option("--query", help="ImageFolder of queries (label = class folder).")] = None,
     gallery: Annotated[Optional[Path], typer.Option("--gallery", help="ImageFolder of the gallery searched by --query.")] = None,
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
+    mirror: MirrorOpt = None,
     recall_at: Annotated[Optional[List[str]], typer.Option("--recall-at", help="K for Recall@K (comma-separated or repeated; default: the data set's usual list).")] = None,
     num_feat: NumFeatOpt = None,
     embeddings: Annotated[Optional[Path], typer.Option("--embeddings", help="Precomputed features (feats.npy + feats.ids.txt from `unicom embed`): no model.")] = None,
     save_features: Annotated[Optional[Path], typer.Option("--save-features", help="Keep the extracted features in this folder (reusable with --embeddings).")] = None,
     json_out: JsonOutOpt = None,
-    vis: Annotated[Optional[Path], typer.Option("--vis", help="Save a picture of a few queries and their top-k (hits green, misses red).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Search backend: auto, faiss or torch.")] = "auto",
+    vis: Annotated[Optional[Path], typer.Option("--vis", help="Save a picture of a few queries and their top-k: names, ranks and scores; hits green, misses red.")] = None,
+    vis_queries: Annotated[int, typer.Option("--vis-queries", min=1, help="Queries (rows) in the --vis picture.")] = 6,
+    vis_k: Annotated[int, typer.Option("--vis-k", min=1, help="Results per query in the --vis picture.")] = 5,
+    backend: BackendOpt = "auto",
     device: DeviceOpt = "auto",
     precision: InferencePrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 64,
@@ -41,20 +53,25 @@ def eval_retrieval(
     master_port: MasterPortOpt = None,
     rdzv_endpoint: RdzvOpt = None,
 ) -> None:
-    """Evaluate retrieval exactly as the papers do (SPEC §2) on CPU or GPUs, 1 process or many."""
+    """Evaluate retrieval exactly as the papers do, on CPU or GPUs, 1 process or many.
+
+    Metrics are percentages (0-100), as in the papers.
+    """
+    from unicom_cli.utils.console import status
+
+    status(f"loading {'features' if embeddings else model} …")
     from unicom_cli.distributed.launch import LaunchConfig, run_command
-    from unicom_cli.errors import UsageError
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.retrieval import RetrievalConfig, run_retrieval
 
-    if split not in (None, "public", "private"):
-        raise UsageError(f"--split {split!r}: choose public or private")
     cfg = RetrievalConfig(
         dataset=dataset, data_root=data_root, query=query, gallery=gallery,
         gldv2_splits=(split,) if split else ("public", "private"),
-        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir),
+        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir,
+                           random_init=random_init, seed=seed, mirror=mirror),
         recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
-        save_features=save_features, backend=backend, json_out=json_out, vis=vis)
+        save_features=save_features, backend=backend, json_out=json_out, vis=vis,
+        vis_queries=vis_queries, vis_k=vis_k)
     launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_retrieval, cfg)
     if results is not None:
@@ -62,18 +79,22 @@ def eval_retrieval(
 
 
 def print_results(results: dict) -> None:
-    """A Rich table of the metrics, sizes and timings."""
+    """A Rich table of the metrics (percentages), then the context on its own lines."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     source = results["model"] or results["embeddings"]
     table = Table(title=f"{results['dataset']} · {source}", title_justify="left")
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    table.add_column("value (%)", justify="right")
     for name, value in results["metrics"].items():
         table.add_row(name, f"{value:.2f}")
-    sizes = ", ".join(f"{v:,} {k}" for k, v in results["sizes"].items())
-    table.caption = (f"{sizes}; {results['skipped']} skipped · {results['backend']} on {results['device']}"
-                     f" · {results['processes']} process(es) · {results['timings']['total']:.1f} s")
     console.print(table)
+    sizes = ", ".join(f"{v:,} {k}" for k, v in results["sizes"].items())
+    print_context([
+        f"{sizes}; {results['skipped']} skipped",
+        f"{results['backend']} on {results['device']} · {results['processes']} process(es) · "
+        f"{results['timings']['total']:.1f} s",
+        *(f"wrote {path}" for path in results.get("written", [])),
+    ])

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from unicom_cli.cli.options import CacheDirOpt
+from unicom_cli.cli.options import CacheDirOpt, alias
+
+EXAMPLES = [
+    "unicom models",
+    "unicom models --format json > models.json",
+    "unicom models --cache-dir /shared/unicom",
+]
 
 
 def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
@@ -22,13 +28,16 @@ def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
 def _row(name: str, root) -> dict:
     """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
     from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.weights import read_sidecar, sidecar_is_fresh
+    from unicom_cli.models.weights import trusted_digest
 
     spec = get_spec(name)
     path = root / spec.filename
     part = path.with_name(path.name + ".part")
     cached = path.is_file()
-    recorded = read_sidecar(path) if cached and sidecar_is_fresh(path) else None
+    recorded = trusted_digest(path) if cached else None
+    # Without hashing (this stays instant): a file smaller than the model's fp16 tensors alone
+    # cannot be its published weights.
+    corrupt = cached and path.stat().st_size < spec.fp16_file_size
     if spec.sha256:
         # A recorded digest other than the published one: a file pinned with --sha256.
         checksum = {None: "published", spec.sha256: "verified"}.get(recorded, "pinned")
@@ -39,6 +48,7 @@ def _row(name: str, root) -> dict:
         "name": spec.name, "input_size": spec.input_size, "patch_size": spec.patch_size,
         "embedding_size": spec.embedding_size, "params": spec.num_params, "file_size": size,
         "sha256": spec.sha256 or recorded, "checksum": checksum, "cached": cached,
+        "corrupt": corrupt,
         "partial_bytes": part.stat().st_size if not cached and part.is_file() else 0,
         "path": str(path), "url": spec.url,
         "gdrive_id": spec.gdrive_id,
@@ -46,7 +56,8 @@ def _row(name: str, root) -> dict:
 
 
 def models(
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    output_format: Annotated[Literal["table", "json"], typer.Option("--format", help="A table, or a JSON list on stdout.")] = "table",
+    as_json: Annotated[Optional[bool], alias("--json")] = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """List the published UNICOM models: size, embedding, cache and checksum state.
@@ -54,29 +65,32 @@ def models(
     checksum: verified = cached and matched the published SHA-256; published = a SHA-256 is
     published (not yet verified here); pinned = the cached file matched a --sha256 pin instead;
     computed = none published, recorded at download; none = none published or recorded.
+    cached: corrupt = a file too small to hold the model (`unicom download --verify` re-hashes,
+    `unicom download NAME` replaces it).
     """
     from unicom_cli.models.registry import available_models
     from unicom_cli.models.weights import cache_dir as resolve_cache
 
     root = resolve_cache(cache_dir)
     rows = [_row(name, root) for name in available_models()]
-    if as_json:
+    if as_json or output_format == "json":
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich import box
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
-    table = Table(box=box.SIMPLE_HEAD, caption=f"cache: {root}", caption_justify="left",
-                  pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("name", no_wrap=True)
     for column in ("input", "dim", "params", "size"):
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("cached", no_wrap=True)
     table.add_column("checksum", no_wrap=True)
     for row in rows:
-        if row["cached"]:
+        if row["corrupt"]:
+            cached = "[red]corrupt[/]"
+        elif row["cached"]:
             cached = "[green]yes[/]"
         elif row["partial_bytes"]:
             cached = f"[yellow]{100 * row['partial_bytes'] // max(row['file_size'], 1)}%[/]"
@@ -88,3 +102,4 @@ def models(
                       _human(row["file_size"], (" B", " KB", " MB", " GB")),
                       cached, f"[{style}]{row['checksum']}[/]" if style else row["checksum"])
     console.print(table)
+    print_context([f"cache: {root}"])

@@ -1,23 +1,49 @@
-"""Option types shared by several commands, defined once."""
+"""Option types shared by several commands, defined once: one name and one meaning per concept.
+
+Old spellings stay accepted as hidden aliases for one release (see ``alias``); fixed sets of
+values are ``Literal`` choices, which ``--help`` lists and the parser checks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `unicom models`) or a JSON architecture file.")]
+Precision = Literal["fp32", "fp16", "bf16"]
+Backend = Literal["auto", "faiss", "torch"]
+
+
+def _check_device(value: Optional[str]) -> Optional[str]:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: a choice with a numbered form."""
+    if value is None or value in ("auto", "cpu", "cuda"):
+        return value
+    if value.startswith("cuda:") and value[5:].isdigit():
+        return value
+    raise typer.BadParameter(f"{value!r}: choose auto, cpu, cuda or cuda:N")
+
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `unicom models`) or a JSON architecture file (needs --weights or --random-init).")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="State dict (.pt/.safetensors) to load instead of the published weights.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-PrecisionOpt = Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")]
-InferencePrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, fp16 or bf16. auto: fp16 on CUDA, bf16 on CPUs that multiply bf16 natively (AVX512-BF16, AMX, Arm BF16; ~3x faster, row cosine to fp32 > 0.9999), fp32 elsewhere.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass (per process).")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Use a randomly initialised network (seeded by --seed) instead of trained weights: tests and baselines only.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --random-init.")]
+MirrorOpt = Annotated[Optional[str], typer.Option(
+    "--mirror", envvar="UNICOM_MIRROR", show_envvar=True,
+    help="Download published weights from this URL or folder instead of the GitHub releases "
+         "(it holds <tag>/<file>; Drive-only models at gldv2/<file>).")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N]", callback=_check_device, help="Where the network runs.")]
+# finetune's mixed precision; inference (embed, eval-*) has an `auto` choice as well.
+PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Autocast precision (default: fp16 on CUDA, fp32 on CPU).", show_default=False)]
+InferencePrecisionOpt = Annotated[Literal["auto", "fp32", "fp16", "bf16"], typer.Option("--precision", help="auto: fp16 on CUDA, bf16 on CPUs that multiply bf16 natively (AVX512-BF16, AMX, Arm BF16; ~3x faster, row cosine to fp32 > 0.9999), fp32 elsewhere.")]
+BackendOpt = Annotated[Backend, typer.Option("--backend", help="Exact-search backend.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch, per process.")]
 # The embed pipeline's decoders (embed, eval-retrieval, eval-knn): pipelines.embed.default_workers.
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, at least 2; its share up to 12 on CUDA; 0: decode inline).")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Weights cache (default: $UNICOM_HOME or ~/.cache/unicom).")]
 NumFeatOpt = Annotated[Optional[int], typer.Option("--num-feat", min=1, help="Keep the first K dimensions after L2-normalising.")]
-JsonOutOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")]
+JsonOutOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file (folders are created).")]
+OutputDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (created if missing).")]
 
 # Multi-process launch (see unicom_cli.distributed.launch).
 GpusOpt = Annotated[Optional[str], typer.Option("--gpus", help="Run on N GPUs (or 'all'), one process each (NCCL).", rich_help_panel="Distributed")]
@@ -27,6 +53,18 @@ NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="This node'
 MasterAddrOpt = Annotated[str, typer.Option("--master-addr", help="Address of node 0.", rich_help_panel="Distributed")]
 MasterPortOpt = Annotated[Optional[int], typer.Option("--master-port", help="Port on node 0 (default: a free one).", rich_help_panel="Distributed")]
 RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="host:port rendezvous endpoint (instead of --master-addr/--master-port).", rich_help_panel="Distributed")]
+
+
+def alias(name: str, **kw: Any) -> Any:
+    """A hidden option keeping an old spelling working for one release (noted in CHANGELOG.md)."""
+    return typer.Option(name, hidden=True, **kw)
+
+
+def prefer(value: Any, old: Any, default: Any = None) -> Any:
+    """The new option's value, else the old alias's, else ``default``."""
+    if value is not None:
+        return value
+    return old if old is not None else default
 
 
 def int_list(values: Optional[list[str]], option: str) -> Optional[list[int]]:

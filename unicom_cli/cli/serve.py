@@ -10,6 +10,12 @@ import typer
 
 from unicom_cli.cli.options import DeviceOpt, PrecisionOpt, WeightsOpt
 
+EXAMPLES = [
+    "unicom serve photos.index                 # then open http://127.0.0.1:8000/",
+    "UNICOM_TOKEN=s3cret unicom serve photos.index --host 0.0.0.0 --port 8080",
+    "curl -F image=@cat.jpg 'http://127.0.0.1:8000/search?k=5'",
+]
+
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
 
@@ -40,14 +46,6 @@ def serve(
     """Serve an index: POST /search, GET /images/{row}, a web page at / and API docs at /docs.
 
     The model is loaded once at start; one log line per request follows.
-
-    Examples:
-
-      unicom serve photos.index                       # http://127.0.0.1:8000/
-
-      UNICOM_TOKEN=s3cret unicom serve photos.index --host 0.0.0.0 --port 8080
-
-      curl -F image=@cat.jpg 'http://127.0.0.1:8000/search?k=5'
     """
     from unicom_cli.errors import UsageError
 

@@ -276,9 +276,26 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
     return Benchmark("gldv2", root, test, None, [])
 
 
+SPLIT_FOLDERS = {"train", "test", "val", "query", "gallery", "knn"}
+
+
 def load_folder(path: Path) -> Benchmark:
-    """A user's ImageFolder tree, all-vs-all (label = class folder)."""
+    """A user's ImageFolder tree, all-vs-all (label = class folder).
+
+    A folder holding split folders instead of classes (finetune's ``PATH/train`` +
+    ``PATH/test`` layout) is evaluated on its ``test/``, said on screen; without a ``test/``
+    it is an error naming what was found, not a data set of 2 classes called train and test.
+    """
     root = Path(path)
+    subfolders = {p.name for p in root.iterdir() if p.is_dir()} if root.is_dir() else set()
+    if subfolders and subfolders <= SPLIT_FOLDERS:
+        from unicom_cli.utils.console import info
+
+        if "test" not in subfolders:
+            raise DatasetLayout(f"{root}: holds the split folders {', '.join(sorted(subfolders))} "
+                                f"instead of class folders; point --dataset folder: at one of them")
+        info(f"{root}: split folders ({', '.join(sorted(subfolders))}) found: evaluating {root / 'test'}")
+        root = root / "test"
     paths, names = scan_class_folders(root)
     return Benchmark(f"folder:{root}", root, Split(paths, _labels_from_names(names)), None, [1, 2, 4, 8])
 

@@ -19,6 +19,7 @@ checkpoint and continues, giving the same bytes as an uninterrupted run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -31,10 +32,12 @@ from itertools import islice
 from pathlib import Path
 
 from unicom_cli.data import reencode
+from unicom_cli.data.images import DEFAULT_MAX_PIXELS
 from unicom_cli.data.recordio import RecordWriter
 from unicom_cli.errors import BadImage, DatasetLayout, InputError, OutputExists, UsageError
-from unicom_cli.utils.console import info, progress_bar
+from unicom_cli.utils.console import info, progress_bar, warn
 from unicom_cli.utils.cpu import usable_cores
+from unicom_cli.utils.files import disk_errors, output_lock, write_json_atomic, write_text_atomic
 
 PREFIX = "train"
 PARTIAL_DIR = ".train.partial"
@@ -59,6 +62,7 @@ class PrepareConfig:
     min_images_per_class: int = 1
     overwrite: bool = False
     progress: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # bigger images are skipped unread, as in embed
 
 
 @dataclass
@@ -95,29 +99,63 @@ def read_train_csv(path: Path) -> list[Landmark]:
     """Rows of a ``landmark_id,images`` CSV; a malformed row raises InputError naming its line."""
     if not path.is_file():
         raise InputError(f"{path}: no such file (expected GLDv2's train_clean.csv)")
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != ["landmark_id", "images"]:
-            raise InputError(f"{path} line 1: expected the header 'landmark_id,images', got {','.join(header or [])!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 2 or not row[0].strip():
-                raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', "
-                                 f"got {','.join(row)[:80]!r}")
-            ids = row[1].split()
-            if not ids:
-                raise InputError(f"{path} line {line}: landmark {row[0].strip()} lists no images")
-            bad = next((i for i in ids if not _IMAGE_ID.fullmatch(i)), None)
-            if bad is not None:  # ids become paths: nothing but letters and digits
-                raise InputError(f"{path} line {line}: bad image id {bad!r} (ids are hexadecimal strings)")
-            rows.append(Landmark(row[0].strip(), ids))
+    rows: list[Landmark] = []
+    # A landmark may list tens of thousands of images: far beyond csv's default 128 KiB field.
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            _read_rows(path, csv.reader(f), rows)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start:,}: {exc.reason}); save the "
+                         "CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise InputError(f"{path}: not a readable CSV ({exc})") from None
     if not rows:
         raise InputError(f"{path}: no landmarks listed")
-    return rows
+    return _drop_duplicate_images(path, rows)
+
+
+def _drop_duplicate_images(path: Path, rows: list[Landmark]) -> list[Landmark]:
+    """An image listed under two landmarks would be stored twice under two labels: keep its first
+    listing (the first landmark in the CSV wins), drop the others, and say so."""
+    seen: dict[str, str] = {}
+    kept, dropped = [], []
+    for row in rows:
+        ids = []
+        for image_id in row.image_ids:
+            if image_id in seen:
+                dropped.append((image_id, seen[image_id], row.landmark_id))
+            else:
+                seen[image_id] = row.landmark_id
+                ids.append(image_id)
+        if ids:
+            kept.append(Landmark(row.landmark_id, ids))
+    if dropped:
+        image_id, first, other = dropped[0]
+        warn(f"{path}: {len(dropped):,} image(s) listed more than once (e.g. {image_id} under "
+             f"landmarks {first} and {other}); each is kept under the first landmark that lists it")
+    return kept
+
+
+def _read_rows(path: Path, reader, rows: list[Landmark]) -> None:
+    """The landmark rows after the header; a malformed row raises InputError naming its line."""
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != ["landmark_id", "images"]:
+        raise InputError(f"{path} line 1: expected the header 'landmark_id,images', got {','.join(header or [])!r}")
+    for row in reader:
+        line = reader.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise InputError(f"{path} line {line}: expected 'landmark_id,image_id image_id ...', "
+                             f"got {','.join(row)[:80]!r}")
+        ids = row[1].split()
+        if not ids:
+            raise InputError(f"{path} line {line}: landmark {row[0].strip()} lists no images")
+        bad = next((i for i in ids if not _IMAGE_ID.fullmatch(i)), None)
+        if bad is not None:  # ids become paths: nothing but letters and digits
+            raise InputError(f"{path} line {line}: bad image id {bad!r} (ids are hexadecimal strings)")
+        rows.append(Landmark(row[0].strip(), ids))
 
 
 def plan_images(cfg: PrepareConfig, images: Path) -> tuple[list[tuple[int, str]], list[str], dict]:
@@ -165,6 +203,7 @@ class _Encoder:
     resize: int
     quality: int
     pass_through: bool
+    max_pixels: int | None
 
     def __call__(self, rels: list[str]) -> list[tuple[bytes | None, str | None]]:
         return [self.one(rel) for rel in rels]
@@ -175,9 +214,9 @@ class _Encoder:
             with open(os.path.join(self.images, rel), "rb") as f:
                 data = f.read()
             if self.pass_through:
-                reencode.check_decodable(data)
+                reencode.check_decodable(data, self.max_pixels)
                 return data, None
-            return reencode.reencode(data, self.resize, self.quality), None
+            return reencode.reencode(data, self.resize, self.quality, self.max_pixels), None
         except BadImage as exc:
             return None, str(exc)
         except OSError as exc:
@@ -250,15 +289,11 @@ def _settings(cfg: PrepareConfig, images: Path) -> dict:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def default_workers() -> int:
@@ -281,7 +316,15 @@ def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split pla
                             f"{cfg.csv.name} (train/0/0/0/000...jpg); pass --images DIR")
     if cfg.resize < 0 or not 1 <= cfg.quality <= 100:
         raise UsageError("--resize must be >= 0 and --quality between 1 and 100")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: is a file; give the output folder")
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with output_lock(out / PREFIX):
+            return _prepare(cfg, images, out, t0)
+
+
+def _prepare(cfg: PrepareConfig, images: Path, out: Path, t0: float) -> PrepareResult:
     partial = out / PARTIAL_DIR
     if cfg.overwrite and partial.exists():
         shutil.rmtree(partial)
@@ -366,7 +409,7 @@ def _encode_all(cfg: PrepareConfig, images: Path, partial: Path, entries: list[t
     os.truncate(rec, state["rec_bytes"])  # drop whatever a killed run wrote after its checkpoint
     os.truncate(idx, state["idx_bytes"])
     workers = default_workers() if cfg.workers is None else cfg.workers
-    encoder = _Encoder(str(images), cfg.resize, cfg.quality, cfg.pass_through)
+    encoder = _Encoder(str(images), cfg.resize, cfg.quality, cfg.pass_through, cfg.max_pixels)
     start = state["done"]
     todo = [rel for _, rel in entries[start:]]
     failed, records = list(state["failed"]), state["records"]
@@ -416,8 +459,12 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     plan = json.loads((partial / "plan.json").read_text())
     landmarks = plan["landmarks"]
     per_label = Counter(label for label, _ in written)
-    _write_text(partial / "labels.csv", "landmark_id,label,count\n" + "".join(
-        f"{landmark},{label},{per_label[label]}\n" for label, landmark in enumerate(landmarks)))
+    # csv quoting: a landmark id may hold a comma, a quote or a line break
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["landmark_id", "label", "count"])
+    writer.writerows((landmark, label, per_label[label]) for label, landmark in enumerate(landmarks))
+    _write_text(partial / "labels.csv", table.getvalue())
     encode_s = state["encode_seconds"]
     done_now = len(entries) - resumed_from
     report = {
@@ -545,7 +592,8 @@ def verify_output(out: Path, workers: int | None = None, progress: bool = True) 
     per_label = Counter(int(label) for _, label, _ in entries)
     classes = len(per_label)
     if labels_csv.is_file():
-        rows = list(csv.reader(labels_csv.open(newline="")))
+        with labels_csv.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
         if not rows or rows[0] != ["landmark_id", "label", "count"]:
             problem(f"{labels_csv}: expected the header 'landmark_id,label,count'")
         else:

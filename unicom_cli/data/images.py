@@ -299,6 +299,8 @@ def load_pixels(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
             raise BadImage(f"the file is {nbytes / 2**20:,.0f} MiB, more than an image within "
                            f"--max-pixels can take ({limit / 2**20:,.0f} MiB); raise --max-pixels "
                            "to accept it")
+        if nbytes > HEADER_FIRST_BYTES:  # a big file: its header must make sense before we read it
+            _check_header(path, max_pixels)
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
@@ -319,6 +321,23 @@ def decode_pixels(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
     import io
 
     return np.asarray(_decode_with_pillow(io.BytesIO(data), max_pixels, draft_size))
+
+
+HEADER_FIRST_BYTES = 32 << 20  # files above this have their header checked before being read
+
+
+def _check_header(path: Path | str, max_pixels: int | None) -> None:
+    """Pillow reads only the header: an unknown format or too many pixels is refused unread."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with _open_unchecked(path) as img:
+            size = img.size
+    except UnidentifiedImageError as exc:
+        raise BadImage("not an image file Pillow can read (wrong extension or unknown format)") from exc
+    except (SyntaxError, ValueError, EOFError) as exc:
+        raise BadImage(f"cannot decode: {exc or type(exc).__name__}") from exc
+    _check_pixels(size, max_pixels)
 
 
 def max_file_bytes(max_pixels: int | None) -> int | None:

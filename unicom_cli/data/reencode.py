@@ -15,6 +15,7 @@ import struct
 import cv2
 import numpy as np
 
+from unicom_cli.data.images import DEFAULT_MAX_PIXELS
 from unicom_cli.errors import BadImage
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -49,6 +50,33 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone (JPEG frame header, else Pillow's lazy open)."""
+    size = jpeg_size(data)
+    if size is not None:
+        return size
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None  # the decoder then says what is wrong
+
+
+def check_pixels(data: bytes, max_pixels: int | None) -> None:
+    """Refuse an image with more than ``max_pixels`` pixels before decoding it (a 20000 x 20000
+    PNG is 1.2 GB of pixels), as ``unicom embed`` does."""
+    if max_pixels is None:
+        return
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise BadImage(f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels is above the limit of "
+                       f"{max_pixels:,} (possible decompression bomb)")
+
+
 def target_size(width: int, height: int, short: int) -> tuple[int, int]:
     """im2rec's output (width, height): the shorter side becomes ``short``."""
     if height > width:
@@ -66,8 +94,10 @@ def decode(data: bytes, reduce: int = 1) -> np.ndarray:
     return img
 
 
-def reencode(data: bytes, resize: int, quality: int) -> bytes:
+def reencode(data: bytes, resize: int, quality: int,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS) -> bytes:
     """JPEG bytes of ``data`` with the shorter side resized to ``resize`` (0 keeps the size)."""
+    check_pixels(data, max_pixels)
     size = jpeg_size(data) if resize else None
     reduce = 1
     if size is not None:
@@ -93,9 +123,10 @@ def reencode(data: bytes, resize: int, quality: int) -> bytes:
     return buf.tobytes()
 
 
-def check_decodable(data: bytes) -> None:
+def check_decodable(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Raise BadImage unless ``data`` decodes (at 1/8 scale for JPEG: every byte is still parsed)."""
     if not data:
         raise BadImage("empty file")
+    check_pixels(data, max_pixels)
     if cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
         raise BadImage("not a decodable image (corrupt, truncated or unsupported format)")

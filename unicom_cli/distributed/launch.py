@@ -20,6 +20,7 @@ Examples::
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -401,6 +402,18 @@ def _free_port(addr: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _check_port_free(addr: str, port: int) -> None:
+    """A busy --master-port fails late and obscurely inside the process group: check it first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr if addr not in ("localhost",) else "127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DistributedError(f"--master-port {port} is in use on {addr}; choose another "
+                                       "port, or leave the option out to get a free one") from None
+            # another machine's address or a name: the group itself will say what is wrong
+
+
 def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
     """Start ``nproc`` copies of this command on this node under torch's elastic agent; wait for them."""
     import logging
@@ -421,6 +434,8 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
         if cfg.nnodes > 1:
             port = cfg.master_port or _DEFAULT_MULTINODE_PORT
         else:
+            if cfg.master_port:
+                _check_port_free(cfg.master_addr, cfg.master_port)
             port = cfg.master_port or _free_port(cfg.master_addr)
         rdzv = {"rdzv_backend": "static", "rdzv_endpoint": f"{cfg.master_addr}:{port}",
                 "rdzv_configs": {"rank": cfg.node_rank}}

@@ -42,6 +42,9 @@ class SearchResult:
 def l2_normalize(x: np.ndarray, num_feat: int | None = None) -> np.ndarray:
     """Row-wise L2 normalisation in float32; then keep the first ``num_feat`` dims (SPEC §2, no renormalising)."""
     x = np.asarray(x, dtype=np.float32)
+    if num_feat is not None and not 1 <= num_feat <= x.shape[1]:
+        raise UsageError(f"--num-feat {num_feat}: the features have {x.shape[1]} dimensions; "
+                         f"choose 1 to {x.shape[1]}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     out = x / np.maximum(norms, 1e-12)
     return np.ascontiguousarray(out[:, :num_feat] if num_feat else out)
@@ -71,9 +74,9 @@ def resolve_precision(precision: str, backend: str, device: str, k: int) -> str:
 
     ``auto`` is bf16 for the torch backend on CPU when k is small and the CPU multiplies bf16
     natively (``utils.cpu.native_bf16``, from its capabilities: a timing on a busy machine
-    picked fp32 on an AMX CPU and made a 60k all-vs-all search 7x slower). faiss and CUDA always screen in fp32: cuBLAS may sum bf16 products
-    in reduced precision (torch's ``allow_bf16_reduced_precision_reduction``), which the error
-    bound does not cover.
+    picked fp32 on an AMX CPU and made a 60k all-vs-all search 7x slower). faiss and CUDA always
+    screen in fp32: cuBLAS may sum bf16 products in reduced precision (torch's
+    ``allow_bf16_reduced_precision_reduction``), which the error bound does not cover.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")

@@ -1,8 +1,9 @@
-"""Build or extend an index folder: choose, train on a sample, add in chunks (sharded by rank, then merged), tune, write atomically."""
+"""Build or extend an index folder: choose, train on a sample, add in chunks by rank, merge, tune, publish."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,6 +45,7 @@ class BuildConfig:
     device: str = "cpu"  # cuda: faiss-gpu trains the coarse quantizer where installed
     seed: int = 0
     held_out: int = 1000  # queries drawn from the collection to measure recall
+    chunk_rows: int = 65536  # rows read and added per step (memory bound; shards align to it)
     progress: bool = True
 
 
@@ -104,9 +106,13 @@ def _train_sample_size(n: int, dim: int, factory_index, max_memory: int) -> int:
 
 def _gpu_training(index, device: str) -> object | None:
     """With faiss-gpu and a CUDA device, k-means of the coarse quantizer runs on the GPU."""
+    from unicom_cli.distributed import device_for
+
     faiss = _faiss()
-    if not str(device).startswith("cuda") or not hasattr(faiss, "StandardGpuResources") \
-            or faiss.get_num_gpus() < 1:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    device = device_for(device)  # auto → this rank's GPU where there is one
+    if not str(device).startswith("cuda"):
         return None
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
@@ -129,6 +135,11 @@ def _new_index(choice: Choice, dim: int, sources: list[FeatureSource], cfg: Buil
         detail = str(exc).strip().splitlines()[-1]
         raise UsageError(f"--index {choice.factory!r}: not a faiss factory string faiss accepts "
                          f"({detail}); use auto, flat, hnsw, ivf, ivfpq or e.g. 'IVF1024,PQ32'") from exc
+    ivf_pq = faiss.try_extract_index_ivf(index)
+    if isinstance(ivf_pq, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (a PQ re-ordering for Hamming filtering that
+        # our search never uses); it is a simulated annealing that can take minutes.
+        ivf_pq.do_polysemous_training = False
     if not index.is_trained:
         n = sum(s.count for s in sources)
         size = _train_sample_size(n, dim, index, max_memory)
@@ -170,13 +181,14 @@ def _shardable(index) -> bool:
         isinstance(faiss.downcast_index(index), faiss.IndexFlat)
 
 
-def _add(index, sources: list[FeatureSource], base: int, shards: list[range], bar) -> None:
+def _add(index, sources: list[FeatureSource], base: int, shards: list[range], bar,
+         chunk_rows: int) -> None:
     """Add this rank's rows, chunk by chunk, with global ids (``base`` + row in the collection)."""
     faiss = _faiss()
     with_ids = faiss.try_extract_index_ivf(index) is not None
     offset = base
     for src, rows in zip(sources, shards):
-        for start, chunk in src.chunks(rows):
+        for start, chunk in src.chunks(rows, chunk_rows):
             if with_ids:
                 index.add_with_ids(chunk, np.arange(offset + start, offset + start + len(chunk),
                                                     dtype=np.int64))
@@ -198,122 +210,169 @@ def _merge(main, part) -> None:
 
 
 def _set_threads() -> None:
-    """Each of N processes on a node gets 1/N of its cores for faiss's OpenMP loops."""
+    """Each of N processes on a node gets 1/N of its usable cores for faiss's OpenMP loops."""
     from unicom_cli.distributed import world_size
+    from unicom_cli.utils.cpu import cores_per_process
 
     if world_size() > 1:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - macOS
-            cores = os.cpu_count() or 1
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
-        _faiss().omp_set_num_threads(max(1, cores // max(1, local)))
+        _faiss().omp_set_num_threads(cores_per_process(local))
 
 
 def run_build(cfg: BuildConfig) -> BuildSummary | None:
-    """Build (or with ``cfg.add`` extend) the index at ``cfg.output`` on 1 or N processes.
+    """Build (or with ``cfg.add`` extend) the index at ``cfg.output`` on 1 or N processes;
+    rank 0 holds the output's lock throughout, so a second run on it is refused at once."""
+    from contextlib import nullcontext
 
-    Every rank adds a contiguous, chunk-aligned shard of the rows to a copy of the trained
-    index; rank 0 merges the shards in rank order (the same inverted lists, in the same order,
-    as one process), tunes the search parameters and publishes the folder with one rename.
-    Returns the summary on rank 0.
-    """
-    from unicom_cli.distributed import barrier, is_main, rank, world_size
-    from unicom_cli.distributed.comm import broadcast_object, shard_range
-    from unicom_cli.index.source import CHUNK_ROWS
-    from unicom_cli.utils.console import info, progress_bar, warn
+    from unicom_cli.distributed import is_main
+    from unicom_cli.utils.files import OutputLock
 
-    start_time = time.perf_counter()
+    with OutputLock(cfg.output) if is_main() else nullcontext():
+        return _run_build(cfg)
+
+
+@dataclass
+class _Plan:
+    """What a build works on, decided before any work (every rank decides the same)."""
+
+    sources: list[FeatureSource]
+    fields: dict
+    existing: Index | None
+    choice: Choice
+    max_memory: int
+
+    @property
+    def dim(self) -> int:
+        return self.sources[0].dim
+
+    @property
+    def added(self) -> int:
+        return sum(s.count for s in self.sources)
+
+    @property
+    def base(self) -> int:
+        return len(self.existing) if self.existing is not None else 0
+
+
+def _plan(cfg: BuildConfig) -> _Plan:
+    """Check every input and choose the index; nothing is written."""
     if not 0 < cfg.target_recall <= 1:
         raise UsageError(f"--target-recall {cfg.target_recall}: must be in (0, 1]")
-    faiss = _faiss()
+    if cfg.chunk_rows < 1:
+        raise UsageError(f"--chunk-rows {cfg.chunk_rows}: must be at least 1")
     sources = _open_sources(cfg)
     fields = sources[0].model_fields()
-    dim = sources[0].dim
-    added = sum(s.count for s in sources)
     max_memory = cfg.max_memory or default_max_memory()
-    existing: Index | None = None
-    if cfg.add:
-        existing = Index.load(cfg.output)
-        recorded = {key: existing.meta.get(key) for key in fields}
-        _check_compatible(recorded, fields, str(sources[0].npy), f"the index {cfg.output}")
-        base = len(existing)
-        choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
-                        int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
-    else:
+    if not cfg.add:
         check_output(cfg.output, cfg.overwrite)
-        base = 0
-        choice = choose_index(added, dim, max_memory, cfg.index)
-    _set_threads()
+        choice = choose_index(sum(s.count for s in sources), sources[0].dim, max_memory, cfg.index)
+        return _Plan(sources, fields, None, choice, max_memory)
+    existing = Index.load(cfg.output)
+    recorded = {key: existing.meta.get(key) for key in fields}
+    _check_compatible(recorded, fields, str(sources[0].npy), f"the index {cfg.output}")
+    choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
+                    int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
+    return _Plan(sources, fields, existing, choice, max_memory)
 
+
+def _run_build(cfg: BuildConfig) -> BuildSummary | None:
+    """Plan, fill (all ranks), then tune and publish (rank 0)."""
+    from unicom_cli.distributed import is_main
+    from unicom_cli.distributed.comm import broadcast_object
+
+    start_time = time.perf_counter()
+    plan = _plan(cfg)
+    _set_threads()
     tmp = Path(broadcast_object(str(temp_folder(cfg.output)) if is_main() else None))
+    try:
+        index = _fill(plan, cfg, tmp)
+        if not is_main():
+            return None
+        return _finish(plan, cfg, tmp, index, start_time)
+    except Exception:
+        if is_main():  # a failed build leaves nothing behind (a killed one: see temp_folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fill(plan: _Plan, cfg: BuildConfig, tmp: Path):
+    """Train (rank 0) and add every vector: each rank adds a contiguous, chunk-aligned shard
+    to a copy of the trained index and rank 0 merges the shards in rank order, which gives the
+    inverted lists, in the same order, that one process builds. Returns the index on rank 0."""
+    from unicom_cli.distributed import barrier, is_main, rank, world_size
+    from unicom_cli.distributed.comm import shard_range
+    from unicom_cli.utils.console import progress_bar, warn
+
+    faiss = _faiss()
     trained_path = tmp / "trained.faiss"
+    many = world_size() > 1
     if is_main():
-        if existing is not None:
-            index = existing.faiss_index
-            empty = faiss.clone_index(index)
+        if plan.existing is not None:
+            main_index = plan.existing.faiss_index
+            empty = faiss.clone_index(main_index)
             empty.reset()
         else:
-            index = empty = _new_index(choice, dim, sources, cfg, max_memory)
-        if world_size() > 1:
+            main_index = empty = _new_index(plan.choice, plan.dim, plan.sources, cfg, plan.max_memory)
+        if many:
             faiss.write_index(empty, str(trained_path))
     barrier()
     if not is_main():
-        index = faiss.read_index(str(trained_path))
-    if world_size() > 1 and not _shardable(index):
+        main_index = empty = faiss.read_index(str(trained_path))
+    shardable = _shardable(main_index)
+    if many and not shardable:
         if is_main():
-            warn(f"{choice.factory}: a graph index cannot be merged from shards; "
+            warn(f"{plan.choice.factory}: a graph index cannot be merged from shards; "
                  "rank 0 adds every vector")
-        shards = [range(s.count) if is_main() else range(0) for s in sources]
+        shards = [range(s.count) if is_main() else range(0) for s in plan.sources]
     else:
-        shards = [shard_range(s.count, align=CHUNK_ROWS) for s in sources]
+        shards = [shard_range(s.count, align=cfg.chunk_rows) for s in plan.sources]
     mine = sum(len(r) for r in shards)
-    main_index = index
-    if world_size() > 1 and is_main() and _shardable(index):
-        index = faiss.clone_index(empty) if existing is not None else faiss.clone_index(index)
-    with progress_bar(added, "index", unit="vectors", enabled=cfg.progress) as bar:
-        _add(index, sources, base, shards, _Scaled(bar, added, mine))
-    if world_size() > 1 and _shardable(main_index):
-        if not is_main():
-            faiss.write_index(index, str(tmp / f"shard-{rank():05d}.faiss"))
-        barrier()
-        if is_main():
-            _merge(main_index, index)
-            for r in range(1, world_size()):
-                part_path = tmp / f"shard-{r:05d}.faiss"
-                _merge(main_index, faiss.read_index(str(part_path)))
-                part_path.unlink()
-    else:
-        barrier()
-    index = main_index
+    index = faiss.clone_index(empty) if many and shardable and is_main() else main_index
+    with progress_bar(plan.added, "index", unit="vectors", enabled=cfg.progress) as bar:
+        _add(index, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows)
+    if many and shardable and not is_main():
+        faiss.write_index(index, str(tmp / f"shard-{rank():05d}.faiss"))
+    barrier()
     if not is_main():
         return None
+    if many and shardable:
+        _merge(main_index, index)
+        for r in range(1, world_size()):
+            part_path = tmp / f"shard-{r:05d}.faiss"
+            _merge(main_index, faiss.read_index(str(part_path)))
+            part_path.unlink()
     trained_path.unlink(missing_ok=True)
+    return main_index
 
-    all_sources = sources
-    if existing is not None:
-        earlier = _earlier_sources(existing, cfg.normalize)
-        all_sources = earlier + sources if earlier is not None else sources
+
+def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) -> BuildSummary:
+    """Measure recall on held-out queries, tune, write the folder and publish it (rank 0)."""
+    from unicom_cli.utils.console import info, warn
+
+    all_sources = plan.sources
+    if plan.existing is not None:
+        earlier = recorded_sources(plan.existing, cfg.normalize)
+        all_sources = earlier + plan.sources if earlier is not None else plan.sources
     info(f"measuring recall@{RECALL_K} on {min(cfg.held_out, index.ntotal):,} held-out queries")
     held = held_out_queries(all_sources, cfg.held_out, RECALL_K, cfg.seed)
-    if existing is not None and len(all_sources) == len(sources):
-        held.rows = held.rows + base  # queries from the added rows only
-        held.truth = held.truth + base
+    if plan.existing is not None and all_sources is plan.sources:
+        held.rows = held.rows + plan.base  # queries from the added rows only
+        held.truth = held.truth + plan.base
         warn("the earlier collections' .npy files are gone: recall is measured among the "
              "added vectors only")
     tuning = tune(index, held, cfg.target_recall)
     if not tuning.reached:
-        warn(f"{choice.factory}: the best recall@{RECALL_K} reached is {tuning.recall:.3f}, "
+        warn(f"{plan.choice.factory}: the best recall@{RECALL_K} reached is {tuning.recall:.3f}, "
              f"below --target-recall {cfg.target_recall}; raise --max-memory or pick "
              "another --index")
-    ids, root = _ids(existing, sources)
-    meta = _meta(cfg, choice, fields, tuning, existing, sources, root, index, max_memory,
-                 time.perf_counter() - start_time)
+    ids, root = _ids(plan.existing, plan.sources)
+    meta = _meta(cfg, plan.choice, plan.fields, tuning, plan.existing, plan.sources, root, index,
+                 plan.max_memory, time.perf_counter() - start_time)
     write_folder(tmp, index, ids, meta)
     publish(tmp, cfg.output)
     size = (Path(cfg.output) / INDEX_FILE).stat().st_size
-    return BuildSummary(Path(cfg.output), int(index.ntotal), added, dim, choice, tuning,
-                        time.perf_counter() - start_time, size, meta)
+    return BuildSummary(Path(cfg.output), int(index.ntotal), plan.added, plan.dim, plan.choice,
+                        tuning, time.perf_counter() - start_time, size, meta)
 
 
 class _Scaled:
@@ -326,7 +385,7 @@ class _Scaled:
         self.bar.advance(int(round(n * self.scale)))
 
 
-def _earlier_sources(existing: Index, normalize: bool) -> list[FeatureSource] | None:
+def recorded_sources(existing: Index, normalize: bool) -> list[FeatureSource] | None:
     """The feature files an index was built from, when they are all still there unchanged."""
     out = []
     for item in existing.meta.get("sources", []):
@@ -365,7 +424,7 @@ def _meta(cfg: BuildConfig, choice: Choice, fields: dict, tuning: Tuning,
         "memory_bytes": choice.memory_bytes, "max_memory": max_memory,
         "search_params": tuning.params,
         "recall_at_10": round(tuning.recall, 4), "target_recall": cfg.target_recall,
-        "recall_reached": tuning.reached, "recall_queries": cfg.held_out,
+        "recall_reached": tuning.reached, "recall_queries": tuning.queries,
         "tuning": tuning.tried,
         "sources": earlier + [{"features": str(s.npy.resolve()), "count": s.count,
                                 "root": str(s.root) if s.root else None} for s in sources],

@@ -79,8 +79,9 @@ def memory_of(kind: str, n: int, dim: int, nlist: int = 0, m: int = 0, opq: bool
 
 
 def _pq_m(dim: int) -> list[int]:
-    """Sub-quantizer counts for ``dim``: each must divide the (OPQ output) dimension."""
-    return [m for m in PQ_CHOICES if m <= dim and dim % m == 0] or [1]
+    """Sub-quantizer counts for ``dim``: each divides the dimension and covers at least two
+    of its components (one-dimensional sub-quantizers cost the bytes of SQ8 with none of its speed)."""
+    return [m for m in PQ_CHOICES if 2 * m <= dim and dim % m == 0] or [1]
 
 
 def ivfpq_choice(n: int, dim: int, max_memory: int, reason: str) -> Choice:

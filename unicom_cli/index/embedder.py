@@ -1,4 +1,4 @@
-"""Query images → vectors processed exactly as an index's collection was (model, weights, crop, normalisation, num_feat)."""
+"""Query images → vectors made exactly as the index's collection was (model, weights, crop, normalisation, num_feat)."""
 
 from __future__ import annotations
 
@@ -103,8 +103,9 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
     """The model an index was built with, ready to embed queries (``meta`` is its index.json).
 
     Weights: ``weights`` if given, else the file recorded at build time, else the published
-    weights from the cache (downloaded on first use). Their SHA-256 must equal the recorded one:
-    different weights would return confident but wrong neighbours.
+    weights from the cache (downloaded on first use), else the recorded random-init seed. Their
+    SHA-256 must equal the recorded one: different weights would return confident but wrong
+    neighbours. The precision defaults to the one the collection was embedded in.
     """
     from unicom_cli.models.factory import create_model
     from unicom_cli.models.registry import ModelSpec
@@ -118,16 +119,17 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
         spec_fields = {**spec_fields, "mean": tuple(spec_fields["mean"]), "std": tuple(spec_fields["std"])}
         model = ModelSpec(**spec_fields)
     expected = meta.get("weights_sha256")
+    seed = meta.get("random_init_seed")
     path = weights
     if path is None and meta.get("weights") and Path(meta["weights"]).is_file():
         path = meta["weights"]
-    if path is None and expected is None:
-        raise UsageError(f"this index was built with randomly initialised {meta['model']} weights, "
-                         "which cannot be recreated; embed the queries with the same weights file "
-                         "(--weights) or pass a .npy of vectors")
-    pretrained = path is not None or getattr(model, "source", "registry") == "registry"
-    loaded = create_model(model, weights=path, pretrained=pretrained, device=device,
-                          precision=precision, cache=cache)
+    if path is None and expected is None and seed is None:
+        raise UsageError(f"this index was built with unrecorded {meta['model']} weights; pass "
+                         "the same weights file with --weights, or query with a .npy of vectors")
+    random_init = path is None and expected is None  # --random-init: the same seed, the same network
+    # The collection's precision (bf16 on CPUs with native bf16 …): queries must match it.
+    loaded = create_model(model, weights=path, pretrained=not random_init, seed=seed or 0,
+                          device=device, precision=precision or meta.get("precision"), cache=cache)
     if expected is not None and loaded.sha256 != expected:
         source = loaded.weights_path or "the weights"
         raise WeightsError(f"{source}: SHA-256 {str(loaded.sha256)[:12]}… differs from the "

@@ -45,8 +45,10 @@ class FeatureSource:
         fields = {key: self.meta.get(key) for key in MODEL_KEYS}
         fields["dim"] = self.dim
         fields["normalized"] = bool(self.meta.get("normalized")) or self.normalize
-        for key in ("model_spec", "weights", "embedding_size"):
+        for key in ("model_spec", "weights", "embedding_size", "precision", "random_init_seed"):
             fields[key] = self.meta.get(key)
+        if fields["weights"] and not os.path.isabs(fields["weights"]):
+            fields["weights"] = os.path.abspath(fields["weights"])  # embed ran from this folder
         return fields
 
     def chunks(self, rows: range | None = None, chunk_rows: int = CHUNK_ROWS
@@ -65,7 +67,7 @@ class FeatureSource:
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` as float32, normalised if the collection needs it; finite-checked."""
-        block = np.asarray(self.matrix[start:stop], dtype=np.float32)
+        block = np.array(self.matrix[start:stop], dtype=np.float32)  # a writable copy
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
             raise InputError(f"{self.npy}: row {bad} ({self.ids[bad]}) holds NaN or infinite "

@@ -132,7 +132,8 @@ class Index:
 
         Args:
             queries: (n, dim) vectors, already processed as ``meta`` says (normalised, cut
-                to ``num_feat``), or a list of image paths, embedded with the index's model.
+                to ``num_feat``), or a list of image paths, PIL images, RGB uint8 arrays or
+                encoded image bytes, embedded with the index's model (``embedder``).
             k: neighbours per query (1 ≤ k ≤ len(self)).
             exclude: per query a row never to return (its own entry; -1 for none).
             params: search parameters for this call instead of the tuned ones, e.g.
@@ -151,20 +152,36 @@ class Index:
             raise UsageError(f"k {k} is larger than the index ({len(self):,} vectors"
                              f"{', minus the excluded query' if exclude is not None else ''}); "
                              f"use k ≤ {limit:,}")
-        if params:
-            apply_search_params(self.faiss_index, params)
-        try:
-            want = k + (1 if exclude is not None else 0)
-            scores, rows = self.faiss_index.search(vectors, want)
-        finally:
+        want = k + (1 if exclude is not None else 0)
+        flat = self.flat_vectors()
+        if flat is not None:  # exact: the search of eval-retrieval, with its fixed tie order
+            from unicom_cli.eval.search import search as exact_search
+
+            found = exact_search(vectors, flat, want)
+            scores, rows = found.scores, found.indices
+        else:
             if params:
-                apply_search_params(self.faiss_index, self.meta.get("search_params") or {})
+                apply_search_params(self.faiss_index, params)
+            try:
+                scores, rows = self.faiss_index.search(vectors, want)
+            finally:
+                if params:
+                    apply_search_params(self.faiss_index, self.meta.get("search_params") or {})
         rows = rows.astype(np.int64, copy=False)
         scores = scores.astype(np.float32, copy=False)
         scores[rows < 0] = -np.inf
         if exclude is not None:
             scores, rows = _drop_rows(scores, rows, np.asarray(exclude, dtype=np.int64), k)
         return scores, rows
+
+    def flat_vectors(self) -> np.ndarray | None:
+        """The rows of a flat (exact) index as an (N, dim) float32 view without a copy; None for
+        other indexes."""
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.faiss_index)
+        if not isinstance(inner, faiss.IndexFlat) or inner.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
 
     def _query_vectors(self, queries, device: str, weights) -> np.ndarray:
         if isinstance(queries, np.ndarray):
@@ -175,8 +192,10 @@ class Index:
                 path, reason = embedded.failures[0]
                 raise InputError(f"{path}: {reason}")
             vectors = embedded.vectors
+        elif len(queries) and not np.isscalar(queries[0]) and not isinstance(queries[0], (list, tuple)):
+            vectors = self.embedder(device, weights)(list(queries))  # PIL images, arrays, bytes
         else:
-            vectors = np.asarray(queries)
+            vectors = np.asarray(queries, dtype=np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None]
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

@@ -33,6 +33,7 @@ class Tuning:
     recall: float
     tried: list[dict] = field(default_factory=list)
     reached: bool = True
+    queries: int = 0  # held-out queries the recall was measured on
 
 
 def held_out_queries(sources: Sequence[FeatureSource], count: int = HELD_OUT, k: int = RECALL_K,
@@ -133,6 +134,6 @@ def tune(index, held: HeldOut, target: float, k: int = RECALL_K, progress=None) 
         if recall > best[0]:
             best = (recall, setting)
         if recall >= target:
-            return Tuning(setting, recall, tried, True)
+            return Tuning(setting, recall, tried, True, len(held.rows))
     apply_search_params(index, best[1])
-    return Tuning(best[1], best[0], tried, False)
+    return Tuning(best[1], best[0], tried, False, len(held.rows))

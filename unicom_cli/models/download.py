@@ -31,6 +31,7 @@ from unicom_cli.models.weights import (
     SHA256_HEX,
     cache_dir,
     read_sidecar,
+    file_digest,
     sha256_file,
     sidecar,
     write_sidecar,
@@ -41,8 +42,9 @@ GDRIVE_URL = "https://drive.google.com"
 GDRIVE_MIRROR_FOLDER = "gldv2"  # where a mirror keeps the Drive-only files: <mirror>/gldv2/<file>
 CHUNK = 1 << 20
 _WAYS_OUT = ("If this machine is offline or the server is blocked, point --mirror URL (or "
-             "$UNICOM_MIRROR) at a copy of the release files, or pass --weights FILE with a copy "
-             "downloaded elsewhere.")
+             "$UNICOM_MIRROR) at a copy of the release files, pass --weights FILE with a copy "
+             "downloaded elsewhere, or put that copy in the weights cache ($UNICOM_HOME or "
+             "--cache-dir; default ~/.cache/unicom).")
 
 _DRIVE_PAGE = ("{url}: Google Drive answered with a web page instead of the file (its download "
                "quota may be exceeded, or the file is no longer shared). Try later, or download it "
@@ -63,6 +65,10 @@ class FetchResult:
     error: str | None = None
 
 
+STALL_MIN_BYTES = 64 << 10  # fewer bytes than this in a stall window is a stalled transfer
+SIZE_MARGIN = 16 << 20  # a body without Content-Length may exceed the expected size by this much
+
+
 @dataclass
 class _Settings:
     retries: int
@@ -70,6 +76,13 @@ class _Settings:
     timeout: float  # socket timeout per read
     progress: bool
     gdrive_url: str
+    stall: float = 60.0  # seconds in which at least STALL_MIN_BYTES must arrive
+
+    @property
+    def budget(self) -> int:
+        """Failed attempts allowed in all, cuts that made progress included: a server that cuts
+        every response is given up on instead of being asked forever."""
+        return 4 * (self.retries + 1)
 
 
 class _Retry(Exception):
@@ -163,13 +176,14 @@ def _settings(retries: int | None, backoff: float | None, progress: bool,
         retries=int(env("UNICOM_DOWNLOAD_RETRIES", "4")) if retries is None else retries,
         backoff=float(env("UNICOM_DOWNLOAD_BACKOFF", "1.0")) if backoff is None else backoff,
         timeout=float(env("UNICOM_DOWNLOAD_TIMEOUT", "30")),
+        stall=float(env("UNICOM_DOWNLOAD_STALL_S", "60")),
         progress=progress,
         gdrive_url=gdrive_url or env("UNICOM_GDRIVE_URL") or GDRIVE_URL,
     )
 
 
 def _request(url: str, offset: int = 0) -> urllib.request.Request:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
 
     headers = {"User-Agent": f"unicom-cli/{__version__}"}
     if offset:
@@ -212,17 +226,19 @@ def _retrying(action: Callable[[], T], url: str, label: str, settings: _Settings
     """Run ``action`` until it succeeds, pausing (doubling) between transient failures.
 
     Attempts that made progress (received bytes) reset the failure count: a flaky link that
-    keeps cutting the connection still finishes, thanks to resuming.
+    keeps cutting the connection still finishes, thanks to resuming. Every failure, cuts
+    included, also counts against an overall budget (``settings.budget``).
     """
-    failures = 0
+    failures = attempts = 0
     while True:
         try:
             return action()
         except _Retry as exc:
             failures = 1 if exc.progressed else failures + 1
-            if failures > settings.retries:
+            attempts += 1
+            if failures > settings.retries or attempts >= settings.budget:
                 raise DownloadError(f"cannot download {url} ({_describe(exc.cause)}; "
-                                    f"{failures} attempts). {_WAYS_OUT}") from exc.cause
+                                    f"{attempts} failed attempts). {_WAYS_OUT}") from exc.cause
             delay = settings.backoff * 2 ** (failures - 1)
             warn(f"{label}: {_describe(exc.cause)}; retrying in {delay:.1f} s "
                  f"({failures}/{settings.retries})")
@@ -235,16 +251,41 @@ def _hash_file_into(path: Path, hasher) -> None:
             hasher.update(chunk)
 
 
-def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> tuple[str, bool]:  # noqa: C901 (split planned: issue 16)
-    """One try: continue ``part`` from its current size; return (sha256 of part, resumed)."""
+def _full_length(content_range: str | None) -> int | None:
+    """``bytes 100-199/1000`` or ``bytes */1000`` → 1000; None when absent or unknown (``/*``)."""
+    if not content_range or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+def _start_over(part: Path, why: str) -> _Retry:
+    part.unlink(missing_ok=True)
+    return _Retry(DownloadError(why))
+
+
+def _attempt(opener, url: str, part: Path, label: str, settings: _Settings,  # noqa: C901 (split planned: issue 16)
+             known: dict) -> tuple[str, bool]:
+    """One try: continue ``part`` from its current size; return (sha256 of part, resumed).
+
+    ``known["total"]`` keeps the file's length once a server has told it (Content-Length of a
+    full answer, Content-Range of a partial one): a part is final only at exactly that length.
+    ``known["cap"]`` bounds a body sent without a length.
+    """
     offset = part.stat().st_size if part.exists() else 0
     hasher = hashlib.sha256()
     if offset:
         _hash_file_into(part, hasher)  # resuming: the digest must cover the bytes we already have
     try:
         response = _open(opener, url, offset, settings.timeout)
-    except urllib.error.HTTPError:  # 416 on a resume: the server has nothing beyond our part
-        return hasher.hexdigest(), True
+    except urllib.error.HTTPError as exc:  # 416 on a resume: nothing beyond our part?
+        total = _full_length(exc.headers.get("Content-Range") if exc.headers else None)
+        total = total if total is not None else known.get("total")
+        if total is not None and total == offset:
+            return hasher.hexdigest(), True
+        # A 416 that does not say the part is the whole file: never take a part as final.
+        raise _start_over(part, f"HTTP 416 to a resume at byte {offset:,} (file length "
+                                f"{'unknown' if total is None else f'{total:,}'}); starting over") from exc
     with response:
         status = getattr(response, "status", None) or 200  # file:// answers have no status
         if response.headers.get_content_type() == "text/html":
@@ -256,12 +297,21 @@ def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> t
             info(f"{label}: the server ignored the resume request; starting over")
             offset, hasher = 0, hashlib.sha256()
         elif offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            part.unlink()  # a part we cannot line up with: start clean on the next try
-            raise _Retry(DownloadError(f"unexpected Content-Range "
-                                       f"{response.headers.get('Content-Range')!r}"))
+            # a part we cannot line up with: start clean on the next try
+            raise _start_over(part, f"unexpected Content-Range "
+                                    f"{response.headers.get('Content-Range')!r}")
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
+        announced = _full_length(response.headers.get("Content-Range")) if offset else total
+        if announced is not None:
+            if known.get("total") not in (None, announced):  # the file changed on the server
+                raise _start_over(part, f"the file's length changed from {known['total']:,} to "
+                                        f"{announced:,} bytes; starting over")
+            known["total"] = announced
+        cap = known["cap"] if total is None else total  # a length-less body is bounded too
+        read = getattr(response, "read1", None) or response.read
         received = 0
+        window_start, window_bytes = time.monotonic(), 0
         try:
             handle = open(part, "ab" if offset else "wb")
         except OSError as exc:
@@ -270,11 +320,23 @@ def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> t
                                   completed=offset) as bar:
             while True:
                 try:
-                    chunk = response.read(CHUNK)
+                    chunk = read(CHUNK)
                 except (http.client.HTTPException, OSError) as exc:
                     raise _Retry(exc, progressed=received > 0) from exc
                 if not chunk:
                     break
+                window_bytes += len(chunk)
+                if time.monotonic() - window_start >= settings.stall:
+                    if window_bytes < STALL_MIN_BYTES:  # a trickle: the per-read timeout never fires
+                        raise _Retry(TimeoutError(
+                            f"stalled: {window_bytes:,} bytes in {settings.stall:.0f} s"),
+                            progressed=received > 0)
+                    window_start, window_bytes = time.monotonic(), 0
+                if offset + received + len(chunk) > cap:
+                    part.unlink(missing_ok=True)
+                    raise DownloadError(f"{url}: sent more than {cap:,} bytes without announcing "
+                                        f"a length (the weights are ~{known['expected']:,}); not "
+                                        f"this model's weights. {_WAYS_OUT}")
                 try:
                     handle.write(chunk)
                 except OSError as exc:
@@ -283,9 +345,12 @@ def _attempt(opener, url: str, part: Path, label: str, settings: _Settings) -> t
                 hasher.update(chunk)
                 received += len(chunk)
                 bar.advance(len(chunk))
-    if total is not None and offset + received < total:  # the server closed the connection early
-        cut = http.client.IncompleteRead(b"", total - offset - received)
+    end, expected_end = offset + received, total if total is not None else known.get("total")
+    if expected_end is not None and end < expected_end:  # the server closed the connection early
+        cut = http.client.IncompleteRead(b"", expected_end - end)
         raise _Retry(cut, progressed=received > 0)
+    if expected_end is not None and end > expected_end:
+        raise _start_over(part, f"received {end:,} bytes of a {expected_end:,}-byte file")
     return hasher.hexdigest(), offset > 0
 
 
@@ -351,10 +416,13 @@ def _download(spec: ModelSpec, url: str, part: Path, settings: _Settings) -> tup
     if _is_drive(url, spec):
         url = _retrying(lambda: _resolve_drive(opener, url, jar, settings), url, spec.name, settings)
     resumed = False
+    # fp32 files are twice the fp16 estimate; anything far beyond that is not the weights
+    known = {"total": None, "expected": spec.fp16_file_size,
+             "cap": 2 * spec.fp16_file_size + SIZE_MARGIN}
 
     def attempt() -> str:
         nonlocal resumed
-        digest, was_resumed = _attempt(opener, url, part, spec.name, settings)
+        digest, was_resumed = _attempt(opener, url, part, spec.name, settings, known)
         resumed = resumed or was_resumed
         return digest
 
@@ -389,7 +457,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
     part = path.with_name(path.name + ".part")
     with _locked(path):
         if path.is_file():
-            digest = sha256_file(path)
+            digest = file_digest(path)  # a fresh record is trusted; --verify re-hashes
             reference = expected or read_sidecar(path)
             if reference is None or digest == reference:
                 write_sidecar(path, digest)
@@ -406,17 +474,31 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
             part.unlink(missing_ok=True)
             digest, _ = _download(spec, url, part, settings)
         if expected and digest != expected:
+            received = part.stat().st_size if part.exists() else 0
             part.unlink(missing_ok=True)
+            advice = ("the mirror holds another file than the published one: replace it there"
+                      if _mirror_base(mirror) else
+                      "Retry, or use --mirror if this server serves a different file")
             raise ChecksumMismatch(
-                f"{url}: SHA-256 {digest} does not match the expected {expected} ({checksum}); "
-                f"the partial file was deleted and nothing was cached. Retry, or use --mirror "
-                f"if this server serves a different file")
+                f"{url}: the {_size(received)} received (SHA-256 {digest[:12]}…) do not match "
+                f"the expected {expected[:12]}… ({checksum}; the published file is about "
+                f"{_size(spec.fp16_file_size)}); the download was deleted and nothing was cached. "
+                f"{advice[0].upper()}{advice[1:]}")
         os.replace(part, path)
         write_sidecar(path, digest)
     if not expected:
         info(f"{spec.name}: no published checksum; computed SHA-256 {digest} "
              f"(recorded in {sidecar(path).name}; pin it with --sha256)")
     return FetchResult(spec.name, path, digest, "downloaded", checksum)
+
+
+def _size(n: int) -> str:
+    """Bytes in a human unit: 5.0 KB, 351.7 MB."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
 
 
 def fetch_weights(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None = None,

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from unicom_cli.errors import UsageError, WeightsError
-from unicom_cli.models.registry import ModelSpec, get_spec, with_input_size
+from unicom_cli.errors import CheckpointMismatch, InputError, UsageError, WeightsError
+from unicom_cli.models.registry import ModelSpec, available_models, get_spec, with_input_size
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +28,7 @@ class LoadedModel:
     weights_path: Path | None  # None: freshly initialised
     sha256: str | None  # of the weights file, when known
     precision: str = "fp32"  # what the blocks run in: fp32, fp16 or bf16 (autocast)
+    random_init_seed: int | None = None  # set when the network was randomly initialised on request
 
 
 def resample_grid(state: dict, new_grid: int) -> dict:
@@ -72,22 +73,58 @@ def resample_grid(state: dict, new_grid: int) -> dict:
     return new_state
 
 
+def describe_checkpoint(state: dict) -> str | None:
+    """What architecture a UNICOM state dict's shapes describe, e.g. ``ViT-B/16`` or
+    ``width 64, patch 8, 2 blocks, 32 px, 64-d embedding``; None when the keys are not UNICOM's."""
+    try:
+        width, _, patch, _ = state["patch_embed.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        embedding = state["feature.2.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError):
+        return None
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    size = math.isqrt(tokens) * patch
+    for name in available_models():
+        spec = get_spec(name)
+        if (spec.width, spec.patch_size, spec.depth, spec.embedding_size) == (width, patch, depth, embedding):
+            return name if spec.input_size == size else f"{name} at {size} px"
+    return f"width {width}, patch {patch}, {depth} blocks, {size} px, {embedding}-d embedding"
+
+
 def load_weights_into(model: "UnicomViT", state: dict, source: str) -> None:
     """Strict load, resampling the grid if the checkpoint was made at another input size.
 
-    fp16 tensors are cast to the module's dtype; a shape or key mismatch names the file.
+    fp16 tensors are cast to the module's dtype. A mismatch says which architecture the file
+    looks like and names at most a few keys.
     """
-    if "pos_embed" in state and state["pos_embed"].shape[1] != model.spec.num_patches:
+    patch = state.get("patch_embed.proj.weight")
+    same_patches = patch is not None and tuple(patch.shape) == tuple(model.patch_embed.proj.weight.shape)
+    loadable = state
+    if same_patches and "pos_embed" in state and state["pos_embed"].shape[1] != model.spec.num_patches:
         # Resample fp16 checkpoints in fp32: the module keeps the precision.
         grid_keys = [k for k in ("pos_embed", "feature.0.weight") if k in state]
-        state = resample_grid({**state, **{k: state[k].float() for k in grid_keys}}, model.spec.grid)
+        loadable = resample_grid({**state, **{k: state[k].float() for k in grid_keys}}, model.spec.grid)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(loadable, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise WeightsError(f"{source}: does not match architecture {model.spec.name}: {detail}. "
-                           f"Pick the --model that this checkpoint was trained with") from exc
+        raise CheckpointMismatch(_mismatch(model, state, source)) from exc
+
+
+def _mismatch(model: "UnicomViT", state: dict, source: str) -> str:
+    """A short message for a checkpoint of another architecture (torch's lists every key)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    looks = describe_checkpoint(state)
+    looks = f"it looks like {looks}" if looks else "its keys are not those of a UNICOM ViT"
+    details = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            details.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+    return (f"{source}: does not match architecture {model.spec.name}; {looks}. Pick the --model "
+            f"that this checkpoint was trained with ({'; '.join(details)})")
 
 
 def resolve_device(device: str = "auto") -> "torch.device":
@@ -138,16 +175,47 @@ def autocast_dtype(precision: str | None, device: "torch.device | str") -> "torc
     return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
+def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool = True,
+                    cache: str | Path | None = None,
+                    mirror: str | None = None) -> tuple[Path | None, str | None]:
+    """(weights file, its SHA-256 when already known), downloading published weights first;
+    (None, None) for a random init.
+
+    Runs before the network is built so that a missing file or an offline machine fails in
+    a fraction of a second. A JSON architecture has no weights of its own: without ``weights``
+    it is refused unless a random initialisation is asked for (``pretrained=False``).
+    """
+    if weights is not None:
+        if not pretrained:
+            raise UsageError("--random-init and --weights exclude each other: pick one")
+        path = Path(weights)
+        if not path.is_file():
+            raise InputError(f"{path}: weights file not found; check the path or run `unicom download`")
+        return path, None
+    if not pretrained:
+        return None, None
+    if spec.source == "registry":
+        from unicom_cli.models.download import fetch
+
+        fetched = fetch(spec, cache=cache, mirror=mirror)  # verified, or trusted from its fresh record
+        return fetched.path, fetched.sha256
+    raise UsageError(f"{spec.source}: an architecture file has no weights; pass --weights FILE "
+                     f"(e.g. a finetune run's model.pt), or --random-init [--seed N] to use a "
+                     f"randomly initialised network on purpose")
+
+
 def create_model(
     name_or_path: str | Path | ModelSpec,
     weights: str | Path | None = None,
     *,
     pretrained: bool = True,
+    seed: int = 0,
     input_size: int | None = None,
     device: str = "cpu",
     precision: str | None = None,
     drop_path_rate: float = 0.0,
     cache: str | Path | None = None,
+    mirror: str | None = None,
 ) -> LoadedModel:
     """Build the network, load weights and return it in eval mode with its eval transform.
 
@@ -155,37 +223,45 @@ def create_model(
         name_or_path: a registered model name, a JSON architecture file or a ModelSpec
             (e.g. the one an index recorded).
         weights: a state-dict file; None downloads the published weights of a registered model
-            (on first use) or leaves a JSON-described model freshly initialised.
-        pretrained: False never loads weights (random init).
+            (on first use). A JSON-described model needs ``weights`` or ``pretrained=False``.
+        pretrained: False never loads weights: a random init drawn from ``seed`` (announced).
+        seed: seed of the random init (the same seed gives the same network in every process).
         input_size: run at another resolution; pos_embed and the head are resampled.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; in a process group ``auto``/``cuda``
+            mean this rank's GPU. Resolved after the weights (torch is imported only then).
         precision: ``fp32``/``fp16``/``bf16`` autocast for the blocks; ``auto``/None picks per
             device and CPU (``resolve_inference_precision``).
+        mirror: where to download published weights from (see ``models.download.source_url``).
     """
-    from unicom_cli.models.transforms import eval_transform
-    from unicom_cli.models.vit import build_model
-    from unicom_cli.models.weights import load_state_dict, sha256_file
-
     spec = name_or_path if isinstance(name_or_path, ModelSpec) else get_spec(name_or_path)
     if input_size and input_size != spec.input_size:
         spec = with_input_size(spec, input_size)
-    dev = resolve_device(device)
-    model = build_model(spec, drop_path_rate=drop_path_rate)
-    path: Path | None = None
-    digest: str | None = None
-    if weights is not None:
-        path = Path(weights)
-    elif pretrained and spec.source == "registry":
-        from unicom_cli.models.download import fetch_weights
+    path, digest = resolve_weights(spec, weights, pretrained=pretrained, cache=cache, mirror=mirror)
 
-        path = fetch_weights(spec, cache=cache)
-    if path is not None:
-        load_weights_into(model, load_state_dict(path), str(path))
-        digest = sha256_file(path)
+    import torch
+
+    from unicom_cli.distributed import device_for
+    from unicom_cli.models.transforms import eval_transform
+    from unicom_cli.models.vit import build_model
+    from unicom_cli.models.weights import file_digest, load_state_dict
+    from unicom_cli.utils.console import info
+
+    dev = resolve_device(device_for(device))
+    if path is None:
+        info(f"{spec.name}: random initialisation with seed {seed} (no trained weights)")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(spec, drop_path_rate=drop_path_rate)
+    else:
+        state = load_state_dict(path)
+        model = build_model(spec, drop_path_rate=drop_path_rate)
+        load_weights_into(model, state, str(path))
+        digest = digest or file_digest(path)
     resolved = resolve_inference_precision(dev, precision)
     model.autocast_dtype = autocast_dtype(resolved, dev)
     model = model.to(dev).eval()
-    return LoadedModel(model, eval_transform(spec), spec, path, digest, resolved)
+    return LoadedModel(model, eval_transform(spec), spec, path, digest, resolved,
+                       seed if path is None else None)
 
 
 def describe_precision(loaded: LoadedModel, requested: str | None = "auto") -> str:

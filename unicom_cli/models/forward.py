@@ -32,7 +32,7 @@ class PixelForward:
         import torch
 
         x = pixels.to(self.device, non_blocking=self.cuda)
-        x = x.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+        x = x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)  # one float copy
         if self.cuda:  # cuDNN's NHWC kernels for the patch convolution
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu()

@@ -66,7 +66,8 @@ class ModelSpec:
         return 2 * self.num_params
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The JSON architecture file of this network (what :func:`spec_from_json` reads back)."""
+        return {"name": self.name, **{key: getattr(self, key) for key in _JSON_FIELDS}}
 
 
 def _release(tag: str, filename: str) -> str:
@@ -80,24 +81,38 @@ def _register(spec: ModelSpec) -> None:
     _MODELS[spec.name] = spec
 
 
-_register(ModelSpec("ViT-B/32", 224, 32, 768, 12, 12, 512, "FP16-ViT-B-32.pt",
-                    _release("b32", "FP16-ViT-B-32.pt"), None,
-                    "f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a"))
-_register(ModelSpec("ViT-B/16", 224, 16, 768, 12, 12, 768, "FP16-ViT-B-16.pt",
-                    _release("b16", "FP16-ViT-B-16.pt"), None,
-                    "c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef"))
-_register(ModelSpec("ViT-L/14", 224, 14, 1024, 24, 16, 768, "FP16-ViT-L-14.pt",
-                    _release("l14", "FP16-ViT-L-14.pt"), None,
-                    "ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd"))
-_register(ModelSpec("ViT-L/14@336px", 336, 14, 1024, 24, 16, 768, "FP16-ViT-L-14-336px.pt",
-                    _release("l14_336px", "FP16-ViT-L-14-336px.pt"), None,
-                    "3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea"))
-_register(ModelSpec("ViT-B/16@512px-GLDv2", 512, 16, 768, 12, 12, 768,
-                    "UNICOM-ViT-B-16-512px-GLDv2.pt", None, "1Vddx3ITUfscXopwcVQGOVESAmcp6M_8t"))
-_register(ModelSpec("ViT-L/14@512px-GLDv2", 512, 14, 1024, 24, 16, 768,
-                    "UNICOM-ViT-L-14-512px-GLDv2.pt", None, "1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
+_register(ModelSpec(
+    name="ViT-B/32", input_size=224, patch_size=32, width=768, depth=12, heads=12, embedding_size=512,
+    filename="FP16-ViT-B-32.pt", url=_release("b32", "FP16-ViT-B-32.pt"),
+    sha256="f9d5696a9b58dbbbefee2d31615ca59084f2895a0fdd2ca4c235e0f9b2793f7a"))
+_register(ModelSpec(
+    name="ViT-B/16", input_size=224, patch_size=16, width=768, depth=12, heads=12, embedding_size=768,
+    filename="FP16-ViT-B-16.pt", url=_release("b16", "FP16-ViT-B-16.pt"),
+    sha256="c04f324f7c3b4435667236ec6c0eca1cd62f9d64fbfc2d06f8e8e60e6497edef"))
+_register(ModelSpec(
+    name="ViT-L/14", input_size=224, patch_size=14, width=1024, depth=24, heads=16, embedding_size=768,
+    filename="FP16-ViT-L-14.pt", url=_release("l14", "FP16-ViT-L-14.pt"),
+    sha256="ff3ab62ff782876460099e6e0ee17b73a7c01109de2fffd595f16f4129404bbd"))
+_register(ModelSpec(
+    name="ViT-L/14@336px", input_size=336, patch_size=14, width=1024, depth=24, heads=16, embedding_size=768,
+    filename="FP16-ViT-L-14-336px.pt", url=_release("l14_336px", "FP16-ViT-L-14-336px.pt"),
+    sha256="3916ab5aed3b522fc90345be8b4457fe5dad60801ad2af5a6871c0c096e8d7ea"))
+# Published on Google Drive only, without a checksum (computed on download and reported).
+_register(ModelSpec(
+    name="ViT-B/16@512px-GLDv2", input_size=512, patch_size=16, width=768, depth=12, heads=12,
+    embedding_size=768, filename="UNICOM-ViT-B-16-512px-GLDv2.pt",
+    gdrive_id="1Vddx3ITUfscXopwcVQGOVESAmcp6M_8t"))
+_register(ModelSpec(
+    name="ViT-L/14@512px-GLDv2", input_size=512, patch_size=14, width=1024, depth=24, heads=16,
+    embedding_size=768, filename="UNICOM-ViT-L-14-512px-GLDv2.pt",
+    gdrive_id="1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
 
 _JSON_FIELDS = ("input_size", "patch_size", "width", "depth", "heads", "embedding_size")
+# Far above every published ViT (ViT-22B: width 6144, depth 48): sizes beyond are typos that
+# would otherwise ask for terabytes before failing.
+_JSON_LIMITS = {"input_size": 8192, "patch_size": 1024, "width": 16384, "depth": 256,
+                "heads": 256, "embedding_size": 65536}
+_JSON_MAX_PARAMS = 25_000_000_000
 
 
 def available_models() -> list[str]:
@@ -111,21 +126,32 @@ def spec_from_json(path: Path) -> ModelSpec:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise UnknownModel(f"{path}: cannot read model JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UnknownModel(f"{path}: model JSON must be an object with {', '.join(_JSON_FIELDS)}, "
+                           f"got a {type(data).__name__}")
     missing = [k for k in _JSON_FIELDS if k not in data]
     if missing:
         raise UnknownModel(f"{path}: model JSON lacks {', '.join(missing)}; "
                            f"it needs {', '.join(_JSON_FIELDS)}")
     values = {}
     for key in _JSON_FIELDS:
-        if not isinstance(data[key], int) or data[key] <= 0:
-            raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {data[key]!r}")
-        values[key] = data[key]
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UnknownModel(f"{path}: '{key}' must be a positive integer, got {value!r}")
+        if value > _JSON_LIMITS[key]:
+            raise UnknownModel(f"{path}: '{key}' {value:,} is beyond any ViT (at most "
+                               f"{_JSON_LIMITS[key]:,})")
+        values[key] = value
     if values["input_size"] < values["patch_size"]:
         raise UnknownModel(f"{path}: input_size {values['input_size']} is smaller than "
                            f"patch_size {values['patch_size']}")
     if values["width"] % values["heads"]:
         raise UnknownModel(f"{path}: width {values['width']} is not divisible by heads {values['heads']}")
-    return ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
+    spec = ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
+    if spec.num_params > _JSON_MAX_PARAMS:
+        raise UnknownModel(f"{path}: {spec.num_params:,} parameters is beyond any ViT (at most "
+                           f"{_JSON_MAX_PARAMS:,}); check the sizes")
+    return spec
 
 
 def get_spec(name_or_path: str | Path) -> ModelSpec:

@@ -7,7 +7,6 @@ Python), so the demo doubles as a tour of the CLI and exercises the multi-proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ class DemoConfig:
     output: Path = Path("unicom-demo")
     procs: int | None = None  # run every step on N CPU processes (gloo)
     epochs: int = 3  # measured: Recall@1 on 5-9 peaks near epoch 3, then the model overfits 0-4
-    batch_size: int = 64
+    batch_size: int = 64  # finetuning images per batch, per process
     limit_per_class: int | None = None  # fewer digits, for a quick test
     seed: int = 0
 
@@ -56,53 +55,47 @@ def _launch(cfg: DemoConfig) -> list[str]:
     return ["--procs", str(cfg.procs)] if cfg.procs and cfg.procs > 1 else []
 
 
-def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path, Path]:
-    """Digits tree, architecture JSON and a seeded initial checkpoint (shared by eval and finetune)."""
-    import torch
-
+def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
+    """Digits tree and architecture JSON (eval and finetune start from the same seeded init)."""
     from unicom_cli.data.digits import write_digits_tree
-    from unicom_cli.models.registry import get_spec
-    from unicom_cli.models.vit import build_model
 
     tree = write_digits_tree(cfg.output / "digits", size=32, shift=3, noise=0.6, seed=cfg.seed,
                              limit_per_class=cfg.limit_per_class)
     arch = cfg.output / "demo-vit.json"
     arch.write_text(json.dumps(DEMO_ARCH, indent=2))
-    init = cfg.output / "init.pt"
-    torch.manual_seed(cfg.seed)
-    tmp = init.with_suffix(".tmp")
-    torch.save(build_model(get_spec(arch)).state_dict(), tmp)
-    os.replace(tmp, init)
-    return tree.root, arch, init
+    return tree.root, arch
 
 
-def plan(cfg: DemoConfig, digits: Path, arch: Path, init: Path) -> list[DemoStep]:
+def plan(cfg: DemoConfig, digits: Path, arch: Path) -> list[DemoStep]:
     """The commands, in order; the paths are relative to the demo folder's parent when possible."""
     out, launch = cfg.output, _launch(cfg)
     run, model = out / "finetune", out / "finetune" / "model.pt"
 
-    def evaluate(tag: str, weights: Path) -> list[DemoStep]:
+    # Before finetuning: the network finetune starts from, a random init asked for explicitly.
+    fresh = ["--random-init", "--seed", str(cfg.seed)]
+
+    def evaluate(tag: str, weights: list[str]) -> list[DemoStep]:
         return [
             DemoStep(f"zero-shot retrieval on unseen digits 5-9 ({tag})",
-                     ["eval-retrieval", "--model", str(arch), "--weights", str(weights),
+                     ["eval-retrieval", "--model", str(arch), *weights,
                       "--dataset", f"folder:{digits / 'test'}", "--recall-at", "1,2,4,8",
                       "--json", str(out / f"retrieval-{tag}.json"), *launch]),
             DemoStep(f"kNN classification of digits 5-9 ({tag})",
-                     ["eval-knn", "--model", str(arch), "--weights", str(weights),
+                     ["eval-knn", "--model", str(arch), *weights,
                       "--train-dataset", str(digits / "knn" / "train"),
                       "--val-dataset", str(digits / "knn" / "val"), "--nb-knn", "10,20",
                       "--json", str(out / f"knn-{tag}.json"), *launch]),
         ]
 
     return [
-        *evaluate("before", init),
+        *evaluate("before", fresh),
         DemoStep("finetune on digits 0-4 (Partial FC + ArcFace)",
-                 ["finetune", "--arch", str(arch), "--weights", str(init),
+                 ["finetune", "--model", str(arch), *fresh,
                   "--dataset", f"folder:{digits}", "--epochs", str(cfg.epochs),
                   "--batch-size", str(cfg.batch_size), "--lr", "1e-3", "--lr-pfc-weight", "10",
                   "--m2", "0.3", "--no-augment", "--drop-path", "0", "--eval-every", str(cfg.epochs),
-                  "--seed", str(cfg.seed), "--device", "cpu", "--output", str(run), *launch]),
-        *evaluate("after", model),
+                  "--device", "cpu", "--output", str(run), *launch]),
+        *evaluate("after", ["--weights", str(model)]),
         DemoStep("embed the test digits with the finetuned model",
                  ["embed", str(digits / "test"), "-o", str(out / "features" / "test.npy"),
                   "--model", str(arch), "--weights", str(model), "--normalize", "--overwrite",
@@ -128,9 +121,9 @@ def _metrics(out: Path, tag: str) -> dict:
 def run_demo(cfg: DemoConfig, announce: Callable[[DemoStep, int, int], None]) -> DemoResult:
     """Run every step; ``announce`` shows each command before it runs. Stops at the first failure."""
     (cfg.output / "features").mkdir(parents=True, exist_ok=True)
-    digits, arch, init = _write_inputs(cfg)
+    digits, arch = _write_inputs(cfg)
     result = DemoResult(cfg.output)
-    result.steps = plan(cfg, digits, arch, init)
+    result.steps = plan(cfg, digits, arch)
     for number, step in enumerate(result.steps, 1):
         announce(step, number, len(result.steps))
         start = time.perf_counter()

@@ -26,7 +26,7 @@ from unicom_cli.data.images import (
     escape_line_breaks,
     list_images,
 )
-from unicom_cli.distributed import barrier, device_for, is_main, rank, world_size
+from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.models.forward import PixelForward
@@ -45,7 +45,9 @@ from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
 
+    from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.factory import LoadedModel
+    from unicom_cli.models.registry import ModelSpec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +62,13 @@ def default_workers(device_type: str) -> int:
     return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
 
 
-def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel", *,
+def _is_onnx(loaded: "LoadedModel | OnnxModel") -> bool:
+    from unicom_cli.export.runtime import OnnxModel  # light: onnxruntime loads on first session
+
+    return isinstance(loaded, OnnxModel)
+
+
+def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel | OnnxModel", *,
                  batch_size: int, workers: int | None, draft: bool = False,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
@@ -68,25 +76,30 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
 
     Batches are consecutive runs of ``positions`` of ``batch_size`` (the last may be shorter):
     the same composition on every run, which makes resumed output bitwise equal on CPU.
+    ``loaded`` is a PyTorch model or an exported graph run by ONNX Runtime: only this forward
+    step differs between the two.
     """
     import torch
     from torch.utils.data import DataLoader
 
-    forward = PixelForward(loaded)
+    onnx = _is_onnx(loaded)
+    forward = loaded if onnx else PixelForward(loaded)
     if workers is None:
         workers = default_workers(forward.device.type)
     dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
                            draft=draft)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=forward.cuda, prefetch_factor=4 if workers else None,
+        pin_memory=not onnx and forward.cuda,  # ONNX Runtime reads host numpy arrays
+        prefetch_factor=4 if workers else None,
         persistent_workers=False,  # one pass over the data: nothing to keep alive for
     )
     if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
         return
-    model = loaded.model
-    was_training = model.training
-    model.eval()
+    model = None if onnx else loaded.model
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
     try:
         for pos, pixels, reasons in loader:
             with torch.inference_mode():  # not around the yield: the caller's code runs outside
@@ -100,7 +113,8 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
                 feats[bad] = 0.0
             yield pos.numpy().astype(np.int64), feats, list(reasons)
     finally:
-        model.train(was_training)
+        if model is not None:
+            model.train(was_training)
 
 
 def batch_shard(total: int, batch_size: int) -> range:
@@ -172,9 +186,13 @@ class EmbedConfig:
 
     input: Path  # a folder (scanned recursively) or a text file with one path per line
     output: Path  # feats.npy; siblings .ids.txt, .json, .failures.txt
-    model: str = "ViT-B/32"
+    model: str = "ViT-B/32"  # or, with runtime "onnx", a .onnx file written by `unicom export`
     weights: Path | None = None  # state dict instead of the published weights
-    pretrained: bool = True  # False: random weights (benchmarks), never downloads
+    runtime: str | None = None  # "torch" or "onnx" (ONNX Runtime); None: onnx for a .onnx model
+    pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
+    seed: int = 0  # seed of the random weights
+    mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     batch_size: int = 64  # per process
     workers: int | None = None  # decoding processes per rank; None: default_workers()
     device: str = "auto"
@@ -188,6 +206,7 @@ class EmbedConfig:
     # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
     draft: bool = False
     progress: bool = True
+    head: Path | None = None  # classifier head: also write <stem>.predictions.csv
 
 
 @dataclass
@@ -205,6 +224,29 @@ class EmbedSummary:
     outputs: list[Path] = field(default_factory=list)
 
 
+RUNTIMES = ("torch", "onnx")
+
+
+def _runtime(config: EmbedConfig) -> str:
+    """The runtime asked for, or implied by the model's file name; its options checked."""
+    runtime = config.runtime or ("onnx" if str(config.model).endswith(".onnx") else "torch")
+    if runtime not in RUNTIMES:
+        raise UsageError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch" and str(config.model).endswith(".onnx"):
+        raise UsageError(f"--model {config.model} is an ONNX graph: use --runtime onnx")
+    if runtime == "onnx":
+        if not str(config.model).endswith(".onnx"):
+            raise UsageError(f"--runtime onnx runs a graph written by `unicom export`: pass "
+                             f"--model model.onnx, not {config.model}")
+        if config.weights is not None or config.precision not in (None, "auto"):
+            raise UsageError("--weights and --precision are fixed inside an ONNX graph at export; "
+                             "drop them with --runtime onnx")
+        from unicom_cli.export.runtime import import_onnxruntime
+
+        import_onnxruntime()
+    return runtime
+
+
 def _validate(config: EmbedConfig) -> None:
     if config.dtype not in DTYPES:
         raise UsageError(f"--dtype {config.dtype}: choose one of {', '.join(DTYPES)}")
@@ -215,7 +257,43 @@ def _validate(config: EmbedConfig) -> None:
         raise UsageError(f"--max-pixels {config.max_pixels}: must be positive")
 
 
-def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") -> dict:
+def _runtime_fields(loaded: "LoadedModel | OnnxModel") -> dict:
+    """Which runtime, device and arithmetic produce the rows (recorded and compared on resume)."""
+    if _is_onnx(loaded):
+        return {"runtime": "onnx", "device": loaded.device.type, "precision": loaded.precision}
+    return {"runtime": "torch", "device": next(loaded.model.parameters()).device.type,
+            "precision": loaded.precision}
+
+
+def _model_output(model: str, runtime: str) -> tuple["ModelSpec", int, bool]:
+    """(spec, dimensions the model emits, whether they come L2-normalised), without loading it."""
+    if runtime == "onnx":
+        from unicom_cli.export.metadata import read_onnx_metadata
+
+        spec, meta = read_onnx_metadata(Path(model))
+        return spec, int(meta["onnx"]["output_dim"]), bool(meta["onnx"]["normalized"])
+    from unicom_cli.models.registry import get_spec
+
+    spec = get_spec(model)
+    return spec, spec.embedding_size, False
+
+
+def _load_model(config: EmbedConfig, runtime: str) -> tuple["LoadedModel | OnnxModel", str]:
+    """The model (PyTorch, or the exported graph in ONNX Runtime) and the line that describes it."""
+    if runtime == "onnx":
+        from unicom_cli.export.runtime import OnnxModel
+
+        loaded = OnnxModel(config.model, device=config.device)
+        return loaded, f"{config.model} with ONNX Runtime on {loaded.device}, {loaded.precision} graph"
+    from unicom_cli.models.factory import create_model, describe_precision
+
+    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
+                          seed=config.seed, device=config.device, precision=config.precision,
+                          mirror=config.mirror, cache=config.cache_dir)
+    return loaded, describe_precision(loaded, config.precision)
+
+
+def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | OnnxModel") -> dict:
     """The arguments that decide the output's bytes; a resumed run must match them all."""
     return {
         "format": 1,
@@ -224,17 +302,23 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel") 
         "paths_sha256": images.relative.digest(),
         "model": loaded.spec.name,
         "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
         "normalize": config.normalize,
         "num_feat": config.num_feat,
         "dtype": config.dtype,
         "batch_size": config.batch_size,
         "world_size": world_size(),
-        "device": next(loaded.model.parameters()).device.type,
-        "precision": loaded.precision,
+        **_runtime_fields(loaded),
         "draft": config.draft,
         "max_pixels": config.max_pixels,
     }
+
+
+def _forward_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def embed_images(config: EmbedConfig) -> EmbedSummary | None:
@@ -250,26 +334,45 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
         return _embed_images(config)
 
 
+def _load_head(config: EmbedConfig, embedding_size: int):
+    """The ``--head`` classifier, checked against the features before any work (None without one)."""
+    if config.head is None:
+        return None
+    from unicom_cli.pipelines.linear import check_head
+
+    return check_head(config.head, embedding_size, config.normalize, config.num_feat)
+
+
+def _write_predictions(head, files: OutputFiles) -> list[Path]:
+    """``feats.predictions.csv`` (class and probability per row) when a head was given."""
+    if head is None:
+        return []
+    from unicom_cli.pipelines.linear import write_predictions
+
+    out = files.feats.with_suffix(".predictions.csv")
+    write_predictions(head, files.feats, files.ids, out)
+    return [out]
+
+
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
-    from unicom_cli import __version__
-    from unicom_cli.models.factory import create_model, describe_precision
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli._version import __version__
 
     start_time = time.perf_counter()
     _validate(config)
+    runtime = _runtime(config)
     images = list_images(config.input)
     files = OutputFiles.for_output(config.output)
     files.check_writable()
-    spec = get_spec(config.model)
-    if config.num_feat is not None and config.num_feat > spec.embedding_size:
+    spec, model_dim, normalized_by_model = _model_output(config.model, runtime)
+    if config.num_feat is not None and config.num_feat > model_dim:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
-                         f"{spec.embedding_size} dimensions")
+                         f"{model_dim} dimensions")
+    head = _load_head(config, model_dim)
     plan = files.plan(config.overwrite)
 
-    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          device=device_for(config.device), precision=config.precision)
+    loaded, description = _load_model(config, runtime)
     if is_main():
-        info(describe_precision(loaded, config.precision))
+        info(description)
     fingerprint = _fingerprint(config, images, loaded)
     digests = gather_objects(fingerprint["paths_sha256"])
     if len(set(digests)) > 1:
@@ -283,7 +386,10 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     barrier()
 
     total, world = len(images), world_size()
-    dim = config.num_feat or loaded.spec.embedding_size
+    dim = config.num_feat or model_dim
+    # A graph exported with --normalize is normalised already: normalising its first K dims
+    # again would not give the first K dims of the normalised embedding (SPEC §2).
+    renormalize = config.normalize and not normalized_by_model
     shard = batch_shard(total, config.batch_size)
     part = PartWriter(files.workdir, rank(), len(shard), dim, config.dtype)
     if resumed_total and is_main():
@@ -296,7 +402,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     try:
         with progress_bar(total, "embed", enabled=config.progress, completed=resumed_total) as bar:
             for pos, feats, reasons in batches:
-                rows = postprocess(feats, config.normalize, config.num_feat, config.dtype)
+                rows = postprocess(feats, renormalize, config.num_feat, config.dtype)
                 failures = [(int(p), r) for p, r in zip(pos, reasons) if r]
                 part.write(int(pos[0]) - shard.start, rows, failures)
                 bar.advance(len(pos) * world)
@@ -313,19 +419,24 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     meta = {
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
-        "weights_sha256": loaded.sha256, "input_size": loaded.spec.input_size,
+        "model": loaded.spec.name, "weights": str(Path(loaded.weights_path).resolve()) if loaded.weights_path else None,
+        "weights_sha256": loaded.sha256,
+        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
+        "input_size": loaded.spec.input_size,
         "model_spec": loaded.spec.to_json(),  # rebuilds a JSON-described model (index queries)
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
-        "normalized": config.normalize, "num_feat": config.num_feat,
+        "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
         "max_pixels": config.max_pixels, "device": fingerprint["device"],
-        "precision": loaded.precision, "world_size": world,
+        "precision": loaded.precision, "runtime": fingerprint["runtime"], "world_size": world,
+        # CPU bytes match a 1-process run when the forward ran with as many threads (README).
+        "threads_per_process": _forward_threads(),
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)
     count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
+    outputs = list(files.finals()) + _write_predictions(head, files)
     seconds = time.perf_counter() - start_time
     embedded = total - resumed_total
     return EmbedSummary(
@@ -333,5 +444,5 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         failures=[(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted,
         dim=dim, dtype=config.dtype, seconds=seconds,
         images_per_s=embedded / loop_seconds if loop_seconds > 0 else 0.0, resumed_from=resumed_total,
-        outputs=list(files.finals()),
+        outputs=outputs,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,6 +38,9 @@ class ModelOptions:
     batch_size: int = 64
     workers: int | None = None
     cache_dir: Path | None = None
+    random_init: bool = False  # a seeded random network instead of trained weights (asked for)
+    seed: int = 0  # seed of the random init
+    mirror: str | None = None  # where to download published weights from
 
 
 @dataclass
@@ -139,12 +143,13 @@ def model_features(paths: list[str], root: Path, opts: ModelOptions, loaded=None
 
 def load_model(opts: ModelOptions):
     """The model on this rank's device (``create_model``); says which precision it runs in."""
-    from unicom_cli.distributed import device_for, is_main
+    from unicom_cli.distributed import is_main
     from unicom_cli.models.factory import create_model, describe_precision
     from unicom_cli.utils.console import info
 
-    loaded = create_model(opts.model, opts.weights, device=device_for(opts.device),
-                          precision=opts.precision, cache=opts.cache_dir)
+    loaded = create_model(opts.model, opts.weights, pretrained=not opts.random_init, seed=opts.seed,
+                          device=opts.device, precision=opts.precision,
+                          cache=opts.cache_dir, mirror=opts.mirror)
     if is_main():
         info(describe_precision(loaded, opts.precision))
     return loaded
@@ -170,6 +175,7 @@ def model_fields(loaded) -> dict:
         "weights": None if loaded is None or loaded.weights_path is None else str(loaded.weights_path),
         "sha256": None if loaded is None else loaded.sha256,
         "precision": None if loaded is None else loaded.precision,
+        "random_init_seed": None if loaded is None else loaded.random_init_seed,
     }
 
 
@@ -181,3 +187,71 @@ def write_json(path: Path, data: dict) -> None:
     with disk_errors(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
+
+
+@dataclass
+class LabelledFeatures:
+    """Train (this rank's share) and val (all rows) features of two ImageFolder trees, with labels."""
+
+    classes: list[str]  # sorted union of the train and val class folders
+    train: Features  # this rank's rows only
+    train_labels: np.ndarray  # label of every train position (all ranks' positions)
+    val: Features  # every val row on every rank
+    val_labels: np.ndarray
+    loaded: object | None  # the model (None with precomputed features)
+    train_skipped: int  # over all ranks
+
+
+def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions,
+                      train_embeddings: Path | None = None,
+                      val_embeddings: Path | None = None, *,
+                      check_train: Callable[[list[str]], None] | None = None) -> LabelledFeatures:
+    """Scan both trees and read or extract their features, warning about skipped images.
+
+    ``check_train`` gets the train images' class names after the scan and before any feature is
+    read or extracted: options that cannot fit the data fail before the work.
+
+    The train rows stay sharded across ranks (each rank extracts or reads its share only); the
+    val rows are gathered on every rank. Shared by eval-knn and eval-linear.
+    """
+    from unicom_cli.data.images import scan_class_folders
+    from unicom_cli.distributed.comm import shard_range
+    from unicom_cli.errors import UsageError
+    from unicom_cli.utils.console import warn
+
+    if (train_embeddings is None) != (val_embeddings is None):
+        raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
+    train_paths, train_names = scan_class_folders(train_dataset)
+    val_paths, val_names = scan_class_folders(val_dataset)
+    classes = sorted(set(train_names) | set(val_names))
+    index = {c: i for i, c in enumerate(classes)}
+    train_labels = np.array([index[n] for n in train_names], dtype=np.int64)
+    val_labels = np.array([index[n] for n in val_names], dtype=np.int64)
+    unseen = sorted(set(val_names) - set(train_names))
+    if unseen:
+        warn(f"{len(unseen)} val classes have no train images (e.g. {unseen[0]}): those images always miss")
+    if check_train is not None:
+        check_train(train_names)
+    loaded = None
+    if train_embeddings is not None:
+        shard = shard_range(len(train_paths))
+        train = load_embeddings(train_embeddings, train_dataset, train_paths, np.arange(shard.start, shard.stop))
+        val = load_embeddings(val_embeddings, val_dataset, val_paths)
+    else:
+        loaded = load_model(opts)
+        train = model_features(train_paths, train_dataset, opts, loaded, description="train features", gather=False)
+        val = model_features(val_paths, val_dataset, opts, loaded, description="val features")
+    train_skipped = _count_all_ranks(len(train.failures))
+    if train_skipped:
+        warn(f"{train_skipped} train images skipped (first: {train.failures[0][0]}: {train.failures[0][1]})"
+             if train.failures else f"{train_skipped} train images skipped")
+    if val.failures:
+        warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
+    return LabelledFeatures(classes, train, train_labels, val, val_labels, loaded, train_skipped)
+
+
+def _count_all_ranks(n: int) -> int:
+    """Sum of ``n`` over ranks (each rank only knows its own skipped images)."""
+    from unicom_cli.distributed.comm import gather_objects
+
+    return int(sum(gather_objects(n)))

@@ -7,14 +7,18 @@ images, so the metrics do not depend on the number of processes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
+
+
+DEFAULT_NB_KNN = [10, 20, 100, 200]
 
 
 @dataclass
@@ -23,7 +27,7 @@ class KnnConfig:
 
     train_dataset: Path
     val_dataset: Path
-    nb_knn: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    nb_knn: list[int] | None = None  # None: DEFAULT_NB_KNN, less the values above the train size
     temperature: float = 0.07
     per_class: bool = False
     n_per_class: int | None = None
@@ -39,60 +43,37 @@ class KnnConfig:
 
 def run_knn(cfg: KnnConfig) -> dict | None:
     """Evaluate kNN accuracy; returns the results dict on rank 0, None on other ranks."""
-    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.distributed import device_for, is_main, world_size
-    from unicom_cli.distributed.comm import shard_range
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
     from unicom_cli.eval.search import l2_normalize, resolve_backend
-    from unicom_cli.pipelines.features import load_embeddings, load_model, model_features, write_json
-    from unicom_cli.utils.console import warn
+    from unicom_cli.pipelines.features import labelled_features, write_json
 
-    if not cfg.nb_knn or min(cfg.nb_knn) < 1:
-        raise UsageError("--nb-knn values must be ≥ 1")
-    if cfg.temperature <= 0:
-        raise UsageError("--temperature must be > 0")
-    if (cfg.train_embeddings is None) != (cfg.val_embeddings is None):
-        raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
+    _validate(cfg)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    train_paths, train_names = scan_class_folders(cfg.train_dataset)
-    val_paths, val_names = scan_class_folders(cfg.val_dataset)
-    classes = sorted(set(train_names) | set(val_names))
-    index = {c: i for i, c in enumerate(classes)}
-    train_labels = np.array([index[n] for n in train_names], dtype=np.int64)
-    val_labels = np.array([index[n] for n in val_names], dtype=np.int64)
-    unseen = sorted(set(val_names) - set(train_names))
-    if unseen:
-        warn(f"{len(unseen)} val classes have no train images (e.g. {unseen[0]}): those images always miss")
-
     t = time.perf_counter()
-    loaded = None
-    if cfg.train_embeddings is not None:
-        shard = shard_range(len(train_paths))
-        train = load_embeddings(cfg.train_embeddings, cfg.train_dataset, train_paths,
-                                np.arange(shard.start, shard.stop))
-        val = load_embeddings(cfg.val_embeddings, cfg.val_dataset, val_paths)
-    else:
-        loaded = load_model(cfg.model)
-        train = model_features(train_paths, cfg.train_dataset, cfg.model, loaded,
-                               description="train features", gather=False)
-        val = model_features(val_paths, cfg.val_dataset, cfg.model, loaded, description="val features")
+    nb_knn: list[int] = []
+
+    def check_k(train_names: list[str]) -> None:  # after the scan, before any feature
+        nb_knn.extend(_fitting_k(cfg, train_names))
+
+    data = labelled_features(cfg.train_dataset, cfg.val_dataset, cfg.model, cfg.train_embeddings,
+                             cfg.val_embeddings, check_train=check_k)
     timings["features"] = time.perf_counter() - t
-    train_skipped = _count(train.failures)
-    if train_skipped:
-        warn(f"{train_skipped} train images skipped (first: {train.failures[0][0]}: {train.failures[0][1]})"
-             if train.failures else f"{train_skipped} train images skipped")
-    if val.failures:
-        warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
+    train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
+    train_labels, train_skipped = data.train_labels, data.train_skipped
+    _refuse_unusable("val", val, len(val.ok))
+    if world_size() == 1:  # with several ranks, train holds only this rank's share
+        _refuse_unusable("train", train, len(train.ok))
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)
-    val_y = val_labels[val.ok]
+    val_y = data.val_labels[val.ok]
 
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device)
-    k = max(cfg.nb_knn)
+    k = max(nb_knn)
     subsets = few_shot_subsets(train_labels, cfg.n_per_class, cfg.n_tries) if cfg.n_per_class else [None]
     runs = []
     for subset in subsets:
@@ -108,8 +89,8 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         return None
 
     t = time.perf_counter()
-    per_try = [knn_classify(s, lab, val_y, cfg.nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
-    metrics = _mean_over_tries(per_try, cfg.nb_knn, cfg.per_class)
+    per_try = [knn_classify(s, lab, val_y, nb_knn, cfg.temperature, len(classes)) for s, lab in runs]
+    metrics = _mean_over_tries(per_try, nb_knn, cfg.per_class)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     results = {
@@ -118,7 +99,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "val_dataset": str(cfg.val_dataset),
         **model_fields(loaded),
         "embeddings": None if cfg.train_embeddings is None else [str(cfg.train_embeddings), str(cfg.val_embeddings)],
-        "sizes": {"train": len(train_paths) - train_skipped, "val": int(len(val_y)), "classes": len(classes)},
+        "sizes": {"train": len(train_labels) - train_skipped, "val": len(val_y), "classes": len(classes)},
         "skipped": {"train": train_skipped, "val": len(val.failures)},
         "temperature": cfg.temperature,
         "few_shot": None if not cfg.n_per_class else {"n_per_class": cfg.n_per_class, "n_tries": cfg.n_tries},
@@ -128,9 +109,40 @@ def run_knn(cfg: KnnConfig) -> dict | None:
         "processes": world_size(),
         "timings": {k_: round(v, 3) for k_, v in timings.items()},
     }
+    written = []
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
+        written.append(cfg.json_out)
+    results["written"] = written
     return results
+
+
+def _fitting_k(cfg: KnnConfig, train_names: list[str]) -> list[int]:
+    """The k values to evaluate: a k above the train images available fails here, before any work,
+    when the user typed it; from the default list such values are dropped, with a note."""
+    from collections import Counter
+
+    from unicom_cli.utils.console import info
+
+    available = len(train_names)
+    what = f"{available:,} train images"
+    if cfg.n_per_class:
+        available = sum(min(cfg.n_per_class, n) for n in Counter(train_names).values())
+        what = f"{available:,} train images in each few-shot draw (--n-per-class {cfg.n_per_class})"
+    if cfg.nb_knn is not None:
+        too_big = [k for k in cfg.nb_knn if k > available]
+        if too_big:
+            raise UsageError(f"--nb-knn {', '.join(map(str, too_big))}: more neighbours than the "
+                             f"{what} in {cfg.train_dataset}; choose k ≤ {available}")
+        return list(cfg.nb_knn)
+    kept = [k for k in DEFAULT_NB_KNN if k <= available]
+    if not kept:
+        raise UsageError(f"{cfg.train_dataset}: only {what}, fewer than the smallest default "
+                         f"k {DEFAULT_NB_KNN[0]}; pass --nb-knn K with K ≤ {available}")
+    if len(kept) < len(DEFAULT_NB_KNN):
+        dropped = ", ".join(str(k) for k in DEFAULT_NB_KNN if k > available)
+        info(f"k = {dropped} left out of the default --nb-knn: more than the {what}")
+    return kept
 
 
 def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) -> dict:
@@ -148,19 +160,22 @@ def _mean_over_tries(per_try: list[dict], nb_knn: list[int], per_class: bool) ->
     return metrics
 
 
-def _count(failures: list) -> int:
-    """Skipped train images over all ranks (each rank only knows its own)."""
-    from unicom_cli.distributed import world_size
+def _validate(cfg: KnnConfig) -> None:
+    """Options that cannot work, refused before any feature is computed."""
+    from unicom_cli.utils.files import check_output_file
 
-    n = len(failures)
-    if world_size() == 1:
-        return n
-    import torch
-    import torch.distributed as dist
+    if cfg.nb_knn is not None and (not cfg.nb_knn or min(cfg.nb_knn) < 1):
+        raise UsageError("--nb-knn values must be ≥ 1")
+    if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
+        raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
 
-    t = torch.tensor([n], dtype=torch.int64, device=_comm_device())
-    dist.all_reduce(t)
-    return int(t.item())
+
+def _refuse_unusable(name: str, part, total: int) -> None:
+    """Every image unreadable: refuse, instead of a table of "nan" with exit 0."""
+    if len(part.ok) and not part.ok.any():
+        first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
+        raise InputError(f"none of the {total:,} {name} images could be used{first}")
 
 
 def _comm_device():

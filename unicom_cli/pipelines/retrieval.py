@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
@@ -38,10 +38,15 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     from unicom_cli.data.benchmarks import load_benchmark
     from unicom_cli.distributed import device_for, is_main, world_size
     from unicom_cli.eval.search import l2_normalize, resolve_backend
-    from unicom_cli.pipelines.features import (load_embeddings, load_model, model_features,
+    from unicom_cli.pipelines.features import (ids_file, load_embeddings, load_model, model_features,
                                                save_features, write_json)
     from unicom_cli.utils.console import warn
 
+    from unicom_cli.pipelines.vis import PICTURE_SUFFIXES
+    from unicom_cli.utils.files import check_output_file
+
+    check_output_file(cfg.json_out, "--json")  # before the work, not after it
+    check_output_file(cfg.vis, "--vis", PICTURE_SUFFIXES)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     bench = load_benchmark(cfg.dataset, cfg.data_root, gldv2_splits=cfg.gldv2_splits,
@@ -65,19 +70,29 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
         warn(f"{len(skipped)} of {len(split.paths)} images skipped (first: {skipped[0][0]}: {skipped[0][1]})")
         split = split.subset(feats.ok)
     x = feats.features[feats.ok]
+    if len(x) < 2:
+        raise InputError(f"{bench.root}: {len(x)} usable image(s) of {len(split.paths) + len(skipped)}; "
+                         "retrieval needs at least 2" + (f" (first skipped: {skipped[0][0]}: "
+                                                          f"{skipped[0][1]})" if skipped else ""))
+    written = []
     if cfg.save_features is not None and is_main():
-        save_features(cfg.save_features, f"{bench.name.split(':')[0]}-test", split.paths, x)
+        npy = save_features(cfg.save_features, f"{bench.name.split(':')[0]}-test", split.paths, x)
+        written += [npy, ids_file(npy)]
     x = l2_normalize(x, cfg.num_feat)
 
     t = time.perf_counter()
     device = device_for(cfg.model.device)
     backend = resolve_backend(cfg.backend, device, split.all_vs_all and world_size() == 1)
-    neighbours = search_split(split, x, recall_at, backend, device)
+    neighbours, scores = search_split(split, x, recall_at, backend, device)
     timings["search"] = time.perf_counter() - t
     if not is_main():
         return None
 
     t = time.perf_counter()
+    dropped = [k for k in recall_at if k > neighbours.shape[1]]
+    if dropped and split.relevant is None:
+        warn(f"--recall-at {', '.join(map(str, dropped))} dropped: only {neighbours.shape[1]} "
+             "neighbours per query exist in this data set")
     metrics = split_metrics(split, neighbours, recall_at)
     timings["metrics"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
@@ -100,15 +115,20 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     }
     if cfg.json_out is not None:
         write_json(cfg.json_out, results)
+        written.append(cfg.json_out)
     if cfg.vis is not None:
         from unicom_cli.pipelines.vis import save_retrieval_grid
 
-        save_retrieval_grid(cfg.vis, bench.root, split, neighbours, cfg.vis_queries, cfg.vis_k)
+        written.append(save_retrieval_grid(cfg.vis, bench.root, split, neighbours, cfg.vis_queries,
+                                           cfg.vis_k, scores=scores))
+    results["written"] = written
     return results
 
 
-def search_split(split, x: np.ndarray, recall_at: list[int], backend: str, device: str) -> np.ndarray:
-    """Neighbour positions (into ``split.gallery`` or, all-vs-all, into the split), gathered on every rank.
+def search_split(split, x: np.ndarray, recall_at: list[int], backend: str,
+                 device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbour positions (into ``split.gallery`` or, all-vs-all, into the split) and their
+    cosine scores, gathered on every rank.
 
     ``x``: L2-normalised features of the split's images. Each rank searches a contiguous block of
     the queries against the whole gallery. Used by eval-retrieval and by finetune's evaluation.
@@ -131,7 +151,9 @@ def search_split(split, x: np.ndarray, recall_at: list[int], backend: str, devic
     else:
         res = search(queries[block.start:block.stop], gallery, k, exclude_self=split.all_vs_all,
                      query_offset=block.start, backend=backend, device=device, progress="search")
-    return gather_rows(np.arange(block.start, block.stop), res.indices, len(queries))
+    rows = np.arange(block.start, block.stop)
+    return (gather_rows(rows, res.indices, len(queries)),
+            gather_rows(rows, np.asarray(res.scores, dtype=np.float32), len(queries)))
 
 
 def split_metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[str, float]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from unicom_cli.errors import InputError, OutputExists, UsageError
-from unicom_cli.utils.files import disk_errors, ensure_free_space, preallocate, write_text_atomic
+from unicom_cli.utils.files import (
+    check_writable_folder,
+    disk_errors,
+    ensure_free_space,
+    preallocate,
+    write_text_atomic,
+)
 
 DTYPES = ("float32", "float16")
 FORMAT_VERSION = 1
@@ -59,17 +64,8 @@ class OutputFiles:
         return (self.feats, self.ids, self.meta, self.failures)
 
     def check_writable(self) -> None:
-        """Fail before any work when the output folder is missing or not writable."""
-        folder = self.feats.parent
-        if not folder.is_dir():
-            raise InputError(f"{folder}: the output folder does not exist; create it first "
-                             f"(mkdir -p {folder})")
-        try:  # os.access lies for root and on some network file systems: really try
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
-                pass
-        except OSError as exc:
-            raise InputError(f"{folder}: cannot write to the output folder ({exc.strerror}); "
-                             "pick another -o") from exc
+        """Create the output folder if missing; fail before any work when it cannot be written."""
+        check_writable_folder(self.feats.parent)
 
     def plan(self, overwrite: bool) -> str:
         """'fresh', 'resume' or 'overwrite'; raises OutputExists for a finished output.

@@ -15,7 +15,8 @@ import torch
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, UsageError
-from unicom_cli.utils.console import info
+from unicom_cli.utils.console import info, warn
+from unicom_cli.utils.files import atomic_path
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -37,9 +38,36 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+class BadCheckpoint(InputError):
+    """A checkpoint file that is missing, truncated, corrupt or holds pickled code."""
+
+
+def _read(path: Path) -> dict:
+    """``torch.load`` of one checkpoint file (tensors only) with every failure naming the file."""
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadCheckpoint(f"{path}: missing (an incomplete checkpoint folder)") from None
+    except pickle.UnpicklingError as exc:
+        raise BadCheckpoint(f"{path}: not a finetune checkpoint: it holds pickled objects, which "
+                            f"are never loaded ({str(exc).splitlines()[0][:120]})") from None
+    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise BadCheckpoint(f"{path}: unreadable checkpoint (empty, truncated or corrupt: "
+                            f"{detail})") from None
+
+
+# Settings a resumed run must share with the checkpoint: they decide the step count, the batches
+# and the shapes. The others (lr, eval, workers...) may change.
+_RESUME_KEYS = ("arch", "dataset", "batch_size", "grad_accum", "epochs", "output_dim",
+                "input_size", "num_feat", "seed")
 
 
 def _checkpoints(output: Path) -> list[Path]:
@@ -95,13 +123,44 @@ class TrainState:
         D.barrier()
         return final
 
-    def load(self, path: Path) -> None:
-        """Restore everything ``save`` wrote (tensors only: weights_only loading)."""
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        if trainer["world_size"] != D.world_size():
-            raise UsageError(f"{path}: written by {trainer['world_size']} processes (class centres are "
+    def read(self, path: Path) -> tuple[dict, dict]:
+        """Both files of a checkpoint; BadCheckpoint (naming the file) if either is unusable."""
+        trainer, mine = _read(path / "trainer.pt"), _read(path / f"rank-{D.rank()}.pt")
+        for name, data, keys in (("trainer.pt", trainer, ("model", "optimizer", "scheduler", "position")),
+                                 (f"rank-{D.rank()}.pt", mine, ("centres", "rng"))):
+            if not isinstance(data, dict) or any(k not in data for k in keys):
+                raise BadCheckpoint(f"{path / name}: not a finetune checkpoint (keys missing)")
+        return trainer, mine
+
+    def check_compatible(self, path: Path, trainer: dict, mine: dict) -> None:
+        """Refuse, naming what changed, a checkpoint this run cannot continue."""
+        if trainer.get("world_size") != D.world_size():
+            raise UsageError(f"{path}: written by {trainer.get('world_size')} processes (class centres are "
                              f"sharded per process); resume with the same number of processes")
-        mine = torch.load(path / f"rank-{D.rank()}.pt", map_location="cpu", weights_only=True)
+        theirs = mine["centres"].get("weight")
+        if theirs is not None and tuple(theirs.shape) != tuple(self.pfc.weight.shape):
+            raise UsageError(f"{path}: its class centres are {tuple(theirs.shape)} but this data set "
+                             f"needs {tuple(self.pfc.weight.shape)} (classes x dims per process): it "
+                             "was trained on another data set; start a new --output")
+        try:
+            recorded = json.loads(trainer.get("config", "{}"))
+        except ValueError:
+            recorded = {}
+        now = jsonable(self.cfg)
+        diffs = [f"--{k.replace('_', '-')} was {recorded[k]}, now {now[k]}" for k in _RESUME_KEYS
+                 if k in recorded and recorded[k] != now.get(k)]
+        if diffs:
+            extend = (" A finished run cannot be extended (its OneCycle schedule has ended): "
+                      f"start a new --output with --weights {self.cfg.output / 'model.pt'}"
+                      if any(d.startswith("--epochs") for d in diffs) else "")
+            raise UsageError(f"--resume {path}: other settings than the checkpoint's ("
+                             f"{'; '.join(diffs)}); resume with the same ones, or start a new "
+                             f"--output.{extend}")
+
+    def load(self, path: Path, files: tuple[dict, dict] | None = None) -> None:
+        """Restore everything ``save`` wrote (tensors only: weights_only loading)."""
+        trainer, mine = files if files is not None else self.read(path)
+        self.check_compatible(path, trainer, mine)
         self.raw_model.load_state_dict(trainer["model"])
         self.pfc.load_state_dict(mine["centres"])
         optim_state = trainer["optimizer"]
@@ -136,3 +195,23 @@ def resume_path(cfg) -> Path | None:
         raise InputError(f"--resume {path}: not a checkpoint folder (no trainer.pt); "
                          f"use a folder under <output>/checkpoints or --resume auto")
     return path
+
+
+def resume(t: TrainState, cfg) -> Path | None:
+    """Load the checkpoint ``--resume`` names. With ``auto``, a checkpoint whose files are bad
+    (a kill during a copy, a full disk) is reported and the newest good one before it is used."""
+    path = resume_path(cfg)
+    if path is None:
+        return None
+    candidates = [path] if cfg.resume != "auto" else _checkpoints(cfg.output)[::-1]
+    for n, candidate in enumerate(candidates):
+        try:
+            files = t.read(candidate)
+        except BadCheckpoint as exc:
+            if cfg.resume != "auto" or n == len(candidates) - 1:
+                raise
+            warn(f"{exc}; falling back to {candidates[n + 1].name}")
+            continue
+        t.load(candidate, files)
+        return candidate
+    return None  # pragma: no cover - the loop returns or raises

@@ -13,6 +13,7 @@ from unicom_cli.data.images import scan_class_folders
 from unicom_cli.errors import InputError
 from unicom_cli.utils.console import warn
 
+
 @dataclass
 class LabelledImages:
     """Training images with contiguous integer labels 0..num_classes-1."""
@@ -20,6 +21,7 @@ class LabelledImages:
     paths: list[Path]
     labels: list[int]
     num_classes: int
+    classes: list[str] | None = None  # name of each label (the class folder), when known
 
 
 def scan_image_folder(root: Path) -> LabelledImages:
@@ -33,7 +35,7 @@ def relabel(paths: list, labels: list) -> LabelledImages:
     """Map arbitrary class ids (e.g. SOP class_id) to contiguous labels in sorted order."""
     ids = sorted(set(labels))
     index = {c: i for i, c in enumerate(ids)}
-    return LabelledImages([Path(p) for p in paths], [index[c] for c in labels], len(ids))
+    return LabelledImages([Path(p) for p in paths], [index[c] for c in labels], len(ids), [str(c) for c in ids])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -97,6 +99,9 @@ class SeededImageDataset(torch.utils.data.Dataset):
                 break
             except Exception as exc:  # PIL raises many kinds
                 warn(f"{path}: cannot decode ({exc}); using another image in its place")
+        else:  # not one image of the data set decodes
+            raise InputError(f"{self.images.paths[index]}: none of the {len(self):,} training "
+                             "images can be decoded; check the data set")
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -41,6 +41,7 @@ def _test_benchmark(dataset: str, data: Path | None):
 def evaluate(dataset: str, data: Path | None, model, spec, device, *, batch_size: int = 64,
              workers: int | None = None) -> dict | None:
     """``{"metric": name, name: value, ...}`` on the test split (every rank), or None if none.
+    Values are percentages (0-100), the unit of eval-retrieval.
 
     Recall@1 all-vs-all (or query vs gallery), mAP@100 (private) for GLDv2, through the
     eval-retrieval pipeline (sharded feature extraction, exact search).
@@ -67,8 +68,8 @@ def evaluate(dataset: str, data: Path | None, model, spec, device, *, batch_size
         split = split.subset(feats.ok)
     x = l2_normalize(feats.features[feats.ok])
     dev = str(device)
-    neighbours = search_split(split, x, [1], resolve_backend("auto", dev), dev)
-    metrics = {k: v / 100 for k, v in split_metrics(split, neighbours, [1]).items()}
+    neighbours, _ = search_split(split, x, [1], resolve_backend("auto", dev), dev)
+    metrics = split_metrics(split, neighbours, [1])  # percentages, as eval-retrieval prints them
     key = "map@100_private" if "map@100_private" in metrics else \
         next((k for k in metrics if k.startswith("map@100")), "recall@1")
     return {"metric": key, **metrics, "images": len(split.paths)}

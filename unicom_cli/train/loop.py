@@ -1,6 +1,6 @@
 """The finetune loop: DDP, AMP, accumulation, OneCycle, Partial FC, checkpoint/resume, periodic eval.
 
-One process:        python -m unicom_cli finetune --dataset folder:DIR --arch ViT-B/32 --device cpu
+One process:        python -m unicom_cli finetune --dataset folder:DIR --model ViT-B/32 --device cpu
 Several CPU procs:  python -m unicom_cli finetune ... --procs 2
 8 GPUs, 2 nodes:    torchrun --nnodes 2 --nproc-per-node 8 ... -m unicom_cli finetune ...
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -21,10 +21,11 @@ from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
-from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume_path
+from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import cores_per_process
+from unicom_cli.utils.files import disk_errors, output_lock, write_json_atomic
 
 
 @dataclass
@@ -38,7 +39,9 @@ class FinetuneConfig:
     output: Path = Path("runs/finetune")
     weights: Path | None = None  # state dict to start from instead of the published weights
     init_from: str | None = None  # registered model whose weights initialise `arch` (336px → 512)
-    pretrained: bool = True
+    pretrained: bool = True  # False: start from a random init (seeded by `seed`)
+    mirror: str | None = None  # where to download published weights from
+    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
     input_size: int | None = None  # train at another resolution (grid resampled)
     output_dim: int | None = None  # embedding size; ≠ checkpoint's → fresh last layer
     epochs: int = 16
@@ -69,6 +72,13 @@ class FinetuneConfig:
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is unchanged)
     shuffle_fill: int = 16384  # DALI reader shuffling buffer
+    # --task classify (train/heads.py): a linear head + cross-entropy instead of Partial FC
+    task: str = "retrieval"  # retrieval | classify
+    weight_decay: float = 0.0  # AdamW/SGD weight decay (classify: not on biases, norms, pos_embed)
+    layer_decay: float = 1.0  # classify: block i's lr = lr × layer_decay^(depth - i)
+    label_smoothing: float = 0.0  # classify
+    mixup: float = 0.0  # classify: Mixup alpha (timm; 0: off)
+    cutmix: float = 0.0  # classify: CutMix alpha (timm; 0: off)
 
 
 @dataclass
@@ -86,6 +96,7 @@ class FinetuneSummary:
     best: dict | None = None
     evals: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
+    head_path: Path | None = None  # classify: the head for `unicom embed --head`
 
 
 # ----------------------------------------------------------------------------------- model
@@ -97,9 +108,13 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     from unicom_cli.models.registry import get_spec
 
     target = get_spec(cfg.arch)
-    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=cfg.pretrained,
-                          device="cpu", drop_path_rate=cfg.drop_path,
-                          input_size=cfg.input_size or target.input_size)
+    # An architecture file without weights trains from scratch: a seeded init (announced).
+    scratch = not cfg.pretrained or (cfg.weights is None and cfg.init_from is None
+                                     and target.source != "registry")
+    loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=not scratch,
+                          seed=cfg.seed, device="cpu", drop_path_rate=cfg.drop_path,
+                          input_size=cfg.input_size or target.input_size, mirror=cfg.mirror,
+                          cache=cfg.cache_dir)
     model, spec = loaded.model, loaded.spec
     if cfg.output_dim and cfg.output_dim != spec.embedding_size:
         info(f"output dim {cfg.output_dim} ≠ {spec.embedding_size}: fresh feature.2/feature.3")
@@ -131,6 +146,7 @@ class _ImageLoader:
         from unicom_cli.train.data import SeededImageDataset, StepBatches
 
         self.num_classes = images.num_classes
+        self.classes = images.classes or [str(i) for i in range(images.num_classes)]
         self.sampler = StepBatches(len(images.paths), cfg.batch_size, D.rank(), D.world_size(), cfg.seed)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         workers = cfg.workers if cfg.workers is not None else \
@@ -179,13 +195,18 @@ def make_loader(cfg: FinetuneConfig, spec, device: torch.device):
 # -------------------------------------------------------------------------------- evaluate
 
 
-def evaluate(cfg: FinetuneConfig, model: nn.Module, spec, device: torch.device) -> dict | None:
-    """Recall@1 (mAP@100 for GLDv2) of ``model`` on the data set's test split, or None."""
+def evaluate(cfg: FinetuneConfig, model: nn.Module, spec, device: torch.device, head=None) -> dict | None:
+    """Recall@1 (mAP@100 for GLDv2) of ``model`` on the data set's test split (top-1/top-5 of
+    ``head`` for --task classify), or None."""
     from unicom_cli.train import datasets
 
     was_training = model.training
     model.eval()
     try:
+        if cfg.task == "classify":
+            from unicom_cli.train.heads import evaluate_classify
+
+            return evaluate_classify(cfg, model, head, spec, device)
         return datasets.evaluate(cfg.dataset, cfg.data, model, spec, device,
                                           batch_size=max(cfg.batch_size, 32), workers=cfg.workers)
     finally:
@@ -208,19 +229,74 @@ def _setup(cfg: FinetuneConfig):
     return device, autocast_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
-    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank)."""
+def _warmup_share(total_steps: int) -> float:
+    """10 % warm-up; OneCycle divides by (warm-up steps - 1), so very short runs (<= 10 steps,
+    smoke tests) get a longer share instead of a ZeroDivisionError; < 3 steps cannot work."""
+    if total_steps < 3:
+        raise UsageError(f"{total_steps} optimizer step(s) in all: the OneCycle schedule needs at "
+                         "least 3; add --epochs or lower --batch-size/--grad-accum")
+    return 0.1 if total_steps > 10 else min(0.5, 1.5 / total_steps)
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    """Values that would crash deep inside training, or train silently to nothing: refused first."""
     if cfg.optimizer not in ("adamw", "sgd"):
         raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
     if cfg.grad_accum < 1:
         raise UsageError("--grad-accum must be at least 1")
+    if cfg.task not in ("retrieval", "classify"):
+        raise UsageError(f"--task {cfg.task}: choose retrieval or classify")
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import check_classify
+
+        check_classify(cfg)
+    for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{flag} {value}: must be a finite number above 0")
+    if not (math.isfinite(cfg.sample_rate) and 0 < cfg.sample_rate <= 1):
+        raise UsageError(f"--sample-rate {cfg.sample_rate}: must be in (0, 1] (the share of "
+                         "negative class centres used per step)")
+    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
+        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
+    if cfg.num_feat is not None and cfg.num_feat < 1:
+        raise UsageError(f"--num-feat {cfg.num_feat}: must be at least 1")
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise UsageError(f"--output {cfg.output}: is a file; give the run folder")
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
+    """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank).
+
+    A second run on the same ``--output`` is refused at once (the lock dies with its process).
+    """
     cfg.output = Path(cfg.output)
+    _validate(cfg)
+    if D.is_main():  # the lock lives beside the run folder, which is made only when training starts
+        with disk_errors(cfg.output.parent):
+            cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(cfg.output), disk_errors(cfg.output):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
     device, amp_dtype = _setup(cfg)
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
+    if loader.num_classes < 2:
+        raise InputError(f"the training set has {loader.num_classes} class: a margin loss needs at "
+                         "least 2 (its loss is 0 from the first step)")
     model, spec = build_model(cfg, device)
-    pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
-                    m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
-                    margin_filter=cfg.margin_filter).to(device)
+    if cfg.num_feat is not None and cfg.num_feat > spec.embedding_size:
+        raise UsageError(f"--num-feat {cfg.num_feat}: the embeddings have only "
+                         f"{spec.embedding_size} dimensions")
+    if cfg.task == "classify":  # the head takes Partial FC's place: same loss call, same checkpoint slot
+        from unicom_cli.train.heads import ClassifyHead
+
+        pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
+                           mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
+    else:
+        pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
+                        m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
+                        margin_filter=cfg.margin_filter).to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     raw_model = model
@@ -234,23 +310,28 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     raw_model.autocast_dtype = amp_dtype
     forward = torch.compile(model) if cfg.compile else model
 
-    groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
-              {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0) if cfg.optimizer == "adamw" \
-        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=0.0)
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import param_groups
+
+        groups = param_groups(raw_model, pfc, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    else:
+        groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
+                  {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" \
+        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise InputError(f"one epoch has {loader.steps_per_epoch} batches, fewer than --grad-accum "
                          f"{cfg.grad_accum}; lower --grad-accum or --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps, pct_start=0.1)
+        optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
+        pct_start=_warmup_share(total_steps))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
-    resumed = resume_path(cfg)
+    resumed = resume(t, cfg)
     if resumed:
-        t.load(resumed)
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
@@ -281,6 +362,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
             for micro, (images, labels) in enumerate(batches):
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                if cfg.task == "classify":
+                    images, labels = pfc.mix(images, labels)
                 last_micro = (micro + 1) % cfg.grad_accum == 0
                 sync = last_micro or not isinstance(model, nn.parallel.DistributedDataParallel)
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
@@ -294,6 +377,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
                 loss_sum += torch.nan_to_num(detached) / cfg.grad_accum
                 if not last_micro:
                     continue
+                if cfg.task == "classify":
+                    pfc.sync_grads()
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -336,11 +421,12 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plann
     model_path, arch_path = _export(t, cfg.output / "model.pt")
     return FinetuneSummary(cfg.output, model_path, arch_path, t.step, t.epoch + t.step_in_epoch / steps_per_epoch,
                            last_loss, images_done / max(seconds, 1e-9), seconds, t.best, t.evals,
-                           str(resumed) if resumed else None)
+                           str(resumed) if resumed else None,
+                           _head_path(cfg.output / "model.pt") if cfg.task == "classify" else None)
 
 
 def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
-    result = evaluate(cfg, t.raw_model, t.spec, t.device)
+    result = evaluate(cfg, t.raw_model, t.spec, t.device, head=t.pfc)
     if result is None:
         return
     result = {"epoch": t.epoch, "step": t.step, **result}
@@ -348,7 +434,7 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
     if D.is_main():
         with open(cfg.output / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"eval": result}) + "\n")
-        info(f"eval after epoch {t.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+        info(f"eval after epoch {t.epoch} (%): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
                                                            if isinstance(v, float)))
     key = result["metric"]
     if t.best is None or result[key] > t.best[key]:
@@ -364,11 +450,14 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
         state = {k: v.detach().cpu() for k, v in t.raw_model.state_dict().items()}
         atomic_save(state, path)
         spec = t.spec
-        tmp = arch.with_name(arch.name + ".tmp")
-        tmp.write_text(json.dumps({"name": spec.name, "input_size": spec.input_size,
-                                   "patch_size": spec.patch_size, "width": spec.width,
-                                   "depth": spec.depth, "heads": spec.heads,
-                                   "embedding_size": spec.embedding_size}, indent=2))
-        os.replace(tmp, arch)
+        write_json_atomic(arch, spec.to_json())
+        if t.cfg.task == "classify":
+            t.pfc.export(_head_path(path), spec)
     D.barrier()
     return path, arch
+
+
+def _head_path(model_path: Path) -> Path:
+    """model.pt → head.safetensors, best.pt → best-head.safetensors."""
+    stem = model_path.stem
+    return model_path.with_name("head.safetensors" if stem == "model" else f"{stem}-head.safetensors")

@@ -38,10 +38,26 @@ def info(message: str) -> None:
         err_console.print(message, highlight=False)
 
 
+def status(message: str) -> None:
+    """A line shown at once, before the seconds spent importing torch and building a network.
+
+    Printed by the process the user started only (rank 0 and not a launched worker).
+    """
+    if _is_main() and not os.environ.get("UNICOM_LAUNCHER_PID"):
+        err_console.print(message, style="dim", highlight=False, soft_wrap=True)
+
+
 def warn(message: str) -> None:
     """A warning on stderr (rank 0 only)."""
     if _is_main():
         err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def print_context(lines: list[str]) -> None:
+    """Context under a result table (sizes, timings, files written), each on its own line at the
+    terminal's width: a table caption would wrap to the table's narrow width."""
+    for line in lines:
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 class _RateColumn(TextColumn):

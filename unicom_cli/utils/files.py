@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from unicom_cli.errors import DiskError, InputError, OutputInUse
+from unicom_cli.errors import DiskError, InputError, OutputInUse, UsageError
 
 # Errors of the *place* being written, which the user fixes by freeing space or choosing another one.
 DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -100,6 +100,38 @@ def preallocate(path: str | os.PathLike, folder: str | os.PathLike | None = None
                 raise
         finally:
             os.close(fd)
+
+
+def check_output_file(path: str | os.PathLike | None, option: str,
+                      suffixes: tuple[str, ...] | None = None) -> None:
+    """Refuse, before any work, an output file option that cannot be written: a folder, or a
+    suffix no writer knows (a picture saved as ``.xyz`` fails only after the evaluation)."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder; give a file name in it")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: unknown file type {path.suffix or '(none)'}; use "
+                         f"{', '.join(suffixes)}")
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if missing; raise InputError unless a file can really be created in it."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot create the output folder ({exc.strerror or exc}); "
+                         "pick another -o") from exc
+    try:  # os.access lies for root and on some network file systems: really try
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unicom-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot write to the output folder ({exc.strerror}); "
+                         "pick another -o") from exc
 
 
 def temp_path(path: str | os.PathLike) -> Path:
