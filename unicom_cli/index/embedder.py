@@ -108,16 +108,11 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
     neighbours. The precision defaults to the one the collection was embedded in.
     """
     from unicom_cli.models.factory import create_model
-    from unicom_cli.models.registry import ModelSpec
 
     if not meta.get("model"):
         raise UsageError("this index was built from vectors without a model (no .json beside "
                          "the .npy); query it with a .npy of vectors")
-    spec_fields = meta.get("model_spec")
-    model: str | ModelSpec = meta["model"]
-    if spec_fields:
-        spec_fields = {**spec_fields, "mean": tuple(spec_fields["mean"]), "std": tuple(spec_fields["std"])}
-        model = ModelSpec(**spec_fields)
+    model = _recorded_spec(meta)
     expected = meta.get("weights_sha256")
     seed = meta.get("random_init_seed")
     path = weights
@@ -139,3 +134,18 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
         raise InputError(f"{meta['model']}: embeds {loaded.spec.embedding_size} dims but the index "
                          f"recorded {meta['embedding_size']}")
     return QueryEmbedder(loaded, bool(meta.get("normalized")), meta.get("num_feat"), batch_size)
+
+
+def _recorded_spec(meta: dict):
+    """The network an index was embedded with: the registered model of that name when its
+    architecture matches the recorded one, else the recorded architecture (a JSON model)."""
+    from unicom_cli.models.registry import ModelSpec, available_models, get_spec
+
+    fields = meta.get("model_spec") or {}
+    if meta["model"] in available_models():
+        spec = get_spec(meta["model"])
+        if all(getattr(spec, key, value) == value for key, value in fields.items()):
+            return spec
+    if fields:
+        return ModelSpec(**{**fields, "source": "index.json"})
+    return get_spec(meta["model"])
