@@ -29,12 +29,18 @@ async def _hold_first(batcher: MicroBatcher, gate: Gate, first: int) -> asyncio.
     return task
 
 
-async def _held_then_released(batcher: MicroBatcher, gate: Gate, first: int, others: tuple) -> list:
-    """Submit ``first`` and hold it in the batch function, queue ``others``, release, collect."""
+async def _hold_and_queue(batcher: MicroBatcher, gate: Gate, first: int, others: tuple):
+    """Start, submit ``first`` and hold it in the batch function, then queue ``others``."""
     await batcher.start()
     held = await _hold_first(batcher, gate, first)
     waiting = [asyncio.create_task(batcher.submit(x)) for x in others]
     await asyncio.sleep(0)  # every submit has queued its item
+    return held, waiting
+
+
+async def _held_then_released(batcher: MicroBatcher, gate: Gate, first: int, others: tuple) -> list:
+    """``_hold_and_queue``, then release the batch function and collect every result."""
+    held, waiting = await _hold_and_queue(batcher, gate, first, others)
     gate.release.set()
     results = await asyncio.gather(held, *waiting)
     await batcher.stop()
@@ -61,10 +67,7 @@ def test_a_full_queue_refuses_instead_of_growing():
     async def main():
         gate = Gate()
         batcher = MicroBatcher(gate, max_batch=8, queue_size=3)
-        await batcher.start()
-        first = await _hold_first(batcher, gate, 0)
-        queued = [asyncio.create_task(batcher.submit(x)) for x in (2, 4, 6)]
-        await asyncio.sleep(0)
+        first, queued = await _hold_and_queue(batcher, gate, 0, (2, 4, 6))
         with pytest.raises(QueueFull):
             await batcher.submit(8)
         gate.release.set()
@@ -107,10 +110,7 @@ def test_stop_finishes_what_is_queued():
     async def main():
         gate = Gate()
         batcher = MicroBatcher(gate, max_batch=2, queue_size=8)
-        await batcher.start()
-        first = await _hold_first(batcher, gate, 0)
-        queued = [asyncio.create_task(batcher.submit(x)) for x in (2, 4, 6)]
-        await asyncio.sleep(0)
+        first, queued = await _hold_and_queue(batcher, gate, 0, (2, 4, 6))
         stopping = asyncio.create_task(batcher.stop())
         await asyncio.sleep(0)
         gate.release.set()
