@@ -77,7 +77,7 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     assert main(["embed", str(vf), "-o", str(tmp_path / "p.npy"), *model, "--head", str(head)]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     pred_csv = tmp_path / "p.predictions.csv"
-    assert "wrote" in printed and "p.predi" in printed
+    assert printed.count("wrote ") == 5  # .npy, .ids.txt, .json, .failures.txt and the predictions
     rows = list(csv.DictReader(pred_csv.open()))
     ids = (tmp_path / "p.ids.txt").read_text().split()
     assert [r["id"] for r in rows] == ids and len(ids) == 200
@@ -132,7 +132,7 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     assert double["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.51)
 
 
-@pytest.mark.parametrize("case", ["negative_C", "one_embeddings", "nan_features", "head_is_folder",
+@pytest.mark.parametrize("case", ["negative_C", "benchmark_name", "one_embeddings", "nan_features", "head_is_folder",
                                   "corrupt_head", "head_wrong_dim"])
 def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # noqa: F811
                                        tiny_spec_file, tiny_checkpoint):
@@ -141,6 +141,9 @@ def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # no
             "--train-embeddings", str(tn), "--val-embeddings", str(vn)]
     if case == "negative_C":
         args, expected = base + ["--C", "-1"], "--C -1"
+    elif case == "benchmark_name":
+        args = ["eval-linear", "--train-dataset", "cub", "--val-dataset", "cub"]
+        expected = "split train and test by class"
     elif case == "one_embeddings":
         args, expected = base[:-2], "give both --train-embeddings and --val-embeddings"
     elif case == "nan_features":
