@@ -9,18 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.cli.test_eval_knn import _free_port, digits_knn  # noqa: F401  (the fixture)
+from tests.cli.test_eval_knn import _free_port, _worker, digits_knn  # noqa: F401  (the fixture)
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(args, tmp_path, capsys, name="l.json"):
@@ -88,27 +81,6 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     assert hits == pytest.approx(a["metrics"]["top1"], abs=0.51)
 
 
-def _worker(rank, world, port, cfg, out):
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
-
-    from unicom_cli.pipelines.linear import run_linear
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = run_linear(cfg)
-        if rank == 0:
-            out.write_text(json.dumps(res))
-        else:
-            assert res is None
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     """Sharded rows, all-reduced loss and gradient: the same C search path and the same accuracy."""
@@ -120,7 +92,7 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     cfg = LinearConfig(tf, vf, train_embeddings=tn, val_embeddings=vn, holdout=0.25)
     single = run_linear(cfg)
     out = tmp_path / "two.json"
-    mp.spawn(_worker, args=(2, _free_port(), cfg, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), run_linear, cfg, out), nprocs=2, join=True)
     double = json.loads(out.read_text())
     assert double["processes"] == 2 and single["processes"] == 1
     assert double["sizes"] == single["sizes"]
