@@ -51,8 +51,8 @@ def exported(tiny, tmp_path_factory) -> tuple[Path, str]:
     buffer = io.StringIO()
     from unicom_cli.utils import console as console_module
 
+    saved = console_module.console._file  # None: the console follows sys.stdout (capsys) again
     with contextlib.redirect_stdout(buffer):
-        saved = console_module.console.file
         console_module.console.file = buffer
         try:
             code = main(["export", str(spec_file), "--weights", str(ckpt), "-o", str(out)])

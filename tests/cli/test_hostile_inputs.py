@@ -74,6 +74,11 @@ def _npy(w, tmp: Path, feats=None, ids=None, raw: bytes | None = None) -> Path:
     return path
 
 
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _nan(w):
     f = w.feats.copy()
     f[[1, 4]] = np.nan
@@ -157,8 +162,10 @@ CASES = {
         (t / "l.txt").write_bytes(b"caf\xe9.png\n"), _embed(w, t, src=t / "l.txt"))[1],
     "embed: path list empty": lambda w, t: ((t / "l.txt").write_text("# only a comment\n"),
                                             _embed(w, t, src=t / "l.txt"))[1],
-    "embed: output folder missing": lambda w, t: (
-        ["embed", str(w.photos), "-o", str(t / "no" / "o.npy"), *_model(w)], [t / "no" / "o.npy"]),
+    # A missing output folder is created; a file standing where the folder should be is an error.
+    "embed: output folder is a file": lambda w, t: (
+        (t / "no").write_text("a file"),
+        ["embed", str(w.photos), "-o", str(t / "no" / "o.npy"), *_model(w)], [t / "no" / "o.npy"])[1:],
     "embed: output read-only": lambda w, t: (
         ["embed", str(w.photos), "-o", "/proc/o.npy", *_model(w)], [Path("/proc/o.npy")]),
     "embed: --dtype int8": lambda w, t: _embed(w, t, "--dtype", "int8"),
@@ -228,10 +235,11 @@ CASES = {
     "knn: --json is a folder": lambda w, t: (
         ["eval-knn", "--train-dataset", str(w.tree.test), "--val-dataset", str(w.tree.test),
          "--json", str(t), *_model(w)], []),
+    # Train and val features in two folders: one f.npy would be overwritten by the clean val file.
     "knn: NaN train embeddings": lambda w, t: (
         ["eval-knn", "--train-dataset", str(w.tree.test), "--val-dataset", str(w.tree.test),
-         "--train-embeddings", str(_npy(w, t, feats=_nan(w))), "--val-embeddings", str(_npy(w, t)),
-         "--json", str(t / "k.json")], [t / "k.json"]),
+         "--train-embeddings", str(_npy(w, _folder(t / "train"), feats=_nan(w))),
+         "--val-embeddings", str(_npy(w, _folder(t / "val"))), "--json", str(t / "k.json")], [t / "k.json"]),
     # ---- prepare-gldv2
     "gldv2: CSV not UTF-8": lambda w, t: _gldv2(t, b"landmark_id,images\ncaf\xe9,abcdef012345\n"),
     "gldv2: CSV empty": lambda w, t: _gldv2(t, b""),
