@@ -85,3 +85,27 @@ def small_disk(tmp_path):
     yield make
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a busy machine: one torch thread avoids OpenMP barrier stalls.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def one_error_line(err: str) -> str:
+    """The CLI's message for a failure: no traceback and exactly one ``error:`` line, the last one
+    (notes such as the model and device may come before it). Returns it, whitespace collapsed."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [n for n, line in enumerate(lines) if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == len(lines) - 1, err
+    return " ".join(lines[-1].split())

@@ -11,15 +11,7 @@ from PIL import Image
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """A tiny model: one thread avoids OpenMP barrier stalls on a busy machine."""
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -8,22 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from tests.cli.test_eval_retrieval import digits  # noqa: F401 (fixture: tree, npy, ids, feats)
+from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A digits ImageFolder tree and raw-pixel features for it, ids as `embed` writes them."""
-    from sklearn.datasets import load_digits
-
-    from unicom_cli.data.digits import write_digits_tree
-
-    root = tmp_path_factory.mktemp("digits_nan")
-    tree = write_digits_tree(root / "tree", size=16, limit_per_class=20)
-    data = load_digits().data.astype(np.float32)
-    ids = sorted(p.relative_to(tree.test).as_posix() for p in tree.test.rglob("*.png"))
-    feats = np.stack([data[int(i.split("/")[1][:4])] for i in ids])
-    return tree, ids, feats
 
 
 def _save(folder, name, feats, ids):
@@ -33,17 +20,12 @@ def _save(folder, name, feats, ids):
 
 
 def _err(capsys) -> str:
-    err = capsys.readouterr().err
-    # Status lines ("loading …", the precision) may come first; the error is one line, the last.
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err and lines and lines[-1].startswith("error:"), err
-    assert sum(line.startswith("error:") for line in lines) == 1, err
-    return " ".join(err.split())
+    return one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("rows", ["two_nan", "one_inf", "all_nan"])
-def test_retrieval_refuses_nonfinite_embeddings(digits, tmp_path, capsys, rows):
-    tree, ids, feats = digits
+def test_retrieval_refuses_nonfinite_embeddings(digits, tmp_path, capsys, rows):  # noqa: F811
+    tree, _, ids, feats = digits
     feats = feats.copy()
     bad = {"two_nan": [3, 7], "one_inf": [5], "all_nan": list(range(len(ids)))}[rows]
     feats[bad, 2] = np.inf if rows == "one_inf" else np.nan
@@ -58,8 +40,8 @@ def test_retrieval_refuses_nonfinite_embeddings(digits, tmp_path, capsys, rows):
     assert not out.exists()
 
 
-def test_knn_refuses_nonfinite_train_embeddings(digits, tmp_path, capsys):
-    tree, ids, feats = digits
+def test_knn_refuses_nonfinite_train_embeddings(digits, tmp_path, capsys):  # noqa: F811
+    tree, _, ids, feats = digits
     bad = feats.copy()
     bad[0] = np.nan
     train = _save(tmp_path, "train", bad, ids)
@@ -67,30 +49,30 @@ def test_knn_refuses_nonfinite_train_embeddings(digits, tmp_path, capsys):
     code = main(["eval-knn", "--train-dataset", str(tree.test), "--val-dataset", str(tree.test),
                  "--train-embeddings", str(train), "--val-embeddings", str(val)])
     err = _err(capsys)
-    assert code == 1 and "1 of 100 feature rows are not finite" in err and ids[0] in err
+    assert code == 1 and f"1 of {len(ids)} feature rows are not finite" in err and ids[0] in err
 
 
-def test_retrieval_with_nan_weights_is_refused(digits, tmp_path, capsys, tiny_spec_file,
+def test_retrieval_with_nan_weights_is_refused(digits, tmp_path, capsys, tiny_spec_file,  # noqa: F811
                                               tiny_checkpoint):
     """The issue's case: NaN weights reported Recall@1 100.0."""
     import torch
 
-    tree, ids, _ = digits
+    tree, _, ids, _ = digits
     state = torch.load(tiny_checkpoint, weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
     state[key][:] = float("nan")
     ckpt = tmp_path / "nan.pt"
     torch.save(state, ckpt)
     code = main(["eval-retrieval", "--dataset", f"folder:{tree.test}", "--model", str(tiny_spec_file),
-                 "--weights", str(ckpt), "--workers", "0", "--batch-size", "50"])
+                 "--weights", str(ckpt), "--workers", "0", "--batch-size", "100"])
     err = _err(capsys)
-    assert code == 1 and "100 of 100 feature rows are not finite" in err
+    assert code == 1 and f"{len(ids)} of {len(ids)} feature rows are not finite" in err
 
 
 @pytest.mark.parametrize("case", ["empty", "truncated", "strings", "latin1_ids"])
-def test_odd_feature_files_get_a_message(digits, tmp_path, capsys, case):
+def test_odd_feature_files_get_a_message(digits, tmp_path, capsys, case):  # noqa: F811
     """Item 11 (0-byte .npy was exit 130 with no output) and the low-severity file cases."""
-    tree, ids, feats = digits
+    tree, _, ids, feats = digits
     npy = _save(tmp_path, "f", feats, ids)
     if case == "empty":
         npy.write_bytes(b"")

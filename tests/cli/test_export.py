@@ -49,15 +49,8 @@ def exported(tiny, tmp_path_factory) -> tuple[Path, str]:
     spec_file, ckpt = tiny
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     buffer = io.StringIO()
-    from unicom_cli.utils import console as console_module
-
-    saved = console_module.console._file  # None: the console follows sys.stdout (capsys) again
-    with contextlib.redirect_stdout(buffer):
-        console_module.console.file = buffer
-        try:
-            code = main(["export", str(spec_file), "--weights", str(ckpt), "-o", str(out)])
-        finally:
-            console_module.console.file = saved
+    with contextlib.redirect_stdout(buffer):  # the results console writes to whatever stdout is now
+        code = main(["export", str(spec_file), "--weights", str(ckpt), "-o", str(out)])
     assert code == 0, buffer.getvalue()
     return out, buffer.getvalue()
 

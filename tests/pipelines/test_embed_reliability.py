@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
-from unicom_cli.pipelines.features import NONFINITE_REASON
 
 
 def _digits(folder: Path, n: int) -> Path:
@@ -37,14 +37,6 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "unicom_cli", *args],
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def _one_line_error(err: str) -> str:
-    # Status lines ("loading …", the precision) may come first; the error is one line, the last.
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:") and "Traceback" not in err, err
-    assert sum(line.startswith("error:") for line in lines) == 1, err
-    return lines[-1]
 
 
 @pytest.mark.slow
@@ -81,6 +73,8 @@ def test_nan_weights_give_failures_never_good_rows(tmp_path, tiny_spec_file, tin
                                                   capsys):
     """Item 2: a checkpoint with a NaN weight: every row is listed as a failure, none as good."""
     import torch
+
+    from unicom_cli.pipelines.features import NONFINITE_REASON
 
     state = torch.load(tiny_checkpoint, weights_only=True)
     key = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 2)
@@ -150,6 +144,7 @@ def _wide_checkpoint(tmp_path: Path, dim: int) -> tuple[Path, Path]:
     return spec, ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("disk_size, where", [("1m", "start"), ("2800k", "assemble")])
 def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, disk_size, where):
     """Item 5: the output on a real, small tmpfs. 300 rows x 1024 float32 = 1.2 MB per copy:
@@ -162,7 +157,7 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, disk_size
     proc = _cli(*_args(src, out, spec, ckpt))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
-    line = _one_line_error(err)
+    line = one_error_line(err)
     assert str(disk) in line and "free space" in line
     assert not out.exists() and not (disk / "f.ids.txt").exists()
     assert not [p for p in disk.rglob("*") if ".tmp" in p.name]

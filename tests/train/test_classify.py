@@ -17,12 +17,7 @@ SMALL = {"name": "small", "input_size": 32, "patch_size": 8, "width": 64, "depth
          "embedding_size": 32}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +35,10 @@ def small_model(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _cfg(spec, weights, data: Path, out: Path, **kw) -> FinetuneConfig:
-    base = dict(arch=str(spec), weights=weights, dataset=f"folder:{data}", output=out, epochs=6,
-                batch_size=32, lr=1e-3, device="cpu", workers=0, task="classify", augment=False,
-                label_smoothing=0.1, layer_decay=0.75, weight_decay=0.05, drop_path=0.0, log_every=1,
-                seed=3)
+    base = {"arch": str(spec), "weights": weights, "dataset": f"folder:{data}", "output": out,
+            "epochs": 6, "batch_size": 32, "lr": 1e-3, "device": "cpu", "workers": 0, "task": "classify",
+            "augment": False, "label_smoothing": 0.1, "layer_decay": 0.75, "weight_decay": 0.05,
+            "drop_path": 0.0, "log_every": 1, "seed": 3}
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -84,13 +79,13 @@ def test_finetune_beats_the_frozen_linear_probe(small_model, tmp_path_factory):
 
     # The exported backbone embeds as before, and the head file classifies its embeddings
     # exactly as the evaluation did.
+    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.eval.linear import LinearHead
     from unicom_cli.pipelines.features import model_features
-    from unicom_cli.data.benchmarks import scan_image_folder
 
     run = tmp / "plain"
     loaded = create_model(run / "arch.json", weights=run / "model.pt", device="cpu")
-    paths, names = scan_image_folder(tree.knn_val)
+    paths, names = scan_class_folders(tree.knn_val)
     feats = model_features(paths, tree.knn_val, ModelOptions(workers=0), loaded)
     head = LinearHead.load(run / "head.safetensors")
     pred, _ = head.predict(feats.features)
@@ -109,7 +104,8 @@ def digits_tiny(tmp_path_factory) -> Path:
 def test_resume_is_exact_with_mixup(small_model, digits_tiny, tmp_path):
     """40 train images, batch 8: 5 steps per epoch; cut after step 7, resume from step 6 (mid-epoch)."""
     spec, weights = small_model
-    kw = dict(batch_size=8, epochs=3, mixup=0.8, cutmix=1.0, drop_path=0.1, augment=True, eval_every=1)
+    kw = {"batch_size": 8, "epochs": 3, "mixup": 0.8, "cutmix": 1.0, "drop_path": 0.1, "augment": True,
+          "eval_every": 1}
     full = finetune(_cfg(spec, weights, digits_tiny, tmp_path / "full", **kw))
     assert full.steps == 15  # (OneCycle needs more than 10 steps for its 10% warm-up)
     finetune(_cfg(spec, weights, digits_tiny, tmp_path / "cut", save_every=2, max_steps=7, **kw))
@@ -158,3 +154,26 @@ def test_refuses_bad_settings(case, small_model, digits_tiny, tmp_path):
                                           "task": "--task detect"}[case]):
         finetune(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def _finetune_worker(rank, world, cfg):
+    finetune(cfg)
+
+
+@pytest.mark.slow
+def test_two_processes_keep_one_head_and_track_one_process(small_model, digits_tiny, tmp_path):
+    """The head lives outside DDP: its averaged gradients keep the ranks' copies identical."""
+    from tests.train.dist_util import spawn
+
+    spec, weights = small_model
+    one = _cfg(spec, weights, digits_tiny, tmp_path / "one", batch_size=8, epochs=3, eval_every=0)
+    finetune(one)
+    two = _cfg(spec, weights, digits_tiny, tmp_path / "two", batch_size=4, epochs=3, eval_every=0)
+    spawn(_finetune_worker, 2, two)
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000015"
+    heads = [torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["centres"] for r in (0, 1)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+    a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, 16))
+    # Same global batches and init; only the feature head's BatchNorm sees 4 instead of 8 images.
+    assert b[1] == pytest.approx(a[1], rel=0.05)

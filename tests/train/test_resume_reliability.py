@@ -9,28 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.train.test_loop import _cfg as _loop_cfg
+from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
 from unicom_cli.errors import InputError, UsageError
 from unicom_cli.train.loop import FinetuneConfig, finetune
 
 
-@pytest.fixture(scope="module")
-def digits_small(tmp_path_factory) -> Path:
-    from unicom_cli.data.digits import write_digits_tree
-
-    return write_digits_tree(tmp_path_factory.mktemp("digits"), size=32, limit_per_class=12).root
-
-
 def _cfg(spec_file, data, out, **kw) -> FinetuneConfig:
-    base = dict(arch=str(spec_file), dataset=f"folder:{data}", output=out, epochs=2, batch_size=8,
-                lr=1e-3, lr_pfc_weight=10, m2=0.3, device="cpu", drop_path=0.1, eval_every=0,
-                log_every=1, workers=0, seed=7, save_every=2)
-    base.update(kw)
-    return FinetuneConfig(**base)
+    """test_loop's configuration, checkpointing every 2 steps."""
+    return _loop_cfg(spec_file, data, out, **{"save_every": 2, **kw})
 
 
 @pytest.fixture(scope="module")
-def cut_run(tmp_path_factory, digits_small):
+def cut_run(tmp_path_factory, digits_small):  # noqa: F811
     """A run 'killed' after step 5: checkpoints at steps 2 and 4."""
     from tests.conftest import TINY
 
@@ -53,7 +45,7 @@ def _step(run_dir: Path, n: int) -> Path:
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_auto_falls_back_past_a_bad_newest_checkpoint(run, digits_small, capsys, damage):
+def test_auto_falls_back_past_a_bad_newest_checkpoint(run, digits_small, capsys, damage):  # noqa: F811
     spec, out = run
     trainer = _step(out, 4) / "trainer.pt"
     data = trainer.read_bytes()
@@ -65,7 +57,7 @@ def test_auto_falls_back_past_a_bad_newest_checkpoint(run, digits_small, capsys,
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing_rank", "pickled"])
-def test_a_named_bad_checkpoint_is_refused_naming_the_file(run, digits_small, capsys, damage):
+def test_a_named_bad_checkpoint_is_refused_naming_the_file(run, digits_small, capsys, damage):  # noqa: F811
     spec, out = run
     ckpt = _step(out, 4)
     bad = ckpt / ("rank-0.pt" if damage == "missing_rank" else "trainer.pt")
@@ -80,14 +72,13 @@ def test_a_named_bad_checkpoint_is_refused_naming_the_file(run, digits_small, ca
                  "--m2", "0.3", "--device", "cpu", "--workers", "0", "--seed", "7",
                  "--save-every", "2", "--eval-every", "0", "--output", str(out),
                  "--resume", str(ckpt)])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    err = " ".join(err.split())
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 2, err
     assert str(bad) in err
     assert {"truncated": "truncated", "missing_rank": "missing", "pickled": "pickled"}[damage] in err
 
 
-def test_a_class_count_mismatch_is_refused(run, digits_small, tmp_path):
+def test_a_class_count_mismatch_is_refused(run, digits_small, tmp_path):  # noqa: F811
     from unicom_cli.data.digits import write_digits_tree
 
     spec, out = run
@@ -103,7 +94,7 @@ def test_a_class_count_mismatch_is_refused(run, digits_small, tmp_path):
         finetune(_cfg(spec, fewer, out, resume="auto", dataset=f"folder:{fewer}"))
 
 
-def test_changed_settings_and_extending_a_finished_run_are_refused(run, digits_small):
+def test_changed_settings_and_extending_a_finished_run_are_refused(run, digits_small):  # noqa: F811
     spec, out = run
     with pytest.raises(UsageError, match="--batch-size was 8, now 4"):
         finetune(_cfg(spec, digits_small, out, resume="auto", batch_size=4))
@@ -119,4 +110,5 @@ def test_all_training_images_unreadable(tiny_spec_file, tmp_path):
         for i in range(8):
             (data / c / f"{i}.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="none of the 16 training images can be decoded"):
-        finetune(_cfg(tiny_spec_file, data, tmp_path / "o", dataset=f"folder:{data}", epochs=1))
+        finetune(_cfg(tiny_spec_file, data, tmp_path / "o", dataset=f"folder:{data}", epochs=1,
+                      batch_size=4))

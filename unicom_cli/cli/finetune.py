@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    CacheDirOpt, DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, MirrorOpt, NnodesOpt, NodeRankOpt,
-    PrecisionOpt, ProcsOpt, RandomInitOpt, RdzvOpt, WeightsOpt, alias, prefer,
+    CacheDirOpt, DeviceOpt, MirrorOpt, PrecisionOpt, RandomInitOpt, WeightsOpt, alias,
+    launch_options, prefer,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom finetune --model ViT-L/14",
@@ -21,17 +24,20 @@ EXAMPLES = [
 _T = "Training"
 _L = "Loss (Partial FC)"
 _C = "Checkpoints and evaluation"
+_K = "Classification (--task classify)"
 
 
 def _opt(*names: str, help: str, panel: str = _T, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
+@launch_options
 def finetune(
     model: Annotated[Optional[str], _opt("--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
     dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
     data_root: Annotated[Optional[Path], _opt("--data-root", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
-    recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16.")] = None,
+    recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16; classification: imagenet-vit-b32-384, imagenet-vit-b16-384, imagenet-vit-l14-518.")] = None,
+    task: Annotated[Optional[str], _opt("--task", help="retrieval (Partial FC + margin loss, default) or classify (linear head + cross-entropy; top-1/top-5 on PATH/val).")] = None,
     output: Annotated[Path, _opt("--output", "-o", help="Run folder: checkpoints, metrics.jsonl, model.pt, arch.json.")] = Path("runs/finetune"),
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
@@ -50,6 +56,11 @@ def finetune(
     input_size: Annotated[Optional[int], _opt("--input-size", help="Train at this resolution (pos_embed and head resampled).")] = None,
     output_dim: Annotated[Optional[int], _opt("--output-dim", help="Embedding size; another than the checkpoint's gets a fresh last layer.")] = None,
     no_augment: Annotated[bool, _opt("--no-augment", help="Plain CLIP transform instead of the RandAugment recipe (image datasets).")] = False,
+    weight_decay: Annotated[Optional[float], _opt("--weight-decay", help="Weight decay (default 0; classify: not on biases, norms, pos_embed).")] = None,
+    layer_decay: Annotated[Optional[float], _opt("--layer-decay", help="Layer-wise lr decay: block i of N trains at lr × decay^(N-i) (default 1: off).", panel=_K)] = None,
+    label_smoothing: Annotated[Optional[float], _opt("--label-smoothing", help="Label smoothing of the cross-entropy (default 0).", panel=_K)] = None,
+    mixup: Annotated[Optional[float], _opt("--mixup", help="Mixup alpha (timm; default 0: off).", panel=_K)] = None,
+    cutmix: Annotated[Optional[float], _opt("--cutmix", help="CutMix alpha (timm; default 0: off).", panel=_K)] = None,
     m1: Annotated[Optional[float], _opt("--m1", help="Multiplicative angular margin.", panel=_L)] = None,
     m2: Annotated[Optional[float], _opt("--m2", help="Additive angular margin (ArcFace).", panel=_L)] = None,
     m3: Annotated[Optional[float], _opt("--m3", help="Additive cosine margin (CosFace).", panel=_L)] = None,
@@ -65,13 +76,8 @@ def finetune(
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
     arch: Annotated[Optional[str], alias("--arch")] = None,
     data: Annotated[Optional[Path], alias("--data")] = None,
 ) -> None:
@@ -84,7 +90,7 @@ def finetune(
 
     arch, data = prefer(model, arch), prefer(data_root, data)
     status(f"loading {arch or recipe or 'ViT-L/14'} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune
     from unicom_cli.train.recipes import recipe_for
     from unicom_cli.utils.console import info, print_context
@@ -96,7 +102,9 @@ def finetune(
                  input_size=input_size, output_dim=output_dim, m1=m1, m2=m2, m3=m3, s=s,
                  sample_rate=sample_rate, margin_filter=margin_filter, num_feat=num_feat, save_every=save_every, keep=keep,
                  eval_every=eval_every, resume=resume, seed=seed, max_steps=max_steps,
-                 workers=workers, mirror=mirror, cache_dir=cache_dir, pretrained=False if random_init else None)
+                 workers=workers, mirror=mirror, cache_dir=cache_dir, pretrained=False if random_init else None,
+                 task=task, weight_decay=weight_decay, layer_decay=layer_decay,
+                 label_smoothing=label_smoothing, mixup=mixup, cutmix=cutmix)
     recipe_arch = values.get("arch")
     values.update({k: v for k, v in flags.items() if v is not None})
     if arch and recipe_arch and arch != recipe_arch:
@@ -108,7 +116,6 @@ def finetune(
     if name:
         info(f"recipe {name} (published on {recipe_gpus} GPU{'s' if recipe_gpus > 1 else ''} × "
              f"batch {values.get('batch_size')}); flags given override it")
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     summary = run_command(launch, run_finetune, cfg)
     if summary is None:
         return
@@ -120,5 +127,7 @@ def finetune(
         f"wrote {summary.model_path}",
         f"wrote {summary.arch_path}",
         f"wrote {summary.output / 'metrics.jsonl'}",
-        f"use: unicom embed --model {summary.arch_path} --weights {summary.model_path} …",
+        *([f"wrote {summary.head_path}"] if summary.head_path else []),
+        f"use: unicom embed --model {summary.arch_path} --weights {summary.model_path}"
+        + (f" --head {summary.head_path}" if summary.head_path else "") + " …",
     ])

@@ -55,19 +55,18 @@ class LinearHead:
 
     def save(self, path: Path) -> None:
         """Atomic safetensors file: tensors ``weight``, ``bias``; metadata classes, normalize, meta."""
-        import os
+        from safetensors.numpy import save_file
 
-        import torch
-        from safetensors.torch import save_file
+        from unicom_cli.utils.files import atomic_path, disk_errors
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"weight": torch.from_numpy(np.ascontiguousarray(self.weight, np.float32)),
-                   "bias": torch.from_numpy(np.ascontiguousarray(self.bias, np.float32))}, str(tmp),
-                  metadata={"format": "unicom-linear-head/1", "classes": json.dumps(self.classes),
-                            "normalize": json.dumps(self.normalize), "meta": json.dumps(self.meta)})
-        os.replace(tmp, path)
+        with disk_errors(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file({"weight": np.ascontiguousarray(self.weight, np.float32),
+                       "bias": np.ascontiguousarray(self.bias, np.float32)}, str(tmp),
+                      metadata={"format": "unicom-linear-head/1", "classes": json.dumps(self.classes),
+                                "normalize": json.dumps(self.normalize), "meta": json.dumps(self.meta)})
 
     @classmethod
     def load(cls, path: Path) -> LinearHead:

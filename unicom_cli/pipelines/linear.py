@@ -51,6 +51,13 @@ def run_linear(cfg: LinearConfig) -> dict | None:
         raise UsageError(f"--holdout {cfg.holdout}: must be between 0 and 1")
     if cfg.max_iter < 1:
         raise UsageError("--max-iter must be at least 1")
+    from unicom_cli.data.benchmarks import DATASETS
+
+    for flag, path in (("--train-dataset", cfg.train_dataset), ("--val-dataset", cfg.val_dataset)):
+        if str(path) in DATASETS and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: the retrieval benchmarks split train and test by class "
+                             f"(no class is in both), so no linear probe can be scored on them; give "
+                             f"ImageFolder trees whose train and val share classes")
     if cfg.save_classifier is not None and Path(cfg.save_classifier).is_dir():
         raise UsageError(f"--save-classifier {cfg.save_classifier}: is a folder; give a file name "
                          f"such as head.safetensors")
@@ -65,11 +72,11 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     head_index[seen] = np.arange(len(seen))
     classes = [data.classes[i] for i in seen]
     train = data.train
-    x = _prepare(train.features[train.ok], cfg.normalize, cfg.train_embeddings or cfg.train_dataset)
+    x = _prepare(train.features[train.ok], cfg.normalize)
     pos = train.positions[train.ok]
     y = head_index[data.train_labels[pos]]
     val = data.val
-    vx = _prepare(val.features[val.ok], cfg.normalize, cfg.val_embeddings or cfg.val_dataset)
+    vx = _prepare(val.features[val.ok], cfg.normalize)
     vy = head_index[data.val_labels[val.ok]]
 
     device = torch.device(device_for(cfg.model.device))
@@ -126,16 +133,11 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     return results
 
 
-def _prepare(x: np.ndarray, normalize: bool, where: Path) -> np.ndarray:
-    """float32 rows, L2-normalised when asked; non-finite rows are an input error."""
-    from unicom_cli.errors import InputError
+def _prepare(x: np.ndarray, normalize: bool) -> np.ndarray:
+    """float32 rows, L2-normalised when asked (the feature readers already refuse NaN/Inf)."""
     from unicom_cli.eval.search import l2_normalize
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x).all(axis=1)).sum())
-        raise InputError(f"{where}: {bad} feature rows contain NaN or inf; re-embed those images")
-    return l2_normalize(x) if normalize else x
+    return l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
 
 
 def check_head(head_path: Path, embedding_size: int, normalize: bool, num_feat: int | None):

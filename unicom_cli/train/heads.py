@@ -24,11 +24,12 @@ class ClassifyHead(nn.Module):
     """
 
     def __init__(self, dim: int, classes: list[str], *, label_smoothing: float = 0.0,
-                 mixup: float = 0.0, cutmix: float = 0.0) -> None:
+                 mixup: float = 0.0, cutmix: float = 0.0, seed: int = 0) -> None:
         super().__init__()
         self.classes = list(classes)
         self.fc = nn.Linear(dim, len(classes))
-        nn.init.trunc_normal_(self.fc.weight, std=0.01)
+        # Its own generator: every rank (seeded differently by the loop) starts from the same head.
+        nn.init.trunc_normal_(self.fc.weight, std=0.01, generator=torch.Generator().manual_seed(seed))
         nn.init.zeros_(self.fc.bias)
         self.label_smoothing = label_smoothing
         self.mixer = None
@@ -123,7 +124,7 @@ def evaluate_classify(cfg, model: nn.Module, head: ClassifyHead, spec, device: t
     The val images go through eval-knn's feature extraction (sharded over ranks, gathered);
     val classes the head does not know always miss.
     """
-    from unicom_cli.data.benchmarks import scan_image_folder
+    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.models.factory import LoadedModel
     from unicom_cli.models.transforms import eval_transform
     from unicom_cli.pipelines.features import ModelOptions, model_features
@@ -134,7 +135,7 @@ def evaluate_classify(cfg, model: nn.Module, head: ClassifyHead, spec, device: t
     if split is None:
         info(f"no {root}/val or {root}/test folder: skipping evaluation")
         return None
-    paths, names = scan_image_folder(split)
+    paths, names = scan_class_folders(split)
     index = {c: i for i, c in enumerate(head.classes)}
     labels = np.array([index.get(n, -1) for n in names], dtype=np.int64)
     loaded = LoadedModel(model, eval_transform(spec), spec, None, None)

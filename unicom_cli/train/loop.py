@@ -292,7 +292,7 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
         from unicom_cli.train.heads import ClassifyHead
 
         pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
-                           mixup=cfg.mixup, cutmix=cfg.cutmix).to(device)
+                           mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
     else:
         pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
                         m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
