@@ -64,13 +64,13 @@ def world(tmp_path_factory):
     return w
 
 
-def _npy(w, tmp: Path, feats=None, ids=None, raw: bytes | None = None) -> Path:
-    path = tmp / "f.npy"
+def _npy(w, tmp: Path, feats=None, ids=None, raw: bytes | None = None, name: str = "f") -> Path:
+    path = tmp / f"{name}.npy"
     if raw is not None:
         path.write_bytes(raw)
     else:
         np.save(path, w.feats if feats is None else feats)
-    (tmp / "f.ids.txt").write_text("\n".join(w.ids if ids is None else ids) + "\n")
+    (tmp / f"{name}.ids.txt").write_text("\n".join(w.ids if ids is None else ids) + "\n")
     return path
 
 
@@ -128,6 +128,17 @@ def _knn(w, t, *extra, train=None, val=None):
     return [*args, *_model(w), *extra], [t / "k.json"]
 
 
+def _linear(w, t, *extra, train=None, val=None):
+    return (["eval-linear", "--train-dataset", str(train or w.tree.test), "--val-dataset",
+             str(val or w.tree.test), *_model(w), "--json", str(t / "l.json"), *extra],
+            [t / "l.json"])
+
+
+def _export(w, t, name: str, *extra):
+    return (["export", str(w.spec), "-o", str(t / name), "--weights", str(w.ckpt), *extra],
+            [t / name])
+
+
 def _finetune(w, t, *extra, data=None):
     return (["finetune", "--arch", str(w.spec), "--weights", str(w.ckpt), "--dataset",
              f"folder:{data or w.tree.root}", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
@@ -157,8 +168,8 @@ CASES = {
         (t / "l.txt").write_bytes(b"caf\xe9.png\n"), _embed(w, t, src=t / "l.txt"))[1],
     "embed: path list empty": lambda w, t: ((t / "l.txt").write_text("# only a comment\n"),
                                             _embed(w, t, src=t / "l.txt"))[1],
-    "embed: output folder missing": lambda w, t: (
-        ["embed", str(w.photos), "-o", str(t / "no" / "o.npy"), *_model(w)], [t / "no" / "o.npy"]),
+    "embed: output folder is a file": lambda w, t: ((t / "f").write_bytes(b"x"), (
+        ["embed", str(w.photos), "-o", str(t / "f" / "o.npy"), *_model(w)], [t / "f" / "o.npy"]))[1],
     "embed: output read-only": lambda w, t: (
         ["embed", str(w.photos), "-o", "/proc/o.npy", *_model(w)], [Path("/proc/o.npy")]),
     "embed: --dtype int8": lambda w, t: _embed(w, t, "--dtype", "int8"),
@@ -230,8 +241,8 @@ CASES = {
          "--json", str(t), *_model(w)], []),
     "knn: NaN train embeddings": lambda w, t: (
         ["eval-knn", "--train-dataset", str(w.tree.test), "--val-dataset", str(w.tree.test),
-         "--train-embeddings", str(_npy(w, t, feats=_nan(w))), "--val-embeddings", str(_npy(w, t)),
-         "--json", str(t / "k.json")], [t / "k.json"]),
+         "--train-embeddings", str(_npy(w, t, feats=_nan(w))), "--val-embeddings",
+         str(_npy(w, t, name="v")), "--nb-knn", "5", "--json", str(t / "k.json")], [t / "k.json"]),
     # ---- prepare-gldv2
     "gldv2: CSV not UTF-8": lambda w, t: _gldv2(t, b"landmark_id,images\ncaf\xe9,abcdef012345\n"),
     "gldv2: CSV empty": lambda w, t: _gldv2(t, b""),
@@ -257,6 +268,36 @@ CASES = {
     "finetune: --resume not a checkpoint": lambda w, t: _finetune(w, t, "--resume", str(w.empty)),
     "finetune: weights random bytes": lambda w, t: _finetune(
         w, t, "--weights", _weights(w, t, os.urandom(512))[3]),
+    # ---- eval-linear
+    "linear: --C nan": lambda w, t: _linear(w, t, "--C", "nan"),
+    "linear: --C -1": lambda w, t: _linear(w, t, "--C", "-1"),
+    "linear: --holdout 0": lambda w, t: _linear(w, t, "--holdout", "0"),
+    "linear: --holdout 1.5": lambda w, t: _linear(w, t, "--holdout", "1.5"),
+    "linear: NaN train embeddings": lambda w, t: _linear(
+        w, t, "--train-embeddings", str(_npy(w, t, feats=_nan(w))), "--val-embeddings",
+        str(_npy(w, t, name="v"))),
+    "linear: 0-byte embeddings": lambda w, t: _linear(
+        w, t, "--train-embeddings", str(_npy(w, t, raw=b"")), "--val-embeddings", str(_npy(w, t, raw=b""))),
+    "linear: --json is a folder": lambda w, t: (_linear(w, t)[0][:-2] + ["--json", str(t)], []),
+    "linear: --save-classifier is a folder": lambda w, t: _linear(w, t, "--save-classifier", str(t)),
+    "linear: every val image unreadable": lambda w, t: _linear(w, t, val=w.unreadable),
+    "linear: one-class training set": lambda w, t: _linear(w, t, train=w.one.parent),
+    # ---- export
+    "export: unknown output type": lambda w, t: _export(w, t, "m.xyz"),
+    "export: output folder is a file": lambda w, t: ((t / "f").write_bytes(b"x"), _export(w, t, "f/m.onnx"))[1],
+    "export: output is a folder": lambda w, t: (_export(w, t, "m.onnx")[0][:3] + [str(t)] +
+                                                _export(w, t, "m.onnx")[0][4:], []),
+    "export: weights random bytes": lambda w, t: _export(w, t, "m.onnx", "--weights",
+                                                         _weights(w, t, os.urandom(700))[3]),
+    "export: model JSON absurd": lambda w, t: (
+        ["export", _json_model(t, {**TINY, "depth": 10**6})[1], "-o", str(t / "m.onnx")], [t / "m.onnx"]),
+    "export: --precision fp8": lambda w, t: _export(w, t, "m.onnx", "--precision", "fp8"),
+    "export: --num-feat beyond dims": lambda w, t: _export(w, t, "m.onnx", "--num-feat", "999"),
+    # ---- demo, models
+    "demo: --output names a file": lambda w, t: (["demo", "-o", str(w.a_file), "--epochs", "1"], []),
+    "demo: --output read-only": lambda w, t: (["demo", "-o", "/proc/unicom-demo", "--epochs", "1"],
+                                              [Path("/proc/unicom-demo")]),
+    "models: unexpected argument": lambda w, t: (["models", "extra"], []),
     # ---- download
     "download: unknown model": lambda w, t: (["download", "ViT-Q/99", "--cache-dir", str(t / "c")], []),
     "download: bad --sha256": lambda w, t: (["download", "ViT-B/32", "--sha256", "xyz",
@@ -298,4 +339,4 @@ def test_hostile_input_is_one_message_and_no_output(name, world, busy_port, tmp_
 
 def test_the_suite_is_large():
     """The closing note quotes this count."""
-    assert len(CASES) >= 70
+    assert len(CASES) >= 90

@@ -292,10 +292,6 @@ def _write_json(path: Path, obj: object) -> None:
     write_json_atomic(path, obj, indent=1)
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 def default_workers() -> int:
     """All cores this process may use."""
     return usable_cores()
@@ -347,7 +343,7 @@ def _prepare(cfg: PrepareConfig, images: Path, out: Path, t0: float) -> PrepareR
         if not entries:
             raise InputError(f"{cfg.csv}: none of the listed images was found under {images}")
         # written once: the checkpoint (state.json, rewritten every few seconds) stays small
-        _write_text(partial / "plan.lst", "".join(f"{label}\t{rel}\n" for label, rel in entries))
+        write_text_atomic(partial / "plan.lst", "".join(f"{label}\t{rel}\n" for label, rel in entries))
         _write_json(partial / "plan.json", {"landmarks": landmarks, **planning,
                                             "plan_seconds": round(time.perf_counter() - t_plan, 3)})
         state = {"version": STATE_VERSION, "settings": settings, "done": 0, "records": 0, "rec_bytes": 0,
@@ -454,7 +450,7 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     """Write train.lst, labels.csv and report.json into the partial folder, then mark it final."""
     failed = {f["position"] for f in state["failed"]}
     written = [entry for pos, entry in enumerate(entries) if pos not in failed]
-    _write_text(partial / f"{PREFIX}.lst",
+    write_text_atomic(partial / f"{PREFIX}.lst",
                 "".join(f"{i}\t{label:f}\t{rel}\n" for i, (label, rel) in enumerate(written)))
     plan = json.loads((partial / "plan.json").read_text())
     landmarks = plan["landmarks"]
@@ -464,7 +460,7 @@ def _write_outputs(cfg: PrepareConfig, images: Path, out: Path, partial: Path,
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["landmark_id", "label", "count"])
     writer.writerows((landmark, label, per_label[label]) for label, landmark in enumerate(landmarks))
-    _write_text(partial / "labels.csv", table.getvalue())
+    write_text_atomic(partial / "labels.csv", table.getvalue())
     encode_s = state["encode_seconds"]
     done_now = len(entries) - resumed_from
     report = {

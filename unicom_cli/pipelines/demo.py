@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from unicom_cli.errors import UnicomError
+from unicom_cli.errors import InputError, UnicomError, UsageError
 
 # A small UNICOM ViT that trains in minutes on two CPU cores.
 DEMO_ARCH = {"name": "demo-vit", "input_size": 32, "patch_size": 8, "width": 64, "depth": 2,
@@ -120,7 +120,13 @@ def _metrics(out: Path, tag: str) -> dict:
 
 def run_demo(cfg: DemoConfig, announce: Callable[[DemoStep, int, int], None]) -> DemoResult:
     """Run every step; ``announce`` shows each command before it runs. Stops at the first failure."""
-    (cfg.output / "features").mkdir(parents=True, exist_ok=True)
+    if cfg.output.exists() and not cfg.output.is_dir():
+        raise UsageError(f"-o {cfg.output}: is a file; give a folder for the demo's outputs")
+    try:
+        (cfg.output / "features").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{cfg.output}: cannot create the output folder ({exc.strerror}); "
+                         "choose another -o") from exc
     digits, arch = _write_inputs(cfg)
     result = DemoResult(cfg.output)
     result.steps = plan(cfg, digits, arch)

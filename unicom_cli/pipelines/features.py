@@ -247,7 +247,17 @@ def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions
              if train.failures else f"{train_skipped} train images skipped")
     if val.failures:
         warn(f"{len(val.failures)} val images skipped (first: {val.failures[0][0]}: {val.failures[0][1]})")
+    _refuse_unusable("val", val, len(val_paths))
+    if _count_all_ranks(int(train.ok.sum())) == 0:
+        _refuse_unusable("train", train, len(train_paths))
     return LabelledFeatures(classes, train, train_labels, val, val_labels, loaded, train_skipped)
+
+
+def _refuse_unusable(name: str, part: Features, total: int) -> None:
+    """Every image unreadable: refuse, instead of a table of "nan" (or 0.00) with exit 0."""
+    if total and not part.ok.any():
+        first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
+        raise InputError(f"none of the {total:,} {name} images could be used{first}")
 
 
 def _count_all_ranks(n: int) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import InputError, UsageError
+from unicom_cli.errors import UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
 
 
@@ -62,9 +62,6 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     timings["features"] = time.perf_counter() - t
     train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
     train_labels, train_skipped = data.train_labels, data.train_skipped
-    _refuse_unusable("val", val, len(val.ok))
-    if world_size() == 1:  # with several ranks, train holds only this rank's share
-        _refuse_unusable("train", train, len(train.ok))
     train_x = l2_normalize(train.features[train.ok], cfg.num_feat)
     train_pos = train.positions[train.ok]
     val_x = l2_normalize(val.features[val.ok], cfg.num_feat)
@@ -169,13 +166,6 @@ def _validate(cfg: KnnConfig) -> None:
     if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
     check_output_file(cfg.json_out, "--json")  # before the work, not after it
-
-
-def _refuse_unusable(name: str, part, total: int) -> None:
-    """Every image unreadable: refuse, instead of a table of "nan" with exit 0."""
-    if len(part.ok) and not part.ok.any():
-        first = f" (first: {part.failures[0][0]}: {part.failures[0][1]})" if part.failures else ""
-        raise InputError(f"none of the {total:,} {name} images could be used{first}")
 
 
 def _comm_device():

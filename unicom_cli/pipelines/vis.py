@@ -7,10 +7,12 @@ and a white gap separates the cells, so that neighbouring frames of one colour s
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from unicom_cli.errors import UsageError
+from unicom_cli.utils.files import atomic_open
 
 TILE = 128  # thumbnail cell, frame included
 BORDER = 6  # frame width
@@ -119,8 +121,10 @@ def save_retrieval_grid(out: Path, root: Path, split, neighbours: np.ndarray,
             score = f" · {scores[q, col]:.3f}" if scores is not None else ""
             cell(row, col + 1, split.paths[g_pos[g]], HIT if hit else MISS, f"#{col + 1}{score}")
     out = Path(out)
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"--vis {out}: unknown picture type {out.suffix!r}; use .jpg or .png")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    grid.save(tmp, quality=90)
-    os.replace(tmp, out)
+    with atomic_open(out, "wb") as handle:
+        grid.save(handle, format=fmt, quality=90)
     return out

@@ -28,9 +28,12 @@ from typing import IO, Any
 from unicom_cli.errors import DiskError, InputError, OutputInUse, UsageError
 
 # Errors of the *place* being written, which the user fixes by freeing space or choosing another one.
-DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for it"}
+DISK_ERRNOS = {errno.ENOSPC: "cannot write, the disk is full",
+               errno.EDQUOT: "cannot write, the disk quota is exceeded",
+               errno.EROFS: "cannot write, the file system is read-only",
+               errno.EFBIG: "cannot write, the file is too large for this file system",
+               errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 FREE_SPACE_MARGIN = 1 << 20  # metadata, ids and JSON written next to the data
 
 
@@ -43,22 +46,29 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover - the loop always returns
 
 
-def _folder_of(path: str | os.PathLike | None, fallback: Path | None = None) -> Path | None:
-    if path is None:
+def _folder_of(path: object, fallback: Path | None = None) -> Path | None:
+    if not isinstance(path, (str, bytes, os.PathLike)):  # no file name (or a descriptor)
         return fallback
-    path = Path(path)
+    path = Path(os.fsdecode(path))
     return path if path.is_dir() else path.parent
 
 
 def disk_error(exc: OSError, folder: str | os.PathLike | None = None) -> DiskError | None:
-    """The one-line error for a disk-level OSError (full, read-only, no permission), else None."""
+    """The one-line error for a disk-level OSError (full, read-only, no permission), else None.
+
+    It names the folder of the file the system call was about, else ``folder``.
+    """
     reason = DISK_ERRNOS.get(exc.errno or 0)
     if reason is None:
         return None
-    where = Path(folder) if folder is not None else _folder_of(exc.filename)
-    fix = ("free some space or choose another output folder" if exc.errno in
-           (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "choose another output folder")
-    return DiskError(f"{where if where is not None else 'output'}: cannot write, {reason}; {fix}")
+    where = _folder_of(exc.filename, Path(folder) if folder is not None else None)
+    if exc.errno in _FULL:
+        fix = "free some space or choose another output folder"
+    elif exc.errno == errno.EROFS:
+        fix = "choose another output folder"
+    else:
+        fix = "check its permissions or choose another folder"
+    return DiskError(f"{where if where is not None else 'output'}: {reason}; {fix}")
 
 
 @contextmanager
