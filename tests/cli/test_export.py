@@ -92,6 +92,7 @@ def test_embed_onnx_equals_the_pytorch_route(exported, tiny, folder, tmp_path):
     np.testing.assert_allclose(np.load(n_onnx), np.load(n_torch), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_graph_with_baked_normalisation_is_not_renormalised(tiny, folder, tmp_path):
     spec_file, ckpt = tiny
     graph = tmp_path / "n.onnx"

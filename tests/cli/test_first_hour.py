@@ -75,6 +75,7 @@ def test_demo_asks_for_its_random_start_explicitly(tmp_path):
             assert "--weights" in step.argv or "--random-init" in step.argv, step.argv
 
 
+@pytest.mark.slow
 def test_example_script_refuses_then_accepts_random_init(digits, tiny_spec_file, tmp_path):
     script = ROOT / "examples" / "embed_and_search.py"
     base = [sys.executable, str(script), str(digits.test), "--model", str(tiny_spec_file),
@@ -159,6 +160,7 @@ def test_models_shows_a_garbage_file_as_corrupt(tmp_path, capsys):
 
 # ------------------------------------------------------------------ 6. a status line before torch
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["embed", "nowhere/", "-o", "f.npy"],
                                   ["eval-retrieval", "--dataset", "folder:nowhere/"],
                                   ["eval-knn", "--train-dataset", "a", "--val-dataset", "b"],

@@ -31,6 +31,7 @@ def _top1(x, y, W, b) -> float:
     return 100.0 * accuracy_counts(torch.from_numpy(x), torch.from_numpy(y), W, b, (1,))[1] / len(y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("C", [0.601, 0.01, 10.0])
 def test_same_features_same_C_as_sklearn(digits, C):
     """The original example's solver (sklearn lbfgs, max_iter 1000): top-1 within 0.2 points."""
@@ -47,6 +48,7 @@ def test_same_features_same_C_as_sklearn(digits, C):
     assert np.abs(prob - sk.predict_proba(xte)[np.arange(len(xte)), pred]).mean() < 0.01
 
 
+@pytest.mark.slow
 def test_objective_is_sklearns(digits):
     """C·ΣCE + ½‖W‖² (bias unpenalised), written in float64 numpy: ours reaches sklearn's minimum
     and its gradient there is below sklearn's stopping tolerance (on the 1/(Cn)-scaled objective)."""

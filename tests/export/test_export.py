@@ -80,6 +80,7 @@ def test_onnx_file_and_description(plain, tiny_files):
     assert not list(plain.parent.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_normalize_and_num_feat_inside_the_graph(tiny_files, photos, tmp_path):
     spec_file, ckpt = tiny_files
     out = tmp_path / "n.onnx"
@@ -92,6 +93,7 @@ def test_normalize_and_num_feat_inside_the_graph(tiny_files, photos, tmp_path):
     assert np.all(np.linalg.norm(got, axis=1) < 1.0)
 
 
+@pytest.mark.slow
 def test_float_input_and_fp16(tiny_files, photos, tmp_path):
     spec_file, ckpt = tiny_files
     ref = reference(spec_file, ckpt, photos)
@@ -114,6 +116,7 @@ def test_float_input_and_fp16(tiny_files, photos, tmp_path):
     assert out16.stat().st_size < out.stat().st_size
 
 
+@pytest.mark.slow
 def test_int8_dynamic_quantisation(tiny_files, photos, tmp_path):
     import onnx
 
