@@ -51,10 +51,11 @@ def main() -> None:
 
     from unicom_cli.eval.linear import accuracy_counts, fit
 
-    from threadpoolctl import threadpool_limits
-
     torch.set_num_threads(args.threads)
-    threadpool_limits(args.threads)  # scikit-learn's BLAS: the same number of threads
+    if not args.skip_sklearn:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        threadpool_limits(args.threads)  # scikit-learn's BLAS: the same number of threads
     x, y = features(args.n + args.val, args.dim, args.classes, args.noise, 0)
     xtr, ytr, xva, yva = x[:args.n], y[:args.n], x[args.n:], y[args.n:]
     print(f"{args.n:,} × {args.dim} train features, {args.classes:,} classes, {args.val:,} held out; "

@@ -30,12 +30,14 @@ def test_digits_tree_splits_by_class_and_is_seeded(tmp_path):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
-def _recall_at_1(arch: Path, weights: Path, folder: Path, precision: str):
-    """Independent Recall@1 in percent: one image at a time, float64 cosine, the query excluded."""
+def _recall_at_1(arch: Path, weights: Path | None, folder: Path, precision: str):
+    """Independent Recall@1 in percent: one image at a time, float64 cosine, the query excluded.
+    ``weights`` None: the demo's seeded random init (seed 0, its default)."""
     from tests.cli.test_eval_model import _reference_features
     from unicom_cli.models.factory import create_model
 
-    loaded = create_model(str(arch), weights, device="cpu", precision=precision)
+    loaded = create_model(str(arch), weights, pretrained=weights is not None, seed=0, device="cpu",
+                          precision=precision)
     paths = sorted(folder.glob("*/*.png"))
     feats, ok = _reference_features([str(p) for p in paths], loaded)
     assert ok.all()
@@ -57,7 +59,7 @@ def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
     # Each step is shown as the exact command it runs.
     for command in ("$ unicom eval-retrieval", "$ unicom eval-knn", "$ unicom finetune", "$ unicom embed"):
         assert command in proc.stdout
-    for tag, weights in (("before", out / "init.pt"), ("after", out / "finetune" / "model.pt")):
+    for tag, weights in (("before", None), ("after", out / "finetune" / "model.pt")):
         retrieval = json.loads((out / f"retrieval-{tag}.json").read_text())
         assert retrieval["metrics"]["recall@1"] == _recall_at_1(
             out / "demo-vit.json", weights, out / "digits" / "test", retrieval["precision"])

@@ -71,7 +71,8 @@ def test_few_shot_mean_and_std(digits_knn, tmp_path):
                  str(tn), "--val-embeddings", str(vn), "--nb-knn", "500"]) == 2  # more than 200 train images
 
 
-def _worker(rank, world, port, kind, cfg, out):
+def _worker(rank, world, port, fn, cfg, out):
+    """One gloo rank running ``fn(cfg)`` (a pipeline's run_* function); rank 0 writes the result."""
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -81,10 +82,6 @@ def _worker(rank, world, port, kind, cfg, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        if kind == "knn":
-            from unicom_cli.pipelines.knn import run_knn as fn
-        else:
-            from unicom_cli.pipelines.retrieval import run_retrieval as fn
         res = fn(cfg)
         if rank == 0:
             out.write_text(json.dumps(res))
@@ -121,15 +118,16 @@ def test_two_gloo_processes_give_the_same_metrics(digits_knn, tmp_path):
     ret.embeddings = both
     # All-vs-all: one process uses the symmetric search, two processes search query blocks.
     ava = RetrievalConfig(dataset=f"folder:{tf}", embeddings=tn, recall_at=[1, 4])
-    for kind, cfg, single in (("knn", knn, run_knn(knn)), ("retrieval", ret, run_retrieval(ret)),
-                              ("retrieval", ava, run_retrieval(ava))):
+    for kind, fn, cfg in (("knn", run_knn, knn), ("retrieval", run_retrieval, ret),
+                          ("retrieval", run_retrieval, ava)):
+        single = fn(cfg)
         out = tmp_path / f"{kind}.json"
         try:
-            mp.spawn(_worker, args=(2, _free_port(), kind, cfg, out), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, _free_port(), fn, cfg, out), nprocs=2, join=True)
         except mp.ProcessRaisedException as exc:  # the free port was taken meanwhile: once more
             if "address already in use" not in str(exc).lower() and "EADDRINUSE" not in str(exc):
                 raise
-            mp.spawn(_worker, args=(2, _free_port(), kind, cfg, out), nprocs=2, join=True)
+            mp.spawn(_worker, args=(2, _free_port(), fn, cfg, out), nprocs=2, join=True)
         double = json.loads(out.read_text())
         assert double["processes"] == 2 and single["processes"] == 1
         assert double["metrics"] == json.loads(json.dumps(single["metrics"]))

@@ -9,18 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from tests.cli.test_eval_knn import _free_port, digits_knn  # noqa: F401  (the fixture)
+from tests.cli.test_eval_knn import _free_port, _worker, digits_knn  # noqa: F401  (the fixture)
 from unicom_cli.cli.app import main
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(args, tmp_path, capsys, name="l.json"):
@@ -77,7 +70,7 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     assert main(["embed", str(vf), "-o", str(tmp_path / "p.npy"), *model, "--head", str(head)]) == 0
     printed = " ".join(capsys.readouterr().out.split())
     pred_csv = tmp_path / "p.predictions.csv"
-    assert "wrote" in printed and "p.predi" in printed
+    assert printed.count("wrote ") == 5  # .npy, .ids.txt, .json, .failures.txt and the predictions
     rows = list(csv.DictReader(pred_csv.open()))
     ids = (tmp_path / "p.ids.txt").read_text().split()
     assert [r["id"] for r in rows] == ids and len(ids) == 200
@@ -86,27 +79,6 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     np.testing.assert_allclose([float(r["probability"]) for r in rows], p, atol=1e-6)
     hits = np.mean([r["class"] == r["id"].split("/")[0] for r in rows]) * 100
     assert hits == pytest.approx(a["metrics"]["top1"], abs=0.51)
-
-
-def _worker(rank, world, port, cfg, out):
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch
-    import torch.distributed as dist
-
-    from unicom_cli.pipelines.linear import run_linear
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = run_linear(cfg)
-        if rank == 0:
-            out.write_text(json.dumps(res))
-        else:
-            assert res is None
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -120,7 +92,7 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     cfg = LinearConfig(tf, vf, train_embeddings=tn, val_embeddings=vn, holdout=0.25)
     single = run_linear(cfg)
     out = tmp_path / "two.json"
-    mp.spawn(_worker, args=(2, _free_port(), cfg, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), run_linear, cfg, out), nprocs=2, join=True)
     double = json.loads(out.read_text())
     assert double["processes"] == 2 and single["processes"] == 1
     assert double["sizes"] == single["sizes"]
@@ -132,7 +104,7 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     assert double["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.51)
 
 
-@pytest.mark.parametrize("case", ["negative_C", "one_embeddings", "nan_features", "head_is_folder",
+@pytest.mark.parametrize("case", ["negative_C", "benchmark_name", "one_embeddings", "nan_features", "head_is_folder",
                                   "corrupt_head", "head_wrong_dim"])
 def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # noqa: F811
                                        tiny_spec_file, tiny_checkpoint):
@@ -141,6 +113,9 @@ def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # no
             "--train-embeddings", str(tn), "--val-embeddings", str(vn)]
     if case == "negative_C":
         args, expected = base + ["--C", "-1"], "--C -1"
+    elif case == "benchmark_name":
+        args = ["eval-linear", "--train-dataset", "cub", "--val-dataset", "cub"]
+        expected = "split train and test by class"
     elif case == "one_embeddings":
         args, expected = base[:-2], "give both --train-embeddings and --val-embeddings"
     elif case == "nan_features":

@@ -28,6 +28,7 @@ def _reference_features(paths, loaded):
     return np.stack(rows).astype(np.float32), np.array(ok)
 
 
+@pytest.mark.slow
 def test_retrieval_and_knn_with_tiny_model(tiny_spec_file, tiny_checkpoint, tmp_path):
     from unicom_cli.data.digits import write_digits_tree
     from unicom_cli.models.factory import create_model

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from unicom_cli.cli.app import main
 from unicom_cli.train.recipes import recipe_for
 
 
+@pytest.mark.slow
 def test_finetune_folder_end_to_end(tiny_spec_file, tiny_checkpoint, tmp_path, capsys):
     from unicom_cli.data.digits import write_digits_tree
 

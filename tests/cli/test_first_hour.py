@@ -145,7 +145,7 @@ def test_wrong_checkpoint_is_a_short_line(digits, tiny_checkpoint, tmp_path, cap
     arch.write_text(json.dumps({"input_size": 32, "patch_size": 8, "width": 64, "depth": 2,
                                 "heads": 2, "embedding_size": 16}))
     assert main(["embed", str(digits.test), "-o", str(tmp_path / "f.npy"), "--model", str(arch),
-                 "--weights", str(tiny_checkpoint), "-j", "0"]) == 1
+                 "--weights", str(tiny_checkpoint), "-j", "0"]) == 2  # bad input (CheckpointMismatch)
     err = _err(capsys)
     assert "looks like width 32, patch 8, 2 blocks" in err and len(err) < 700
 

@@ -168,8 +168,8 @@ CASES = {
         (t / "l.txt").write_bytes(b"caf\xe9.png\n"), _embed(w, t, src=t / "l.txt"))[1],
     "embed: path list empty": lambda w, t: ((t / "l.txt").write_text("# only a comment\n"),
                                             _embed(w, t, src=t / "l.txt"))[1],
-    "embed: output folder missing": lambda w, t: (
-        ["embed", str(w.photos), "-o", str(t / "no" / "o.npy"), *_model(w)], [t / "no" / "o.npy"]),
+    "embed: output folder is a file": lambda w, t: ((t / "f").write_bytes(b"x"), (
+        ["embed", str(w.photos), "-o", str(t / "f" / "o.npy"), *_model(w)], [t / "f" / "o.npy"]))[1],
     "embed: output read-only": lambda w, t: (
         ["embed", str(w.photos), "-o", "/proc/o.npy", *_model(w)], [Path("/proc/o.npy")]),
     "embed: --dtype int8": lambda w, t: _embed(w, t, "--dtype", "int8"),
@@ -284,7 +284,7 @@ CASES = {
     "linear: one-class training set": lambda w, t: _linear(w, t, train=w.one.parent),
     # ---- export
     "export: unknown output type": lambda w, t: _export(w, t, "m.xyz"),
-    "export: output folder missing": lambda w, t: _export(w, t, "no/m.onnx"),
+    "export: output folder is a file": lambda w, t: ((t / "f").write_bytes(b"x"), _export(w, t, "f/m.onnx"))[1],
     "export: output is a folder": lambda w, t: (_export(w, t, "m.onnx")[0][:3] + [str(t)] +
                                                 _export(w, t, "m.onnx")[0][4:], []),
     "export: weights random bytes": lambda w, t: _export(w, t, "m.onnx", "--weights",

@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import ROOT
 from tests.distributed.toy_cli import rows_for
 from unicom_cli.distributed import launch
-from unicom_cli.distributed.launch import GroupEnv, LaunchConfig, detect_group, parse_nodelist, run_command
+from unicom_cli.distributed.env import GroupEnv, detect_group, parse_nodelist
+from unicom_cli.distributed.launch import LaunchConfig, run_command
 from unicom_cli.errors import DistributedError, UsageError
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
@@ -201,15 +202,21 @@ def test_a_crashing_rank_stops_a_busy_one_and_shows_its_traceback(tmp_path):
     assert wait_gone([int(p.read_text()) for p in tmp_path.glob("*.pid")])
 
 
-@pytest.mark.slow
-def test_a_killed_worker_stops_the_command(tmp_path):
+def _stop_sleeping_run(tmp_path: Path, stop) -> tuple[subprocess.Popen, str, list[int]]:
+    """Two ranks asleep past the deadline; ``stop(proc, pids)`` interrupts them from outside."""
     proc = start_toy("--total", "7", "--procs", "2", "--sleep", ASLEEP, "--pid-dir", str(tmp_path))
     try:
         pids = wait_for_pids(tmp_path, 2, proc)
-        os.kill(pids[1], signal.SIGKILL)
-        out, err = proc.communicate(timeout=DEADLINE)
+        stop(proc, pids)
+        _, err = proc.communicate(timeout=DEADLINE)
     finally:
         proc.kill()
+    return proc, err, pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_command(tmp_path):
+    proc, err, pids = _stop_sleeping_run(tmp_path, lambda proc, pids: os.kill(pids[1], signal.SIGKILL))
     assert proc.returncode == 1
     assert "rank 1 was killed by SIGKILL" in err
     assert wait_gone(pids)
@@ -217,13 +224,7 @@ def test_a_killed_worker_stops_the_command(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process(tmp_path):
-    proc = start_toy("--total", "7", "--procs", "2", "--sleep", ASLEEP, "--pid-dir", str(tmp_path))
-    try:
-        pids = wait_for_pids(tmp_path, 2, proc)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=DEADLINE)
-    finally:
-        proc.kill()
+    proc, err, pids = _stop_sleeping_run(tmp_path, lambda proc, pids: proc.send_signal(signal.SIGINT))
     assert proc.returncode == 130
     assert "interrupted" in err
     assert wait_gone(pids)

@@ -114,6 +114,20 @@ def test_float_input_and_fp16(tiny_files, photos, tmp_path):
     assert out16.stat().st_size < out.stat().st_size
 
 
+def test_int8_dynamic_quantisation(tiny_files, photos, tmp_path):
+    import onnx
+
+    spec_file, ckpt = tiny_files
+    out = tmp_path / "q.onnx"
+    summary = export_model(ExportConfig(str(spec_file), out, weights=ckpt, precision="int8"))
+    assert summary.parity.bound == 0.99 and summary.parity.ok
+    assert onnx.TensorProto.INT8 in {t.data_type for t in onnx.load(str(out)).graph.initializer}
+    got = OnnxModel(out, device="cpu").run(photos)
+    assert cosine(got, reference(spec_file, ckpt, photos)).min() >= 0.99
+    assert json.loads(out.with_suffix(".json").read_text())["precision"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "q.onnx"]  # no fp32 leftover
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_safetensors_round_trip(tiny_files, photos, tmp_path, precision):
     from safetensors.torch import load_file
@@ -159,7 +173,8 @@ def _no_outputs(folder: Path) -> bool:
 
 
 @pytest.mark.parametrize("case", ["opset_low", "opset_high", "fp16_bf16", "bad_suffix",
-                                  "num_feat_too_big", "normalize_safetensors", "exists"])
+                                  "num_feat_too_big", "normalize_safetensors", "int8_safetensors",
+                                  "exists"])
 def test_bad_arguments_fail_before_any_work(case, tiny_files, tmp_path, monkeypatch):
     import unicom_cli.models.factory as factory
 
@@ -167,9 +182,10 @@ def test_bad_arguments_fail_before_any_work(case, tiny_files, tmp_path, monkeypa
     spec_file, ckpt = tiny_files
     kw = {"opset_low": {"opset": 17}, "opset_high": {"opset": 24}, "fp16_bf16": {"precision": "bf16"},
           "num_feat_too_big": {"normalize": True, "num_feat": 17},
-          "normalize_safetensors": {"normalize": True}, "exists": {}}.get(case, {})
+          "normalize_safetensors": {"normalize": True}, "int8_safetensors": {"precision": "int8"},
+          "exists": {}}.get(case, {})
     out = tmp_path / ("m.bin" if case == "bad_suffix" else
-                      "m.safetensors" if case == "normalize_safetensors" else "m.onnx")
+                      "m.safetensors" if case.endswith("safetensors") else "m.onnx")
     if case == "exists":
         out.write_bytes(b"keep me")
     error = OutputExists if case == "exists" else UsageError
@@ -179,7 +195,7 @@ def test_bad_arguments_fail_before_any_work(case, tiny_files, tmp_path, monkeypa
     message = str(info.value)
     assert {"opset_low": "--opset 17", "opset_high": "--opset 24", "fp16_bf16": "bf16",
             "bad_suffix": ".onnx", "num_feat_too_big": "only 16", "exists": "--overwrite",
-            "normalize_safetensors": "ONNX graph"}[case] in message
+            "normalize_safetensors": "ONNX graph", "int8_safetensors": "fp32 or fp16"}[case] in message
     if case == "exists":
         assert out.read_bytes() == b"keep me"
     else:

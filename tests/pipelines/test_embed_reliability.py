@@ -144,6 +144,7 @@ def _wide_checkpoint(tmp_path: Path, dim: int) -> tuple[Path, Path]:
     return spec, ckpt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("disk_size, where", [("1m", "start"), ("2800k", "assemble")])
 def test_full_disk_is_one_line_naming_the_folder(tmp_path, small_disk, disk_size, where):
     """Item 5: the output on a real, small tmpfs. 300 rows x 1024 float32 = 1.2 MB per copy:

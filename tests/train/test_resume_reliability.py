@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tests.train.test_loop import _cfg as _loop_cfg
-from tests.train.test_loop import digits_small  # noqa: F401 (fixture)
 from tests.conftest import one_error_line
 from unicom_cli.cli.app import main
 from unicom_cli.errors import InputError, UsageError

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
@@ -11,22 +11,19 @@ from unicom_cli.cli.options import (
     BatchSizeOpt,
     CacheDirOpt,
     DeviceOpt,
-    GpusOpt,
     InferencePrecisionOpt,
-    MasterAddrOpt,
-    MasterPortOpt,
     MirrorOpt,
     ModelOpt,
-    NnodesOpt,
-    NodeRankOpt,
     NumFeatOpt,
-    ProcsOpt,
     RandomInitOpt,
-    RdzvOpt,
     SeedOpt,
     WeightsOpt,
     WorkersOpt,
+    launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom embed photos/ -o feats/photos.npy",
@@ -37,6 +34,7 @@ EXAMPLES = [
 SHOWN_FAILURES = 10
 
 
+@launch_options
 def embed(
     input: Annotated[Path, typer.Argument(help="Folder of images (scanned recursively) or a text file with one path per line.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy (its folder is created); .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
@@ -58,13 +56,8 @@ def embed(
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Embed every image of a folder (or list) into one matrix, in input order.
 
@@ -74,7 +67,7 @@ def embed(
     from unicom_cli.utils.console import status
 
     status(f"loading {model} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
 
     config = EmbedConfig(
@@ -86,9 +79,6 @@ def embed(
     )
     if max_pixels is not None:
         config.max_pixels = max_pixels
-    launch = LaunchConfig(gpus=gpus, procs=procs, nnodes=nnodes, node_rank=node_rank,
-                          master_addr=master_addr, master_port=master_port,
-                          rdzv_endpoint=rdzv_endpoint)
     summary = run_command(launch, embed_images, config)
     if summary is None:
         return

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
-    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
-    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, MirrorOpt,
+    ModelOpt, NumFeatOpt, RandomInitOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list, launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom eval-knn --train-dataset data/train --val-dataset data/val --json results/knn.json",
@@ -20,6 +22,7 @@ EXAMPLES = [
 ]
 
 
+@launch_options
 def eval_knn(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the train (memory) images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -44,13 +47,8 @@ def eval_knn(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k.
 
@@ -59,7 +57,7 @@ def eval_knn(
     from unicom_cli.utils.console import status
 
     status(f"loading {'features' if train_embeddings else model} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.knn import KnnConfig, run_knn
 
@@ -70,7 +68,6 @@ def eval_knn(
                            random_init=random_init, seed=seed, mirror=mirror),
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
         backend=backend, num_feat=num_feat, json_out=json_out)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_knn, cfg)
     if results is not None:
         print_results(results)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,22 +11,19 @@ from unicom_cli.cli.options import (
     BatchSizeOpt,
     CacheDirOpt,
     DeviceOpt,
-    GpusOpt,
+    InferencePrecisionOpt,
     JsonOutOpt,
-    MasterAddrOpt,
-    MasterPortOpt,
     MirrorOpt,
     ModelOpt,
-    NnodesOpt,
-    NodeRankOpt,
-    PrecisionOpt,
-    ProcsOpt,
     RandomInitOpt,
-    RdzvOpt,
     SeedOpt,
     WeightsOpt,
     WorkersOpt,
+    launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom eval-linear --train-dataset imagenet/train --val-dataset imagenet/val -m ViT-B/32 --gpus 8",
@@ -36,6 +33,7 @@ EXAMPLES = [
 ]
 
 
+@launch_options
 def eval_linear(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the training images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -53,17 +51,12 @@ def eval_linear(
     val_embeddings: Annotated[Path | None, typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     json_out: JsonOutOpt = None,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
+    precision: InferencePrecisionOpt = "auto",
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Fit a multinomial logistic regression (L-BFGS) on frozen features; top-1/top-5 on the val set.
 
@@ -74,7 +67,7 @@ def eval_linear(
     from unicom_cli.utils.console import status
 
     status(f"loading {'features' if train_embeddings else model} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.linear import LinearConfig, run_linear
 
@@ -84,7 +77,6 @@ def eval_linear(
                                               random_init=random_init, seed=seed, mirror=mirror),
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
         json_out=json_out)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_linear, cfg)
     if results is not None:
         print_results(results)

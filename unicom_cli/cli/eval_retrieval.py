@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, List, Literal, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, GpusOpt, InferencePrecisionOpt, JsonOutOpt,
-    MasterAddrOpt, MasterPortOpt, MirrorOpt, ModelOpt, NnodesOpt, NodeRankOpt, NumFeatOpt, ProcsOpt,
-    RandomInitOpt, RdzvOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list,
+    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, MirrorOpt,
+    ModelOpt, NumFeatOpt, RandomInitOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list, launch_options,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom eval-retrieval --dataset sop --data-root data --json results/sop.json",
@@ -20,6 +22,7 @@ EXAMPLES = [
 ]
 
 
+@launch_options
 def eval_retrieval(
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all; a PATH holding train/ and test/ is read from test/).")] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the data sets in their usual layouts.")] = Path("data"),
@@ -45,13 +48,8 @@ def eval_retrieval(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     cache_dir: CacheDirOpt = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
 ) -> None:
     """Evaluate retrieval exactly as the papers do, on CPU or GPUs, 1 process or many.
 
@@ -60,7 +58,7 @@ def eval_retrieval(
     from unicom_cli.utils.console import status
 
     status(f"loading {'features' if embeddings else model} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.retrieval import RetrievalConfig, run_retrieval
 
@@ -72,7 +70,6 @@ def eval_retrieval(
         recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
         save_features=save_features, backend=backend, json_out=json_out, vis=vis,
         vis_queries=vis_queries, vis_k=vis_k)
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     results = run_command(launch, run_retrieval, cfg)
     if results is not None:
         print_results(results)

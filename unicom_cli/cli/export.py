@@ -24,7 +24,7 @@ def export(
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="ONNX: L2-normalise inside the graph (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     opset: Annotated[int, typer.Option("--opset", help=f"ONNX opset, {OPSET_MIN} to {OPSET_MAX}.")] = OPSET_DEFAULT,
-    precision: Annotated[Literal["fp32", "fp16"], typer.Option("--precision", help="fp16: ONNX blocks in half precision for GPU runtimes; safetensors half the size.")] = "fp32",
+    precision: Annotated[Literal["fp32", "fp16", "int8"], typer.Option("--precision", help="fp16: ONNX blocks in half precision for GPU runtimes; safetensors half the size. int8 (ONNX): dynamic quantisation, ~1.5x faster on CPUs.")] = "fp32",
     input_dtype: Annotated[Literal["uint8", "float32"], typer.Option("--input", help="ONNX input: uint8 pixels (normalisation inside the graph) or float32 (already normalised).")] = "uint8",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
     cache_dir: CacheDirOpt = None,
@@ -33,7 +33,7 @@ def export(
     """Export a model for deployment and check the file against PyTorch on real photos.
 
     The ONNX graph takes a batch of any size. Nothing appears at -o unless the check passes
-    (cosine with PyTorch ≥ 0.99999 on every photo in fp32, ≥ 0.999 in fp16).
+    (cosine with PyTorch ≥ 0.99999 on every photo in fp32, ≥ 0.999 in fp16, ≥ 0.99 in int8).
     """
     from unicom_cli.utils.console import status
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
 from unicom_cli.cli.options import (
-    CacheDirOpt, DeviceOpt, GpusOpt, MasterAddrOpt, MasterPortOpt, MirrorOpt, NnodesOpt, NodeRankOpt,
-    PrecisionOpt, ProcsOpt, RandomInitOpt, RdzvOpt, WeightsOpt, alias, prefer,
+    CacheDirOpt, DeviceOpt, MirrorOpt, PrecisionOpt, RandomInitOpt, WeightsOpt, alias,
+    launch_options, prefer,
 )
+
+if TYPE_CHECKING:
+    from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
     "unicom finetune --model ViT-L/14",
@@ -28,6 +31,7 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
     return typer.Option(*names, help=help, rich_help_panel=panel, **kw)
 
 
+@launch_options
 def finetune(
     model: Annotated[Optional[str], _opt("--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
     dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
@@ -72,13 +76,8 @@ def finetune(
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
-    gpus: GpusOpt = None,
-    procs: ProcsOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    master_addr: MasterAddrOpt = "127.0.0.1",
-    master_port: MasterPortOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
+    *,
+    launch: LaunchConfig,
     arch: Annotated[Optional[str], alias("--arch")] = None,
     data: Annotated[Optional[Path], alias("--data")] = None,
 ) -> None:
@@ -91,7 +90,7 @@ def finetune(
 
     arch, data = prefer(model, arch), prefer(data_root, data)
     status(f"loading {arch or recipe or 'ViT-L/14'} …")
-    from unicom_cli.distributed.launch import LaunchConfig, run_command
+    from unicom_cli.distributed.launch import run_command
     from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune
     from unicom_cli.train.recipes import recipe_for
     from unicom_cli.utils.console import info, print_context
@@ -117,7 +116,6 @@ def finetune(
     if name:
         info(f"recipe {name} (published on {recipe_gpus} GPU{'s' if recipe_gpus > 1 else ''} × "
              f"batch {values.get('batch_size')}); flags given override it")
-    launch = LaunchConfig(gpus, procs, nnodes, node_rank, master_addr, master_port, rdzv_endpoint)
     summary = run_command(launch, run_finetune, cfg)
     if summary is None:
         return

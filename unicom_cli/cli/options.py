@@ -6,8 +6,10 @@ values are ``Literal`` choices, which ``--help`` lists and the parser checks.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import typer
 
@@ -77,3 +79,34 @@ def int_list(values: Optional[list[str]], option: str) -> Optional[list[int]]:
         return [int(v) for item in values for v in item.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{option} {' '.join(values)}: expected integers, e.g. {option} 1,10,100") from None
+
+
+# The seven options above, in the order --help lists them, with LaunchConfig's field names.
+LAUNCH_OPTIONS = {"gpus": GpusOpt, "procs": ProcsOpt, "nnodes": NnodesOpt, "node_rank": NodeRankOpt,
+                  "master_addr": MasterAddrOpt, "master_port": MasterPortOpt, "rdzv_endpoint": RdzvOpt}
+
+
+def launch_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the multi-process options, declared once here instead of in every signature.
+
+    The command takes ``launch`` (a ``distributed.launch.LaunchConfig``) in their place; Typer reads
+    the signature made here, so ``--help`` shows the options (panel "Distributed") with
+    LaunchConfig's defaults, and the wrapper folds them into the one object the command gets.
+    """
+    from unicom_cli.distributed.launch import LaunchConfig
+
+    defaults = LaunchConfig()
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "launch"]
+    own = [p.replace(annotation=eval(p.annotation, command.__globals__))  # our own modules' annotations
+           if isinstance(p.annotation, str) else p for p in own]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option,
+                               default=getattr(defaults, name)) for name, option in LAUNCH_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def with_launch(*args: Any, **kwargs: Any) -> Any:
+        launch = LaunchConfig(**{name: kwargs.pop(name) for name in LAUNCH_OPTIONS})
+        return command(*args, launch=launch, **kwargs)
+
+    with_launch.__signature__ = inspect.Signature(own + added, return_annotation=None)  # type: ignore[attr-defined]
+    with_launch.__annotations__ = {p.name: p.annotation for p in own + added}
+    return with_launch

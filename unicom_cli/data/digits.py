@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from unicom_cli.errors import UsageError
+from unicom_cli.utils.files import write_text_atomic
 
 
 @dataclass
@@ -71,9 +71,7 @@ def write_digits_tree(root: str | Path, size: int = 32, limit_per_class: int | N
         for folder in targets:
             out = folder / str(label) / name
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp.png")
-            image.save(tmp)
-            os.replace(tmp, out)
+            image.save(out)  # a killed run leaves no marker, and the next one rewrites every file
         tree.count += 1
-    marker.write_text(settings)
+    write_text_atomic(marker, settings)  # written last: the tree is complete
     return tree

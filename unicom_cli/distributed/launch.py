@@ -16,37 +16,39 @@ Examples::
     unicom embed ./imgs -o feats.npy --procs 2
     torchrun --nproc-per-node 8 -m unicom_cli embed ./imgs -o feats.npy
     srun --ntasks-per-node 8 unicom embed ./imgs -o feats.npy
+
+Which group a process was started into is read in ``distributed.env``; how a failing rank
+stops the others and reports its cause is ``distributed.failure``.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import os
-import re
 import signal
 import socket
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from unicom_cli.errors import DistributedError, UnicomError, UsageError
+from unicom_cli.distributed.env import GroupEnv, detect_group
+from unicom_cli.distributed.failure import (
+    BACKEND_ENV,
+    DEFAULT_TIMEOUT_S,
+    ERROR_DIR_ENV,
+    LAUNCHER_PID_ENV,
+    TIMEOUT_ENV,
+    die_with_launcher,
+    fail,
+    root_cause,
+)
+from unicom_cli.errors import DistributedError, UsageError
 from unicom_cli.utils.cpu import cores_per_process
 
 T = TypeVar("T")
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-
-# Set by the launcher for the processes it starts (never by users).
-_ERROR_DIR_ENV = "UNICOM_ERROR_DIR"  # where a failing worker leaves its one-line message
-_BACKEND_ENV = "UNICOM_DIST_BACKEND"  # gloo or nccl; users may set it too when joining
-_LAUNCHER_PID_ENV = "UNICOM_LAUNCHER_PID"  # workers end when this process dies
-_TIMEOUT_ENV = "UNICOM_DIST_TIMEOUT"  # seconds a collective waits for a lost rank
-_DEFAULT_TIMEOUT_S = 1800.0
 _DEFAULT_MULTINODE_PORT = 29500  # torchrun's default, so every node can agree on it
 
 
@@ -61,18 +63,6 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"
     master_port: int | None = None
     rdzv_endpoint: str | None = None
-
-
-@dataclass(frozen=True)
-class GroupEnv:
-    """A process group this process was started into (by torchrun, srun or our launcher)."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    master_addr: str
-    master_port: int
-    source: str  # "torchrun" or "slurm"
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -109,80 +99,6 @@ def _relaunch_command() -> list[str]:
             "(run it as `unicom …` or `python -m unicom_cli …`, not in-process)"
         )
     return list(_command)
-
-
-# ----------------------------------------------------------------------------- environment
-
-
-def _missing(names: tuple[str, ...], environ: dict[str, str]) -> list[str]:
-    return [n for n in names if not environ.get(n)]
-
-
-def _as_int(name: str, environ: dict[str, str]) -> int:
-    try:
-        return int(environ[name])
-    except ValueError:
-        raise DistributedError(f"{name}={environ[name]!r} is not an integer") from None
-
-
-def parse_nodelist(nodelist: str) -> list[str]:
-    """Expand a SLURM node list such as ``gpu[01-03,07],login1`` into host names, in order."""
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?", nodelist):
-        prefix, ranges = match.group(1), match.group(2)
-        if ranges is None:
-            hosts.append(prefix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(prefix + lo)
-                continue
-            for n in range(int(lo), int(hi) + 1):
-                hosts.append(f"{prefix}{n:0{len(lo)}d}")
-    return hosts
-
-
-def detect_group(environ: dict[str, str] | None = None) -> GroupEnv | None:
-    """The group this process was started into, or None when it runs on its own.
-
-    Raises:
-        DistributedError: torchrun or SLURM variables are only partly set (names the missing ones).
-    """
-    env = dict(os.environ if environ is None else environ)
-    if any(env.get(n) for n in TORCHRUN_VARS[:3]):
-        missing = _missing(TORCHRUN_VARS, env)
-        if missing:
-            raise DistributedError(
-                f"torch.distributed environment is incomplete: {', '.join(missing)} not set "
-                f"(torchrun sets {', '.join(TORCHRUN_VARS)}; unset RANK/WORLD_SIZE/LOCAL_RANK "
-                "to run without a process group)"
-            )
-        return GroupEnv(_as_int("RANK", env), _as_int("WORLD_SIZE", env), _as_int("LOCAL_RANK", env),
-                        env["MASTER_ADDR"], _as_int("MASTER_PORT", env), "torchrun")
-    # One SLURM task (sbatch with --ntasks=1) is no group: --gpus/--procs may still launch.
-    if env.get("SLURM_PROCID") and env.get("SLURM_NTASKS") != "1":
-        missing = _missing(SLURM_VARS, env)
-        addr = env.get("MASTER_ADDR")
-        if not addr:
-            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-            if nodes:
-                addr = parse_nodelist(nodes)[0]
-            else:
-                missing.append("MASTER_ADDR or SLURM_NODELIST")
-        if not env.get("MASTER_PORT") and not env.get("SLURM_JOB_ID"):
-            missing.append("MASTER_PORT or SLURM_JOB_ID")
-        if missing:
-            raise DistributedError(
-                f"SLURM environment is incomplete: {', '.join(missing)} not set "
-                "(start the command with `srun`, or set MASTER_ADDR/MASTER_PORT)"
-            )
-        # Every task derives the same port from the job id when MASTER_PORT is not given.
-        port = _as_int("MASTER_PORT", env) if env.get("MASTER_PORT") \
-            else 15000 + _as_int("SLURM_JOB_ID", env) % 20000
-        return GroupEnv(_as_int("SLURM_PROCID", env), _as_int("SLURM_NTASKS", env),
-                        _as_int("SLURM_LOCALID", env), addr, port, "slurm")
-    return None
 
 
 # ----------------------------------------------------------------------------- run_command
@@ -226,7 +142,7 @@ def run_command(cfg: LaunchConfig, fn: Callable[..., T], *args: object, **kwargs
     nproc, backend = _requested(cfg) if group is None else (1, None)
     if group is not None:
         if (cfg.procs or 1) > 1 or cfg.gpus not in (None, "1") or cfg.nnodes > 1:
-            if not os.environ.get(_ERROR_DIR_ENV):  # our own workers carry the options on purpose
+            if not os.environ.get(ERROR_DIR_ENV):  # our own workers carry the options on purpose
                 from unicom_cli.utils.console import warn
 
                 warn(f"started by {group.source} (rank {group.rank} of {group.world_size}): "
@@ -239,7 +155,7 @@ def run_command(cfg: LaunchConfig, fn: Callable[..., T], *args: object, **kwargs
 
 
 def _backend_for(cfg: LaunchConfig) -> str:
-    chosen = os.environ.get(_BACKEND_ENV)
+    chosen = os.environ.get(BACKEND_ENV)
     if chosen:
         return chosen
     if cfg.procs is not None:
@@ -263,15 +179,15 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
     import torch
     import torch.distributed as dist
 
-    if os.environ.get(_LAUNCHER_PID_ENV):
-        _die_with_launcher(int(os.environ[_LAUNCHER_PID_ENV]))
+    if os.environ.get(LAUNCHER_PID_ENV):
+        die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     joined = False
     try:
         device = None
         if backend == "nccl":
             device = torch.device("cuda", group.local_rank)
             torch.cuda.set_device(device)
-        timeout = datetime.timedelta(seconds=float(os.environ.get(_TIMEOUT_ENV, _DEFAULT_TIMEOUT_S)))
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         try:
             dist.init_process_group(backend, init_method="env://", rank=group.rank,
                                     world_size=group.world_size, timeout=timeout, device_id=device)
@@ -284,113 +200,10 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
         result = fn(*args, **kwargs)
         dist.barrier()  # nobody leaves while another rank still needs it (gloo aborts otherwise)
     except BaseException as exc:
-        _fail(group, exc, joined)
-        raise  # _fail re-raises in the right form; this line is never reached
+        fail(group, exc, joined)
+        raise  # fail re-raises in the right form; this line is never reached
     dist.destroy_process_group()
     return result if group.rank == 0 else None
-
-
-def _die_with_launcher(launcher_pid: int) -> None:
-    """Ask Linux to end this worker if the launching process dies (even by kill -9): no orphans."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    except (OSError, AttributeError):  # pragma: no cover - best effort only
-        return
-    if os.getppid() != launcher_pid:  # it died before prctl took effect
-        raise SystemExit(1)
-
-
-def _is_collateral(exc: BaseException) -> bool:
-    """True for errors that only say *another* rank went away (not a root cause)."""
-    try:
-        import torch.distributed as dist
-
-        if isinstance(exc, dist.DistError):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
-
-
-def _fail(group: GroupEnv, exc: BaseException, joined: bool) -> None:
-    """End this rank after a failure; launched workers hand the message to the launcher.
-
-    A launched worker leaves at once (``os._exit``): the agent sees the exit and stops the
-    other ranks, even when they wait in a collective or this rank's backend would block in
-    its clean-up. A rank of a torchrun/SLURM group leaves its group and re-raises.
-    """
-    error_dir = os.environ.get(_ERROR_DIR_ENV)
-    if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-        if error_dir:
-            code = 130 if isinstance(exc, KeyboardInterrupt) else exc.code
-            _exit_now(code if isinstance(code, int) else 1)  # the launcher reports it once
-        _leave(joined)
-        raise exc
-    if isinstance(exc, UnicomError):
-        message, code, trace = str(exc), exc.exit_code, ""
-    else:
-        import traceback
-
-        message, code = f"{type(exc).__name__}: {exc}", 1
-        trace = "".join(traceback.format_exception(exc))
-    if error_dir:
-        record = {"rank": group.rank, "time": time.time(), "message": message, "exit_code": code,
-                  "traceback": trace, "collateral": _is_collateral(exc)}
-        tmp = Path(error_dir, f".rank{group.rank}.json.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, Path(error_dir, f"rank{group.rank}.json"))
-        _exit_now(code)  # quiet: the launcher prints the root cause once
-    _leave(joined)
-    _record_for_torchrun(exc)
-    if _is_collateral(exc):  # one line instead of a backend traceback; the cause is elsewhere
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first)  # gloo's "[/path/pair.cc:545] " prefix
-        raise DistributedError(f"rank {group.rank}: lost contact with the other ranks ({first}); "
-                               "the first rank to fail shows the cause") from exc
-    if isinstance(exc, UnicomError) and group.world_size > 1:
-        exc.args = (f"rank {group.rank}: {message}",)
-    raise exc
-
-
-def _exit_now(code: int) -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _leave(joined: bool) -> None:
-    """Leave a possibly broken group without waiting for the other ranks."""
-    if not joined:
-        return
-    try:
-        import torch.distributed as dist
-        from torch.distributed import distributed_c10d as c10d
-
-        if dist.get_backend() == "nccl" and hasattr(c10d, "_abort_process_group"):
-            c10d._abort_process_group()  # destroy could wait on the peers' pending collectives
-        else:
-            dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the group may already be broken
-        pass
-
-
-def _record_for_torchrun(exc: BaseException) -> None:
-    """Leave the message where torchrun's failure summary looks for it (TORCHELASTIC_ERROR_FILE)."""
-    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
-        return
-    try:
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(exc)
-    except Exception:  # noqa: BLE001 - best effort only
-        pass
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -450,9 +263,9 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
     with tempfile.TemporaryDirectory(prefix="unicom-launch-") as tmp:
         error_dir = Path(tmp, "errors")
         error_dir.mkdir()
-        os.environ[_ERROR_DIR_ENV] = str(error_dir)
-        os.environ[_BACKEND_ENV] = backend
-        os.environ[_LAUNCHER_PID_ENV] = str(os.getpid())
+        os.environ[ERROR_DIR_ENV] = str(error_dir)
+        os.environ[BACKEND_ENV] = backend
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
             os.environ["OMP_NUM_THREADS"] = str(cores_per_process(nproc))
         config = ElasticConfig(
@@ -466,7 +279,7 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
         try:
             elastic_launch(config, command[0])(*command[1:])
         except ChildFailedError as exc:
-            raise _root_cause(error_dir, exc) from None
+            raise root_cause(error_dir, exc) from None
         except SignalException as exc:
             if exc.sigval == signal.SIGINT:
                 from unicom_cli.utils.console import err_console
@@ -482,43 +295,3 @@ def _launch(cfg: LaunchConfig, nproc: int, backend: str) -> None:
                 signal.signal(sig, handler)
             os.environ.clear()
             os.environ.update(saved_env)
-
-
-def _root_cause(error_dir: Path, exc: Exception) -> DistributedError:
-    """The first real failure among the workers, as one error carrying that worker's exit code."""
-    records = []
-    for path in error_dir.glob("rank*.json"):
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    failures = getattr(exc, "failures", {})
-    # A rank killed by a signal leaves no file, and the others then fail on the broken group.
-    reported = {r["rank"] for r in records}
-    # The agent stops the survivors with SIGTERM (or forwards SIGINT): another signal came first.
-    stop_signals = (-int(signal.SIGTERM), -int(signal.SIGINT))
-    killed = sorted((f.exitcode in stop_signals, f.timestamp, rank, f) for rank, f in failures.items()
-                    if rank not in reported and f.exitcode < 0)
-    primary = sorted((r for r in records if not r["collateral"]), key=lambda r: r["time"])
-    if primary:
-        first = primary[0]
-    elif killed:
-        *_, rank, failure = killed[0]
-        error = DistributedError(f"rank {rank} was killed by {failure.signal_name()}; all processes were stopped")
-        return error
-    elif records:
-        first = min(records, key=lambda r: r["time"])
-    elif failures:
-        rank, failure = min(failures.items(), key=lambda kv: kv[1].timestamp)
-        error = DistributedError(f"rank {rank} exited with code {failure.exitcode}; all processes were stopped")
-        error.exit_code = failure.exitcode if failure.exitcode > 0 else 1
-        return error
-    else:
-        return DistributedError(f"the worker processes failed: {exc}")
-    if first["traceback"]:
-        from unicom_cli.utils.console import err_console
-
-        err_console.print(first["traceback"], markup=False, highlight=False)
-    error = DistributedError(f"rank {first['rank']}: {first['message']}")
-    error.exit_code = int(first["exit_code"])
-    return error

@@ -12,9 +12,10 @@ from unicom_cli.errors import UsageError
 # microscope slide, deep space and a street scene; seven of them make the odd batch of the check.
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field",
           "stereo_motorcycle")
-# Per-row cosine an fp32 export must reach (rounding differences only); an fp16 export is
-# compared with the fp32 PyTorch model, where half-precision rounding of the blocks shows.
-BOUNDS = {"fp32": 0.99999, "fp16": 0.999}
+# Per-row cosine an fp32 export must reach (rounding differences only); fp16 and int8 exports
+# are compared with the fp32 PyTorch model, where their rounding shows (int8 on random ViT-B/32
+# weights: ≥ 0.9992; on the tiny test model: ≥ 0.996).
+BOUNDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 
 
 def sample_photos(size: int) -> tuple[list[str], np.ndarray]:

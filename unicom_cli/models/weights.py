@@ -103,13 +103,15 @@ def write_sidecar(path: Path, digest: str) -> None:
     """
     if trusted_digest(path) == digest:
         return  # already recorded: leave read-mostly caches untouched
-    tmp = sidecar(path).with_suffix(".sha256.tmp")
+    from unicom_cli.errors import DiskError
+    from unicom_cli.utils.files import write_text_atomic
+
     try:
         stat = path.stat()
-        tmp.write_text(f"{digest}  {path.name}\n# size={stat.st_size} mtime_ns={stat.st_mtime_ns}\n")
-        os.replace(tmp, sidecar(path))
-    except OSError:
-        tmp.unlink(missing_ok=True)
+        write_text_atomic(sidecar(path), f"{digest}  {path.name}\n"
+                                         f"# size={stat.st_size} mtime_ns={stat.st_mtime_ns}\n")
+    except (OSError, DiskError):
+        pass
 
 
 def clean_state_dict_keys(state: dict) -> dict:

@@ -30,7 +30,7 @@ class ExportConfig:
     normalize: bool = False  # ONNX: L2-normalise inside the graph
     num_feat: int | None = None  # ONNX: keep the first K dims after normalising
     opset: int = OPSET_DEFAULT
-    precision: str = "fp32"  # fp32 or fp16
+    precision: str = "fp32"  # fp32 or fp16; int8 (dynamic quantisation) for ONNX only
     input_dtype: str = "uint8"  # ONNX input: uint8 pixels or float32 normalised pixels
     overwrite: bool = False
     cache: Path | None = None  # weights cache for published models
@@ -84,6 +84,9 @@ def _validate(config: ExportConfig) -> str:
     if kind == "safetensors" and (config.normalize or config.num_feat is not None):
         raise UsageError("--normalize and --num-feat shape the ONNX graph's output; a "
                          ".safetensors file holds only the weights")
+    if kind == "safetensors" and config.precision == "int8":
+        raise UsageError("--precision int8 quantises an ONNX graph; a .safetensors file holds "
+                         "fp32 or fp16 weights")
     if config.num_feat is not None and not config.normalize:
         raise UsageError("--num-feat keeps the first K dims after L2-normalising: it needs --normalize")
     model, _ = resolve_model(config.model, config.weights)
@@ -181,7 +184,7 @@ def _reference(loaded, photos, *, normalize: bool = False, num_feat: int | None 
 
 def _write_onnx(config: ExportConfig, loaded, path: Path, names: list[str], photos):
     from unicom_cli.export.check import compare
-    from unicom_cli.export.graph import INPUT_NAME, OUTPUT_NAME, build_embedder, write_onnx
+    from unicom_cli.export.graph import INPUT_NAME, OUTPUT_NAME, build_embedder, quantize_int8, write_onnx
     from unicom_cli.export.metadata import describe, sidecar_path
     from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.weights import sha256_file
@@ -190,10 +193,14 @@ def _write_onnx(config: ExportConfig, loaded, path: Path, names: list[str], phot
     spec = loaded.spec
     info(f"exporting {spec.name} to ONNX (opset {config.opset}, {config.precision}, "
          f"{config.input_dtype} input)…")
+    int8 = config.precision == "int8"
     embedder = build_embedder(loaded.model, spec, input_dtype=config.input_dtype,
                               normalize=config.normalize, num_feat=config.num_feat,
-                              precision=config.precision)
-    write_onnx(embedder, spec, path, opset=config.opset, input_dtype=config.input_dtype)
+                              precision="fp32" if int8 else config.precision)
+    source = path.with_name(f"fp32-{path.name}") if int8 else path
+    write_onnx(embedder, spec, source, opset=config.opset, input_dtype=config.input_dtype)
+    if int8:
+        quantize_int8(source, path)
     dim = config.num_feat or spec.embedding_size
     meta = describe(spec, file=path, file_sha256=sha256_file(path), weights_sha256=loaded.sha256,
                     precision=config.precision, onnx={

@@ -51,6 +51,13 @@ def run_linear(cfg: LinearConfig) -> dict | None:
         raise UsageError(f"--holdout {cfg.holdout}: must be between 0 and 1")
     if cfg.max_iter < 1:
         raise UsageError("--max-iter must be at least 1")
+    from unicom_cli.data.benchmarks import DATASETS
+
+    for flag, path in (("--train-dataset", cfg.train_dataset), ("--val-dataset", cfg.val_dataset)):
+        if str(path) in DATASETS and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: the retrieval benchmarks split train and test by class "
+                             f"(no class is in both), so no linear probe can be scored on them; give "
+                             f"ImageFolder trees whose train and val share classes")
     if cfg.save_classifier is not None and Path(cfg.save_classifier).is_dir():
         raise UsageError(f"--save-classifier {cfg.save_classifier}: is a folder; give a file name "
                          f"such as head.safetensors")

@@ -38,6 +38,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
+    """``torch.save`` that leaves the old file or the new one at ``path``, never half of one."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
