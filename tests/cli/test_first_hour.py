@@ -20,14 +20,7 @@ COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "eval-l
             "prepare-gldv2", "finetune", "demo", "export")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    import torch
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

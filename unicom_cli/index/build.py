@@ -410,7 +410,7 @@ def _ids(existing: Index | None, sources: list[FeatureSource]) -> tuple[list[str
 def _meta(cfg: BuildConfig, choice: Choice, fields: dict, tuning: Tuning,
           existing: Index | None, sources: list[FeatureSource], root: Path | None, index,
           max_memory: int, seconds: float) -> dict:
-    from unicom_cli import __version__
+    from unicom_cli._version import __version__
 
     earlier = existing.meta.get("sources", []) if existing is not None else []
     return {

@@ -219,7 +219,7 @@ def default_workers() -> int:
     return usable_cores()
 
 
-def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:  # noqa: C901 (split planned: issue 16)
+def prepare_gldv2(cfg: PrepareConfig) -> PrepareResult:
     """Build OUT/train.{lst,rec,idx}, labels.csv and report.json from GLDv2's train_clean.csv.
     """
     t0 = time.perf_counter()
@@ -438,7 +438,7 @@ def _read_lst(path: Path, problems: list[str]) -> list[tuple[int, float, str]]:
     return entries
 
 
-def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:  # noqa: C901 (split planned: issue 16)
+def verify_output(out: Path, workers: int | None = None, progress: bool = True) -> VerifyResult:  # noqa: C901 (every check of a record, in order)
     """Read every record of OUT/train.rec back and check it against train.idx, train.lst and labels.csv.
 
     Checks: record framing, count, ids (header == .idx key == .lst index == position), .idx

@@ -110,7 +110,7 @@ class TrainState:
             atomic_save({
                 "model": self.raw_model.state_dict(), "optimizer": optim_state,
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "position": {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch},
                 "world_size": D.world_size(), "best": json.dumps(self.best), "evals": json.dumps(self.evals),
                 "spec": json.dumps(asdict(self.spec)), "config": json.dumps(jsonable(self.cfg)),
@@ -171,7 +171,7 @@ class TrainState:
             optim_state["state"][index] = mine["optimizer_centres"]
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(trainer["scheduler"])
-        if self.scaler and trainer["scaler"]:
+        if self.scaler.is_enabled() and trainer["scaler"]:
             self.scaler.load_state_dict(trainer["scaler"])
         pos = trainer["position"]
         self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]

@@ -278,7 +278,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
         return _finetune(cfg)
 
 
-def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split planned: issue 16)
+def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (the step loop; head, DDP and optimizer are split out)
     device, amp_dtype = _setup(cfg)
     loader = make_loader(cfg, _train_spec(cfg), device)  # before the (maybe downloaded) weights
     if loader.num_classes < 2:
@@ -288,37 +288,13 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     if cfg.num_feat is not None and cfg.num_feat > spec.embedding_size:
         raise UsageError(f"--num-feat {cfg.num_feat}: the embeddings have only "
                          f"{spec.embedding_size} dimensions")
-    if cfg.task == "classify":  # the head takes Partial FC's place: same loss call, same checkpoint slot
-        from unicom_cli.train.heads import ClassifyHead
-
-        pfc = ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
-                           mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
-    else:
-        pfc = PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
-                        m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
-                        margin_filter=cfg.margin_filter).to(device)
+    pfc = _make_head(cfg, spec, loader, device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    raw_model = model
-    if D.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        raw_model = model
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, raw_model = _distribute(model, device)
     raw_model.autocast_dtype = amp_dtype
     forward = torch.compile(model) if cfg.compile else model
-
-    if cfg.task == "classify":
-        from unicom_cli.train.heads import param_groups
-
-        groups = param_groups(raw_model, pfc, cfg.lr, cfg.weight_decay, cfg.layer_decay)
-    else:
-        groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
-                  {"params": [pfc.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw" \
-        else torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    optimizer, groups = _make_optimizer(cfg, raw_model, pfc)
     steps_per_epoch = loader.steps_per_epoch // cfg.grad_accum
     if steps_per_epoch == 0:
         raise InputError(f"one epoch has {loader.steps_per_epoch} batches, fewer than --grad-accum "
@@ -327,7 +303,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
         pct_start=_warmup_share(total_steps))
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # fp16 needs loss scaling; disabled, the scaler passes the loss and the step straight through.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     t = TrainState(cfg, model, raw_model, spec, pfc, optimizer, scheduler, scaler, device)
 
     resumed = resume(t, cfg)
@@ -344,7 +321,7 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
     metrics_path = cfg.output / "metrics.jsonl"
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     bad_streak = torch.zeros((), dtype=torch.long, device=device)
-    tolerance = 10 if scaler else 0  # fp16: let the scaler skip a few overflowing steps
+    tolerance = 10 if scaler.is_enabled() else 0  # fp16: let the scaler skip a few overflowing steps
     last_loss, logged_steps, started = float("nan"), t.step, time.perf_counter()
     window_start, window_images = time.perf_counter(), 0
     images_done = 0
@@ -371,7 +348,7 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
                     embeddings = forward(images)
                     loss = pfc(embeddings, labels, step=t.step * cfg.grad_accum + micro % cfg.grad_accum)
                     scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    scaler.scale(scaled).backward()
                 detached = loss.detach()
                 bad_streak = torch.where(torch.isfinite(detached), 0, bad_streak + 1)
                 loss_sum += torch.nan_to_num(detached) / cfg.grad_accum
@@ -379,11 +356,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
                     continue
                 if cfg.task == "classify":
                     pfc.sync_grads()
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 t.step += 1
@@ -423,6 +397,45 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (split plan
                            last_loss, images_done / max(seconds, 1e-9), seconds, t.best, t.evals,
                            str(resumed) if resumed else None,
                            _head_path(cfg.output / "model.pt") if cfg.task == "classify" else None)
+
+
+def _make_head(cfg: FinetuneConfig, spec, loader, device: torch.device) -> nn.Module:
+    """Partial FC with its margin loss, or (``--task classify``) the classification head, which
+    takes its place: the same loss call and the same checkpoint slot."""
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import ClassifyHead
+
+        return ClassifyHead(spec.embedding_size, loader.classes, label_smoothing=cfg.label_smoothing,
+                            mixup=cfg.mixup, cutmix=cfg.cutmix, seed=cfg.seed).to(device)
+    return PartialFC(spec.embedding_size, loader.num_classes, s=cfg.s, m1=cfg.m1, m2=cfg.m2,
+                     m3=cfg.m3, sample_rate=cfg.sample_rate, num_feat=cfg.num_feat, seed=cfg.seed,
+                     margin_filter=cfg.margin_filter).to(device)
+
+
+def _distribute(model: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(the module to call, the bare model): DDP-wrapped (SyncBatchNorm on CUDA) in a process group."""
+    if D.world_size() == 1:
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None), model
+
+
+def _make_optimizer(cfg: FinetuneConfig, raw_model: nn.Module, head: nn.Module):
+    """(optimizer, its parameter groups): the class centres at lr × --lr-pfc-weight, or the
+    classify recipe's layer-wise decay."""
+    if cfg.task == "classify":
+        from unicom_cli.train.heads import param_groups
+
+        groups = param_groups(raw_model, head, cfg.lr, cfg.weight_decay, cfg.layer_decay)
+    else:
+        groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
+                  {"params": [head.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), groups
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay), groups
 
 
 def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
