@@ -23,6 +23,7 @@ from unicom_cli.cli import (
     models,
     prepare_gldv2,
     search,
+    serve,
 )
 from unicom_cli.cli.help import command_settings
 from unicom_cli.errors import InputError, UnicomError
@@ -67,6 +68,7 @@ app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
 app.command("export", **command_settings(export.EXAMPLES))(export.export)
 app.command("index", **command_settings(index.EXAMPLES))(index.index)
 app.command("search", **command_settings(search.EXAMPLES))(search.search)
+app.command("serve", **command_settings(serve.EXAMPLES))(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> int:
