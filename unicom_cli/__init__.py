@@ -4,6 +4,8 @@ Python API mirroring the original ``unicom`` package::
 
     import unicom_cli
     model, transform = unicom_cli.load("ViT-B/32")
+    index = unicom_cli.Index.load("photos.index")   # built by `unicom index`
+    scores, rows = index.search(["query.jpg"], k=10)
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from unicom_cli.models.registry import available_models
 if TYPE_CHECKING:
     from unicom_cli.models.vit import UnicomViT
 
-__all__ = ["available_models", "embed_folder", "load", "__version__"]
+__all__ = ["Index", "available_models", "embed_folder", "load", "__version__"]
+
+
+def __getattr__(name: str):
+    """``unicom_cli.Index`` without importing faiss and numpy at ``import unicom_cli``."""
+    if name == "Index":
+        from unicom_cli.index.store import Index
+
+        return Index
+    raise AttributeError(f"module 'unicom_cli' has no attribute {name!r}")
 
 
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "prepare-gldv2",
-            "finetune", "demo")
+            "finetune", "demo", "serve")
 
 
 def _unicom(*args: str, env: dict | None = None, importtime: bool = False):
@@ -35,7 +35,7 @@ def test_help_lists_every_command_without_importing_torch():
         assert command in result.stdout
     imported = _imported(result.stderr)
     assert "typer" in imported  # the parse is real
-    assert not imported & {"torch", "numpy", "timm", "torchvision"}
+    assert not imported & {"torch", "numpy", "timm", "torchvision", "fastapi", "uvicorn"}
 
 
 def test_models_json_keys_without_importing_torch():

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from tests.data.gldv2_tree import make_tree
-from unicom_cli.data.gldv2 import PrepareConfig, prepare_gldv2, read_train_csv, verify_output
+from unicom_cli.data.gldv2 import read_train_csv
+from unicom_cli.pipelines.prepare import PrepareConfig, prepare_gldv2, verify_output
 from unicom_cli.data.recordio import RecordReader, RecordWriter
 from unicom_cli.errors import InputError, UsageError
 
@@ -141,7 +142,7 @@ def test_malformed_csv_names_the_line(tmp_path):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    import unicom_cli.data.gldv2 as g
+    import unicom_cli.pipelines.prepare as g
     from unicom_cli.data.recordio import RecordWriter
     g.CHECKPOINT_SECONDS = 0.0  # checkpoint after every image
     original = RecordWriter.write_payload

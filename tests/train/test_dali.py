@@ -23,7 +23,8 @@ def write_rec(root: Path, per_class: int = 6) -> Path:
     `prepare-gldv2` into .rec/.idx/.lst; returns the .rec path."""
     from PIL import Image
 
-    from unicom_cli.data.gldv2 import PrepareConfig, image_relpath, prepare_gldv2
+    from unicom_cli.data.gldv2 import image_relpath
+    from unicom_cli.pipelines.prepare import PrepareConfig, prepare_gldv2
 
     rows = []
     for label, colour in enumerate(COLOURS):

@@ -19,8 +19,11 @@ from unicom_cli.cli import (
     eval_retrieval,
     export,
     finetune,
+    index,
     models,
     prepare_gldv2,
+    search,
+    serve,
 )
 from unicom_cli.cli.help import command_settings
 from unicom_cli.errors import InputError, UnicomError
@@ -63,6 +66,9 @@ app.command("prepare-gldv2", **command_settings(prepare_gldv2.EXAMPLES))(prepare
 app.command("finetune", **command_settings(finetune.EXAMPLES))(finetune.finetune)
 app.command("demo", **command_settings(demo.EXAMPLES))(demo.demo)
 app.command("export", **command_settings(export.EXAMPLES))(export.export)
+app.command("index", **command_settings(index.EXAMPLES))(index.index)
+app.command("search", **command_settings(search.EXAMPLES))(search.search)
+app.command("serve", **command_settings(serve.EXAMPLES))(serve.serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ def prepare_gldv2(
         raise UsageError("missing train_clean.csv (or --verify OUT/); see `unicom prepare-gldv2 --help`")
     if csv.is_dir():
         csv = csv / "train_clean.csv"
-    from unicom_cli.data.gldv2 import PrepareConfig, prepare_gldv2 as run
+    from unicom_cli.pipelines.prepare import PrepareConfig, prepare_gldv2 as run
 
     result = run(PrepareConfig(csv=csv, images=images, out=out, resize=resize, quality=quality,
                                pass_through=pass_through, workers=workers, seed=seed, limit=limit,
@@ -70,7 +70,7 @@ def prepare_gldv2(
 
 
 def _verify(out: Path, workers: Optional[int]) -> None:
-    from unicom_cli.data.gldv2 import verify_output
+    from unicom_cli.pipelines.prepare import verify_output
     from unicom_cli.utils.console import console, err_console
 
     result = verify_output(out, workers=workers)

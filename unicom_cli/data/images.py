@@ -305,6 +305,15 @@ def load_pixels(path: Path | str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
             data = f.read()
     except OSError as exc:
         raise BadImage(f"cannot read ({exc.strerror})") from exc
+    return decode_pixels(data, max_pixels=max_pixels, draft_size=draft_size)
+
+
+def decode_pixels(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  draft_size: int | None = None) -> np.ndarray:
+    """An encoded image (the bytes of a file or an upload) → RGB uint8 (H, W, 3), EXIF applied;
+    the decoder behind :func:`load_pixels`. Raises BadImage with a one-line reason."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
     if not draft_size and data[:3] == b"\xff\xd8\xff":
         pixels = _decode_with_turbojpeg(data, max_pixels)
         if pixels is not None:

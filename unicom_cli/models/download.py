@@ -1,7 +1,8 @@
 """Fetch published weights into the cache: streaming, resumable, SHA-256 verified, mirrorable.
 
-Only the standard library (urllib): resuming with HTTP Range while hashing as the bytes arrive
-is the part that matters here, and neither pooch nor requests gives it for free.
+This module owns the cache, the addresses (release, mirror, Drive) and the public API; the
+transfer itself is ``models.resumable`` (HTTP Range, retries, hashing as the bytes arrive) and
+Google Drive's confirm flow is ``models.gdrive``.
 
 Cache layout, per model: ``<file>`` (complete and verified), ``<file>.part`` (an interrupted
 download, resumed next time), ``<file>.sha256`` (the digest we verified or computed, in
@@ -10,22 +11,20 @@ download, resumed next time), ``<file>.sha256`` (the digest we verified or compu
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import http.cookiejar
 import os
-import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 from unicom_cli.errors import ChecksumMismatch, DownloadError, UsageError, WeightsError
+from unicom_cli.models import resumable
+from unicom_cli.models.gdrive import GDRIVE_URL, resolve_drive
 from unicom_cli.models.registry import GITHUB_RELEASES, ModelSpec, available_models, get_spec
 from unicom_cli.models.weights import (
     SHA256_HEX,
@@ -36,19 +35,9 @@ from unicom_cli.models.weights import (
     sidecar,
     write_sidecar,
 )
-from unicom_cli.utils.console import info, progress_bar, warn
+from unicom_cli.utils.console import info, warn
 
-GDRIVE_URL = "https://drive.google.com"
 GDRIVE_MIRROR_FOLDER = "gldv2"  # where a mirror keeps the Drive-only files: <mirror>/gldv2/<file>
-CHUNK = 1 << 20
-_WAYS_OUT = ("If this machine is offline or the server is blocked, point --mirror URL (or "
-             "$UNICOM_MIRROR) at a copy of the release files, pass --weights FILE with a copy "
-             "downloaded elsewhere, or put that copy in the weights cache ($UNICOM_HOME or "
-             "--cache-dir; default ~/.cache/unicom).")
-
-_DRIVE_PAGE = ("{url}: Google Drive answered with a web page instead of the file (its download "
-               "quota may be exceeded, or the file is no longer shared). Try later, or download it "
-               "in a browser and pass --weights FILE.")
 
 T = TypeVar("T")
 
@@ -63,35 +52,6 @@ class FetchResult:
     status: str  # downloaded | cached | failed | ok | corrupt | missing | partial | unverified
     checksum: str  # published | pinned | computed | recorded | none
     error: str | None = None
-
-
-STALL_MIN_BYTES = 64 << 10  # fewer bytes than this in a stall window is a stalled transfer
-SIZE_MARGIN = 16 << 20  # a body without Content-Length may exceed the expected size by this much
-
-
-@dataclass
-class _Settings:
-    retries: int
-    backoff: float  # seconds before the first retry; doubles each time
-    timeout: float  # socket timeout per read
-    progress: bool
-    gdrive_url: str
-    stall: float = 60.0  # seconds in which at least STALL_MIN_BYTES must arrive
-
-    @property
-    def budget(self) -> int:
-        """Failed attempts allowed in all, cuts that made progress included: a server that cuts
-        every response is given up on instead of being asked forever."""
-        return 4 * (self.retries + 1)
-
-
-class _Retry(Exception):
-    """A transient failure (5xx, reset, cut, timeout): try again after a pause."""
-
-    def __init__(self, cause: BaseException, progressed: bool = False) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.progressed = progressed
 
 
 # --------------------------------------------------------------------------- addresses
@@ -167,12 +127,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# --------------------------------------------------------------------------- HTTP
+# --------------------------------------------------------------------------- downloading
 
 def _settings(retries: int | None, backoff: float | None, progress: bool,
-              gdrive_url: str | None) -> _Settings:
+              gdrive_url: str | None) -> resumable.Settings:
     env = os.environ.get
-    return _Settings(
+    return resumable.Settings(
         retries=int(env("UNICOM_DOWNLOAD_RETRIES", "4")) if retries is None else retries,
         backoff=float(env("UNICOM_DOWNLOAD_BACKOFF", "1.0")) if backoff is None else backoff,
         timeout=float(env("UNICOM_DOWNLOAD_TIMEOUT", "30")),
@@ -182,251 +142,24 @@ def _settings(retries: int | None, backoff: float | None, progress: bool,
     )
 
 
-def _request(url: str, offset: int = 0) -> urllib.request.Request:
-    from unicom_cli._version import __version__
-
-    headers = {"User-Agent": f"unicom-cli/{__version__}"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    return urllib.request.Request(url, headers=headers)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _open(opener: urllib.request.OpenerDirector, url: str, offset: int, timeout: float):
-    """Open ``url``; transient failures raise _Retry, permanent ones DownloadError."""
-    try:
-        return opener.open(_request(url, offset), timeout=timeout)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise _Retry(exc) from exc
-        if exc.code == 416 and offset:
-            raise  # the caller decides: the .part may already be complete
-        hint = ("a mirror must hold <tag>/<file> as the GitHub releases do (Drive-only models: "
-                "gldv2/<file>)" if exc.code == 404 else "check the address")
-        raise DownloadError(f"{url}: {_describe(exc)}; {hint}. {_WAYS_OUT}") from exc
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, socket.gaierror):  # no DNS: offline, retrying will not help
-            raise DownloadError(f"cannot reach {url} ({exc.reason}). {_WAYS_OUT}") from exc
-        if isinstance(exc.reason, (FileNotFoundError, PermissionError)):  # file:// mirror
-            raise DownloadError(f"{url}: {exc.reason}. {_WAYS_OUT}") from exc
-        raise _Retry(exc) from exc
-    except (http.client.HTTPException, OSError) as exc:
-        raise _Retry(exc) from exc
-
-
-def _retrying(action: Callable[[], T], url: str, label: str, settings: _Settings) -> T:
-    """Run ``action`` until it succeeds, pausing (doubling) between transient failures.
-
-    Attempts that made progress (received bytes) reset the failure count: a flaky link that
-    keeps cutting the connection still finishes, thanks to resuming. Every failure, cuts
-    included, also counts against an overall budget (``settings.budget``).
-    """
-    failures = attempts = 0
-    while True:
-        try:
-            return action()
-        except _Retry as exc:
-            failures = 1 if exc.progressed else failures + 1
-            attempts += 1
-            if failures > settings.retries or attempts >= settings.budget:
-                raise DownloadError(f"cannot download {url} ({_describe(exc.cause)}; "
-                                    f"{attempts} failed attempts). {_WAYS_OUT}") from exc.cause
-            delay = settings.backoff * 2 ** (failures - 1)
-            warn(f"{label}: {_describe(exc.cause)}; retrying in {delay:.1f} s "
-                 f"({failures}/{settings.retries})")
-            time.sleep(delay)
-
-
-def _hash_file_into(path: Path, hasher) -> None:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-
-
-def _full_length(content_range: str | None) -> int | None:
-    """``bytes 100-199/1000`` or ``bytes */1000`` → 1000; None when absent or unknown (``/*``)."""
-    if not content_range or "/" not in content_range:
-        return None
-    total = content_range.rsplit("/", 1)[1].strip()
-    return int(total) if total.isdigit() else None
-
-
-def _start_over(part: Path, why: str) -> _Retry:
-    part.unlink(missing_ok=True)
-    return _Retry(DownloadError(why))
-
-
-def _attempt(opener, url: str, part: Path, label: str, settings: _Settings,  # noqa: C901 (split planned: issue 16)
-             known: dict) -> tuple[str, bool]:
-    """One try: continue ``part`` from its current size; return (sha256 of part, resumed).
-
-    ``known["total"]`` keeps the file's length once a server has told it (Content-Length of a
-    full answer, Content-Range of a partial one): a part is final only at exactly that length.
-    ``known["cap"]`` bounds a body sent without a length.
-    """
-    offset = part.stat().st_size if part.exists() else 0
-    hasher = hashlib.sha256()
-    if offset:
-        _hash_file_into(part, hasher)  # resuming: the digest must cover the bytes we already have
-    try:
-        response = _open(opener, url, offset, settings.timeout)
-    except urllib.error.HTTPError as exc:  # 416 on a resume: nothing beyond our part?
-        total = _full_length(exc.headers.get("Content-Range") if exc.headers else None)
-        total = total if total is not None else known.get("total")
-        if total is not None and total == offset:
-            return hasher.hexdigest(), True
-        # A 416 that does not say the part is the whole file: never take a part as final.
-        raise _start_over(part, f"HTTP 416 to a resume at byte {offset:,} (file length "
-                                f"{'unknown' if total is None else f'{total:,}'}); starting over") from exc
-    with response:
-        status = getattr(response, "status", None) or 200  # file:// answers have no status
-        if response.headers.get_content_type() == "text/html":
-            if "google" in urllib.parse.urlsplit(url).netloc or "confirm=" in url:
-                raise DownloadError(_DRIVE_PAGE.format(url=url))
-            raise DownloadError(f"{url}: the server answered with a web page instead of the "
-                                f"weights file. {_WAYS_OUT}")
-        if offset and status != 206:  # Range ignored: the body is the whole file
-            info(f"{label}: the server ignored the resume request; starting over")
-            offset, hasher = 0, hashlib.sha256()
-        elif offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            # a part we cannot line up with: start clean on the next try
-            raise _start_over(part, f"unexpected Content-Range "
-                                    f"{response.headers.get('Content-Range')!r}")
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        announced = _full_length(response.headers.get("Content-Range")) if offset else total
-        if announced is not None:
-            if known.get("total") not in (None, announced):  # the file changed on the server
-                raise _start_over(part, f"the file's length changed from {known['total']:,} to "
-                                        f"{announced:,} bytes; starting over")
-            known["total"] = announced
-        cap = known["cap"] if total is None else total  # a length-less body is bounded too
-        read = getattr(response, "read1", None) or response.read
-        received = 0
-        window_start, window_bytes = time.monotonic(), 0
-        try:
-            handle = open(part, "ab" if offset else "wb")
-        except OSError as exc:
-            raise DownloadError(f"{part}: cannot write ({exc}); choose another --cache-dir") from exc
-        with handle, progress_bar(total, label, unit="bytes", enabled=settings.progress,
-                                  completed=offset) as bar:
-            while True:
-                try:
-                    chunk = read(CHUNK)
-                except (http.client.HTTPException, OSError) as exc:
-                    raise _Retry(exc, progressed=received > 0) from exc
-                if not chunk:
-                    break
-                window_bytes += len(chunk)
-                if time.monotonic() - window_start >= settings.stall:
-                    if window_bytes < STALL_MIN_BYTES:  # a trickle: the per-read timeout never fires
-                        raise _Retry(TimeoutError(
-                            f"stalled: {window_bytes:,} bytes in {settings.stall:.0f} s"),
-                            progressed=received > 0)
-                    window_start, window_bytes = time.monotonic(), 0
-                if offset + received + len(chunk) > cap:
-                    part.unlink(missing_ok=True)
-                    raise DownloadError(f"{url}: sent more than {cap:,} bytes without announcing "
-                                        f"a length (the weights are ~{known['expected']:,}); not "
-                                        f"this model's weights. {_WAYS_OUT}")
-                try:
-                    handle.write(chunk)
-                except OSError as exc:
-                    raise DownloadError(f"{part}: cannot write ({exc}); free some space or "
-                                        f"choose another --cache-dir") from exc
-                hasher.update(chunk)
-                received += len(chunk)
-                bar.advance(len(chunk))
-    end, expected_end = offset + received, total if total is not None else known.get("total")
-    if expected_end is not None and end < expected_end:  # the server closed the connection early
-        cut = http.client.IncompleteRead(b"", expected_end - end)
-        raise _Retry(cut, progressed=received > 0)
-    if expected_end is not None and end > expected_end:
-        raise _start_over(part, f"received {end:,} bytes of a {expected_end:,}-byte file")
-    return hasher.hexdigest(), offset > 0
-
-
-class _DriveForm(HTMLParser):
-    """Collects the download form (action + hidden inputs) and confirm links of a Drive page."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.fields: dict[str, str] = {}
-        self.confirm_link: str | None = None
-        self._in_form = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        if tag == "form" and (self.action is None or values.get("id") == "download-form"):
-            self.action, self.fields, self._in_form = values.get("action", ""), {}, True
-        elif tag == "input" and self._in_form and values.get("name"):
-            self.fields[values["name"]] = values.get("value", "")
-        elif tag == "a" and "confirm=" in values.get("href", "") and self.confirm_link is None:
-            self.confirm_link = values["href"]
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._in_form = False
-
-
-def _resolve_drive(opener, url: str, jar: http.cookiejar.CookieJar, settings: _Settings) -> str:
-    """Follow Google Drive's flow to the address that serves the file itself.
-
-    Small files come straight back. Large ones get an HTML "can't scan for viruses" page whose
-    form (hidden ``id``/``confirm``/``uuid`` fields) points at the usercontent download address;
-    older pages carry a ``confirm=`` link or a ``download_warning`` cookie instead.
-    """
-    response = _open(opener, url, 0, settings.timeout)
-    with response:
-        if response.headers.get_content_type() != "text/html":
-            return url  # the file itself: download it with the same address (and Range)
-        page_url = response.geturl()
-        try:
-            page = response.read(4 << 20).decode("utf-8", "replace")
-        except (http.client.HTTPException, OSError) as exc:
-            raise _Retry(exc) from exc
-    form = _DriveForm()
-    form.feed(page)
-    if form.action is not None and ("confirm" in form.fields or "id" in form.fields):
-        action = urllib.parse.urljoin(page_url, form.action or "")
-        return f"{action}?{urllib.parse.urlencode(form.fields)}"
-    if form.confirm_link:
-        return urllib.parse.urljoin(page_url, form.confirm_link)
-    for cookie in jar:
-        if cookie.name.startswith("download_warning"):
-            return f"{url}&confirm={urllib.parse.quote(cookie.value)}"
-    if "confirm=" not in url:  # a page we do not know: Drive accepts confirm=t for large files
-        return f"{url}&confirm=t"
-    raise DownloadError(_DRIVE_PAGE.format(url=url))
-
-
-def _download(spec: ModelSpec, url: str, part: Path, settings: _Settings) -> tuple[str, bool]:
+def _download(spec: ModelSpec, url: str, part: Path, settings: resumable.Settings) -> tuple[str, bool]:
     """Stream ``url`` into ``part`` (resuming it), with retries; return (sha256, resumed)."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     if _is_drive(url, spec):
-        url = _retrying(lambda: _resolve_drive(opener, url, jar, settings), url, spec.name, settings)
+        url = resumable.retrying(lambda: resolve_drive(opener, url, jar, settings), url, spec.name, settings)
     resumed = False
     # fp32 files are twice the fp16 estimate; anything far beyond that is not the weights
     known = {"total": None, "expected": spec.fp16_file_size,
-             "cap": 2 * spec.fp16_file_size + SIZE_MARGIN}
+             "cap": 2 * spec.fp16_file_size + resumable.SIZE_MARGIN}
 
-    def attempt() -> str:
+    def once() -> str:
         nonlocal resumed
-        digest, was_resumed = _attempt(opener, url, part, spec.name, settings, known)
+        digest, was_resumed = resumable.attempt(opener, url, part, spec.name, settings, known)
         resumed = resumed or was_resumed
         return digest
 
-    return _retrying(attempt, url, spec.name, settings), resumed
+    return resumable.retrying(once, url, spec.name, settings), resumed
 
 
 # --------------------------------------------------------------------------- public API

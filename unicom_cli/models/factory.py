@@ -205,7 +205,7 @@ def resolve_weights(spec: ModelSpec, weights: str | Path | None = None, *, pretr
 
 
 def create_model(
-    name_or_path: str | Path,
+    name_or_path: str | Path | ModelSpec,
     weights: str | Path | None = None,
     *,
     pretrained: bool = True,
@@ -220,7 +220,8 @@ def create_model(
     """Build the network, load weights and return it in eval mode with its eval transform.
 
     Args:
-        name_or_path: a registered model name or a JSON architecture file.
+        name_or_path: a registered model name, a JSON architecture file or a ModelSpec
+            (e.g. the one an index recorded).
         weights: a state-dict file; None downloads the published weights of a registered model
             (on first use). A JSON-described model needs ``weights`` or ``pretrained=False``.
         pretrained: False never loads weights: a random init drawn from ``seed`` (announced).
@@ -232,7 +233,7 @@ def create_model(
             device and CPU (``resolve_inference_precision``).
         mirror: where to download published weights from (see ``models.download.source_url``).
     """
-    spec = get_spec(name_or_path)
+    spec = name_or_path if isinstance(name_or_path, ModelSpec) else get_spec(name_or_path)
     if input_size and input_size != spec.input_size:
         spec = with_input_size(spec, input_size)
     path, digest = resolve_weights(spec, weights, pretrained=pretrained, cache=cache, mirror=mirror)

@@ -29,6 +29,7 @@ from unicom_cli.data.images import (
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, UsageError
+from unicom_cli.models.forward import PixelForward
 from unicom_cli.pipelines.features import NONFINITE_REASON, Features
 from unicom_cli.pipelines.writer import (
     DTYPES,
@@ -43,7 +44,6 @@ from unicom_cli.utils.cpu import cores_per_process
 from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
-    import torch
 
     from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.factory import LoadedModel
@@ -60,32 +60,6 @@ def default_workers(device_type: str) -> int:
     gave b/a 0.88-0.90 against 0.84-0.86 for one, benchmarks/embed_throughput.py)."""
     share = cores_per_process(world_size())
     return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
-
-
-class _Forward:
-    """uint8 NCHW batch → normalised float on the model's device → fp32 embeddings on the CPU.
-
-    Normalising on the device keeps the host→device copy 4x smaller; the arithmetic is the
-    one of torchvision's ToTensor + Normalize, so results equal the reference transform.
-    """
-
-    def __init__(self, loaded: "LoadedModel") -> None:
-        import torch
-
-        self.model = loaded.model
-        self.device = next(self.model.parameters()).device
-        self.cuda = self.device.type == "cuda"
-        self.mean = torch.as_tensor(loaded.spec.mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        self.std = torch.as_tensor(loaded.spec.std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-
-    def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
-        import torch
-
-        x = pixels.to(self.device, non_blocking=self.cuda)
-        x = x.to(torch.float32).div_(255).sub_(self.mean).div_(self.std)  # one float copy
-        if self.cuda:  # cuDNN's NHWC kernels for the patch convolution
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu()
 
 
 def _is_onnx(loaded: "LoadedModel | OnnxModel") -> bool:
@@ -109,7 +83,7 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
     from torch.utils.data import DataLoader
 
     onnx = _is_onnx(loaded)
-    forward = loaded if onnx else _Forward(loaded)
+    forward = loaded if onnx else PixelForward(loaded)
     if workers is None:
         workers = default_workers(forward.device.type)
     dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
@@ -445,10 +419,11 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     meta = {
         "tool": "unicom-cli", "version": __version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": loaded.spec.name, "weights": str(loaded.weights_path) if loaded.weights_path else None,
+        "model": loaded.spec.name, "weights": str(Path(loaded.weights_path).resolve()) if loaded.weights_path else None,
         "weights_sha256": loaded.sha256,
         "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
+        "model_spec": loaded.spec.to_json(),  # rebuilds a JSON-described model (index queries)
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
         "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,

@@ -128,3 +128,103 @@ def save_retrieval_grid(out: Path, root: Path, split, neighbours: np.ndarray,
     with atomic_open(out, "wb") as handle:
         grid.save(handle, format=fmt, quality=90)
     return out
+
+
+# --------------------------------------------------------------------------- `unicom search --vis`
+
+CAPTION = 30  # pixels of text under each tile of the search picture
+
+
+def _thumbnail_uri(path: Path | None) -> str:
+    """A JPEG data URI of the image (the page needs no other file), or "" when unreadable."""
+    import base64
+    import io
+
+    from PIL import Image, ImageOps
+
+    if path is None:
+        return ""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((TILE * 2, TILE * 2))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+    except (OSError, ValueError):
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _atomic_save(out: Path, write) -> Path:
+    from unicom_cli.utils.files import atomic_path
+
+    with atomic_path(out) as tmp:
+        write(tmp)
+    return Path(out)
+
+
+def save_search_html(out: Path, names: list[str], files: list[Path | None], ids: list[list[str]],
+                     paths: list[list[Path | None]], scores: np.ndarray) -> Path:
+    """A self-contained page: one row per query, its thumbnail then its results (thumbnail,
+    file name, score); images are embedded as data URIs so the page can be mailed or moved."""
+    from html import escape
+
+    def cell(uri: str, title: str, caption: str, cls: str) -> str:
+        img = (f'<img src="{uri}" alt="{escape(title)}">' if uri
+               else '<div class="missing">not readable</div>')
+        return (f'<figure class="{cls}" title="{escape(title)}">{img}'
+                f"<figcaption>{caption}</figcaption></figure>")
+
+    rows = []
+    for q, name in enumerate(names):
+        cells = [cell(_thumbnail_uri(files[q]), name, f"<b>query</b><br>{escape(Path(name).name)}", "query")]
+        for rank, (rel, path, score) in enumerate(zip(ids[q], paths[q], scores[q]), start=1):
+            if not rel:
+                continue
+            cells.append(cell(_thumbnail_uri(path), rel,
+                              f"{rank}. {escape(Path(rel).name)}<br>{score:.4f}", "hit"))
+        rows.append(f'<section><h2>{escape(name)}</h2><div class="row">{"".join(cells)}</div></section>')
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>unicom search results</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h2 {{ font-size: 14px; font-weight: 600; margin: 1.2em 0 .4em; word-break: break-all; }}
+.row {{ display: flex; gap: 10px; overflow-x: auto; }}
+figure {{ margin: 0; width: {TILE * 1.3:.0f}px; flex: none; text-align: center; }}
+figure img, .missing {{ width: {TILE * 1.3:.0f}px; height: {TILE * 1.3:.0f}px; object-fit: contain;
+  background: #f2f2f2; border: 3px solid #ccc; box-sizing: border-box; }}
+.missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
+figure.query img {{ border-color: rgb{QUERY}; }}
+figcaption {{ font-size: 12px; word-break: break-all; }}
+</style></head><body>
+<h1>unicom search: {len(names)} quer{"y" if len(names) == 1 else "ies"}</h1>
+{"".join(rows)}
+</body></html>
+"""
+    return _atomic_save(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+
+
+def save_search_png(out: Path, names: list[str], files: list[Path | None], ids: list[list[str]],
+                    paths: list[list[Path | None]], scores: np.ndarray) -> Path:
+    """The same as a picture: one row per query (blue frame), its results with name and score."""
+    from PIL import Image, ImageDraw
+
+    k = max((len(r) for r in ids), default=0)
+    height = TILE + CAPTION
+    grid = Image.new("RGB", ((k + 1) * TILE + BORDER, max(1, len(names)) * height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+
+    def put(path: Path | None, colour, x: int, y: int, lines: list[str]) -> None:
+        grid.paste(_tile(path if path is not None else Path(""), colour), (x, y))
+        for n, line in enumerate(lines):
+            text = line if len(line) <= 20 else line[:9] + "…" + line[-10:]
+            draw.text((x + 4, y + TILE + 2 + 12 * n), text, fill=(0, 0, 0))
+
+    for q, name in enumerate(names):
+        y = q * height
+        put(files[q], QUERY, 0, y, ["query", Path(name).name])
+        for col, (rel, path, score) in enumerate(zip(ids[q], paths[q], scores[q])):
+            if rel:
+                put(path, (200, 200, 200), (col + 1) * TILE + BORDER, y,
+                    [Path(rel).name, f"{col + 1}. {score:.4f}"])
+    return _atomic_save(out, lambda tmp: grid.save(tmp, format="PNG"))

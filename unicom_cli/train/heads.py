@@ -119,7 +119,8 @@ def param_groups(model: nn.Module, head: ClassifyHead, lr: float, weight_decay: 
 
 @torch.no_grad()
 def evaluate_classify(cfg, model: nn.Module, head: ClassifyHead, spec, device: torch.device) -> dict | None:
-    """``{"metric": "top1", "top1": …, "top5": …}`` (fractions) on PATH/val (or PATH/test), every rank.
+    """``{"metric": "top1", "top1": …, "top5": …}`` (percentages, like the retrieval metrics) on
+    PATH/val (or PATH/test), every rank.
 
     The val images go through eval-knn's feature extraction (sharded over ranks, gathered);
     val classes the head does not know always miss.
@@ -149,5 +150,5 @@ def evaluate_classify(cfg, model: nn.Module, head: ClassifyHead, spec, device: t
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit = top == y[:, None]
     n = max(len(y), 1)
-    return {"metric": "top1", "top1": float(hit[:, :1].any(1).sum()) / n, "top5": float(hit.any(1).sum()) / n,
-            "images": len(y)}
+    return {"metric": "top1", "top1": 100.0 * float(hit[:, :1].any(1).sum()) / n,
+            "top5": 100.0 * float(hit.any(1).sum()) / n, "images": len(y)}

@@ -1,0 +1,432 @@
+"""Build or extend an index folder: choose, train on a sample, add in chunks by rank, merge, tune, publish."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from unicom_cli.errors import InputError, UsageError
+from unicom_cli.index.choose import Choice, choose_index, default_max_memory, nlist_for
+from unicom_cli.index.source import FeatureSource, open_source, relative_ids
+from unicom_cli.index.store import (
+    INDEX_FILE,
+    Index,
+    _faiss,
+    check_output,
+    publish,
+    temp_folder,
+    write_folder,
+)
+from unicom_cli.index.tune import RECALL_K, Tuning, held_out_queries, tune
+
+TRAIN_POINTS_PER_LIST = 40  # faiss asks for ≥ 39 training points per inverted list
+TRAIN_MIN = 20_000  # PQ needs ≥ 39·256 points for its 8-bit codebooks
+
+
+@dataclass
+class BuildConfig:
+    """Everything ``unicom index`` needs to build (or extend) an index from feature files."""
+
+    features: list[Path]  # embed outputs (.npy with .ids.txt and .json beside), in row order
+    output: Path  # the index folder
+    index: str = "auto"  # auto|flat|hnsw|ivf|ivfpq|<faiss factory string>
+    max_memory: int | None = None  # bytes; None: half the RAM
+    target_recall: float = 0.95  # recall@10 against exact search the tuning aims for
+    normalize: bool = True  # L2-normalise rows whose .json says they are not (cosine)
+    overwrite: bool = False
+    add: bool = False  # extend the index at ``output`` instead of building a new one
+    device: str = "cpu"  # cuda: faiss-gpu trains the coarse quantizer where installed
+    seed: int = 0
+    held_out: int = 1000  # queries drawn from the collection to measure recall
+    chunk_rows: int = 65536  # rows read and added per step (memory bound; shards align to it)
+    progress: bool = True
+
+
+@dataclass
+class BuildSummary:
+    """What a build produced, for the CLI's summary and the benchmark."""
+
+    output: Path
+    count: int
+    added: int
+    dim: int
+    choice: Choice
+    tuning: Tuning
+    seconds: float
+    index_bytes: int
+    meta: dict = field(default_factory=dict)
+
+
+def build_index(features_npy: str | Path | Sequence[str | Path], out_dir: str | Path,
+                index: str = "auto", **options) -> BuildSummary:
+    """Build an index folder from ``unicom embed`` output(s) in this process; see BuildConfig
+    for ``options`` (max_memory, target_recall, normalize, overwrite, add …)."""
+    paths = [features_npy] if isinstance(features_npy, (str, Path)) else list(features_npy)
+    cfg = BuildConfig(features=[Path(p) for p in paths], output=Path(out_dir), index=index, **options)
+    summary = run_build(cfg)
+    assert summary is not None  # one process: rank 0
+    return summary
+
+
+def _check_compatible(fields: dict, other: dict, where: str, against: str) -> None:
+    """Refuse collections that a query could not be embedded for consistently."""
+    labels = {"model": "model", "weights_sha256": "weights (SHA-256)", "input_size": "input size",
+              "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
+    diffs = [f"{label} {other.get(key)!r} vs {fields.get(key)!r}"
+             for key, label in labels.items() if other.get(key) != fields.get(key)]
+    if diffs:
+        raise InputError(f"{where}: cannot share an index with {against}: {'; '.join(diffs)}. "
+                         "Embed it with the same model and options")
+
+
+def _open_sources(cfg: BuildConfig) -> list[FeatureSource]:
+    if not cfg.features:
+        raise UsageError("give at least one feature file (.npy from `unicom embed`)")
+    sources = [open_source(p, cfg.normalize) for p in cfg.features]
+    first = sources[0].model_fields()
+    for src in sources[1:]:
+        _check_compatible(first, src.model_fields(), str(src.npy), str(sources[0].npy))
+    return sources
+
+
+def _train_sample_size(n: int, dim: int, factory_index, max_memory: int) -> int:
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(factory_index)
+    wanted = max(TRAIN_MIN, TRAIN_POINTS_PER_LIST * (ivf.nlist if ivf is not None else 0))
+    by_memory = max(TRAIN_MIN, (max_memory // 4) // (4 * dim))
+    return min(n, wanted, by_memory)
+
+
+def _gpu_training(index, device: str) -> object | None:
+    """With faiss-gpu and a CUDA device, k-means of the coarse quantizer runs on the GPU."""
+    from unicom_cli.distributed import device_for
+
+    faiss = _faiss()
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    device = device_for(device)  # auto → this rank's GPU where there is one
+    if not str(device).startswith("cuda"):
+        return None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    dev = int(str(device).split(":")[1]) if ":" in str(device) else 0
+    res = faiss.StandardGpuResources()
+    ivf.clustering_index = faiss.index_cpu_to_gpu(res, dev, faiss.IndexFlatL2(ivf.d))
+    return res
+
+
+def _new_index(choice: Choice, dim: int, sources: list[FeatureSource], cfg: BuildConfig,
+               max_memory: int):
+    """The factory's index, trained on a uniform sample of the collection (rank 0)."""
+    from unicom_cli.utils.console import info
+
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1]
+        raise UsageError(f"--index {choice.factory!r}: not a faiss factory string faiss accepts "
+                         f"({detail}); use auto, flat, hnsw, ivf, ivfpq or e.g. 'IVF1024,PQ32'") from exc
+    ivf_pq = faiss.try_extract_index_ivf(index)
+    if isinstance(ivf_pq, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (a PQ re-ordering for Hamming filtering that
+        # our search never uses); it is a simulated annealing that can take minutes.
+        ivf_pq.do_polysemous_training = False
+    if not index.is_trained:
+        n = sum(s.count for s in sources)
+        size = _train_sample_size(n, dim, index, max_memory)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and n < ivf.nlist:
+            raise UsageError(f"--index {choice.factory}: {ivf.nlist} inverted lists need at least "
+                             f"that many vectors, the collection has {n:,}; use fewer lists "
+                             f"(e.g. IVF{nlist_for(n)}) or --index flat")
+        sample = _sample(sources, size, cfg.seed)
+        info(f"training {choice.factory} on {len(sample):,} of {n:,} vectors")
+        keep = _gpu_training(index, cfg.device)
+        index.train(sample)
+        if keep is not None:
+            faiss.try_extract_index_ivf(index).clustering_index = None
+        del sample
+    return index
+
+
+def _sample(sources: list[FeatureSource], size: int, seed: int) -> np.ndarray:
+    """A uniform sample over all sources (each contributes in proportion to its rows)."""
+    total = sum(s.count for s in sources)
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(total, size=min(size, total), replace=False))
+    out = np.empty((len(picks), sources[0].dim), np.float32)
+    offset = 0
+    for src in sources:
+        inside = (picks >= offset) & (picks < offset + src.count)
+        if inside.any():
+            out[inside] = src.rows_at(picks[inside] - offset)
+        offset += src.count
+    return out
+
+
+def _shardable(index) -> bool:
+    """Indexes whose shards can be merged into the same index one process would build:
+    IVF (inverted lists are concatenated in rank order) and flat. Graphs cannot."""
+    faiss = _faiss()
+    return faiss.try_extract_index_ivf(index) is not None or \
+        isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
+def _add(index, sources: list[FeatureSource], base: int, shards: list[range], bar,
+         chunk_rows: int) -> None:
+    """Add this rank's rows, chunk by chunk, with global ids (``base`` + row in the collection)."""
+    faiss = _faiss()
+    with_ids = faiss.try_extract_index_ivf(index) is not None
+    offset = base
+    for src, rows in zip(sources, shards):
+        for start, chunk in src.chunks(rows, chunk_rows):
+            if with_ids:
+                index.add_with_ids(chunk, np.arange(offset + start, offset + start + len(chunk),
+                                                    dtype=np.int64))
+            else:
+                index.add(chunk)
+            bar.advance(len(chunk))
+        offset += src.count
+
+
+def _merge(main, part) -> None:
+    """Append ``part``'s vectors to ``main`` (same trained index, ids kept)."""
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(main)
+    if ivf is not None:
+        ivf.merge_from(faiss.extract_index_ivf(part), 0)
+        main.ntotal = ivf.ntotal
+    else:
+        main.merge_from(part, 0)
+
+
+def _set_threads() -> None:
+    """Each of N processes on a node gets 1/N of its usable cores for faiss's OpenMP loops."""
+    from unicom_cli.distributed import world_size
+    from unicom_cli.utils.cpu import cores_per_process
+
+    if world_size() > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        _faiss().omp_set_num_threads(cores_per_process(local))
+
+
+def run_build(cfg: BuildConfig) -> BuildSummary | None:
+    """Build (or with ``cfg.add`` extend) the index at ``cfg.output`` on 1 or N processes;
+    rank 0 holds the output's lock throughout, so a second run on it is refused at once."""
+    from contextlib import nullcontext
+
+    from unicom_cli.distributed import is_main
+    from unicom_cli.utils.files import OutputLock
+
+    with OutputLock(cfg.output) if is_main() else nullcontext():
+        return _run_build(cfg)
+
+
+@dataclass
+class _Plan:
+    """What a build works on, decided before any work (every rank decides the same)."""
+
+    sources: list[FeatureSource]
+    fields: dict
+    existing: Index | None
+    choice: Choice
+    max_memory: int
+
+    @property
+    def dim(self) -> int:
+        return self.sources[0].dim
+
+    @property
+    def added(self) -> int:
+        return sum(s.count for s in self.sources)
+
+    @property
+    def base(self) -> int:
+        return len(self.existing) if self.existing is not None else 0
+
+
+def _plan(cfg: BuildConfig) -> _Plan:
+    """Check every input and choose the index; nothing is written."""
+    if not 0 < cfg.target_recall <= 1:
+        raise UsageError(f"--target-recall {cfg.target_recall}: must be in (0, 1]")
+    if cfg.chunk_rows < 1:
+        raise UsageError(f"--chunk-rows {cfg.chunk_rows}: must be at least 1")
+    sources = _open_sources(cfg)
+    fields = sources[0].model_fields()
+    max_memory = cfg.max_memory or default_max_memory()
+    if not cfg.add:
+        check_output(cfg.output, cfg.overwrite)
+        choice = choose_index(sum(s.count for s in sources), sources[0].dim, max_memory, cfg.index)
+        return _Plan(sources, fields, None, choice, max_memory)
+    existing = Index.load(cfg.output)
+    recorded = {key: existing.meta.get(key) for key in fields}
+    _check_compatible(recorded, fields, str(sources[0].npy), f"the index {cfg.output}")
+    choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
+                    int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
+    return _Plan(sources, fields, existing, choice, max_memory)
+
+
+def _run_build(cfg: BuildConfig) -> BuildSummary | None:
+    """Plan, fill (all ranks), then tune and publish (rank 0)."""
+    from unicom_cli.distributed import is_main
+    from unicom_cli.distributed.comm import broadcast_object
+
+    start_time = time.perf_counter()
+    plan = _plan(cfg)
+    _set_threads()
+    tmp = Path(broadcast_object(str(temp_folder(cfg.output)) if is_main() else None))
+    try:
+        index = _fill(plan, cfg, tmp)
+        if not is_main():
+            return None
+        return _finish(plan, cfg, tmp, index, start_time)
+    except Exception:
+        if is_main():  # a failed build leaves nothing behind (a killed one: see temp_folder)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fill(plan: _Plan, cfg: BuildConfig, tmp: Path):
+    """Train (rank 0) and add every vector: each rank adds a contiguous, chunk-aligned shard
+    to a copy of the trained index and rank 0 merges the shards in rank order, which gives the
+    inverted lists, in the same order, that one process builds. Returns the index on rank 0."""
+    from unicom_cli.distributed import barrier, is_main, rank, world_size
+    from unicom_cli.distributed.comm import shard_range
+    from unicom_cli.utils.console import progress_bar, warn
+
+    faiss = _faiss()
+    trained_path = tmp / "trained.faiss"
+    many = world_size() > 1
+    if is_main():
+        if plan.existing is not None:
+            main_index = plan.existing.faiss_index
+            empty = faiss.clone_index(main_index)
+            empty.reset()
+        else:
+            main_index = empty = _new_index(plan.choice, plan.dim, plan.sources, cfg, plan.max_memory)
+        if many:
+            faiss.write_index(empty, str(trained_path))
+    barrier()
+    if not is_main():
+        main_index = empty = faiss.read_index(str(trained_path))
+    shardable = _shardable(main_index)
+    if many and not shardable:
+        if is_main():
+            warn(f"{plan.choice.factory}: a graph index cannot be merged from shards; "
+                 "rank 0 adds every vector")
+        shards = [range(s.count) if is_main() else range(0) for s in plan.sources]
+    else:
+        shards = [shard_range(s.count, align=cfg.chunk_rows) for s in plan.sources]
+    mine = sum(len(r) for r in shards)
+    index = faiss.clone_index(empty) if many and shardable and is_main() else main_index
+    with progress_bar(plan.added, "index", unit="vectors", enabled=cfg.progress) as bar:
+        _add(index, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows)
+    if many and shardable and not is_main():
+        faiss.write_index(index, str(tmp / f"shard-{rank():05d}.faiss"))
+    barrier()
+    if not is_main():
+        return None
+    if many and shardable:
+        _merge(main_index, index)
+        for r in range(1, world_size()):
+            part_path = tmp / f"shard-{r:05d}.faiss"
+            _merge(main_index, faiss.read_index(str(part_path)))
+            part_path.unlink()
+    trained_path.unlink(missing_ok=True)
+    return main_index
+
+
+def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) -> BuildSummary:
+    """Measure recall on held-out queries, tune, write the folder and publish it (rank 0)."""
+    from unicom_cli.utils.console import info, warn
+
+    all_sources = plan.sources
+    if plan.existing is not None:
+        earlier = recorded_sources(plan.existing, cfg.normalize)
+        all_sources = earlier + plan.sources if earlier is not None else plan.sources
+    info(f"measuring recall@{RECALL_K} on {min(cfg.held_out, index.ntotal):,} held-out queries")
+    held = held_out_queries(all_sources, cfg.held_out, RECALL_K, cfg.seed)
+    if plan.existing is not None and all_sources is plan.sources:
+        held.rows = held.rows + plan.base  # queries from the added rows only
+        held.truth = held.truth + plan.base
+        warn("the earlier collections' .npy files are gone: recall is measured among the "
+             "added vectors only")
+    tuning = tune(index, held, cfg.target_recall)
+    if not tuning.reached:
+        warn(f"{plan.choice.factory}: the best recall@{RECALL_K} reached is {tuning.recall:.3f}, "
+             f"below --target-recall {cfg.target_recall}; raise --max-memory or pick "
+             "another --index")
+    ids, root = _ids(plan.existing, plan.sources)
+    meta = _meta(cfg, plan.choice, plan.fields, tuning, plan.existing, plan.sources, root, index,
+                 plan.max_memory, time.perf_counter() - start_time)
+    write_folder(tmp, index, ids, meta)
+    publish(tmp, cfg.output)
+    size = (Path(cfg.output) / INDEX_FILE).stat().st_size
+    return BuildSummary(Path(cfg.output), int(index.ntotal), plan.added, plan.dim, plan.choice,
+                        tuning, time.perf_counter() - start_time, size, meta)
+
+
+class _Scaled:
+    """Rank 0's bar counts its own rows scaled to the whole collection (all ranks run alike)."""
+
+    def __init__(self, bar, total: int, mine: int) -> None:
+        self.bar, self.scale = bar, total / mine if mine else 0.0
+
+    def advance(self, n: int) -> None:
+        self.bar.advance(int(round(n * self.scale)))
+
+
+def recorded_sources(existing: Index, normalize: bool) -> list[FeatureSource] | None:
+    """The feature files an index was built from, when they are all still there unchanged."""
+    out = []
+    for item in existing.meta.get("sources", []):
+        try:
+            src = open_source(item["features"], normalize)
+        except InputError:
+            return None
+        if src.count != item.get("count"):
+            return None
+        out.append(src)
+    return out or None
+
+
+def _ids(existing: Index | None, sources: list[FeatureSource]) -> tuple[list[str], Path | None]:
+    root = existing.root if existing is not None else sources[0].root
+    ids = list(existing.ids) if existing is not None else []
+    for src in sources:
+        ids.extend(relative_ids(src.ids, src.root, root))
+    return ids, root
+
+
+def _meta(cfg: BuildConfig, choice: Choice, fields: dict, tuning: Tuning,
+          existing: Index | None, sources: list[FeatureSource], root: Path | None, index,
+          max_memory: int, seconds: float) -> dict:
+    from unicom_cli import __version__
+
+    earlier = existing.meta.get("sources", []) if existing is not None else []
+    return {
+        "tool": "unicom-cli", "version": __version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+        "metric": "inner_product",
+        "count": int(index.ntotal),
+        "root": str(root) if root else None,
+        "factory": choice.factory, "kind": choice.kind, "reason": choice.reason,
+        "memory_bytes": choice.memory_bytes, "max_memory": max_memory,
+        "search_params": tuning.params,
+        "recall_at_10": round(tuning.recall, 4), "target_recall": cfg.target_recall,
+        "recall_reached": tuning.reached, "recall_queries": tuning.queries,
+        "tuning": tuning.tried,
+        "sources": earlier + [{"features": str(s.npy.resolve()), "count": s.count,
+                                "root": str(s.root) if s.root else None} for s in sources],
+        "build_seconds": round(seconds, 2),
+    }

@@ -1,0 +1,337 @@
+"""An index folder on disk (index.faiss, ids.txt, index.json) and its query API: ``Index.load(path).search(...)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from unicom_cli.errors import InputError, OutputExists, UsageError
+
+if TYPE_CHECKING:
+    from unicom_cli.index.embedder import QueryEmbedder
+
+INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.txt", "index.json"
+FORMAT = 1
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
+        raise UsageError("faiss is not installed: pip install faiss-cpu") from exc
+    return faiss
+
+
+def apply_search_params(index, params: dict) -> None:
+    """Set nprobe / efSearch / quantizer_efSearch … on ``index`` (through OPQ and IVF wrappers)."""
+    if params:
+        text = ",".join(f"{key}={value}" for key, value in params.items())
+        _faiss().ParameterSpace().set_index_parameters(index, text)
+
+
+class Index:
+    """A built index: the faiss index, the ids of its rows and what it was built with.
+
+    Attributes:
+        path: the index folder.
+        ids: one id per row, in row order (image paths relative to ``root``).
+        root: the folder the ids are relative to (None for a collection of bare vectors).
+        meta: the parsed ``index.json`` (model, normalisation, factory, search parameters,
+            measured recall …).
+        dim: vector dimension.
+    """
+
+    def __init__(self, path: Path, faiss_index, ids: list[str], meta: dict) -> None:
+        self.path = Path(path)
+        self.faiss_index = faiss_index
+        self.ids = ids
+        self.meta = meta
+        self.dim = int(meta["dim"])
+        self.root = Path(meta["root"]) if meta.get("root") else None
+        self._embedders: dict[tuple, "QueryEmbedder"] = {}
+        self._row_of: dict[str, int] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, *, mmap: bool = False) -> "Index":
+        """Open an index folder written by ``unicom index``; every inconsistency is an InputError.
+
+        ``mmap``: map the index file instead of reading it (large indexes, several processes).
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            hint = " (an index is a folder made by `unicom index`)" if folder.exists() else ""
+            raise InputError(f"{folder}: no such index folder{hint}")
+        meta = read_meta(folder)
+        index_path = folder / INDEX_FILE
+        if not index_path.is_file():
+            raise InputError(f"{index_path}: missing; rebuild the index with `unicom index`")
+        faiss = _faiss()
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            index = faiss.read_index(str(index_path), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
+        except (RuntimeError, MemoryError) as exc:
+            detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{index_path}: not a readable faiss index ({detail}); "
+                             "rebuild it with `unicom index`") from exc
+        ids = read_ids(folder / IDS_FILE)
+        if len(ids) != index.ntotal:
+            raise InputError(f"{folder / IDS_FILE}: {len(ids):,} ids for {index.ntotal:,} vectors "
+                             f"in {INDEX_FILE}; the folder was changed by hand, rebuild it")
+        if index.d != meta.get("dim"):
+            raise InputError(f"{folder / META_FILE}: says {meta.get('dim')} dims but "
+                             f"{INDEX_FILE} has {index.d}")
+        apply_search_params(index, meta.get("search_params") or {})
+        return cls(folder, index, ids, meta)
+
+    def __len__(self) -> int:
+        return int(self.faiss_index.ntotal)
+
+    def __repr__(self) -> str:
+        return (f"Index({str(self.path)!r}, {len(self):,} × {self.dim}, "
+                f"{self.meta.get('factory')!r}, model={self.meta.get('model')!r})")
+
+    def path_of(self, row: int) -> Path:
+        """The image file of a row (ids are relative to ``root``)."""
+        rel = self.ids[row]
+        return Path(rel) if self.root is None or os.path.isabs(rel) else self.root / rel
+
+    def row_of(self, image: str | Path) -> int | None:
+        """The row of an image file that is in the index (by its path under ``root``), or None."""
+        if self._row_of is None:
+            self._row_of = {rel: n for n, rel in enumerate(self.ids)}
+        if self.root is None:
+            return self._row_of.get(str(image))
+        try:
+            rel = os.path.relpath(os.path.abspath(image), self.root).replace(os.sep, "/")
+        except ValueError:  # pragma: no cover - another drive on Windows
+            return None
+        return self._row_of.get(rel)
+
+    def embedder(self, device: str = "cpu", weights: str | Path | None = None,
+                 precision: str | None = None) -> "QueryEmbedder":
+        """The model this index was built with, loaded once per (device, weights, precision):
+        a callable from images (PIL, RGB uint8 arrays or encoded bytes) to query vectors."""
+        from unicom_cli.index.embedder import load_query_embedder
+
+        key = (device, str(weights) if weights else None, precision)
+        if key not in self._embedders:
+            self._embedders[key] = load_query_embedder(self.meta, device=device, weights=weights,
+                                                       precision=precision)
+        return self._embedders[key]
+
+    def search(self, queries: np.ndarray | Sequence[str | Path], k: int = 10, *,
+               exclude: Sequence[int] | np.ndarray | None = None, params: dict | None = None,
+               device: str = "cpu", weights: str | Path | None = None,
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest rows of each query, best first.
+
+        Args:
+            queries: (n, dim) vectors, already processed as ``meta`` says (normalised, cut
+                to ``num_feat``), or a list of image paths, PIL images, RGB uint8 arrays or
+                encoded image bytes, embedded with the index's model (``embedder``).
+            k: neighbours per query (1 ≤ k ≤ len(self)).
+            exclude: per query a row never to return (its own entry; -1 for none).
+            params: search parameters for this call instead of the tuned ones, e.g.
+                ``{"nprobe": 64}``.
+        Returns:
+            ``(scores, rows)``: float32 inner products and int64 rows, both (n, k). An
+            approximate index may find fewer than k rows for a query: those slots hold row
+            -1 and score -inf.
+        """
+        vectors = self._query_vectors(queries, device, weights)
+        k = int(k)
+        limit = len(self) - (1 if exclude is not None else 0)
+        if k < 1:
+            raise UsageError(f"k {k}: must be at least 1")
+        if k > limit:
+            raise UsageError(f"k {k} is larger than the index ({len(self):,} vectors"
+                             f"{', minus the excluded query' if exclude is not None else ''}); "
+                             f"use k ≤ {limit:,}")
+        want = k + (1 if exclude is not None else 0)
+        flat = self.flat_vectors()
+        if flat is not None:  # exact: the search of eval-retrieval, with its fixed tie order
+            from unicom_cli.eval.search import search as exact_search
+
+            found = exact_search(vectors, flat, want)
+            scores, rows = found.scores, found.indices
+        else:
+            if params:
+                apply_search_params(self.faiss_index, params)
+            try:
+                scores, rows = self.faiss_index.search(vectors, want)
+            finally:
+                if params:
+                    apply_search_params(self.faiss_index, self.meta.get("search_params") or {})
+        rows = rows.astype(np.int64, copy=False)
+        scores = scores.astype(np.float32, copy=False)
+        scores[rows < 0] = -np.inf
+        if exclude is not None:
+            scores, rows = _drop_rows(scores, rows, np.asarray(exclude, dtype=np.int64), k)
+        return scores, rows
+
+    def flat_vectors(self) -> np.ndarray | None:
+        """The rows of a flat (exact) index as an (N, dim) float32 view without a copy; None for
+        other indexes."""
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.faiss_index)
+        if not isinstance(inner, faiss.IndexFlat) or inner.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+
+    def _query_vectors(self, queries, device: str, weights) -> np.ndarray:
+        if isinstance(queries, np.ndarray):
+            vectors = queries
+        elif len(queries) and isinstance(queries[0], (str, Path)):
+            embedded = self.embedder(device, weights).embed_paths(list(queries))
+            if embedded.failures:
+                path, reason = embedded.failures[0]
+                raise InputError(f"{path}: {reason}")
+            vectors = embedded.vectors
+        elif len(queries) and not np.isscalar(queries[0]) and not isinstance(queries[0], (list, tuple)):
+            vectors = self.embedder(device, weights)(list(queries))  # PIL images, arrays, bytes
+        else:
+            vectors = np.asarray(queries, dtype=np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise InputError(f"query vectors of shape {tuple(vectors.shape)}: this index holds "
+                             f"{self.dim}-dim vectors")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise InputError("query vectors hold NaN or infinite values")
+        return vectors
+
+
+def _drop_rows(scores: np.ndarray, rows: np.ndarray, exclude: np.ndarray, k: int):
+    """Remove each query's excluded row (or else its last candidate) and keep k."""
+    if len(exclude) != len(rows):
+        raise UsageError(f"exclude has {len(exclude)} rows for {len(rows)} queries")
+    hit = rows == exclude[:, None]
+    drop = np.where(hit.any(axis=1), hit.argmax(axis=1), rows.shape[1] - 1)
+    keep = np.ones(rows.shape, bool)
+    keep[np.arange(len(rows)), drop] = False
+    return scores[keep].reshape(len(rows), -1)[:, :k], rows[keep].reshape(len(rows), -1)[:, :k]
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise InputError(f"{path}: missing; is {folder} an index made by `unicom index`?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int):
+        raise InputError(f"{path}: not an index description (no 'dim'); rebuild the index")
+    if meta.get("format", FORMAT) > FORMAT:
+        raise InputError(f"{path}: index format {meta['format']} is newer than this unicom-cli "
+                         "understands; upgrade unicom-cli")
+    return meta
+
+
+def read_ids(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; rebuild the index with `unicom index`") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
+
+
+# --------------------------------------------------------------------------- writing a folder
+
+
+def temp_folder(out: Path) -> Path:
+    """A fresh build folder beside ``out`` (same file system, so the final rename is atomic);
+    leftovers of killed runs for the same output are removed first."""
+    out = Path(out)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process
+        return True
+    return True
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Before any work: the parent exists and is writable, and a finished index is not replaced
+    without ``overwrite``."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: the output folder does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise InputError(f"{out.parent}: cannot write there; pick another -o")
+    if out.exists() and not overwrite:
+        raise OutputExists(f"{out} already exists; add --overwrite to replace it, or "
+                           f"`unicom index --add FEATS {out}` to add to it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not an index folder; choose another -o")
+
+
+def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
+    """Write the three files into the build folder ``tmp``, each flushed to disk."""
+    faiss = _faiss()
+    faiss.write_index(index, str(tmp / INDEX_FILE))
+    with open(tmp / IDS_FILE, "w", encoding="utf-8", newline="\n") as handle:
+        for rel in ids:
+            handle.write(rel + "\n")
+    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
+                                 encoding="utf-8")
+    for name in (INDEX_FILE, IDS_FILE, META_FILE):
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished build folder to ``out`` atomically. An existing index (replaced with
+    --overwrite, or the one --add extended) is swapped with it in one step where the system
+    can (Linux renameat2), so ``out`` always holds a complete index; the old one is removed."""
+    out = Path(out)
+    if out.exists():
+        if not _exchange(tmp, out):
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            tmp = old
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return result == 0

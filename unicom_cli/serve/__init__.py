@@ -1,0 +1,1 @@
+"""`unicom serve`: an HTTP search service and a web page over an index (FastAPI + uvicorn)."""
