@@ -26,7 +26,7 @@ def test_classify_run_exports_backbone_and_head(tiny_spec_file, tiny_checkpoint,
                  "--workers", "0"])
     out = "".join(capsys.readouterr().out.split())  # the terminal width wraps long paths anywhere
     assert code == 0, out
-    assert f"wrote{run / 'head.safetensors'}" in out and "besttop1" in out
+    assert f"wrote{run / 'head.safetensors'}" in out and "besttop1" in out  # a wrote line per file
     model = ["-m", str(run / "arch.json"), "--weights", str(run / "model.pt"), "--workers", "0", "--device", "cpu"]
     assert main(["embed", str(tree.knn_val), "-o", str(tmp_path / "v.npy"), *model,
                  "--head", str(run / "head.safetensors")]) == 0

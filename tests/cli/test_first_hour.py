@@ -327,9 +327,9 @@ def test_vis_has_legend_labels_gaps_and_its_own_size(digits, tiny_spec_file, tin
 
 # ------------------------------------------------------------------ 17. help
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", ("", *COMMANDS))  # "": the top-level `unicom --help`
 def test_every_help_ends_with_examples_and_no_noise(command):
-    text = _help(command)
+    text = _help(*filter(None, [command]))
     tail = text.rstrip().splitlines()
     examples = [line.strip() for line in tail[-8:] if line.strip().startswith("unicom ")]
     assert 2 <= len(examples) <= 3 and tail[-1].strip().startswith("unicom "), text[-600:]

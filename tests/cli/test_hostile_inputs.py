@@ -293,6 +293,22 @@ CASES = {
         ["export", _json_model(t, {**TINY, "depth": 10**6})[1], "-o", str(t / "m.onnx")], [t / "m.onnx"]),
     "export: --precision fp8": lambda w, t: _export(w, t, "m.onnx", "--precision", "fp8"),
     "export: --num-feat beyond dims": lambda w, t: _export(w, t, "m.onnx", "--num-feat", "999"),
+    # ---- index, search, serve
+    "index: 0-byte features": lambda w, t: (["index", str(_npy(w, t, raw=b"")), "-o", str(t / "i")], [t / "i"]),
+    "index: NaN features": lambda w, t: (["index", str(_npy(w, t, feats=_nan(w))), "-o", str(t / "i")], [t / "i"]),
+    "index: string features": lambda w, t: (
+        ["index", str(_npy(w, t, feats=np.array([["a", "b"]] * len(w.ids)))), "-o", str(t / "i")], [t / "i"]),
+    "index: --max-memory words": lambda w, t: (
+        ["index", str(_npy(w, t)), "-o", str(t / "i"), "--max-memory", "lots"], [t / "i"]),
+    "index: unknown --index kind": lambda w, t: (
+        ["index", str(_npy(w, t)), "-o", str(t / "i"), "--index", "Nonsense42"], [t / "i"]),
+    "index: output is a file": lambda w, t: (["index", str(_npy(w, t)), "-o", str(w.a_file)], []),
+    "search: not an index": lambda w, t: (["search", str(w.empty), str(_npy(w, t)), "-o", str(t / "r.csv")],
+                                          [t / "r.csv"]),
+    "search: index is a file": lambda w, t: (["search", str(w.a_file), str(_npy(w, t)), "-o", str(t / "r.csv")],
+                                             [t / "r.csv"]),
+    "serve: not an index": lambda w, t: (["serve", str(w.empty), "--port", "0"], []),
+    "serve: --max-upload words": lambda w, t: (["serve", str(w.empty), "--max-upload", "huge"], []),
     # ---- demo, models
     "demo: --output names a file": lambda w, t: (["demo", "-o", str(w.a_file), "--epochs", "1"], []),
     "demo: --output read-only": lambda w, t: (["demo", "-o", "/proc/unicom-demo", "--epochs", "1"],
@@ -339,4 +355,4 @@ def test_hostile_input_is_one_message_and_no_output(name, world, busy_port, tmp_
 
 def test_the_suite_is_large():
     """The closing note quotes this count."""
-    assert len(CASES) >= 90
+    assert len(CASES) >= 100

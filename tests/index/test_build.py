@@ -169,3 +169,17 @@ def test_public_api_export():
     import unicom_cli
 
     assert unicom_cli.Index is Index
+
+
+def test_auto_falls_back_to_flat_without_cluster_structure(tmp_path):
+    """Isotropic vectors: IVF would have to scan most lists, so auto builds exact Flat instead."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((25_000, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    npy = write_features(tmp_path / "f", "iso", x)
+    summary = build_index(npy, tmp_path / "i", progress=False, held_out=300)
+    index = Index.load(tmp_path / "i")
+    assert index.meta["factory"] == "Flat" and "nprobe" in index.meta["reason"]
+    assert summary.tuning.recall == 1.0 and len(index) == 25_000
+    truth, _ = exact_topk(x[:20], x, 10)
+    assert np.array_equal(index.search(x[:20], 10)[1], truth)

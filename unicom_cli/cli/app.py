@@ -25,11 +25,12 @@ from unicom_cli.cli import (
     search,
     serve,
 )
-from unicom_cli.cli.help import command_settings
+from unicom_cli.cli.help import UnicomGroup, command_settings
 from unicom_cli.errors import InputError, UnicomError
 
 app = typer.Typer(
     name="unicom",
+    cls=UnicomGroup,
     help="Embed, evaluate and finetune UNICOM image-retrieval models, from a laptop to many GPUs.",
     no_args_is_help=True,
     add_completion=False,

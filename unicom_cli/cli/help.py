@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from typer.core import TyperArgument, TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+
+
+def _hide_flag_types(params: list[Any]) -> None:
+    """A flag takes no value: show no ``<bool>`` beside it."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
 
 
 class UnicomCommand(TyperCommand):
@@ -25,9 +32,15 @@ class UnicomCommand(TyperCommand):
         return pieces
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        for param in self.get_params(ctx):
-            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
-                param.metavar = ""  # a flag takes no value: show none
+        _hide_flag_types(self.get_params(ctx))
+        return super().format_help(ctx, formatter)
+
+
+class UnicomGroup(TyperGroup):
+    """The top-level ``unicom --help`` in the same style: no ``<bool>`` beside --version/--help."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _hide_flag_types(self.get_params(ctx))
         return super().format_help(ctx, formatter)
 
 

@@ -361,6 +361,18 @@ def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) 
         warn("the earlier collections' .npy files are gone: recall is measured among the "
              "added vectors only")
     tuning = tune(index, held, cfg.target_recall)
+    if _flat_is_as_fast(plan, cfg, index, tuning):
+        nprobe, nlist = tuning.params["nprobe"], faiss_nlist(index)
+        info(f"{plan.choice.factory} needs nprobe={nprobe} of {nlist} lists for recall@{RECALL_K} "
+             f"{cfg.target_recall}: the collection has little cluster structure, exact flat "
+             "search is as fast; building Flat instead")
+        plan.choice = Choice("Flat", "flat", plan.choice.memory_bytes,
+                             f"IVF needed nprobe={nprobe} of {nlist} lists for the target recall: "
+                             "exact search is as fast")
+        index = _new_index(plan.choice, plan.dim, plan.sources, cfg, plan.max_memory)
+        with _quiet_bar() as bar:
+            _add(index, plan.sources, 0, [range(s.count) for s in plan.sources], bar, cfg.chunk_rows)
+        tuning = tune(index, held, cfg.target_recall)
     if not tuning.reached:
         warn(f"{plan.choice.factory}: the best recall@{RECALL_K} reached is {tuning.recall:.3f}, "
              f"below --target-recall {cfg.target_recall}; raise --max-memory or pick "
@@ -373,6 +385,29 @@ def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) 
     size = (Path(cfg.output) / INDEX_FILE).stat().st_size
     return BuildSummary(Path(cfg.output), int(index.ntotal), plan.added, plan.dim, plan.choice,
                         tuning, time.perf_counter() - start_time, size, meta)
+
+
+FLAT_SCAN_SHARE = 1 / 8  # an IVF scanning more of its lists than this is no faster than flat sgemm
+
+
+def faiss_nlist(index) -> int:
+    ivf = _faiss().try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 0
+
+
+def _flat_is_as_fast(plan: _Plan, cfg: BuildConfig, index, tuning: Tuning) -> bool:
+    """An auto-chosen IVF over full vectors whose tuned nprobe scans over 1/8 of the lists:
+    its scan (no BLAS) is then slower than exact flat search, measured 0.5x on near-isotropic
+    vectors in benchmarks/index_search.py --spread 3."""
+    return (cfg.index == "auto" and plan.existing is None and plan.choice.kind == "ivf"
+            and "nprobe" in tuning.params
+            and tuning.params["nprobe"] > FLAT_SCAN_SHARE * faiss_nlist(index))
+
+
+def _quiet_bar():
+    from unicom_cli.utils.console import progress_bar
+
+    return progress_bar(None, "flat", enabled=False)
 
 
 class _Scaled:

@@ -171,7 +171,7 @@ class Index:
         scores = scores.astype(np.float32, copy=False)
         scores[rows < 0] = -np.inf
         if exclude is not None:
-            scores, rows = _drop_rows(scores, rows, np.asarray(exclude, dtype=np.int64), k)
+            scores, rows = drop_excluded(scores, rows, np.asarray(exclude, dtype=np.int64), k)
         return scores, rows
 
     def flat_vectors(self) -> np.ndarray | None:
@@ -207,8 +207,9 @@ class Index:
         return vectors
 
 
-def _drop_rows(scores: np.ndarray, rows: np.ndarray, exclude: np.ndarray, k: int):
-    """Remove each query's excluded row (or else its last candidate) and keep k."""
+def drop_excluded(scores: np.ndarray, rows: np.ndarray, exclude: np.ndarray, k: int):
+    """Remove each query's excluded row (or, when it is not among them, its last candidate) from
+    lists of k + 1 candidates and keep k."""
     if len(exclude) != len(rows):
         raise UsageError(f"exclude has {len(exclude)} rows for {len(rows)} queries")
     hit = rows == exclude[:, None]

@@ -71,11 +71,9 @@ def held_out_queries(sources: Sequence[FeatureSource], count: int = HELD_OUT, k:
 
 def _without(found: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Each row's list without its own row (or without its last entry), first k kept."""
-    hit = found == own[:, None]
-    drop = np.where(hit.any(axis=1), hit.argmax(axis=1), found.shape[1] - 1)
-    keep = np.ones(found.shape, bool)
-    keep[np.arange(len(found)), drop] = False
-    return found[keep].reshape(len(found), -1)[:, :k]
+    from unicom_cli.index.store import drop_excluded
+
+    return drop_excluded(np.zeros(found.shape, np.float32), found, own, k)[1]
 
 
 def recall_at(index, held: HeldOut, k: int = RECALL_K) -> float:

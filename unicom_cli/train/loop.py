@@ -251,8 +251,8 @@ def _validate(cfg: FinetuneConfig) -> None:
 
         check_classify(cfg)
     for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
-        if not math.isfinite(value) or value <= 0:
-            raise UsageError(f"{flag} {value}: must be a finite number above 0")
+        if not math.isfinite(value) or value < 0:  # 0 is allowed: a run that only measures
+            raise UsageError(f"{flag} {value}: must be a finite number, 0 or more")
     if not (math.isfinite(cfg.sample_rate) and 0 < cfg.sample_rate <= 1):
         raise UsageError(f"--sample-rate {cfg.sample_rate}: must be in (0, 1] (the share of "
                          "negative class centres used per step)")
