@@ -17,7 +17,7 @@ from unicom_cli.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "eval-linear",
-            "prepare-gldv2", "finetune", "demo", "export")
+            "prepare-gldv2", "finetune", "demo", "export", "index", "search", "serve")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -330,9 +330,11 @@ def test_vis_has_legend_labels_gaps_and_its_own_size(digits, tiny_spec_file, tin
 @pytest.mark.parametrize("command", ("", *COMMANDS))  # "": the top-level `unicom --help`
 def test_every_help_ends_with_examples_and_no_noise(command):
     text = _help(*filter(None, [command]))
-    tail = text.rstrip().splitlines()
-    examples = [line.strip() for line in tail[-8:] if line.strip().startswith("unicom ")]
-    assert 2 <= len(examples) <= 3 and tail[-1].strip().startswith("unicom "), text[-600:]
+    lines = text.rstrip().splitlines()
+    heading = max(n for n, line in enumerate(lines) if line.strip() == "Examples")
+    examples = [line.strip() for line in lines[heading + 1:] if line.strip()]
+    assert 2 <= len(examples) <= 3, text[-600:]  # the examples close the help
+    assert sum(f"unicom {command}" in line for line in examples) >= 2, examples
     for noise in ("SPEC", "<bool>", "{input}", "{csv}", "{names}"):
         assert noise not in text
 
