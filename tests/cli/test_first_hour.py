@@ -17,7 +17,7 @@ from unicom_cli.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "eval-linear",
-            "prepare-gldv2", "finetune", "demo", "export")
+            "prepare-gldv2", "finetune", "demo", "export", "index", "search", "serve")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
