@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "prepare-gldv2",
-            "finetune", "demo", "serve")
+COMMANDS = ("models", "download", "embed", "eval-retrieval", "eval-knn", "eval-linear", "prepare-gldv2",
+            "finetune", "demo", "export", "index", "search", "serve")
 
 
 def _unicom(*args: str, env: dict | None = None, importtime: bool = False):

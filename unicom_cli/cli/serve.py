@@ -11,9 +11,8 @@ import typer
 from unicom_cli.cli.options import DeviceOpt, PrecisionOpt, WeightsOpt
 
 EXAMPLES = [
-    "unicom serve photos.index                 # then open http://127.0.0.1:8000/",
-    "UNICOM_TOKEN=s3cret unicom serve photos.index --host 0.0.0.0 --port 8080",
-    "curl -F image=@cat.jpg 'http://127.0.0.1:8000/search?k=5'",
+    "unicom serve photos.index     # open http://127.0.0.1:8000/ or: curl -F image=@cat.jpg '…/search?k=5'",
+    "unicom serve photos.index --host 0.0.0.0 --port 8080   # reachable: set UNICOM_TOKEN first",
 ]
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
