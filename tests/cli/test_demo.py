@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -57,7 +58,8 @@ def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # Each step is shown as the exact command it runs.
-    for command in ("$ unicom eval-retrieval", "$ unicom eval-knn", "$ unicom finetune", "$ unicom embed"):
+    for command in ("$ unicom eval-retrieval", "$ unicom eval-knn", "$ unicom finetune", "$ unicom embed",
+                    "$ unicom index", "$ unicom search"):
         assert command in proc.stdout
     for tag, weights in (("before", None), ("after", out / "finetune" / "model.pt")):
         retrieval = json.loads((out / f"retrieval-{tag}.json").read_text())
@@ -71,3 +73,36 @@ def test_demo_runs_every_step_and_reports_before_and_after(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
     assert Image.open(out / "retrieval.jpg").size[0] > 0
     assert "Recall@1" in proc.stdout and "gain" in proc.stdout
+    _check_index_and_search(out, features, proc.stdout)
+
+
+def _check_index_and_search(out: Path, features: np.ndarray, stdout: str) -> None:
+    """The index holds every embedded digit; each query (a test digit, so itself in the index)
+    finds itself first, and every score is the float64 cosine of the embed rows."""
+    meta = json.loads((out / "digits.index" / "index.json").read_text())
+    assert meta["count"] == features.shape[0]
+    ids = (out / "features" / "test.ids.txt").read_text().splitlines()
+    row_of = {name: row for row, name in enumerate(ids)}
+    x = features.astype(np.float64)
+    with open(out / "search.csv", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    queries = sorted({r["query"] for r in records})
+    # One query per unseen class, the first image of its folder.
+    assert [Path(q).parent.name for q in queries] == ["5", "6", "7", "8", "9"]
+    for query in queries:
+        mine = sorted((r for r in records if r["query"] == query), key=lambda r: int(r["rank"]))
+        assert [int(r["rank"]) for r in mine] == [1, 2, 3, 4, 5]
+        own = Path(query).relative_to(out / "digits" / "test").as_posix()
+        assert mine[0]["id"] == own
+        assert float(mine[0]["score"]) == pytest.approx(1.0, abs=1e-4)
+        sims = x @ x[row_of[own]]
+        expected = np.sort(sims)[::-1][:5]
+        got = [float(r["score"]) for r in mine]
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        for r in mine:
+            assert float(r["score"]) == pytest.approx(sims[row_of[r["id"]]], abs=1e-4)
+    page = (out / "search.html").read_text()
+    assert page.count("data:image") >= len(queries) * 6  # each query and its 5 neighbours
+    summary = stdout[stdout.rindex("Recall@1"):]  # the final summary, after the before/after table
+    for name in ("retrieval.jpg", "digits.index", "search.csv", "search.html"):
+        assert f"wrote {out / name}" in summary

@@ -24,7 +24,8 @@ def demo(
     batch_size: BatchSizeOpt = 64,
     limit_per_class: Annotated[Optional[int], typer.Option("--limit-per-class", min=2, help="Use fewer digits (quick trial).")] = None,
 ) -> None:
-    """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise.
+    """Evaluate a fresh tiny UNICOM ViT on real digits, finetune it, evaluate again, embed, visualise,
+    then index the embedded digits and search them.
 
     Writes everything under --output; --batch-size is the finetuning batch per process.
     """
@@ -51,5 +52,8 @@ def demo(
     console.rule("[bold]result")
     console.print(table)
     total = sum(step.seconds for step in result.steps)
+    for path in result.written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
     console.print(f"{len(result.steps)} commands in {total:.0f} s. Everything is in "
-                  f"[bold]{result.output}[/]; the retrieval picture is {result.visualisation}.")
+                  f"[bold]{result.output}[/]; the retrieval picture is {result.visualisation}; "
+                  f"open {result.output / 'search.html'} for the search results.")

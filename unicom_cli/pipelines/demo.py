@@ -1,4 +1,5 @@
-"""The offline demo: real digits → zero-shot eval → finetune → eval again → embed → visualise.
+"""The offline demo: real digits → zero-shot eval → finetune → eval again → embed → visualise
+→ index the embedded digits → search them.
 
 Every step runs as the exact `unicom …` command a user would type (a subprocess of this
 Python), so the demo doubles as a tour of the CLI and exercises the multi-process path too.
@@ -49,6 +50,7 @@ class DemoResult:
     after: dict = field(default_factory=dict)  # same metrics after finetuning
     steps: list[DemoStep] = field(default_factory=list)
     visualisation: Path | None = None
+    written: list[Path] = field(default_factory=list)  # the demo's main outputs, for `wrote` lines
 
 
 def _launch(cfg: DemoConfig) -> list[str]:
@@ -66,10 +68,17 @@ def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
     return tree.root, arch
 
 
+def search_queries(digits: Path) -> list[Path]:
+    """The first test image of each unseen class: queries that are themselves in the index."""
+    return [min(folder.glob("*.png")) for folder in sorted((digits / "test").iterdir())
+            if folder.is_dir() and any(folder.glob("*.png"))]
+
+
 def plan(cfg: DemoConfig, digits: Path, arch: Path) -> list[DemoStep]:
     """The commands, in order; the paths are relative to the demo folder's parent when possible."""
     out, launch = cfg.output, _launch(cfg)
     run, model = out / "finetune", out / "finetune" / "model.pt"
+    features, index = out / "features" / "test.npy", out / "digits.index"
 
     # Before finetuning: the network finetune starts from, a random init asked for explicitly.
     fresh = ["--random-init", "--seed", str(cfg.seed)]
@@ -97,12 +106,17 @@ def plan(cfg: DemoConfig, digits: Path, arch: Path) -> list[DemoStep]:
                   "--device", "cpu", "--output", str(run), *launch]),
         *evaluate("after", ["--weights", str(model)]),
         DemoStep("embed the test digits with the finetuned model",
-                 ["embed", str(digits / "test"), "-o", str(out / "features" / "test.npy"),
+                 ["embed", str(digits / "test"), "-o", str(features),
                   "--model", str(arch), "--weights", str(model), "--normalize", "--overwrite",
                   *launch]),
         DemoStep("retrieval from the saved features, with a picture of the results",
-                 ["eval-retrieval", "--embeddings", str(out / "features" / "test.npy"),
+                 ["eval-retrieval", "--embeddings", str(features),
                   "--dataset", f"folder:{digits / 'test'}", "--vis", str(out / "retrieval.jpg")]),
+        DemoStep("index the embedded test digits for search",
+                 ["index", str(features), "-o", str(index), "--overwrite"]),
+        DemoStep("search the index with one digit of each class",
+                 ["search", str(index), *map(str, search_queries(digits)), "-k", "5",
+                  "-o", str(out / "search.csv"), "--vis", str(out / "search.html")]),
     ]
 
 
@@ -140,4 +154,6 @@ def run_demo(cfg: DemoConfig, announce: Callable[[DemoStep, int, int], None]) ->
     result.before = _metrics(cfg.output, "before")
     result.after = _metrics(cfg.output, "after")
     result.visualisation = cfg.output / "retrieval.jpg"
+    result.written = [result.visualisation, cfg.output / "digits.index",
+                      cfg.output / "search.csv", cfg.output / "search.html"]
     return result
