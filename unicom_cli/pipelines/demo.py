@@ -69,8 +69,12 @@ def _write_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
 
 
 def search_queries(digits: Path) -> list[Path]:
-    """The first test image of each unseen class: queries that are themselves in the index."""
-    return [min(folder.glob("*.png")) for folder in sorted((digits / "test").iterdir())
+    """The first test image of each unseen class: queries that are themselves in the index
+    (none before the digits are written, so that a plan can be made and read on its own)."""
+    test = digits / "test"
+    if not test.is_dir():
+        return []
+    return [min(folder.glob("*.png")) for folder in sorted(test.iterdir())
             if folder.is_dir() and any(folder.glob("*.png"))]
 
 
