@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, MirrorOpt,
-    ModelOpt, NumFeatOpt, RandomInitOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list, launch_options,
+    BackendOpt, JsonOutOpt, NumFeatOpt, int_list, launch_options, model_options,
 )
 
 if TYPE_CHECKING:
     from unicom_cli.distributed.launch import LaunchConfig
+    from unicom_cli.pipelines.features import ModelOptions
 
 EXAMPLES = [
     "unicom eval-knn --train-dataset data/train --val-dataset data/val --json results/knn.json",
@@ -23,6 +23,7 @@ EXAMPLES = [
 
 
 @launch_options
+@model_options
 def eval_knn(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the train (memory) images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -31,23 +32,14 @@ def eval_knn(
     per_class: Annotated[bool, typer.Option("--per-class", help="Also report mean per-class accuracy.")] = False,
     n_per_class: Annotated[Optional[int], typer.Option("--n-per-class", min=1, help="Few-shot: keep N random train images per class.")] = None,
     n_tries: Annotated[int, typer.Option("--n-tries", min=1, help="Few-shot: repeat with this many random draws (mean ± std).")] = 1,
-    model: ModelOpt = "ViT-B/32",
-    weights: WeightsOpt = None,
-    random_init: RandomInitOpt = False,
-    seed: SeedOpt = 0,
-    mirror: MirrorOpt = None,
     train_embeddings: Annotated[Optional[Path], typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
     val_embeddings: Annotated[Optional[Path], typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     num_feat: NumFeatOpt = None,
     gather_on_cpu: Annotated[bool, typer.Option("--gather-on-cpu", help="Keep train features in host memory and stream them to the GPU (huge train sets).")] = False,
     backend: BackendOpt = "auto",
     json_out: JsonOutOpt = None,
-    device: DeviceOpt = "auto",
-    precision: InferencePrecisionOpt = "auto",
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = None,
-    cache_dir: CacheDirOpt = None,
     *,
+    model_opts: ModelOptions,
     launch: LaunchConfig,
 ) -> None:
     """Classify val images by a T-softmax vote of their nearest train images; top-1/top-5 per k.
@@ -56,16 +48,14 @@ def eval_knn(
     """
     from unicom_cli.utils.console import status
 
-    status(f"loading {'features' if train_embeddings else model} …")
+    status(f"loading {'features' if train_embeddings else model_opts.model} …")
     from unicom_cli.distributed.launch import run_command
-    from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.knn import KnnConfig, run_knn
 
     cfg = KnnConfig(
         train_dataset=train_dataset, val_dataset=val_dataset, nb_knn=int_list(nb_knn, "--nb-knn"),
         temperature=temperature, per_class=per_class, n_per_class=n_per_class, n_tries=n_tries,
-        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir,
-                           random_init=random_init, seed=seed, mirror=mirror),
+        model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
         backend=backend, num_feat=num_feat, json_out=json_out)
     results = run_command(launch, run_knn, cfg)

@@ -8,22 +8,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt,
-    CacheDirOpt,
-    DeviceOpt,
-    InferencePrecisionOpt,
     JsonOutOpt,
-    MirrorOpt,
-    ModelOpt,
-    RandomInitOpt,
-    SeedOpt,
-    WeightsOpt,
-    WorkersOpt,
     launch_options,
+    model_options,
 )
 
 if TYPE_CHECKING:
     from unicom_cli.distributed.launch import LaunchConfig
+    from unicom_cli.pipelines.features import ModelOptions
 
 EXAMPLES = [
     "unicom eval-linear --train-dataset imagenet/train --val-dataset imagenet/val -m ViT-B/32 --gpus 8",
@@ -34,6 +26,7 @@ EXAMPLES = [
 
 
 @launch_options
+@model_options
 def eval_linear(
     train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the training images.")],
     val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
@@ -42,20 +35,11 @@ def eval_linear(
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the train images held out to choose C.")] = 0.1,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit (scikit-learn's max_iter).")] = 1000,
     save_classifier: Annotated[Path | None, typer.Option("--save-classifier", help="Write the fitted head (.safetensors) for `unicom embed --head`.")] = None,
-    model: ModelOpt = "ViT-B/32",
-    weights: WeightsOpt = None,
-    random_init: RandomInitOpt = False,
-    seed: SeedOpt = 0,
-    mirror: MirrorOpt = None,
     train_embeddings: Annotated[Path | None, typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
     val_embeddings: Annotated[Path | None, typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     json_out: JsonOutOpt = None,
-    device: DeviceOpt = "auto",
-    precision: InferencePrecisionOpt = "auto",
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = None,
-    cache_dir: CacheDirOpt = None,
     *,
+    model_opts: ModelOptions,
     launch: LaunchConfig,
 ) -> None:
     """Fit a multinomial logistic regression (L-BFGS) on frozen features; top-1/top-5 on the val set.
@@ -66,15 +50,13 @@ def eval_linear(
     """
     from unicom_cli.utils.console import status
 
-    status(f"loading {'features' if train_embeddings else model} …")
+    status(f"loading {'features' if train_embeddings else model_opts.model} …")
     from unicom_cli.distributed.launch import run_command
-    from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.linear import LinearConfig, run_linear
 
     cfg = LinearConfig(
         train_dataset=train_dataset, val_dataset=val_dataset, C=C, normalize=normalize, holdout=holdout,
-        max_iter=max_iter, model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir,
-                                              random_init=random_init, seed=seed, mirror=mirror),
+        max_iter=max_iter, model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
         json_out=json_out)
     results = run_command(launch, run_linear, cfg)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Annotated, List, Literal, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, BatchSizeOpt, CacheDirOpt, DeviceOpt, InferencePrecisionOpt, JsonOutOpt, MirrorOpt,
-    ModelOpt, NumFeatOpt, RandomInitOpt, SeedOpt, WeightsOpt, WorkersOpt, int_list, launch_options,
+    BackendOpt, JsonOutOpt, NumFeatOpt, int_list, launch_options, model_options,
 )
 
 if TYPE_CHECKING:
     from unicom_cli.distributed.launch import LaunchConfig
+    from unicom_cli.pipelines.features import ModelOptions
 
 EXAMPLES = [
     "unicom eval-retrieval --dataset sop --data-root data --json results/sop.json",
@@ -23,17 +23,13 @@ EXAMPLES = [
 
 
 @launch_options
+@model_options
 def eval_retrieval(
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="cub, cars, sop, inshop, inat, gldv2 or folder:PATH (ImageFolder, all-vs-all; a PATH holding train/ and test/ is read from test/).")] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding the data sets in their usual layouts.")] = Path("data"),
     split: Annotated[Optional[Literal["public", "private"]], typer.Option("--split", help="GLDv2 queries (default both).", show_default=False)] = None,
     query: Annotated[Optional[Path], typer.Option("--query", help="ImageFolder of queries (label = class folder).")] = None,
     gallery: Annotated[Optional[Path], typer.Option("--gallery", help="ImageFolder of the gallery searched by --query.")] = None,
-    model: ModelOpt = "ViT-B/32",
-    weights: WeightsOpt = None,
-    random_init: RandomInitOpt = False,
-    seed: SeedOpt = 0,
-    mirror: MirrorOpt = None,
     recall_at: Annotated[Optional[List[str]], typer.Option("--recall-at", help="K for Recall@K (comma-separated or repeated; default: the data set's usual list).")] = None,
     num_feat: NumFeatOpt = None,
     embeddings: Annotated[Optional[Path], typer.Option("--embeddings", help="Precomputed features (feats.npy + feats.ids.txt from `unicom embed`): no model.")] = None,
@@ -43,12 +39,8 @@ def eval_retrieval(
     vis_queries: Annotated[int, typer.Option("--vis-queries", min=1, help="Queries (rows) in the --vis picture.")] = 6,
     vis_k: Annotated[int, typer.Option("--vis-k", min=1, help="Results per query in the --vis picture.")] = 5,
     backend: BackendOpt = "auto",
-    device: DeviceOpt = "auto",
-    precision: InferencePrecisionOpt = "auto",
-    batch_size: BatchSizeOpt = 64,
-    workers: WorkersOpt = None,
-    cache_dir: CacheDirOpt = None,
     *,
+    model_opts: ModelOptions,
     launch: LaunchConfig,
 ) -> None:
     """Evaluate retrieval exactly as the papers do, on CPU or GPUs, 1 process or many.
@@ -57,16 +49,14 @@ def eval_retrieval(
     """
     from unicom_cli.utils.console import status
 
-    status(f"loading {'features' if embeddings else model} …")
+    status(f"loading {'features' if embeddings else model_opts.model} …")
     from unicom_cli.distributed.launch import run_command
-    from unicom_cli.pipelines.features import ModelOptions
     from unicom_cli.pipelines.retrieval import RetrievalConfig, run_retrieval
 
     cfg = RetrievalConfig(
         dataset=dataset, data_root=data_root, query=query, gallery=gallery,
         gldv2_splits=(split,) if split else ("public", "private"),
-        model=ModelOptions(model, weights, device, precision, batch_size, workers, cache_dir,
-                           random_init=random_init, seed=seed, mirror=mirror),
+        model=model_opts,
         recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
         save_features=save_features, backend=backend, json_out=json_out, vis=vis,
         vis_queries=vis_queries, vis_k=vis_k)

@@ -85,28 +85,63 @@ def int_list(values: Optional[list[str]], option: str) -> Optional[list[int]]:
 LAUNCH_OPTIONS = {"gpus": GpusOpt, "procs": ProcsOpt, "nnodes": NnodesOpt, "node_rank": NodeRankOpt,
                   "master_addr": MasterAddrOpt, "master_port": MasterPortOpt, "rdzv_endpoint": RdzvOpt}
 
+# The feature extractor's options, with pipelines.features.ModelOptions' field names and defaults.
+MODEL_OPTIONS = {"model": ModelOpt, "weights": WeightsOpt, "random_init": RandomInitOpt, "seed": SeedOpt,
+                 "mirror": MirrorOpt, "device": DeviceOpt, "precision": InferencePrecisionOpt,
+                 "batch_size": BatchSizeOpt, "workers": WorkersOpt, "cache_dir": CacheDirOpt}
+MODEL_DEFAULTS = {"model": "ViT-B/32", "weights": None, "random_init": False, "seed": 0, "mirror": None,
+                  "device": "auto", "precision": "auto", "batch_size": 64, "workers": None, "cache_dir": None}
+
+
+def _resolved(parameter: inspect.Parameter, names: dict[str, Any]) -> inspect.Parameter:
+    """The parameter with its annotation evaluated (our modules use postponed annotations), so that
+    Typer sees the option; a name imported only for type checking (another decorator's folded
+    object) stays a string until that decorator removes the parameter."""
+    if not isinstance(parameter.annotation, str):
+        return parameter
+    try:
+        return parameter.replace(annotation=eval(parameter.annotation, names))
+    except NameError:
+        return parameter
+
+
+def _fold_options(command: Callable[..., Any], param: str, options: dict[str, Any], defaults: dict[str, Any],
+                  make: Callable[..., Any]) -> Callable[..., Any]:
+    """Declare ``options`` once for many commands: Typer reads the signature made here (the
+    command's own parameters, then ``options``), and the wrapper folds their values into the one
+    object (``make(**values)``) that the command takes as ``param``."""
+    own = [_resolved(p, command.__globals__) for p in inspect.signature(command).parameters.values()
+           if p.name != param]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=defaults[name])
+             for name, option in options.items()]
+
+    @functools.wraps(command)
+    def folded(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in options}
+        return command(*args, **{param: make(**values)}, **kwargs)
+
+    folded.__signature__ = inspect.Signature(own + added, return_annotation=None)  # type: ignore[attr-defined]
+    folded.__annotations__ = {p.name: p.annotation for p in own + added}
+    return folded
+
 
 def launch_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command the multi-process options, declared once here instead of in every signature.
-
-    The command takes ``launch`` (a ``distributed.launch.LaunchConfig``) in their place; Typer reads
-    the signature made here, so ``--help`` shows the options (panel "Distributed") with
-    LaunchConfig's defaults, and the wrapper folds them into the one object the command gets.
-    """
+    """Give a command the multi-process options (panel "Distributed"), declared once here instead of
+    in every signature; the command takes ``launch`` (a ``distributed.launch.LaunchConfig``)."""
     from unicom_cli.distributed.launch import LaunchConfig
 
     defaults = LaunchConfig()
-    own = [p for p in inspect.signature(command).parameters.values() if p.name != "launch"]
-    own = [p.replace(annotation=eval(p.annotation, command.__globals__))  # our own modules' annotations
-           if isinstance(p.annotation, str) else p for p in own]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option,
-                               default=getattr(defaults, name)) for name, option in LAUNCH_OPTIONS.items()]
+    return _fold_options(command, "launch", LAUNCH_OPTIONS, {n: getattr(defaults, n) for n in LAUNCH_OPTIONS},
+                         LaunchConfig)
 
-    @functools.wraps(command)
-    def with_launch(*args: Any, **kwargs: Any) -> Any:
-        launch = LaunchConfig(**{name: kwargs.pop(name) for name in LAUNCH_OPTIONS})
-        return command(*args, launch=launch, **kwargs)
 
-    with_launch.__signature__ = inspect.Signature(own + added, return_annotation=None)  # type: ignore[attr-defined]
-    with_launch.__annotations__ = {p.name: p.annotation for p in own + added}
-    return with_launch
+def model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the feature extractor's options (model, weights, device, precision, …),
+    declared once here; the command takes ``model_opts`` (a ``pipelines.features.ModelOptions``)."""
+
+    def make(**values: Any) -> Any:
+        from unicom_cli.pipelines.features import ModelOptions  # numpy: only when the command runs
+
+        return ModelOptions(**values)
+
+    return _fold_options(command, "model_opts", MODEL_OPTIONS, MODEL_DEFAULTS, make)
