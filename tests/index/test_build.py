@@ -57,6 +57,28 @@ def test_flat_equals_numpy_exactly(tmp_path):
     assert index.root == (tmp_path / "f").resolve()
 
 
+def test_non_utf8_and_control_character_names_keep_their_rows(tmp_path):
+    """Ids are written as embed writes them (a Latin-1 name as its own bytes): the index reads and
+    writes them the same way, so the name still opens its file and no row shifts."""
+    import os
+
+    x = clustered(60, 16, seed=5)
+    npy = write_features(tmp_path / "f", "feats", x)
+    names = [f"img_{i:05d}.jpg" for i in range(len(x))]
+    names[7] = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8: a surrogate escape, as embed reads it
+    names[8] = "form\x0cfeed\u2028.jpg"  # characters str.splitlines() would split on
+    with open(tmp_path / "f" / "feats.ids.txt", "w", encoding="utf-8", errors="surrogateescape") as fh:
+        fh.write("".join(n + "\n" for n in names))
+    for name in names[7:9]:
+        (tmp_path / "f" / name).write_bytes(b"x")
+    build_index(npy, tmp_path / "i", index="flat", progress=False)
+    index = Index.load(tmp_path / "i")
+    assert index.ids == names
+    scores, rows = index.search(x[7:9], 1)
+    assert [index.ids[int(r)] for r in rows[:, 0]] == names[7:9]
+    assert all((index.root / index.ids[int(r)]).is_file() for r in rows[:, 0])
+
+
 def test_unnormalized_features_are_normalized(tmp_path):
     x = clustered(300, 16) * np.random.default_rng(0).uniform(0.5, 3, size=(300, 1)).astype(np.float32)
     npy = write_features(tmp_path / "f", "feats", x, normalized=False)

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
+from unicom_cli.data.ids import embed_siblings, read_ids
 from unicom_cli.errors import InputError
 
 CHUNK_ROWS = 65536  # rows read, normalised and added per step: bounded memory for any N
@@ -129,8 +130,7 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
         raise InputError(f"{npy}: shape {matrix.shape}; expected a non-empty 2-D matrix (rows × dims)")
     if matrix.dtype not in (np.float32, np.float16, np.float64):
         raise InputError(f"{npy}: dtype {matrix.dtype}; expected float32 or float16 vectors")
-    stem = npy.with_suffix("")
-    ids_path, meta_path = Path(f"{stem}.ids.txt"), Path(f"{stem}.json")
+    ids_path, meta_path = embed_siblings(npy)
     meta: dict = {}
     if meta_path.is_file():
         try:
@@ -141,8 +141,8 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
             raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
     if ids_path.is_file():
         try:
-            ids = ids_path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
+            ids = read_ids(ids_path)
+        except OSError as exc:
             raise InputError(f"{ids_path}: unreadable ({exc})") from exc
         if len(ids) != matrix.shape[0]:
             raise InputError(f"{ids_path}: {len(ids):,} ids for {matrix.shape[0]:,} rows in "

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from unicom_cli.data.ids import IDS_TEXT, read_ids, write_ids
 from unicom_cli.errors import InputError, OutputExists, UsageError
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class Index:
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{index_path}: not a readable faiss index ({detail}); "
                              "rebuild it with `unicom index`") from exc
-        ids = read_ids(folder / IDS_FILE)
+        ids = _read_ids(folder / IDS_FILE)
         if len(ids) != index.ntotal:
             raise InputError(f"{folder / IDS_FILE}: {len(ids):,} ids for {index.ntotal:,} vectors "
                              f"in {INDEX_FILE}; the folder was changed by hand, rebuild it")
@@ -235,9 +236,9 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
-def read_ids(path: Path) -> list[str]:
+def _read_ids(path: Path) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return read_ids(path)
     except FileNotFoundError:
         raise InputError(f"{path}: missing; rebuild the index with `unicom index`") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -290,9 +291,8 @@ def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
     """Write the three files into the build folder ``tmp``, each flushed to disk."""
     faiss = _faiss()
     faiss.write_index(index, str(tmp / INDEX_FILE))
-    with open(tmp / IDS_FILE, "w", encoding="utf-8", newline="\n") as handle:
-        for rel in ids:
-            handle.write(rel + "\n")
+    with open(tmp / IDS_FILE, "w", **IDS_TEXT) as handle:
+        write_ids(handle, ids)
     (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
                                  encoding="utf-8")
     for name in (INDEX_FILE, IDS_FILE, META_FILE):

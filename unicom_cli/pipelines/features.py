@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from unicom_cli.data.ids import IDS_TEXT, embed_siblings, read_ids, write_ids
 from unicom_cli.errors import InputError, NonFiniteFeatures
 from unicom_cli.utils.files import atomic_open, disk_errors, write_json_atomic
 
@@ -59,7 +60,7 @@ class Features:
 
 def ids_file(npy: Path) -> Path:
     """``feats.npy`` → ``feats.ids.txt`` (the embed command's naming)."""
-    return Path(npy).with_suffix(".ids.txt")
+    return embed_siblings(npy)[0]
 
 
 def load_embeddings(npy: Path, root: Path, paths: list[str],
@@ -91,10 +92,9 @@ def load_embeddings(npy: Path, root: Path, paths: list[str],
         raise InputError(f"{npy}: holds {matrix.dtype} values, not numbers; give a float32/float16 "
                          "matrix written by `unicom embed`")
     try:  # ids of non-UTF-8 file names are the name's own bytes (see README)
-        text = ids_path.read_text(encoding="utf-8", errors="surrogateescape")
+        ids = read_ids(ids_path)
     except OSError as exc:
         raise InputError(f"{ids_path}: cannot read ({exc.strerror})") from exc
-    ids = [line for line in text.splitlines() if line.strip()]
     if matrix.ndim != 2 or len(ids) != matrix.shape[0]:
         raise InputError(f"{npy}: {matrix.shape[0] if matrix.ndim else 0} rows but {ids_path.name} lists "
                          f"{len(ids)} ids; expected a 2-D matrix with one row per id")
@@ -163,8 +163,8 @@ def save_features(directory: Path, name: str, paths: list[str], feats: np.ndarra
     npy = directory / f"{name}.npy"
     with atomic_open(npy, "wb") as fh:
         np.save(fh, np.ascontiguousarray(feats, dtype=np.float32))
-    with atomic_open(ids_file(npy), "w", errors="surrogateescape") as fh:
-        fh.write("".join(f"{p}\n" for p in paths))
+    with atomic_open(ids_file(npy), "w", errors=IDS_TEXT["errors"]) as fh:
+        write_ids(fh, map(str, paths))
     return npy
 
 

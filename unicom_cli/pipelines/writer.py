@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from unicom_cli.data.ids import IDS_TEXT, embed_siblings, write_ids
 from unicom_cli.errors import InputError, OutputExists, UsageError
 from unicom_cli.utils.files import (
     check_writable_folder,
@@ -56,9 +57,8 @@ class OutputFiles:
             output = output / "feats.npy"
         if output.suffix != ".npy":
             output = output.with_name(output.name + ".npy")
-        stem = output.with_suffix("")
-        return cls(output, Path(f"{stem}.ids.txt"), Path(f"{stem}.json"),
-                   Path(f"{stem}.failures.txt"), Path(f"{output}.partial"))
+        ids, meta = embed_siblings(output)
+        return cls(output, ids, meta, Path(f"{output.with_suffix('')}.failures.txt"), Path(f"{output}.partial"))
 
     def finals(self) -> tuple[Path, ...]:
         return (self.feats, self.ids, self.meta, self.failures)
@@ -274,14 +274,10 @@ def _assemble(files: OutputFiles, ids: Sequence[str], world: int, dim: int, dtyp
                          "add --overwrite to start over")
     array.flush()
     del array
-    # Ids are file names: one that is not UTF-8 is written as its own bytes (surrogateescape),
-    # so that reading it back the same way gives a path that opens the file (README).
-    text = {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"}
-    with open(tmp[files.ids], "w", **text) as handle:
-        for pos in range(len(ids)):
-            if pos not in failed:
-                handle.write(ids[pos] + "\n")
-    with open(tmp[files.failures], "w", **text) as handle:
+    # Ids are file names, written as data.ids does (a name that is not UTF-8 as its own bytes).
+    with open(tmp[files.ids], "w", **IDS_TEXT) as handle:
+        write_ids(handle, (ids[pos] for pos in range(len(ids)) if pos not in failed))
+    with open(tmp[files.failures], "w", **IDS_TEXT) as handle:
         for pos in sorted(failed):
             handle.write(f"{ids[pos]}\t{failed[pos]}\n")
         for name, reason in unlisted:
