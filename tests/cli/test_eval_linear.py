@@ -81,6 +81,37 @@ def test_model_route_equals_embeddings_route_and_embed_head(digits_knn, tmp_path
     assert hits == pytest.approx(a["metrics"]["top1"], abs=0.51)
 
 
+def test_cub_by_its_classification_split_matches_sklearn(digits_knn, tmp_path, capsys):  # noqa: F811
+    """``--dataset cub``: images.txt + train_test_split.txt pick the rows; sklearn on the same rows agrees."""
+    from sklearn.linear_model import LogisticRegression
+
+    (tf, tn, tx, tl), (vf, vn, vx, vl) = digits_knn["train"], digits_knn["val"]
+    cub = tmp_path / "data" / "CUB_200_2011"
+    lines, split, ids, feats = [], [], [], []
+    for is_train, (folder, x) in ((1, (tf, tx)), (0, (vf, vx))):
+        rel = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+        for r, row in zip(rel, x):
+            digit, name = r.split("/")
+            path = f"{int(digit) + 1:03d}.Digit_{digit}/{'t' if is_train else 'v'}{name}"
+            (cub / "images" / path).parent.mkdir(parents=True, exist_ok=True)
+            (cub / "images" / path).symlink_to(folder / r)
+            lines.append(path)
+            split.append(is_train)
+            ids.append(path)
+            feats.append(row)
+    order = np.random.default_rng(0).permutation(len(lines))  # train and test rows interleaved
+    (cub / "images.txt").write_text("".join(f"{n + 1} {lines[i]}\n" for n, i in enumerate(order)))
+    (cub / "train_test_split.txt").write_text("".join(f"{n + 1} {split[i]}\n" for n, i in enumerate(order)))
+    np.save(tmp_path / "all.npy", np.stack(feats))
+    (tmp_path / "all.ids.txt").write_text("\n".join(ids) + "\n")  # as `unicom embed CUB_200_2011/images` writes
+    r, _ = _run(["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--train-embeddings",
+                 str(tmp_path / "all.npy"), "--val-embeddings", str(tmp_path / "all.npy"), "--C", "0.601",
+                 "--no-normalize"], tmp_path, capsys)
+    sk = LogisticRegression(C=0.601, max_iter=1000).fit(tx, tl)
+    assert r["sizes"] == {"train": len(tx), "val": len(vx), "classes": 5} and r["dataset"] == "cub"
+    assert abs(r["metrics"]["top1"] - 100 * (sk.predict(vx) == vl).mean()) <= 0.2
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     """Sharded rows, all-reduced loss and gradient: the same C search path and the same accuracy."""
@@ -104,7 +135,8 @@ def test_two_gloo_processes_equal_one(digits_knn, tmp_path):  # noqa: F811
     assert double["metrics"]["top1"] == pytest.approx(single["metrics"]["top1"], abs=0.51)
 
 
-@pytest.mark.parametrize("case", ["negative_C", "benchmark_name", "one_embeddings", "nan_features", "head_is_folder",
+@pytest.mark.parametrize("case", ["negative_C", "benchmark_name", "benchmark_missing",
+                                  "benchmark_and_trees", "one_embeddings", "nan_features", "head_is_folder",
                                   "corrupt_head", "head_wrong_dim"])
 def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # noqa: F811
                                        tiny_spec_file, tiny_checkpoint):
@@ -114,8 +146,12 @@ def test_hostile_input_one_line_exit_2(case, digits_knn, tmp_path, capsys,  # no
     if case == "negative_C":
         args, expected = base + ["--C", "-1"], "--C -1"
     elif case == "benchmark_name":
-        args = ["eval-linear", "--train-dataset", "cub", "--val-dataset", "cub"]
+        args = ["eval-linear", "--dataset", "sop", "--data-root", str(tmp_path)]
         expected = "split train and test by class"
+    elif case == "benchmark_missing":
+        args, expected = ["eval-linear", "--dataset", "cub", "--data-root", str(tmp_path)], "images.txt: not found"
+    elif case == "benchmark_and_trees":
+        args, expected = base[:3] + ["--dataset", "cars"], "not both"
     elif case == "one_embeddings":
         args, expected = base[:-2], "give both --train-embeddings and --val-embeddings"
     elif case == "nan_features":

@@ -50,6 +50,37 @@ def write_cars(tmp_path, classes=(1, 98, 99, 196, 99)):
     return root
 
 
+def test_cars_and_cub_classification_splits(tmp_path):
+    """eval-linear's splits: the cars test flag and CUB's train_test_split.txt, every class in both."""
+    from unicom_cli.data.benchmarks import load_classification
+
+    write_cars(tmp_path, classes=(1, 1, 196, 196, 2))  # test flags 1 0 1 0 1
+    train, test = load_classification("cars", tmp_path)
+    assert train.paths == ["car_ims/000002.jpg", "car_ims/000004.jpg"]
+    assert test.paths == ["car_ims/000001.jpg", "car_ims/000003.jpg", "car_ims/000005.jpg"]
+    assert train.names == ["001 a", "196"]  # the mat's names where given, else the class id
+    assert test.names == ["001 a", "196", "002 b"]
+    assert (train.root / train.paths[0]).is_file()
+
+    cub = tmp_path / "CUB_200_2011"
+    for c, name in ((1, "a.jpg"), (1, "b.jpg"), (2, "c.jpg")):
+        img(cub / "images" / f"{c:03d}.Bird" / name)
+    (cub / "images.txt").write_text("1 001.Bird/a.jpg\n2 002.Bird/c.jpg\n3 001.Bird/b.jpg\n")
+    (cub / "train_test_split.txt").write_text("1 1\n2 0\n3 0\n")
+    train, test = load_classification("cub", tmp_path)
+    assert train.paths == ["images/001.Bird/a.jpg"] and train.names == ["001.Bird"]
+    assert test.paths == ["images/002.Bird/c.jpg", "images/001.Bird/b.jpg"]
+    assert test.names == ["002.Bird", "001.Bird"]
+    (cub / "train_test_split.txt").write_text("1 1\n2 0\n")
+    with pytest.raises(DatasetLayout, match="train_test_split.txt: expected one line.*first missing id: 3"):
+        load_classification("cub", tmp_path)
+    (cub / "train_test_split.txt").write_text("1 1 0\n")
+    with pytest.raises(DatasetLayout, match="line 1: expected"):
+        load_classification("cub", tmp_path)
+    with pytest.raises(UsageError, match="choose one of cars, cub"):
+        load_classification("sop", tmp_path)
+
+
 def test_cars_mat_and_class_split(tmp_path):
     write_cars(tmp_path)
     b = load_benchmark("cars", tmp_path)

@@ -1,4 +1,4 @@
-"""`unicom eval-linear`: linear-probe accuracy (logistic regression on frozen features) on ImageFolder trees."""
+"""`unicom eval-linear`: linear-probe accuracy (logistic regression on frozen features)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 EXAMPLES = [
     "unicom eval-linear --train-dataset imagenet/train --val-dataset imagenet/val -m ViT-B/32 --gpus 8",
-    "unicom eval-linear --train-dataset cars/train --val-dataset cars/test --C 0.601 --no-normalize",
+    "unicom eval-linear --dataset cars --data-root data --C 0.601 --no-normalize   # the original example",
     "unicom eval-linear --train-dataset tr --val-dataset va --train-embeddings tr.npy --val-embeddings va.npy "
     "--save-classifier head.safetensors",
 ]
@@ -28,8 +28,10 @@ EXAMPLES = [
 @launch_options
 @model_options
 def eval_linear(
-    train_dataset: Annotated[Path, typer.Option("--train-dataset", help="ImageFolder tree of the training images.")],
-    val_dataset: Annotated[Path, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.")],
+    train_dataset: Annotated[Path | None, typer.Option("--train-dataset", help="ImageFolder tree of the training images.", show_default=False)] = None,
+    val_dataset: Annotated[Path | None, typer.Option("--val-dataset", help="ImageFolder tree of the images to classify.", show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Instead of the trees: cars or cub, by their official classification split (every class in train and test).", show_default=False)] = None,
+    data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cars196/ or CUB_200_2011/ (with --dataset).")] = Path("data"),
     C: Annotated[float | None, typer.Option("--C", help="Inverse regularisation strength (scikit-learn's C). Default: searched on a held-out part of the train set.", show_default=False)] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (the original UNICOM example does not).")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the train images held out to choose C.")] = 0.1,
@@ -46,7 +48,8 @@ def eval_linear(
 
     Without --C the regularisation is chosen on a held-out 10% of the train set (a coarse sweep
     over 1e-6…1e6, then a binary search), then refitted on the whole train set. Accuracies are
-    percentages (0-100).
+    percentages (0-100). The images are two ImageFolder trees, or --dataset cars (the test flag of
+    cars_annos.mat) or cub (train_test_split.txt).
     """
     from unicom_cli.utils.console import status
 
@@ -55,7 +58,7 @@ def eval_linear(
     from unicom_cli.pipelines.linear import LinearConfig, run_linear
 
     cfg = LinearConfig(
-        train_dataset=train_dataset, val_dataset=val_dataset, C=C, normalize=normalize, holdout=holdout,
+        train_dataset=train_dataset, val_dataset=val_dataset, dataset=dataset, data_root=data_root, C=C, normalize=normalize, holdout=holdout,
         max_iter=max_iter, model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
         json_out=json_out)

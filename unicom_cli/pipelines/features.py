@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from unicom_cli.data.benchmarks import ClassImages
 from unicom_cli.data.ids import IDS_TEXT, embed_siblings, read_ids, write_ids
 from unicom_cli.errors import InputError, NonFiniteFeatures
 from unicom_cli.utils.files import atomic_open, disk_errors, write_json_atomic
@@ -202,27 +203,26 @@ class LabelledFeatures:
     train_skipped: int  # over all ranks
 
 
-def labelled_features(train_dataset: Path, val_dataset: Path, opts: ModelOptions,
+def labelled_features(train_set: ClassImages, val_set: ClassImages, opts: ModelOptions,
                       train_embeddings: Path | None = None,
                       val_embeddings: Path | None = None, *,
                       check_train: Callable[[list[str]], None] | None = None) -> LabelledFeatures:
-    """Scan both trees and read or extract their features, warning about skipped images.
+    """Read or extract the features of two labelled image lists, warning about skipped images.
 
-    ``check_train`` gets the train images' class names after the scan and before any feature is
-    read or extracted: options that cannot fit the data fail before the work.
+    ``check_train`` gets the train images' class names before any feature is read or extracted:
+    options that cannot fit the data fail before the work.
 
     The train rows stay sharded across ranks (each rank extracts or reads its share only); the
     val rows are gathered on every rank. Shared by eval-knn and eval-linear.
     """
-    from unicom_cli.data.images import scan_class_folders
     from unicom_cli.distributed.comm import shard_range
     from unicom_cli.errors import UsageError
     from unicom_cli.utils.console import warn
 
     if (train_embeddings is None) != (val_embeddings is None):
         raise UsageError("give both --train-embeddings and --val-embeddings, or neither")
-    train_paths, train_names = scan_class_folders(train_dataset)
-    val_paths, val_names = scan_class_folders(val_dataset)
+    train_dataset, train_paths, train_names = train_set.root, train_set.paths, train_set.names
+    val_dataset, val_paths, val_names = val_set.root, val_set.paths, val_set.names
     classes = sorted(set(train_names) | set(val_names))
     index = {c: i for i, c in enumerate(classes)}
     train_labels = np.array([index[n] for n in train_names], dtype=np.int64)

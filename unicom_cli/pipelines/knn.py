@@ -46,6 +46,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     from unicom_cli.distributed import device_for, is_main, world_size
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
     from unicom_cli.eval.search import l2_normalize, resolve_backend
+    from unicom_cli.data.benchmarks import ClassImages
     from unicom_cli.pipelines.features import labelled_features, write_json
 
     _validate(cfg)
@@ -57,8 +58,8 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     def check_k(train_names: list[str]) -> None:  # after the scan, before any feature
         nb_knn.extend(_fitting_k(cfg, train_names))
 
-    data = labelled_features(cfg.train_dataset, cfg.val_dataset, cfg.model, cfg.train_embeddings,
-                             cfg.val_embeddings, check_train=check_k)
+    data = labelled_features(ClassImages.scan(cfg.train_dataset), ClassImages.scan(cfg.val_dataset), cfg.model,
+                             cfg.train_embeddings, cfg.val_embeddings, check_train=check_k)
     timings["features"] = time.perf_counter() - t
     train, val, loaded, classes = data.train, data.val, data.loaded, data.classes
     train_labels, train_skipped = data.train_labels, data.train_skipped

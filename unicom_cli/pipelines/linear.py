@@ -20,8 +20,10 @@ from unicom_cli.pipelines.features import ModelOptions, model_fields
 class LinearConfig:
     """Everything `unicom eval-linear` needs; filled by the CLI."""
 
-    train_dataset: Path
-    val_dataset: Path
+    train_dataset: Path | None = None  # ImageFolder trees, or ``dataset`` below
+    val_dataset: Path | None = None
+    dataset: str | None = None  # a benchmark with a classification split (cars, cub)
+    data_root: Path = Path("data")
     C: float | None = None  # None: search on a held-out part of the train set
     normalize: bool = True  # L2-normalise features first (the original example does not)
     holdout: float = 0.1  # share of the train images held out for the C search
@@ -51,20 +53,12 @@ def run_linear(cfg: LinearConfig) -> dict | None:
         raise UsageError(f"--holdout {cfg.holdout}: must be between 0 and 1")
     if cfg.max_iter < 1:
         raise UsageError("--max-iter must be at least 1")
-    from unicom_cli.data.benchmarks import DATASETS
-
-    for flag, path in (("--train-dataset", cfg.train_dataset), ("--val-dataset", cfg.val_dataset)):
-        if str(path) in DATASETS and not Path(path).exists():
-            raise UsageError(f"{flag} {path}: the retrieval benchmarks split train and test by class "
-                             f"(no class is in both), so no linear probe can be scored on them; give "
-                             f"ImageFolder trees whose train and val share classes")
     if cfg.save_classifier is not None and Path(cfg.save_classifier).is_dir():
         raise UsageError(f"--save-classifier {cfg.save_classifier}: is a folder; give a file name "
                          f"such as head.safetensors")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    data = labelled_features(cfg.train_dataset, cfg.val_dataset, cfg.model, cfg.train_embeddings,
-                             cfg.val_embeddings)
+    data = labelled_features(*_splits(cfg), cfg.model, cfg.train_embeddings, cfg.val_embeddings)
     timings["features"] = time.perf_counter() - t0
     # The head predicts the classes that have train images; others always miss.
     seen = np.unique(data.train_labels)
@@ -105,8 +99,9 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     n_val = max(len(vy), 1)
     results = {
         "command": "eval-linear",
-        "train_dataset": str(cfg.train_dataset),
-        "val_dataset": str(cfg.val_dataset),
+        "dataset": cfg.dataset,
+        "train_dataset": str(cfg.train_dataset) if cfg.train_dataset else None,
+        "val_dataset": str(cfg.val_dataset) if cfg.val_dataset else None,
         **model_fields(data.loaded),
         "embeddings": None if cfg.train_embeddings is None else [str(cfg.train_embeddings), str(cfg.val_embeddings)],
         "sizes": {"train": len(data.train_labels) - data.train_skipped, "val": len(vy), "classes": len(classes)},
@@ -131,6 +126,20 @@ def run_linear(cfg: LinearConfig) -> dict | None:
         results["outputs"].append(str(cfg.json_out))
         write_json(cfg.json_out, results)
     return results
+
+
+def _splits(cfg: LinearConfig):
+    """The train and val images: a benchmark's classification split, or two ImageFolder trees."""
+    from unicom_cli.data.benchmarks import ClassImages, load_classification
+
+    trees = cfg.train_dataset is not None or cfg.val_dataset is not None
+    if cfg.dataset is not None:
+        if trees:
+            raise UsageError("give --dataset, or --train-dataset and --val-dataset, not both")
+        return load_classification(cfg.dataset, cfg.data_root)
+    if cfg.train_dataset is None or cfg.val_dataset is None:
+        raise UsageError("give --train-dataset and --val-dataset (ImageFolder trees), or --dataset cars|cub")
+    return ClassImages.scan(cfg.train_dataset), ClassImages.scan(cfg.val_dataset)
 
 
 def _prepare(x: np.ndarray, normalize: bool) -> np.ndarray:
