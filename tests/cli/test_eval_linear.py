@@ -85,7 +85,7 @@ def test_cub_by_its_classification_split_matches_sklearn(digits_knn, tmp_path, c
     """``--dataset cub``: images.txt + train_test_split.txt pick the rows; sklearn on the same rows agrees."""
     from sklearn.linear_model import LogisticRegression
 
-    (tf, tn, tx, tl), (vf, vn, vx, vl) = digits_knn["train"], digits_knn["val"]
+    (tf, _, tx, tl), (vf, _, vx, vl) = digits_knn["train"], digits_knn["val"]
     cub = tmp_path / "data" / "CUB_200_2011"
     lines, split, ids, feats = [], [], [], []
     for is_train, (folder, x) in ((1, (tf, tx)), (0, (vf, vx))):

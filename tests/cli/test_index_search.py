@@ -77,6 +77,20 @@ def test_index_folder_then_search_images(built, photos, tmp_path, capsys):
     assert "sub/p1.jpg" in captured.out or "p1.jpg" in captured.out
 
 
+def test_index_a_folder_with_a_random_network(photos, tmp_path, tiny_spec_file, capsys):
+    """`--random-init --seed` as in embed: the seed is recorded and search re-creates the same network."""
+    out = tmp_path / "r.index"
+    assert main(["index", str(photos), "-o", str(out), "--model", str(tiny_spec_file), "--random-init",
+                 "--seed", "3", "--workers", "0"]) == 0
+    meta = json.loads((out / "index.json").read_text())
+    feats, ids = _feats(out)
+    assert meta["random_init_seed"] == 3 and meta["count"] == len(ids) == len(feats) == 8  # broken.jpg skipped
+    capsys.readouterr()
+    assert main(["search", str(out), str(photos / "p0.jpg"), "-k", "2", "-o", str(tmp_path / "r.csv")]) == 0
+    rows = (tmp_path / "r.csv").read_text().splitlines()[1:]
+    assert {r.split(",")[2] for r in rows} == {"p0.jpg", "p0_copy.png"}  # itself and its re-save
+
+
 def test_query_embedding_equals_the_indexed_row(built, photos):
     from unicom_cli.index import Index
 
@@ -240,12 +254,18 @@ def test_two_processes_give_the_same_index_as_one(tmp_path):
     common = ["--index", "IVF32,Flat", "--chunk-rows", "256"]
     assert main(["index", str(npy), "-o", str(tmp_path / "one.index"), *common]) == 0
     assert main(["index", str(npy), "-o", str(tmp_path / "two.index"), "--procs", "2", *common]) == 0
+    # on disk: each process spills parts (a 64 KiB budget), the first merges them into index.ivfdata
+    assert main(["index", str(npy), "-o", str(tmp_path / "disk.index"), "--procs", "2", "--on-disk",
+                 "--max-memory", "64K", *common]) == 0
     one, two = Index.load(tmp_path / "one.index"), Index.load(tmp_path / "two.index")
-    assert one.ids == two.ids and one.meta["search_params"] == two.meta["search_params"]
+    disk = Index.load(tmp_path / "disk.index")
+    assert one.ids == two.ids == disk.ids and one.meta["search_params"] == two.meta["search_params"]
+    assert disk.meta["on_disk"] and (tmp_path / "disk.index" / "index.ivfdata").is_file()
     for params in ({"nprobe": 1}, {"nprobe": 4}):
         s1, r1 = one.search(x[::7], 10, params=params)
-        s2, r2 = two.search(x[::7], 10, params=params)
-        assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+        for other in (two, disk):
+            s2, r2 = other.search(x[::7], 10, params=params)
+            assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
 
 
 @pytest.mark.slow

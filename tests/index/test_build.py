@@ -122,6 +122,55 @@ def test_add_refuses_another_model_dim_or_normalisation(change, word, tmp_path):
     assert (tmp_path / "i" / "index.faiss").read_bytes() == before
 
 
+def test_on_disk_lists_answer_as_the_in_memory_index(tmp_path, capfd):
+    """--on-disk: parts spilled under a tiny budget, merged into index.ivfdata and memory-mapped
+    give the in-memory index's rows and scores exactly, after a build and after --add."""
+    x = clustered(3000, 16, seed=7)
+    a = write_features(tmp_path / "a", "a", x[:2000])
+    b = write_features(tmp_path / "b", "b", x[2000:])
+    opts = dict(index="IVF32,Flat", progress=False, chunk_rows=128, held_out=200)
+    build_index(a, tmp_path / "mem", **opts)
+    summary = build_index(a, tmp_path / "disk", on_disk=True, max_memory=64 << 10, **opts)
+    disk_files = sorted(p.name for p in (tmp_path / "disk").iterdir())
+    assert disk_files == ["ids.txt", "index.faiss", "index.ivfdata", "index.json"]
+    ivfdata = (tmp_path / "disk" / "index.ivfdata").stat().st_size
+    assert ivfdata == 2000 * (16 * 4 + 8)  # every vector and its id, in the lists file
+    assert summary.index_bytes > ivfdata > 10 * (tmp_path / "disk" / "index.faiss").stat().st_size
+    for step in ("build", "add"):
+        mem, disk = Index.load(tmp_path / "mem"), Index.load(tmp_path / "disk", mmap=True)
+        assert disk.meta["on_disk"] is True and mem.meta["on_disk"] is False and disk.ids == mem.ids
+        for params in ({"nprobe": 1}, {"nprobe": 5}):
+            s1, r1 = mem.search(x[::9], 10, params=params)
+            s2, r2 = disk.search(x[::9], 10, params=params)
+            assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+        if step == "build":
+            del mem, disk
+            build_index(b, tmp_path / "mem", add=True, **opts)
+            build_index(b, tmp_path / "disk", add=True, max_memory=64 << 10, **opts)  # stays on disk
+    assert len(disk) == 3000 and not list(tmp_path.glob(".disk.tmp-*"))
+    assert "resizing" not in capfd.readouterr().out  # faiss's printf is kept off our output
+
+
+def test_on_disk_refusals_and_damage(tmp_path):
+    npy = write_features(tmp_path / "f", "feats", clustered(1000, 16))
+    with pytest.raises(UsageError, match="HNSW32,Flat has no inverted lists"):
+        build_index(npy, tmp_path / "h", index="hnsw", on_disk=True, progress=False)
+    small = write_features(tmp_path / "s", "small", clustered(100, 16))
+    with pytest.raises(UsageError, match="too few for an IVF index"):
+        build_index(small, tmp_path / "s.index", on_disk=True, progress=False)
+    assert choose_index(5_000, 512, 8 << 30, on_disk=True).kind == "ivf"  # never flat on disk
+    summary = build_index(npy, tmp_path / "i", on_disk=True, progress=False, held_out=100)
+    assert summary.choice.kind == "ivf"
+    folder = tmp_path / "i"
+    data = (folder / "index.ivfdata").read_bytes()
+    (folder / "index.ivfdata").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="index.ivfdata: .* bytes, the index needs .*truncated"):
+        Index.load(folder)
+    (folder / "index.ivfdata").unlink()
+    with pytest.raises(InputError, match="index.ivfdata: missing"):
+        Index.load(folder)
+
+
 def test_existing_output_needs_overwrite_and_factory_errors(tmp_path):
     npy = write_features(tmp_path / "f", "feats", clustered(300, 16))
     build_index(npy, tmp_path / "i", index="flat", progress=False)

@@ -8,26 +8,25 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BatchSizeOpt,
-    DeviceOpt,
-    ModelOpt,
     NumFeatOpt,
-    PrecisionOpt,
-    WeightsOpt,
     launch_options,
+    model_options,
 )
 
 if TYPE_CHECKING:
     from unicom_cli.distributed.launch import LaunchConfig
+    from unicom_cli.pipelines.features import ModelOptions
 
 EXAMPLES = [
     "unicom embed ./photos -o feats.npy && unicom index feats.npy -o photos.index",
     "unicom index ./photos -o photos.index --model ViT-B/16 --max-memory 8G",
     "unicom index --add more.npy photos.index",
+    "unicom index feats.npy -o big.index --index ivfpq --on-disk --procs 8   # lists on disk, memory-mapped",
 ]
 
 
 @launch_options
+@model_options
 def index(
     inputs: Annotated[List[Path], typer.Argument(help="Feature files (.npy from `unicom embed`) or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The index folder (default: <input name>.index here).", show_default=False)] = None,
@@ -37,20 +36,18 @@ def index(
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.0, max=1.0, help="recall@10 against exact search that the search parameters are tuned to reach.")] = 0.95,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors that are not (cosine similarity); --no-normalize keeps raw inner products.")] = True,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="Vectors read and added per step (bounds memory; process shards align to it).")] = 65536,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF indexes: keep the inverted lists in index.ivfdata, memory-mapped when searching, for collections larger than RAM (--max-memory then sizes the index on disk).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and re-embed a folder).")] = False,
-    model: ModelOpt = "ViT-B/32",
-    weights: WeightsOpt = None,
-    batch_size: BatchSizeOpt = 64,
-    device: DeviceOpt = "auto",
-    precision: PrecisionOpt = None,
     num_feat: NumFeatOpt = None,
-    launch: LaunchConfig = None,
+    *,
+    model_opts: ModelOptions,
+    launch: LaunchConfig,
 ) -> None:
     """Build a search index over a collection: exact for small ones, IVF or IVF+PQ for large.
 
-    The index is a folder (index.faiss, ids.txt, index.json) written atomically; index.json
-    records the model, normalisation, faiss factory, tuned search parameters and the recall@10
-    measured against exact search on held-out queries.
+    The index is a folder (index.faiss, ids.txt, index.json; index.ivfdata with --on-disk)
+    written atomically; index.json records the model, normalisation, faiss factory, tuned search
+    parameters and the recall@10 measured against exact search on held-out queries.
     """
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.errors import UsageError
@@ -77,15 +74,18 @@ def index(
             features.append(path)
             continue
         feats = features_path(output, path, n_sources + len(embeds))
-        embeds.append(EmbedConfig(input=path, output=feats, model=model, weights=weights,
-                                  batch_size=batch_size, device=device, precision=precision,
+        m = model_opts
+        embeds.append(EmbedConfig(input=path, output=feats, model=m.model, weights=m.weights,
+                                  pretrained=not m.random_init, seed=m.seed, mirror=m.mirror,
+                                  cache_dir=m.cache_dir, workers=m.workers,
+                                  batch_size=m.batch_size, device=m.device, precision=m.precision,
                                   normalize=normalize or num_feat is not None, num_feat=num_feat,
                                   overwrite=overwrite))
         features.append(feats)
     build = BuildConfig(features=features, output=output, index=kind,
                         max_memory=parse_memory(max_memory) if max_memory else None,
                         target_recall=target_recall, normalize=normalize, overwrite=overwrite,
-                        add=add, device=device, chunk_rows=chunk_rows)
+                        add=add, device=model_opts.device, chunk_rows=chunk_rows, on_disk=on_disk)
     result = run_command(launch, run_index_job, IndexJob(build, embeds))
     if result is None:
         return

@@ -17,10 +17,13 @@ from unicom_cli.index.choose import Choice, choose_index, default_max_memory, nl
 from unicom_cli.index.source import FeatureSource, open_source, relative_ids
 from unicom_cli.index.store import (
     INDEX_FILE,
+    IVFDATA_FILE,
     Index,
     _faiss,
     check_output,
+    faiss_stdout_silenced,
     publish,
+    read_faiss,
     temp_folder,
     write_folder,
 )
@@ -46,6 +49,7 @@ class BuildConfig:
     seed: int = 0
     held_out: int = 1000  # queries drawn from the collection to measure recall
     chunk_rows: int = 65536  # rows read and added per step (memory bound; shards align to it)
+    on_disk: bool = False  # IVF lists in index.ivfdata (OnDiskInvertedLists), memory-mapped
     progress: bool = True
 
 
@@ -96,11 +100,17 @@ def _open_sources(cfg: BuildConfig) -> list[FeatureSource]:
     return sources
 
 
+def _ram_budget(max_memory: int) -> int:
+    """What the build may hold in RAM: the budget, but never more than half the machine's memory
+    (with --on-disk the budget sizes the index on disk and can exceed the RAM)."""
+    return min(max_memory, default_max_memory())
+
+
 def _train_sample_size(n: int, dim: int, factory_index, max_memory: int) -> int:
     faiss = _faiss()
     ivf = faiss.try_extract_index_ivf(factory_index)
     wanted = max(TRAIN_MIN, TRAIN_POINTS_PER_LIST * (ivf.nlist if ivf is not None else 0))
-    by_memory = max(TRAIN_MIN, (max_memory // 4) // (4 * dim))
+    by_memory = max(TRAIN_MIN, (_ram_budget(max_memory) // 4) // (4 * dim))
     return min(n, wanted, by_memory)
 
 
@@ -182,8 +192,9 @@ def _shardable(index) -> bool:
 
 
 def _add(index, sources: list[FeatureSource], base: int, shards: list[range], bar,
-         chunk_rows: int) -> None:
-    """Add this rank's rows, chunk by chunk, with global ids (``base`` + row in the collection)."""
+         chunk_rows: int, spill=None) -> None:
+    """Add this rank's rows, chunk by chunk, with global ids (``base`` + row in the collection).
+    ``spill(index)``, when given, runs after each chunk (the on-disk build writes full parts)."""
     faiss = _faiss()
     with_ids = faiss.try_extract_index_ivf(index) is not None
     offset = base
@@ -195,6 +206,8 @@ def _add(index, sources: list[FeatureSource], base: int, shards: list[range], ba
             else:
                 index.add(chunk)
             bar.advance(len(chunk))
+            if spill is not None:
+                spill(index)
         offset += src.count
 
 
@@ -240,6 +253,7 @@ class _Plan:
     existing: Index | None
     choice: Choice
     max_memory: int
+    on_disk: bool = False  # inverted lists in index.ivfdata (asked for, or the extended index has them)
 
     @property
     def dim(self) -> int:
@@ -265,14 +279,32 @@ def _plan(cfg: BuildConfig) -> _Plan:
     max_memory = cfg.max_memory or default_max_memory()
     if not cfg.add:
         check_output(cfg.output, cfg.overwrite)
-        choice = choose_index(sum(s.count for s in sources), sources[0].dim, max_memory, cfg.index)
-        return _Plan(sources, fields, None, choice, max_memory)
+        choice = choose_index(sum(s.count for s in sources), sources[0].dim, max_memory, cfg.index,
+                              on_disk=cfg.on_disk)
+        _check_on_disk(cfg.on_disk, choice.factory, sources[0].dim)
+        return _Plan(sources, fields, None, choice, max_memory, cfg.on_disk)
     existing = Index.load(cfg.output)
     recorded = {key: existing.meta.get(key) for key in fields}
     _check_compatible(recorded, fields, str(sources[0].npy), f"the index {cfg.output}")
     choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
                     int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
-    return _Plan(sources, fields, existing, choice, max_memory)
+    on_disk = cfg.on_disk or bool(existing.meta.get("on_disk"))
+    _check_on_disk(on_disk, choice.factory, sources[0].dim)
+    return _Plan(sources, fields, existing, choice, max_memory, on_disk)
+
+
+def _check_on_disk(on_disk: bool, factory: str, dim: int) -> None:
+    """Only IVF indexes have inverted lists to keep on disk."""
+    if not on_disk:
+        return
+    faiss = _faiss()
+    try:
+        probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        return  # _new_index names the bad factory string
+    if faiss.try_extract_index_ivf(probe) is None:
+        raise UsageError(f"--on-disk: {factory} has no inverted lists to keep on disk; "
+                         "use --index ivf, ivfpq or another IVF factory string")
 
 
 def _run_build(cfg: BuildConfig) -> BuildSummary | None:
@@ -296,6 +328,11 @@ def _run_build(cfg: BuildConfig) -> BuildSummary | None:
 
 
 def _fill(plan: _Plan, cfg: BuildConfig, tmp: Path):
+    """Add every vector: in memory, or with --on-disk into a file of inverted lists."""
+    return _fill_on_disk(plan, cfg, tmp) if plan.on_disk else _fill_in_memory(plan, cfg, tmp)
+
+
+def _fill_in_memory(plan: _Plan, cfg: BuildConfig, tmp: Path):
     """Train (rank 0) and add every vector: each rank adds a contiguous, chunk-aligned shard
     to a copy of the trained index and rank 0 merges the shards in rank order, which gives the
     inverted lists, in the same order, that one process builds. Returns the index on rank 0."""
@@ -345,6 +382,91 @@ def _fill(plan: _Plan, cfg: BuildConfig, tmp: Path):
     return main_index
 
 
+def _fill_on_disk(plan: _Plan, cfg: BuildConfig, tmp: Path):
+    """The route for collections larger than RAM. Every rank adds its chunk-aligned shard to a
+    copy of the trained, empty index and writes it out as a part file whenever it reaches its
+    share of the memory budget; rank 0 then merges the parts in (rank, part) order, after the
+    lists of the index being extended, into one ``index.ivfdata`` (faiss OnDiskInvertedLists)
+    that the index maps instead of holding. The lists are the ones one in-memory process builds."""
+    from unicom_cli.distributed import barrier, is_main, rank, world_size
+    from unicom_cli.distributed.comm import shard_range
+    from unicom_cli.utils.console import progress_bar
+
+    faiss = _faiss()
+    trained_path = tmp / "trained.faiss"
+    if is_main():
+        empty = (_empty_copy(plan.existing) if plan.existing is not None
+                 else _new_index(plan.choice, plan.dim, plan.sources, cfg, plan.max_memory))
+        faiss.write_index(empty, str(trained_path))
+    barrier()
+    part = faiss.read_index(str(trained_path))
+    ivf = faiss.extract_index_ivf(part)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    part_rows = max(cfg.chunk_rows, _ram_budget(plan.max_memory) // 4 // local // (ivf.code_size + 8))
+    written: list[Path] = []
+
+    def spill(index, last: bool = False) -> None:
+        if index.ntotal >= part_rows or (last and index.ntotal):
+            path = tmp / f"part-{rank():05d}-{len(written):06d}.faiss"
+            faiss.write_index(index, str(path))
+            written.append(path)
+            index.reset()
+
+    shards = [shard_range(s.count, align=cfg.chunk_rows) for s in plan.sources]
+    mine = sum(len(r) for r in shards)
+    with progress_bar(plan.added, "index", unit="vectors", enabled=cfg.progress) as bar:
+        _add(part, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows, spill)
+    spill(part, last=True)
+    del part
+    barrier()
+    if not is_main():
+        return None
+    index = faiss.read_index(str(trained_path))
+    parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in sorted(tmp.glob("part-*.faiss"))]
+    earlier = [plan.existing.faiss_index] if plan.existing is not None else []
+    _merge_lists_to_disk(index, earlier + parts, tmp / IVFDATA_FILE)
+    del parts
+    for path in tmp.glob("part-*.faiss"):
+        path.unlink()
+    trained_path.unlink()
+    return index
+
+
+def _empty_copy(existing: Index):
+    """The trained index that ``existing`` was filled from, with no vectors (its lists may be on disk)."""
+    faiss = _faiss()
+    if not existing.meta.get("on_disk"):
+        empty = faiss.clone_index(existing.faiss_index)
+        empty.reset()
+        return empty
+    # faiss cannot clone on-disk lists (and crashes replacing the lists of an index read with
+    # IO_FLAG_SKIP_IVF_DATA): read a second copy, give it empty in-memory lists, clone that.
+    copy = read_faiss(existing.path / INDEX_FILE, on_disk=True)
+    ivf = faiss.extract_index_ivf(copy)
+    no_lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(no_lists, False)
+    ivf.ntotal = copy.ntotal = 0
+    return faiss.clone_index(copy)
+
+
+def _merge_lists_to_disk(index, sources: list, path: Path) -> None:
+    """Concatenate the inverted lists of ``sources`` (same trained index), list by list in the
+    given order, into a new OnDiskInvertedLists file at ``path`` that ``index`` (empty) takes.
+    faiss.contrib.ondisk.merge_ondisk does this for part files only; --add also merges the lists
+    of the index being extended, which live in its own folder."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    pointers = faiss.InvertedListsPtrVector()
+    for source in sources:
+        pointers.push_back(faiss.extract_index_ivf(source).invlists)
+    with faiss_stdout_silenced():
+        total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
+    index.ntotal = ivf.ntotal = total
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+
+
 def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) -> BuildSummary:
     """Measure recall on held-out queries, tune, write the folder and publish it (rank 0)."""
     from unicom_cli.utils.console import info, warn
@@ -380,9 +502,11 @@ def _finish(plan: _Plan, cfg: BuildConfig, tmp: Path, index, start_time: float) 
     ids, root = _ids(plan.existing, plan.sources)
     meta = _meta(cfg, plan.choice, plan.fields, tuning, plan.existing, plan.sources, root, index,
                  plan.max_memory, time.perf_counter() - start_time)
+    meta["on_disk"] = plan.on_disk
     write_folder(tmp, index, ids, meta)
     publish(tmp, cfg.output)
-    size = (Path(cfg.output) / INDEX_FILE).stat().st_size
+    size = sum((Path(cfg.output) / name).stat().st_size for name in (INDEX_FILE, IVFDATA_FILE)
+               if (Path(cfg.output) / name).exists())
     return BuildSummary(Path(cfg.output), int(index.ntotal), plan.added, plan.dim, plan.choice,
                         tuning, time.perf_counter() - start_time, size, meta)
 
@@ -399,7 +523,7 @@ def _flat_is_as_fast(plan: _Plan, cfg: BuildConfig, index, tuning: Tuning) -> bo
     """An auto-chosen IVF over full vectors whose tuned nprobe scans over 1/8 of the lists:
     its scan (no BLAS) is then slower than exact flat search, measured 0.5x on near-isotropic
     vectors in benchmarks/index_search.py --spread 3."""
-    return (cfg.index == "auto" and plan.existing is None and plan.choice.kind == "ivf"
+    return (cfg.index == "auto" and plan.existing is None and plan.choice.kind == "ivf" and not plan.on_disk
             and "nprobe" in tuning.params
             and tuning.params["nprobe"] > FLAT_SCAN_SHARE * faiss_nlist(index))
 

@@ -102,7 +102,7 @@ def ivfpq_choice(n: int, dim: int, max_memory: int, reason: str) -> Choice:
                      f"codes, above --max-memory {max_memory / 2**30:.1f} GiB; raise it")
 
 
-def choose_index(n: int, dim: int, max_memory: int, kind: str = "auto") -> Choice:
+def choose_index(n: int, dim: int, max_memory: int, kind: str = "auto", on_disk: bool = False) -> Choice:
     """The index for ``n`` vectors of ``dim`` within ``max_memory`` bytes.
 
     ``auto``: exact flat search up to FLAT_MAX vectors (nothing to tune, nothing lost); then
@@ -110,16 +110,22 @@ def choose_index(n: int, dim: int, max_memory: int, kind: str = "auto") -> Choic
     cores, reaches 0.95 recall@10 with few lists probed); beyond that IVF + PQ codes sized to
     the budget. ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` force a family with sizes chosen the
     same way; anything else is taken as a faiss factory string.
+
+    ``on_disk``: the inverted lists go to a file, so ``max_memory`` sizes the index on disk and
+    auto picks an IVF index at any size (flat and graph indexes have no lists to move).
     """
     if n < 1:
         raise UsageError("cannot index an empty collection")
     nlist = nlist_for(n)
+    if on_disk and n < 39 * 16:
+        raise UsageError(f"--on-disk: {n:,} vectors are too few for an IVF index (at least {39 * 16}); "
+                         "drop --on-disk, a collection this small fits in memory")
     if kind == "auto":
         flat = memory_of("flat", n, dim)
-        if n <= FLAT_MAX and flat <= max_memory:
+        if n <= FLAT_MAX and flat <= max_memory and not on_disk:
             return Choice("Flat", "flat", flat, f"{n:,} vectors: exact search is fast enough")
         ivf = memory_of("ivf", n, dim, nlist)
-        if ivf <= max_memory // 2 and n >= 39 * 16:
+        if ivf <= (max_memory if on_disk else max_memory // 2) and n >= 39 * 16:
             return Choice(f"{_coarse(nlist)},Flat", "ivf", ivf,
                           f"{n:,} vectors fit in {ivf / 2**30:.2f} GiB of the "
                           f"{max_memory / 2**30:.1f} GiB budget: IVF over full vectors")

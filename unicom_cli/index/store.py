@@ -1,10 +1,13 @@
-"""An index folder on disk (index.faiss, ids.txt, index.json) and its query API: ``Index.load(path).search(...)``."""
+"""An index folder on disk (index.faiss, ids.txt, index.json; index.ivfdata for on-disk lists) and its
+query API: ``Index.load(path).search(...)``."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     from unicom_cli.index.embedder import QueryEmbedder
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.txt", "index.json"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an --on-disk index (faiss OnDiskInvertedLists)
 FORMAT = 1
 
 
@@ -26,6 +30,53 @@ def _faiss():
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
         raise UsageError("faiss is not installed: pip install faiss-cpu") from exc
     return faiss
+
+
+@contextmanager
+def faiss_stdout_silenced():
+    """faiss's on-disk inverted lists printf to the process's stdout ("resizing …", "updating
+    ondisk filename …") with no switch to turn it off; send file descriptor 1 to /dev/null while
+    they run, so the command's own output stays clean."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        _flush_c_stdio()  # what faiss left in the C library's buffer goes to /dev/null too
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_stdio() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover - no C library to reach
+        pass
+
+
+def read_faiss(path: Path, on_disk: bool, mmap: bool = False):
+    """Read ``index.faiss``; an on-disk index maps ``index.ivfdata`` from the same folder,
+    read-only (never with IO_FLAG_MMAP as well: faiss 1.15 crashes searching such an index)."""
+    faiss = _faiss()
+    if on_disk:
+        with faiss_stdout_silenced():
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0)
+
+
+def _check_ivfdata(path: Path, index) -> None:
+    """A truncated lists file would be mapped past its end (SIGBUS on the first search)."""
+    faiss = _faiss()
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    needed = int(getattr(lists, "totsize", 0))
+    if path.stat().st_size < needed:
+        raise InputError(f"{path}: {path.stat().st_size:,} bytes, the index needs {needed:,} "
+                         "(truncated); rebuild the index with `unicom index --on-disk`")
 
 
 def apply_search_params(index, params: dict) -> None:
@@ -71,14 +122,18 @@ class Index:
         index_path = folder / INDEX_FILE
         if not index_path.is_file():
             raise InputError(f"{index_path}: missing; rebuild the index with `unicom index`")
-        faiss = _faiss()
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        on_disk = bool(meta.get("on_disk"))
+        if on_disk and not (folder / IVFDATA_FILE).is_file():
+            raise InputError(f"{folder / IVFDATA_FILE}: missing (this index keeps its inverted lists "
+                             "there); rebuild the index with `unicom index --on-disk`")
         try:
-            index = faiss.read_index(str(index_path), flags | faiss.IO_FLAG_ONDISK_SAME_DIR)
+            index = read_faiss(index_path, on_disk, mmap)
         except (RuntimeError, MemoryError) as exc:
             detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{index_path}: not a readable faiss index ({detail}); "
                              "rebuild it with `unicom index`") from exc
+        if on_disk:
+            _check_ivfdata(folder / IVFDATA_FILE, index)
         ids = _read_ids(folder / IDS_FILE)
         if len(ids) != index.ntotal:
             raise InputError(f"{folder / IDS_FILE}: {len(ids):,} ids for {index.ntotal:,} vectors "
@@ -295,7 +350,9 @@ def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
         write_ids(handle, ids)
     (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
                                  encoding="utf-8")
-    for name in (INDEX_FILE, IDS_FILE, META_FILE):
+    for name in (INDEX_FILE, IDS_FILE, META_FILE, IVFDATA_FILE):
+        if name == IVFDATA_FILE and not (tmp / name).exists():
+            continue
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
 
