@@ -4,6 +4,7 @@
     python benchmarks/index_search.py                          # 1,000,000 vectors
     python benchmarks/index_search.py --quick --autofaiss-python /tmp/afenv/bin/python
     python benchmarks/index_search.py --latency-only           # `unicom search` latency, ViT-B/32
+    python benchmarks/index_search.py --quick --on-disk        # also the --on-disk build
 
 Collection: N unit vectors around 1,000 random centres (the structure of real embeddings),
 written as an ``unicom embed`` output (.npy memory-mapped, ids, json). Queries: 10,000 held-out
@@ -136,16 +137,19 @@ def bench_indexes(args) -> None:
         raw = args.n * args.dim * 4
 
         out = tmp / "u.index"
-        seconds, peak = timed_child([sys.executable, "-m", "unicom_cli", "index", str(npy), "-o", str(out),
-                                     "--max-memory", budget])
-        from unicom_cli.index import Index
+        for variant, extra in [("", []), *([("--on-disk", ["--on-disk"])] if args.on_disk else [])]:
+            where = out.with_name(f"u{variant}.index")
+            seconds, peak = timed_child([sys.executable, "-m", "unicom_cli", "index", str(npy), "-o", str(where),
+                                         "--max-memory", budget, *extra])
+            from unicom_cli.index import Index
 
-        index = Index.load(out)
-        recall, qps = search_figures(index.faiss_index, queries, truth)
-        size = (out / "index.faiss").stat().st_size
-        print(f"{'unicom ' + index.meta['factory']:24s}{seconds:>9.1f}{peak:>10.2f}{size / raw:>10.2f}"
-              f"{recall:>11.3f}{qps:>11,.0f}{qps / flat_qps:>8.1f}   params {index.meta['search_params']}")
-        del index
+            index = Index.load(where)
+            recall, qps = search_figures(index.faiss_index, queries, truth)
+            size = sum(f.stat().st_size for f in where.glob("index.*") if f.suffix != ".json")
+            name = f"unicom {index.meta['factory']} {variant}"
+            print(f"{name:24s}{seconds:>9.1f}{peak:>10.2f}{size / raw:>10.2f}"
+                  f"{recall:>11.3f}{qps:>11,.0f}{qps / flat_qps:>8.1f}   params {index.meta['search_params']}")
+            del index
 
         if args.autofaiss_python:
             af = tmp / "af.index"
@@ -228,6 +232,8 @@ def main() -> None:
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument("--latency-runs", type=int, default=10)
     parser.add_argument("--tmp", default=None, help="where the collection is written")
+    parser.add_argument("--on-disk", action="store_true",
+                        help="also build with --on-disk (lists in index.ivfdata, memory-mapped; page cache warm)")
     args = parser.parse_args()
     args.n = args.n or (100_000 if args.quick else 1_000_000)
     if not args.latency_only:

@@ -44,6 +44,19 @@ def test_recall_of_each_kind_against_numpy(kind, factory, tmp_path):
         assert meta["search_params"]["nprobe"] >= 1 and meta["recall_reached"] is True
 
 
+@pytest.mark.parametrize("factory", ["IVF16,PQ8", "OPQ8_64,IVF16_HNSW32,PQ8"])
+def test_ivfpq_skips_polysemous_training(factory):
+    """faiss's factory turns on polysemous training (minutes of simulated annealing that our search
+    never uses); it must be off behind every wrapper (OPQ, HNSW coarse quantizer)."""
+    import faiss
+
+    from unicom_cli.index.build import index_from_factory
+
+    assert faiss.downcast_index(faiss.extract_index_ivf(faiss.index_factory(64, factory))).do_polysemous_training
+    index = index_from_factory(factory, 64)
+    assert faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training is False
+
+
 def test_flat_equals_numpy_exactly(tmp_path):
     x = clustered(500, 16, seed=3)
     npy = write_features(tmp_path / "f", "feats", x)

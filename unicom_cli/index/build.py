@@ -133,23 +133,31 @@ def _gpu_training(index, device: str) -> object | None:
     return res
 
 
+def index_from_factory(factory: str, dim: int):
+    """The untrained inner-product index a factory string describes, set up for our search."""
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[-1]
+        raise UsageError(f"--index {factory!r}: not a faiss factory string faiss accepts "
+                         f"({detail}); use auto, flat, hnsw, ivf, ivfpq or e.g. 'IVF1024,PQ32'") from exc
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf_pq = faiss.downcast_index(ivf) if ivf is not None else None  # extract returns the base class
+    if isinstance(ivf_pq, faiss.IndexIVFPQ):
+        # The factory turns on polysemous training (a PQ re-ordering for Hamming filtering that
+        # our search never uses): a simulated annealing that took over 20 minutes for PQ256.
+        ivf_pq.do_polysemous_training = False
+    return index
+
+
 def _new_index(choice: Choice, dim: int, sources: list[FeatureSource], cfg: BuildConfig,
                max_memory: int):
     """The factory's index, trained on a uniform sample of the collection (rank 0)."""
     from unicom_cli.utils.console import info
 
     faiss = _faiss()
-    try:
-        index = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[-1]
-        raise UsageError(f"--index {choice.factory!r}: not a faiss factory string faiss accepts "
-                         f"({detail}); use auto, flat, hnsw, ivf, ivfpq or e.g. 'IVF1024,PQ32'") from exc
-    ivf_pq = faiss.try_extract_index_ivf(index)
-    if isinstance(ivf_pq, faiss.IndexIVFPQ):
-        # The factory turns on polysemous training (a PQ re-ordering for Hamming filtering that
-        # our search never uses); it is a simulated annealing that can take minutes.
-        ivf_pq.do_polysemous_training = False
+    index = index_from_factory(choice.factory, dim)
     if not index.is_trained:
         n = sum(s.count for s in sources)
         size = _train_sample_size(n, dim, index, max_memory)
@@ -298,11 +306,7 @@ def _check_on_disk(on_disk: bool, factory: str, dim: int) -> None:
     if not on_disk:
         return
     faiss = _faiss()
-    try:
-        probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        return  # _new_index names the bad factory string
-    if faiss.try_extract_index_ivf(probe) is None:
+    if faiss.try_extract_index_ivf(index_from_factory(factory, dim)) is None:
         raise UsageError(f"--on-disk: {factory} has no inverted lists to keep on disk; "
                          "use --index ivf, ivfpq or another IVF factory string")
 
