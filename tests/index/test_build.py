@@ -184,6 +184,31 @@ def test_on_disk_refusals_and_damage(tmp_path):
         Index.load(folder)
 
 
+def test_gpu_route_builds_the_same_index(tmp_path, monkeypatch):
+    """The faiss-gpu route (k-means and list assignment on a GPU index) with a CPU index standing
+    in for the GPU copy: the same lists as the CPU route, and the real quantizer is put back."""
+    import faiss
+
+    import unicom_cli.index.build as build
+
+    x = clustered(3000, 16, seed=2)
+    npy = write_features(tmp_path / "f", "feats", x)
+    build_index(npy, tmp_path / "cpu", index="IVF32,Flat", progress=False, held_out=100)
+    moved = []
+    monkeypatch.setattr(build, "_gpu", lambda device: (object(), 0))
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: moved.append(index) or index,
+                        raising=False)  # faiss-cpu has no GPU functions
+    build_index(npy, tmp_path / "gpu", index="IVF32,Flat", progress=False, held_out=100, device="cuda")
+    assert len(moved) == 2  # the k-means index, then the centroids for the assignment
+    cpu, gpu = Index.load(tmp_path / "cpu"), Index.load(tmp_path / "gpu")
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(gpu.faiss_index).quantizer)
+    assert isinstance(quantizer, faiss.IndexFlatIP) and quantizer.ntotal == 32
+    for nprobe in (1, 3):
+        s1, r1 = cpu.search(x[::11], 10, params={"nprobe": nprobe})
+        s2, r2 = gpu.search(x[::11], 10, params={"nprobe": nprobe})
+        assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+
+
 def test_existing_output_needs_overwrite_and_factory_errors(tmp_path):
     npy = write_features(tmp_path / "f", "feats", clustered(300, 16))
     build_index(npy, tmp_path / "i", index="flat", progress=False)

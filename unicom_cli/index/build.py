@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,23 +115,48 @@ def _train_sample_size(n: int, dim: int, factory_index, max_memory: int) -> int:
     return min(n, wanted, by_memory)
 
 
-def _gpu_training(index, device: str) -> object | None:
-    """With faiss-gpu and a CUDA device, k-means of the coarse quantizer runs on the GPU."""
+def _gpu(device: str):
+    """(faiss GPU resources, device number) with faiss-gpu and a CUDA device; else None."""
     from unicom_cli.distributed import device_for
 
     faiss = _faiss()
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
         return None
-    device = device_for(device)  # auto → this rank's GPU where there is one
-    if not str(device).startswith("cuda"):
+    device = str(device_for(device))  # auto → this rank's GPU where there is one
+    if not device.startswith("cuda"):
         return None
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is None:
+    return faiss.StandardGpuResources(), int(device.split(":")[1]) if ":" in device else 0
+
+
+def _gpu_training(index, device: str) -> object | None:
+    """With faiss-gpu and a CUDA device, k-means of the coarse quantizer runs on the GPU."""
+    faiss = _faiss()
+    gpu, ivf = _gpu(device), faiss.try_extract_index_ivf(index)
+    if gpu is None or ivf is None:
         return None
-    dev = int(str(device).split(":")[1]) if ":" in str(device) else 0
-    res = faiss.StandardGpuResources()
+    res, dev = gpu
     ivf.clustering_index = faiss.index_cpu_to_gpu(res, dev, faiss.IndexFlatL2(ivf.d))
     return res
+
+
+@contextmanager
+def _gpu_assignment(index, device: str):
+    """With faiss-gpu and a CUDA device, added vectors are assigned to their inverted lists on
+    the GPU: an exact search over the centroids stands in for the coarse quantizer meanwhile."""
+    faiss = _faiss()
+    gpu, ivf = _gpu(device), faiss.try_extract_index_ivf(index)
+    if gpu is None or ivf is None:
+        yield
+        return
+    res, dev = gpu
+    centroids = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
+    centroids.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    on_gpu, quantizer = faiss.index_cpu_to_gpu(res, dev, centroids), ivf.quantizer
+    ivf.quantizer = on_gpu
+    try:
+        yield
+    finally:
+        ivf.quantizer = quantizer
 
 
 def index_from_factory(factory: str, dim: int):
@@ -200,11 +226,16 @@ def _shardable(index) -> bool:
 
 
 def _add(index, sources: list[FeatureSource], base: int, shards: list[range], bar,
-         chunk_rows: int, spill=None) -> None:
+         chunk_rows: int, spill=None, device: str = "cpu") -> None:
     """Add this rank's rows, chunk by chunk, with global ids (``base`` + row in the collection).
     ``spill(index)``, when given, runs after each chunk (the on-disk build writes full parts)."""
     faiss = _faiss()
     with_ids = faiss.try_extract_index_ivf(index) is not None
+    with _gpu_assignment(index, device):
+        _add_chunks(index, sources, base, shards, bar, chunk_rows, spill, with_ids)
+
+
+def _add_chunks(index, sources, base, shards, bar, chunk_rows, spill, with_ids) -> None:
     offset = base
     for src, rows in zip(sources, shards):
         for start, chunk in src.chunks(rows, chunk_rows):
@@ -370,7 +401,8 @@ def _fill_in_memory(plan: _Plan, cfg: BuildConfig, tmp: Path):
     mine = sum(len(r) for r in shards)
     index = faiss.clone_index(empty) if many and shardable and is_main() else main_index
     with progress_bar(plan.added, "index", unit="vectors", enabled=cfg.progress) as bar:
-        _add(index, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows)
+        _add(index, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows,
+             device=cfg.device)
     if many and shardable and not is_main():
         faiss.write_index(index, str(tmp / f"shard-{rank():05d}.faiss"))
     barrier()
@@ -419,7 +451,8 @@ def _fill_on_disk(plan: _Plan, cfg: BuildConfig, tmp: Path):
     shards = [shard_range(s.count, align=cfg.chunk_rows) for s in plan.sources]
     mine = sum(len(r) for r in shards)
     with progress_bar(plan.added, "index", unit="vectors", enabled=cfg.progress) as bar:
-        _add(part, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows, spill)
+        _add(part, plan.sources, plan.base, shards, _Scaled(bar, plan.added, mine), cfg.chunk_rows, spill,
+             device=cfg.device)
     spill(part, last=True)
     del part
     barrier()
