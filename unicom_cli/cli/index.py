@@ -18,10 +18,9 @@ if TYPE_CHECKING:
     from unicom_cli.pipelines.features import ModelOptions
 
 EXAMPLES = [
-    "unicom embed ./photos -o feats.npy && unicom index feats.npy -o photos.index",
-    "unicom index ./photos -o photos.index --model ViT-B/16 --max-memory 8G",
+    "unicom index ./photos -o photos.index --model ViT-B/16   # embeds first (resumable)",
     "unicom index --add more.npy photos.index",
-    "unicom index feats.npy -o big.index --index ivfpq --on-disk --procs 8   # lists on disk, memory-mapped",
+    "unicom index feats.npy -o big.index --on-disk --max-memory 200G --procs 8   # lists on disk",
 ]
 
 
