@@ -164,6 +164,7 @@ CASES = {
     # ---- embed
     "embed: missing input": lambda w, t: _embed(w, t, src=t / "nowhere"),
     "embed: empty folder": lambda w, t: _embed(w, t, src=w.empty),
+    "embed: every image unreadable": lambda w, t: _embed(w, t, src=w.unreadable),
     "embed: path list not UTF-8": lambda w, t: (
         (t / "l.txt").write_bytes(b"caf\xe9.png\n"), _embed(w, t, src=t / "l.txt"))[1],
     "embed: path list empty": lambda w, t: ((t / "l.txt").write_text("# only a comment\n"),

@@ -71,7 +71,8 @@ def test_second_run_on_one_output_is_refused_and_a_sigkill_frees_it(tmp_path, ti
 
 def test_nan_weights_give_failures_never_good_rows(tmp_path, tiny_spec_file, tiny_checkpoint,
                                                   capsys):
-    """Item 2: a checkpoint with a NaN weight: every row is listed as a failure, none as good."""
+    """Item 2: a checkpoint with a NaN weight: no row is good, so nothing is written and the one
+    error line names the reason (an empty .npy with exit 0 would pass for success)."""
     import torch
 
     from unicom_cli.pipelines.features import NONFINITE_REASON
@@ -83,11 +84,12 @@ def test_nan_weights_give_failures_never_good_rows(tmp_path, tiny_spec_file, tin
     torch.save(state, nan_ckpt)
     src = _digits(tmp_path / "in", 6)
     out = tmp_path / "f.npy"
-    main(_args(src, out, tiny_spec_file, nan_ckpt))
-    assert np.load(out).shape[0] == 0
-    assert (tmp_path / "f.ids.txt").read_text() == ""
-    failures = (tmp_path / "f.failures.txt").read_text().splitlines()
-    assert len(failures) == 6 and all(NONFINITE_REASON in line for line in failures)
+    capsys.readouterr()
+    assert main(_args(src, out, tiny_spec_file, nan_ckpt)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "none of its 6 images could be embedded" in err[-1]
+    assert NONFINITE_REASON in err[-1]
+    assert not any(p.name.startswith("f.") for p in tmp_path.iterdir())  # no .npy, ids or work folder
 
 
 def test_latin1_and_newline_names(tmp_path, tiny_spec_file, tiny_checkpoint, capsys):

@@ -28,7 +28,7 @@ from unicom_cli.data.images import (
 )
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
-from unicom_cli.errors import DistributedError, UsageError
+from unicom_cli.errors import DistributedError, InputError, UsageError
 from unicom_cli.models.forward import PixelForward
 from unicom_cli.pipelines.features import NONFINITE_REASON, Features
 from unicom_cli.pipelines.writer import (
@@ -37,6 +37,7 @@ from unicom_cli.pipelines.writer import (
     PartWriter,
     assemble,
     parts_complete,
+    read_failures,
     rows_done_total,
 )
 from unicom_cli.utils.console import info, progress_bar
@@ -354,6 +355,21 @@ def _write_predictions(head, files: OutputFiles) -> list[Path]:
     return [out]
 
 
+def _refuse_if_nothing_embedded(config: EmbedConfig, files: OutputFiles, images, world: int,
+                                unlisted: list[tuple[str, str]]) -> None:
+    """Every image failed: an error (exit 2) instead of an empty .npy and exit 0. The work
+    folder goes too, so that a rerun after fixing the files starts over instead of resuming."""
+    import shutil
+
+    failed = read_failures(files.workdir, world)
+    if len(failed) < len(images.relative):
+        return
+    first = ([(images.relative[p], r) for p, r in sorted(failed.items())] + unlisted)[0]
+    shutil.rmtree(files.workdir, ignore_errors=True)
+    raise InputError(f"{config.input}: none of its {len(failed) + len(unlisted):,} images could be "
+                     f"embedded (first: {first[0]}: {first[1]}); nothing written")
+
+
 def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli._version import __version__
 
@@ -435,6 +451,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)
+    _refuse_if_nothing_embedded(config, files, images, world, unlisted)
     count, failed = assemble(files, images.relative, world, dim, config.dtype, meta, unlisted)
     outputs = list(files.finals()) + _write_predictions(head, files)
     seconds = time.perf_counter() - start_time
