@@ -292,3 +292,29 @@ def test_auto_falls_back_to_flat_without_cluster_structure(tmp_path):
     assert summary.tuning.recall == 1.0 and len(index) == 25_000
     truth, _ = exact_topk(x[:20], x, 10)
     assert np.array_equal(index.search(x[:20], 10)[1], truth)
+
+
+def test_result_tables_keep_a_non_utf8_name(tmp_path):
+    """csv and jsonl hold the name's own bytes (it still opens the file); parquet, UTF-8 only,
+    gets \\xNN escapes; all three read back with every other field intact."""
+    import csv
+    import os
+
+    import pandas as pd
+
+    from unicom_cli.pipelines.search import write_table
+
+    name = os.fsdecode(b'caf\xe9, "x".jpg')  # not UTF-8, with a comma and quotes
+    (tmp_path / name).write_bytes(b"x")
+    records = [{"query": "q.jpg", "rank": 1, "id": name, "row": 3, "score": 0.25},
+               {"query": "q.jpg", "rank": 2, "id": "plain.jpg", "row": 0, "score": 0.125}]
+    columns = ["query", "rank", "id", "row", "score"]
+    text = {"encoding": "utf-8", "errors": "surrogateescape"}
+    with open(write_table(tmp_path / "r.csv", records, columns), newline="", **text) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["id"] for r in rows] == [name, "plain.jpg"] and (tmp_path / rows[0]["id"]).is_file()
+    assert [float(r["score"]) for r in rows] == [0.25, 0.125]
+    with open(write_table(tmp_path / "r.jsonl", records, columns), **text) as fh:
+        assert [json.loads(line) for line in fh] == records
+    frame = pd.read_parquet(write_table(tmp_path / "r.parquet", records, columns))
+    assert list(frame["id"]) == ['caf\\xe9, "x".jpg', "plain.jpg"] and list(frame["row"]) == [3, 0]

@@ -180,22 +180,40 @@ def write_results(path: Path, outcome: SearchOutcome) -> Path:
 
 
 def write_table(path: Path, records: list[dict], columns: list[str]) -> Path:
-    """Records → .csv / .jsonl / .parquet at ``path`` via a temp file and one rename."""
+    """Records → .csv / .jsonl / .parquet at ``path`` via a temp file and one rename.
+
+    A file name that is not UTF-8 is written as its own bytes in .csv and .jsonl (as ids.txt
+    holds it, so it still opens the file); Parquet strings must be UTF-8, so there its odd
+    bytes become ``\\xNN`` escapes.
+    """
+    import csv
+
+    from unicom_cli.data.ids import IDS_TEXT
     from unicom_cli.utils.files import atomic_path
 
     path = Path(path)
     suffix = path.suffix.lower()
+    text = {"encoding": "utf-8", "errors": IDS_TEXT["errors"]}
     with atomic_path(path) as tmp:
         if suffix == ".jsonl":
-            with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+            with open(tmp, "w", newline="\n", **text) as handle:
                 for rec in records:
                     handle.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        elif suffix == ".csv":
+            with open(tmp, "w", newline="", **text) as handle:
+                writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(records)
         else:
             import pandas as pd
 
-            frame = pd.DataFrame.from_records(records, columns=columns)
-            if suffix == ".csv":
-                frame.to_csv(tmp, index=False)
-            else:
-                frame.to_parquet(tmp, index=False)
+            utf8 = [{k: _utf8(v) for k, v in rec.items()} for rec in records]
+            pd.DataFrame.from_records(utf8, columns=columns).to_parquet(tmp, index=False)
     return path
+
+
+def _utf8(value):
+    """A str with surrogate-escaped bytes (a non-UTF-8 file name) as valid UTF-8 with \\xNN escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
