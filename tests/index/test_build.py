@@ -227,6 +227,10 @@ def test_auto_choice_follows_size_and_memory():
     assert choose_index(5_000, 512, 8 * gib).kind == "flat"
     mid = choose_index(1_000_000, 512, 16 * gib)
     assert mid.kind == "ivf" and mid.factory == f"IVF{nlist_for(1_000_000)},Flat"
+    # the budget bounds the index: 1M full vectors with their ids and lists, 2.3 GiB, fit in 4 GiB
+    assert memory_of("ivf", 1_000_000, 512, 4096) < 2.4 * gib
+    assert choose_index(1_000_000, 512, 4 * gib).kind == "ivf"
+    assert choose_index(1_000_000, 512, 2 * gib).kind == "ivfpq"
     big = choose_index(100_000_000, 512, 16 * gib)
     assert big.kind == "ivfpq" and big.memory_bytes <= 16 * gib and "_HNSW32" in big.factory
     m = int(big.factory.rsplit("PQ", 1)[1])

@@ -106,7 +106,7 @@ def choose_index(n: int, dim: int, max_memory: int, kind: str = "auto", on_disk:
     """The index for ``n`` vectors of ``dim`` within ``max_memory`` bytes.
 
     ``auto``: exact flat search up to FLAT_MAX vectors (nothing to tune, nothing lost); then
-    IVF over full vectors while they fit in half the budget (fast to build on any number of
+    IVF over full vectors while they fit the budget (fast to build on any number of
     cores, reaches 0.95 recall@10 with few lists probed); beyond that IVF + PQ codes sized to
     the budget. ``flat``, ``hnsw``, ``ivf``, ``ivfpq`` force a family with sizes chosen the
     same way; anything else is taken as a faiss factory string.
@@ -125,12 +125,12 @@ def choose_index(n: int, dim: int, max_memory: int, kind: str = "auto", on_disk:
         if n <= FLAT_MAX and flat <= max_memory and not on_disk:
             return Choice("Flat", "flat", flat, f"{n:,} vectors: exact search is fast enough")
         ivf = memory_of("ivf", n, dim, nlist)
-        if ivf <= (max_memory if on_disk else max_memory // 2) and n >= 39 * 16:
+        if ivf <= max_memory and n >= 39 * 16:
             return Choice(f"{_coarse(nlist)},Flat", "ivf", ivf,
                           f"{n:,} vectors fit in {ivf / 2**30:.2f} GiB of the "
                           f"{max_memory / 2**30:.1f} GiB budget: IVF over full vectors")
         return ivfpq_choice(n, dim, max_memory,
-                            f"{n:,} full vectors ({ivf / 2**30:.1f} GiB) exceed half the "
+                            f"{n:,} full vectors ({ivf / 2**30:.1f} GiB) exceed the "
                             f"{max_memory / 2**30:.1f} GiB budget")
     if kind == "flat":
         return Choice("Flat", "flat", memory_of("flat", n, dim), "exact search (--index flat)")
