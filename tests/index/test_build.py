@@ -322,3 +322,20 @@ def test_result_tables_keep_a_non_utf8_name(tmp_path):
         assert [json.loads(line) for line in fh] == records
     frame = pd.read_parquet(write_table(tmp_path / "r.parquet", records, columns))
     assert list(frame["id"]) == ['caf\\xe9, "x".jpg', "plain.jpg"] and list(frame["row"]) == [3, 0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_source_rows_read_from_the_file_equal_the_matrix(dtype, tmp_path):
+    """Sequential reads go through the file (not the map, which would keep every page resident):
+    the same rows, as float32, for either stored dtype and any range."""
+    from unicom_cli.index.source import open_source
+
+    x = np.random.default_rng(0).standard_normal((700, 24)).astype(dtype)
+    np.save(tmp_path / "a.npy", x)
+    src = open_source(tmp_path / "a.npy", normalize=False)
+    for start, stop in [(0, 700), (100, 357), (699, 700)]:
+        block = src.rows(start, stop)
+        assert block.dtype == np.float32 and np.array_equal(block, x[start:stop].astype(np.float32))
+    chunks = list(src.chunks(chunk_rows=256))
+    assert [s for s, _ in chunks] == [0, 256, 512]
+    assert np.array_equal(np.concatenate([c for _, c in chunks]), x.astype(np.float32))
