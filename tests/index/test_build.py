@@ -325,7 +325,7 @@ def test_result_tables_keep_a_non_utf8_name(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
-def test_source_rows_read_from_the_file_equal_the_matrix(dtype, tmp_path):
+def test_source_rows_read_from_the_file_equal_the_matrix(dtype, tmp_path, monkeypatch):
     """Sequential reads go through the file (not the map, which would keep every page resident):
     the same rows, as float32, for either stored dtype and any range."""
     from unicom_cli.index.source import open_source
@@ -336,6 +336,13 @@ def test_source_rows_read_from_the_file_equal_the_matrix(dtype, tmp_path):
     for start, stop in [(0, 700), (100, 357), (699, 700)]:
         block = src.rows(start, stop)
         assert block.dtype == np.float32 and np.array_equal(block, x[start:stop].astype(np.float32))
+    import unicom_cli.index.source as source
+
+    picks = np.sort(np.random.default_rng(1).choice(700, 300, replace=False))
+    assert np.array_equal(src.rows_at(picks), x[picks].astype(np.float32))  # few rows: through the map
+    monkeypatch.setattr(source, "SCATTERED_ROWS", 10)  # a sample: one pass over the file in windows
+    monkeypatch.setattr(source, "CHUNK_ROWS", 128)  # of 128 rows, the last one short
+    assert np.array_equal(src.rows_at(picks), x[picks].astype(np.float32))
     chunks = list(src.chunks(chunk_rows=256))
     assert [s for s, _ in chunks] == [0, 256, 512]
     assert np.array_equal(np.concatenate([c for _, c in chunks]), x.astype(np.float32))

@@ -105,12 +105,30 @@ class FeatureSource:
         return picks, out
 
     def rows_at(self, rows: np.ndarray) -> np.ndarray:
-        block = np.asarray(self.matrix[np.asarray(rows)], dtype=np.float32)
+        """The rows at sorted positions ``rows``, as float32, normalised if the collection needs it."""
+        rows = np.asarray(rows)
+        if len(rows) > SCATTERED_ROWS:  # a training sample: one pass over the file, chunk by chunk
+            block = np.empty((len(rows), self.dim), np.float32)
+            for start, stop in _spans(rows, CHUNK_ROWS, self.count):
+                inside = (rows >= start) & (rows < stop)
+                block[inside] = self._read(start, stop)[rows[inside] - start]
+        else:  # a few rows: one read each (through the map, each fault's read-ahead stays resident)
+            block = np.stack([self._read(int(r), int(r) + 1)[0] for r in rows]) if len(rows) else \
+                np.empty((0, self.dim), np.float32)
         if self.normalize:
             from unicom_cli.eval.search import l2_normalize
 
             block = l2_normalize(block)
         return block
+
+
+SCATTERED_ROWS = 10_000  # beyond this many rows a sample is read in one pass over the file
+
+
+def _spans(rows: np.ndarray, width: int, count: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) windows of ``width`` rows (within ``count``) that hold some of ``rows``."""
+    for start in np.unique(rows // width) * width:
+        yield int(start), int(min(start + width, count))
 
 
 def _embed_root(meta: dict) -> Path | None:
