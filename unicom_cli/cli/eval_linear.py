@@ -58,8 +58,8 @@ def eval_linear(
     from unicom_cli.pipelines.linear import LinearConfig, run_linear
 
     cfg = LinearConfig(
-        train_dataset=train_dataset, val_dataset=val_dataset, dataset=dataset, data_root=data_root, C=C, normalize=normalize, holdout=holdout,
-        max_iter=max_iter, model=model_opts,
+        train_dataset=train_dataset, val_dataset=val_dataset, dataset=dataset, data_root=data_root,
+        C=C, normalize=normalize, holdout=holdout, max_iter=max_iter, model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
         json_out=json_out)
     results = run_command(launch, run_linear, cfg)

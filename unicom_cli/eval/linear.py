@@ -193,14 +193,13 @@ def _gradient_scale(x, y, num_classes: int, n: int) -> float:
     the rows (per-class sums), all-reduced, so that every rank stops at the same step."""
     import torch
 
-    dim = x.shape[1]
-    sums = torch.zeros(num_classes, dim + 1, dtype=torch.float64, device=x.device)
-    for s in range(0, len(x), 65536):
-        rows = torch.cat([x[s:s + 65536].double(), torch.ones(len(x[s:s + 65536]), 1, dtype=torch.float64,
-                                                               device=x.device)], dim=1)
-        sums.index_add_(0, y[s:s + 65536], rows)
+    chunk = _chunk_rows(num_classes, x.shape[1])
+    sums = torch.zeros(num_classes, x.shape[1] + 1, dtype=torch.float64, device=x.device)
+    for s in range(0, len(x), chunk):
+        sums[:, :-1].index_add_(0, y[s:s + chunk], x[s:s + chunk].double())
+    sums[:, -1] = torch.bincount(y, minlength=num_classes).double()  # the bias column: n_c
     _all_reduce(sums)
-    grad = (sums.sum(0, keepdim=True) / num_classes - sums) / n  # last column: the bias
+    grad = (sums.sum(0, keepdim=True) / num_classes - sums) / n
     return float(grad.abs().max())
 
 

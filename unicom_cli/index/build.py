@@ -380,9 +380,7 @@ def _fill_in_memory(plan: _Plan, cfg: BuildConfig, tmp: Path):
     many = world_size() > 1
     if is_main():
         if plan.existing is not None:
-            main_index = plan.existing.faiss_index
-            empty = faiss.clone_index(main_index)
-            empty.reset()
+            main_index, empty = plan.existing.faiss_index, _empty_copy(plan.existing)
         else:
             main_index = empty = _new_index(plan.choice, plan.dim, plan.sources, cfg, plan.max_memory)
         if many:
