@@ -21,6 +21,24 @@ TINY = {"name": "tiny", "input_size": 32, "patch_size": 8, "width": 32, "depth":
         "embedding_size": 16}
 
 
+# Flag lines as /proc/cpuinfo shows them (abridged) on two kinds of x86 machine: --precision auto
+# resolves to fp32 on the first and to bf16 on the second (torch emulates bf16 where it must).
+CPU_KINDS = {
+    "avx2": frozenset("fpu sse2 avx avx2 fma bmi2".split()),
+    "native-bf16": frozenset("avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8".split()),
+}
+
+
+@pytest.fixture(params=sorted(CPU_KINDS))
+def cpu_kind(request, monkeypatch) -> str:
+    """Run the test once as each kind of CPU, whatever this machine is, so that both branches of
+    the precision choice are exercised on every CI machine (``utils.cpu.cpu_flags`` is the seam)."""
+    from unicom_cli.utils import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: CPU_KINDS[request.param])
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's weights cache."""

@@ -132,7 +132,7 @@ def test_int8_dynamic_quantisation(tiny_files, photos, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_safetensors_round_trip(tiny_files, photos, tmp_path, precision):
+def test_safetensors_round_trip(tiny_files, photos, tmp_path, precision, cpu_kind):
     from safetensors.torch import load_file
 
     spec_file, ckpt = tiny_files
@@ -150,11 +150,12 @@ def test_safetensors_round_trip(tiny_files, photos, tmp_path, precision):
         expected = value.to(dtype) if value.is_floating_point() else value
         assert saved[key].dtype == expected.dtype and torch.equal(saved[key], expected), key
     # Loadable wherever --weights is accepted: the architecture JSON plus the file, strict keys.
+    # Both sides pinned to fp32: on a native-bf16 CPU the default (auto) would run bf16.
     reloaded = create_model(arch, weights=out, device="cpu", precision="fp32")
+    original = create_model(spec_file, weights=ckpt, device="cpu", precision="fp32")
     x = torch.from_numpy(((photos / 255.0 - 0.45) / 0.27).astype(np.float32))
     with torch.no_grad():
-        np.testing.assert_array_equal(reloaded.model(x).numpy(),
-                                      create_model(spec_file, weights=ckpt, device="cpu").model(x).numpy())
+        np.testing.assert_array_equal(reloaded.model(x).numpy(), original.model(x).numpy())
 
 
 def test_checkpoint_given_as_model_uses_arch_json_beside_it(tiny_files, tmp_path):
