@@ -84,3 +84,8 @@ class NonFiniteFeatures(UnicomError):
 
 class ExportFailed(UnicomError):
     """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""
+
+
+class BrokenInstall(UnicomError):
+    """The Python environment itself cannot run unicom (torch and torchvision that do not
+    belong together); the fix is a reinstall, named in the message."""

@@ -80,15 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run_app(argv)
     except UnicomError as exc:
-        if os.environ.get("UNICOM_DEBUG") == "1":
-            raise
-        from rich.markup import escape
-
-        from unicom_cli.utils.console import err_console
-
-        # escape: messages quote paths and backend errors such as "[/src/pair.cc:545] …"
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _report(exc)
     except KeyboardInterrupt:
         from unicom_cli.utils.console import err_console
 
@@ -104,11 +96,29 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _click_exceptions()):
             exc.show()
             return exc.exit_code
-        raise
+        from unicom_cli.utils.torch_stack import broken_torch_stack
+
+        broken = broken_torch_stack()  # torch and torchvision from two indexes: one line, the repair
+        if broken is None:
+            raise
+        return _report(broken)
     finally:
         forget_command()
     # Without standalone mode click returns typer.Exit(code) as the result instead of raising.
     return result if isinstance(result, int) else 0
+
+
+def _report(exc: UnicomError) -> int:
+    """Print ``exc`` as one line (the traceback only with UNICOM_DEBUG=1); return its exit code."""
+    if os.environ.get("UNICOM_DEBUG") == "1":
+        raise exc
+    from rich.markup import escape
+
+    from unicom_cli.utils.console import err_console
+
+    # escape: messages quote paths and backend errors such as "[/src/pair.cc:545] …"
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+    return exc.exit_code
 
 
 def _run_app(argv: list[str] | None) -> object:
