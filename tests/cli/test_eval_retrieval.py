@@ -140,6 +140,7 @@ def test_gldv2_map_at_100_per_split(tmp_path):
     assert r["metrics"]["map@100_private"] == pytest.approx(100 * np.mean(expected["private"]))
     assert 0 < r["metrics"]["map@100_public"] < 100 and r["sizes"] == {"queries": 12, "gallery": 150}
     res = CliRunner().invoke(app, ["eval-retrieval", "--dataset", "gldv2", "--data-root", str(tmp_path),
-                                   "--split", "public", "--embeddings", str(tmp_path / "f.npy"), "--json", str(out)])
+                                   "--split", "public", "--embeddings", str(tmp_path / "f.npy"), "--json", str(out),
+                                   "--overwrite"])
     assert res.exit_code == 0, res.output
     assert set(json.loads(out.read_text())["metrics"]) == {"map@100_public"}

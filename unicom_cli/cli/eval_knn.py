@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, List, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, JsonOutOpt, NumFeatOpt, int_list, launch_options, model_options,
+    BackendOpt, JsonOutOpt,
+    OverwriteOpt, NumFeatOpt, int_list, launch_options, model_options,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ def eval_knn(
     gather_on_cpu: Annotated[bool, typer.Option("--gather-on-cpu", help="Keep train features in host memory and stream them to the GPU (huge train sets).")] = False,
     backend: BackendOpt = "auto",
     json_out: JsonOutOpt = None,
+    overwrite: OverwriteOpt = False,
     *,
     model_opts: ModelOptions,
     launch: LaunchConfig,
@@ -57,7 +59,7 @@ def eval_knn(
         temperature=temperature, per_class=per_class, n_per_class=n_per_class, n_tries=n_tries,
         model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, gather_on_cpu=gather_on_cpu,
-        backend=backend, num_feat=num_feat, json_out=json_out)
+        backend=backend, num_feat=num_feat, json_out=json_out, overwrite=overwrite)
     results = run_command(launch, run_knn, cfg)
     if results is not None:
         print_results(results)

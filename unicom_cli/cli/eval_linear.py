@@ -9,6 +9,7 @@ import typer
 
 from unicom_cli.cli.options import (
     JsonOutOpt,
+    OverwriteOpt,
     launch_options,
     model_options,
 )
@@ -40,6 +41,7 @@ def eval_linear(
     train_embeddings: Annotated[Path | None, typer.Option("--train-embeddings", help="Precomputed train features (.npy + .ids.txt): no model.")] = None,
     val_embeddings: Annotated[Path | None, typer.Option("--val-embeddings", help="Precomputed val features (.npy + .ids.txt).")] = None,
     json_out: JsonOutOpt = None,
+    overwrite: OverwriteOpt = False,
     *,
     model_opts: ModelOptions,
     launch: LaunchConfig,
@@ -61,7 +63,7 @@ def eval_linear(
         train_dataset=train_dataset, val_dataset=val_dataset, dataset=dataset, data_root=data_root,
         C=C, normalize=normalize, holdout=holdout, max_iter=max_iter, model=model_opts,
         train_embeddings=train_embeddings, val_embeddings=val_embeddings, save_classifier=save_classifier,
-        json_out=json_out)
+        json_out=json_out, overwrite=overwrite)
     results = run_command(launch, run_linear, cfg)
     if results is not None:
         print_results(results)

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, List, Literal, Optional
 import typer
 
 from unicom_cli.cli.options import (
-    BackendOpt, JsonOutOpt, NumFeatOpt, int_list, launch_options, model_options,
+    BackendOpt, JsonOutOpt,
+    OverwriteOpt, NumFeatOpt, int_list, launch_options, model_options,
 )
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ def eval_retrieval(
     embeddings: Annotated[Optional[Path], typer.Option("--embeddings", help="Precomputed features (feats.npy + feats.ids.txt from `unicom embed`): no model.")] = None,
     save_features: Annotated[Optional[Path], typer.Option("--save-features", help="Keep the extracted features in this folder (reusable with --embeddings).")] = None,
     json_out: JsonOutOpt = None,
+    overwrite: OverwriteOpt = False,
     vis: Annotated[Optional[Path], typer.Option("--vis", help="Save a picture of a few queries and their top-k: names, ranks and scores; hits green, misses red.")] = None,
     vis_queries: Annotated[int, typer.Option("--vis-queries", min=1, help="Queries (rows) in the --vis picture.")] = 6,
     vis_k: Annotated[int, typer.Option("--vis-k", min=1, help="Results per query in the --vis picture.")] = 5,
@@ -58,7 +60,7 @@ def eval_retrieval(
         gldv2_splits=(split,) if split else ("public", "private"),
         model=model_opts,
         recall_at=int_list(recall_at, "--recall-at"), num_feat=num_feat, embeddings=embeddings,
-        save_features=save_features, backend=backend, json_out=json_out, vis=vis,
+        save_features=save_features, backend=backend, json_out=json_out, overwrite=overwrite, vis=vis,
         vis_queries=vis_queries, vis_k=vis_k)
     results = run_command(launch, run_retrieval, cfg)
     if results is not None:

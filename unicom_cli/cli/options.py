@@ -44,6 +44,7 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Im
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Decoding processes per process (default: half its share of the cores on CPU, at least 2; its share up to 12 on CUDA; 0: decode inline).")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Weights cache (default: $UNICOM_HOME or ~/.cache/unicom).")]
 NumFeatOpt = Annotated[Optional[int], typer.Option("--num-feat", min=1, help="Keep the first K dimensions after L2-normalising.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist (without it nothing is replaced).")]
 JsonOutOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results to this JSON file (folders are created).")]
 OutputDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder (created if missing).")]
 

@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from unicom_cli.cli.options import DeviceOpt, WeightsOpt
+from unicom_cli.cli.options import DeviceOpt, OverwriteOpt, WeightsOpt
 
 EXAMPLES = [
     "unicom search photos.index query.jpg -k 10",
@@ -30,6 +30,7 @@ def search(
     ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help="Graph search depth (HNSW indexes) instead of the tuned value.", show_default=False)] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Find the images of an index most similar to each query, best first.
 
@@ -41,14 +42,15 @@ def search(
     if duplicates:
         if queries:
             raise UsageError("--duplicates searches the index against itself: give no QUERY")
-        _duplicates(index, threshold, output)
+        _duplicates(index, threshold, output, overwrite)
         return
     from unicom_cli.pipelines.search import SearchConfig, run_search
 
     params = {key: value for key, value in (("nprobe", nprobe), ("efSearch", ef_search)) if value}
     outcome = run_search(SearchConfig(index=index, queries=list(queries or []), k=k,
                                       exclude_self=exclude_self, output=output, vis=vis,
-                                      device=device, weights=weights, params=params or None))
+                                      device=device, weights=weights, params=params or None,
+                                      overwrite=overwrite))
     _print_results(outcome)
 
 
@@ -76,7 +78,7 @@ def _print_results(outcome) -> None:
         console.print(f"wrote {path}", highlight=False)
 
 
-def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> None:
+def _duplicates(index_path: Path, threshold: float, output: Optional[Path], overwrite: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -84,11 +86,14 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> N
     from unicom_cli.index.duplicates import find_duplicates
     from unicom_cli.pipelines.search import RESULT_FORMATS, write_table
     from unicom_cli.utils.console import console
+    from unicom_cli.utils.files import refuse_existing
 
     if output is not None and output.suffix.lower() not in RESULT_FORMATS:
         from unicom_cli.errors import UsageError
 
         raise UsageError(f"-o {output}: choose a file ending in {', '.join(RESULT_FORMATS)}")
+    if not overwrite:
+        refuse_existing(output)
     index = Index.load(index_path)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"

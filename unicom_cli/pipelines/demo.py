@@ -92,12 +92,12 @@ def plan(cfg: DemoConfig, digits: Path, arch: Path) -> list[DemoStep]:
             DemoStep(f"zero-shot retrieval on unseen digits 5-9 ({tag})",
                      ["eval-retrieval", "--model", str(arch), *weights,
                       "--dataset", f"folder:{digits / 'test'}", "--recall-at", "1,2,4,8",
-                      "--json", str(out / f"retrieval-{tag}.json"), *launch]),
+                      "--json", str(out / f"retrieval-{tag}.json"), "--overwrite", *launch]),
             DemoStep(f"kNN classification of digits 5-9 ({tag})",
                      ["eval-knn", "--model", str(arch), *weights,
                       "--train-dataset", str(digits / "knn" / "train"),
                       "--val-dataset", str(digits / "knn" / "val"), "--nb-knn", "10,20",
-                      "--json", str(out / f"knn-{tag}.json"), *launch]),
+                      "--json", str(out / f"knn-{tag}.json"), "--overwrite", *launch]),
         ]
 
     return [
@@ -115,12 +115,12 @@ def plan(cfg: DemoConfig, digits: Path, arch: Path) -> list[DemoStep]:
                   *launch]),
         DemoStep("retrieval from the saved features, with a picture of the results",
                  ["eval-retrieval", "--embeddings", str(features),
-                  "--dataset", f"folder:{digits / 'test'}", "--vis", str(out / "retrieval.jpg")]),
+                  "--dataset", f"folder:{digits / 'test'}", "--vis", str(out / "retrieval.jpg"), "--overwrite"]),
         DemoStep("index the embedded test digits for search",
                  ["index", str(features), "-o", str(index), "--overwrite"]),
         DemoStep("search the index with one digit of each class",
                  ["search", str(index), *map(str, search_queries(digits)), "-k", "5",
-                  "-o", str(out / "search.csv"), "--vis", str(out / "search.html")]),
+                  "-o", str(out / "search.csv"), "--vis", str(out / "search.html"), "--overwrite"]),
     ]
 
 

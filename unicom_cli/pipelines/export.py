@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unicom_cli.errors import ExportFailed, InputError, OutputExists, UsageError
+from unicom_cli.errors import ExportFailed, InputError, UsageError
 from unicom_cli.export.check import BOUNDS, Parity
 from unicom_cli.export.graph import OPSET_DEFAULT
 from unicom_cli.utils.console import info
-from unicom_cli.utils.files import disk_errors, output_lock
+from unicom_cli.utils.files import disk_errors, output_lock, refuse_existing
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 KINDS = {".onnx": "onnx", ".safetensors": "safetensors"}
@@ -73,6 +73,7 @@ def resolve_model(model: str, weights: Path | None) -> tuple[str, Path | None]:
 def _validate(config: ExportConfig) -> str:
     """Every check on the arguments, before any model is loaded; returns the kind of export."""
     from unicom_cli.export.graph import check_options
+    from unicom_cli.export.metadata import sidecar_path
     from unicom_cli.models.registry import get_spec
     from unicom_cli.utils.files import check_writable_folder
 
@@ -97,8 +98,9 @@ def _validate(config: ExportConfig) -> str:
     if kind == "onnx":
         _require_onnx_tools()
     check_writable_folder(Path(config.output).parent)
-    if Path(config.output).exists() and not config.overwrite:
-        raise OutputExists(f"{config.output} already exists; add --overwrite to replace it")
+    if not config.overwrite:
+        output = Path(config.output)
+        refuse_existing(output, sidecar_path(output), output.with_name(f"{output.name}.data"))
     return kind
 
 

@@ -39,6 +39,7 @@ class KnnConfig:
     backend: str = "auto"
     num_feat: int | None = None
     json_out: Path | None = None
+    overwrite: bool = False  # replace an existing --json file
 
 
 def run_knn(cfg: KnnConfig) -> dict | None:
@@ -166,7 +167,7 @@ def _validate(cfg: KnnConfig) -> None:
         raise UsageError("--nb-knn values must be ≥ 1")
     if not math.isfinite(cfg.temperature) or cfg.temperature <= 0:
         raise UsageError(f"--temperature {cfg.temperature}: must be a finite number above 0")
-    check_output_file(cfg.json_out, "--json")  # before the work, not after it
+    check_output_file(cfg.json_out, "--json", overwrite=cfg.overwrite)  # before the work, not after it
 
 
 def _comm_device():

@@ -35,6 +35,7 @@ class LinearConfig:
     val_embeddings: Path | None = None
     save_classifier: Path | None = None
     json_out: Path | None = None
+    overwrite: bool = False  # replace an existing --json / --save-classifier file
 
 
 def run_linear(cfg: LinearConfig) -> dict | None:
@@ -46,6 +47,7 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     from unicom_cli.eval.linear import LinearHead, accuracy_counts, fit, search_C
     from unicom_cli.pipelines.features import labelled_features, write_json
     from unicom_cli.utils.console import info
+    from unicom_cli.utils.files import check_output_file
 
     if cfg.C is not None and not (cfg.C > 0 and np.isfinite(cfg.C)):
         raise UsageError(f"--C {cfg.C}: must be a positive number")
@@ -56,6 +58,8 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     if cfg.save_classifier is not None and Path(cfg.save_classifier).is_dir():
         raise UsageError(f"--save-classifier {cfg.save_classifier}: is a folder; give a file name "
                          f"such as head.safetensors")
+    check_output_file(cfg.save_classifier, "--save-classifier", overwrite=cfg.overwrite)
+    check_output_file(cfg.json_out, "--json", overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     data = labelled_features(*_splits(cfg), cfg.model, cfg.train_embeddings, cfg.val_embeddings)

@@ -30,6 +30,7 @@ class RetrievalConfig:
     json_out: Path | None = None
     vis: Path | None = None
     vis_queries: int = 6
+    overwrite: bool = False  # replace an existing --json / --vis file
     vis_k: int = 5
 
 
@@ -45,8 +46,8 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     from unicom_cli.pipelines.vis import PICTURE_SUFFIXES
     from unicom_cli.utils.files import check_output_file
 
-    check_output_file(cfg.json_out, "--json")  # before the work, not after it
-    check_output_file(cfg.vis, "--vis", PICTURE_SUFFIXES)
+    check_output_file(cfg.json_out, "--json", overwrite=cfg.overwrite)  # before the work, not after it
+    check_output_file(cfg.vis, "--vis", PICTURE_SUFFIXES, overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     bench = load_benchmark(cfg.dataset, cfg.data_root, gldv2_splits=cfg.gldv2_splits,

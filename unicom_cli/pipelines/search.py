@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from unicom_cli.errors import InputError, UsageError
+from unicom_cli.utils.files import refuse_existing
 
 RESULT_FORMATS = (".csv", ".jsonl", ".parquet")
 VIS_FORMATS = (".html", ".png")
@@ -27,7 +28,7 @@ class SearchConfig:
     device: str = "cpu"
     weights: Path | None = None
     params: dict | None = None  # search parameters instead of the tuned ones
-    overwrite: bool = True
+    overwrite: bool = False  # replace existing -o / --vis files
 
 
 @dataclass
@@ -62,6 +63,8 @@ def _check_outputs(cfg: SearchConfig) -> None:
             raise UsageError(f"{option} {path}: choose a file ending in {', '.join(allowed)}")
         if not Path(path).parent.is_dir():
             raise InputError(f"{Path(path).parent}: the output folder does not exist")
+        if not cfg.overwrite:
+            refuse_existing(path)
     if cfg.output is not None and Path(cfg.output).suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401

@@ -25,12 +25,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from unicom_cli.data.ids import IDS_TEXT, embed_siblings, write_ids
-from unicom_cli.errors import InputError, OutputExists, UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.utils.files import (
     check_writable_folder,
     disk_errors,
     ensure_free_space,
     preallocate,
+    refuse_existing,
     write_text_atomic,
 )
 
@@ -76,9 +77,7 @@ class OutputFiles:
             return "overwrite"
         if self.workdir.is_dir() and (self.workdir / "run.json").is_file():
             return "resume"
-        if self.feats.exists() or self.meta.exists():
-            raise OutputExists(f"{self.feats} already exists; add --overwrite to replace it "
-                               "(or choose another -o)")
+        refuse_existing(*self.finals())
         return "fresh"
 
     def start(self, plan: str, fingerprint: dict) -> None:

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from unicom_cli.errors import DiskError, InputError, OutputInUse, UsageError
+from unicom_cli.errors import DiskError, InputError, OutputExists, OutputInUse, UsageError
 
 # Errors of the *place* being written, which the user fixes by freeing space or choosing another one.
 DISK_ERRNOS = {errno.ENOSPC: "cannot write, the disk is full",
@@ -113,9 +113,10 @@ def preallocate(path: str | os.PathLike, folder: str | os.PathLike | None = None
 
 
 def check_output_file(path: str | os.PathLike | None, option: str,
-                      suffixes: tuple[str, ...] | None = None) -> None:
-    """Refuse, before any work, an output file option that cannot be written: a folder, or a
-    suffix no writer knows (a picture saved as ``.xyz`` fails only after the evaluation)."""
+                      suffixes: tuple[str, ...] | None = None, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output file option that cannot be written: a folder, a
+    suffix no writer knows (a picture saved as ``.xyz`` fails only after the evaluation), or
+    an existing file without ``--overwrite``."""
     if path is None:
         return
     path = Path(path)
@@ -124,6 +125,16 @@ def check_output_file(path: str | os.PathLike | None, option: str,
     if suffixes is not None and path.suffix.lower() not in suffixes:
         raise UsageError(f"{option} {path}: unknown file type {path.suffix or '(none)'}; use "
                          f"{', '.join(suffixes)}")
+    if not overwrite:
+        refuse_existing(path)
+
+
+def refuse_existing(*paths: str | os.PathLike | None) -> None:
+    """Raise OutputExists naming the first of ``paths`` that exists: a command replaces no file,
+    its main output or one beside it (sidecar, ids, failures list), without ``--overwrite``."""
+    for path in paths:
+        if path is not None and os.path.lexists(path):
+            raise OutputExists(f"{path} already exists; add --overwrite to replace it (or choose another output)")
 
 
 def check_writable_folder(folder: str | os.PathLike) -> None:
