@@ -357,3 +357,32 @@ def test_hostile_input_is_one_message_and_no_output(name, world, busy_port, tmp_
 def test_the_suite_is_large():
     """The closing note quotes this count."""
     assert len(CASES) >= 100
+
+
+# ==================================================================================================
+# Issue 28, second pass: the ONNX route, eval-linear, eval-retrieval, finetune, prepare-gldv2 and
+# download. Each case also names words its one message must hold (the file, the range, the fix).
+# Kept apart from CASES so that the two passes merge without conflicts.
+
+SECOND_PASS_CASES = {
+    "finetune: -s 0": (lambda w, t: _finetune(w, t, "-s", "0"), "scale 0.0: the logit scale must be"),
+    "finetune: --scale nan": (lambda w, t: _finetune(w, t, "--scale", "nan"), "scale nan"),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND_PASS_CASES))
+def test_second_pass_hostile_input(name, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UNICOM_DOWNLOAD_RETRIES", "0")
+    monkeypatch.setenv("UNICOM_DOWNLOAD_BACKOFF", "0")
+    case, expected = SECOND_PASS_CASES[name]
+    argv, outputs = case(world, tmp_path)
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code in (1, 2), f"{name}: exit {code}\n{captured.err}\n{captured.out}"
+    assert "Traceback" not in captured.out
+    line = one_error_line(captured.err)
+    assert expected in line, f"{name}: {line}"
+    for path in outputs:
+        assert not Path(path).exists(), f"{name}: {path} was written"
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"{name}: temp files left: {leftovers}"
