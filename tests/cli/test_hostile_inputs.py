@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -364,9 +365,74 @@ def test_the_suite_is_large():
 # download. Each case also names words its one message must hold (the file, the range, the fix).
 # Kept apart from CASES so that the two passes merge without conflicts.
 
+
+def _cars(w, t: Path, flags: list[int], bomb_bytes: int = 0) -> list[str]:
+    """A Cars196 folder (cars_annos.mat + car_ims/) of the world's photos; ``bomb_bytes`` appends a
+    compressed variable that inflates to that many bytes (a zlib bomb: ~1000:1 on zeros)."""
+    import struct
+    import zlib
+
+    from scipy.io import savemat
+
+    root = t / "cars196"
+    (root / "car_ims").mkdir(parents=True)
+    dtype = [("relative_im_path", "O"), ("class", "O"), ("test", "O")]
+    rows = []
+    for i, flag in enumerate(flags):
+        rel = f"car_ims/{i:06d}.jpg"
+        Image.open(w.photos / f"{i % 6}.png").convert("RGB").save(root / rel)
+        rows.append((rel, 1 + i % 2, flag))
+    mat = root / "cars_annos.mat"
+    savemat(mat, {"annotations": np.array(rows, dtype=dtype).reshape(1, -1)})
+    if bomb_bytes:
+        n = bomb_bytes // 8
+        body = (struct.pack("<4I", 6, 8, 6, 0) + struct.pack("<2I2i", 5, 8, n, 1)
+                + struct.pack("<2I", 1, 4) + b"junk\0\0\0\0" + struct.pack("<2I", 9, 8 * n))
+        packer = zlib.compressobj(9)
+        packed = packer.compress(struct.pack("<2I", 14, len(body) + 8 * n) + body)
+        zeros = bytes(1 << 24)
+        for _ in range(n * 8 // len(zeros)):
+            packed += packer.compress(zeros)
+        packed += packer.flush()
+        with open(mat, "ab") as fh:
+            fh.write(struct.pack("<2I", 15, len(packed)) + packed)
+    return ["--dataset", "cars", "--data-root", str(t)]
+
+
+def _one_class_tree(w, t: Path) -> Path:
+    first = sorted(p for p in w.tree.test.iterdir() if p.is_dir())[0]
+    (t / "one_class").mkdir()
+    shutil.copytree(first, t / "one_class" / first.name)
+    return t / "one_class"
+
+
+def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
+    return _linear(w, t, "--train-embeddings", str(_npy(w, t, feats=train, name="tr")),
+                   "--val-embeddings", str(_npy(w, t, feats=val, name="va")), *extra)
+
+
 SECOND_PASS_CASES = {
     "finetune: -s 0": (lambda w, t: _finetune(w, t, "-s", "0"), "scale 0.0: the logit scale must be"),
     "finetune: --scale nan": (lambda w, t: _finetune(w, t, "--scale", "nan"), "scale nan"),
+    # ---- eval-linear
+    "linear: cars, every test flag 0": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [0] * 6), *_model(w), "--json", str(t / "l.json")],
+                      [t / "l.json"]), "cars_annos.mat: no image has test flag 1"),
+    "linear: cars, every test flag 1": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [1] * 6), *_model(w), "--json", str(t / "l.json")],
+                      [t / "l.json"]), "cars_annos.mat: no image has test flag 0"),
+    "linear: cars_annos.mat zlib bomb": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [0, 1] * 3, bomb_bytes=512 << 20), *_model(w),
+                       "--json", str(t / "l.json")], [t / "l.json"]), "inflates to more than"),
+    "linear: one class of many images": (
+        lambda w, t: _linear(w, t, train=_one_class_tree(w, t)), "needs at least 2"),
+    "linear: val dimension differs": (
+        lambda w, t: _linear_npy(w, t, w.feats, w.feats[:, :32]), "va.npy: rows of 32 dimensions"),
+    "linear: --C 1e-300": (lambda w, t: _linear(w, t, "--C", "1e-300"), "--C 1e-300"),
+    "linear: --C 1e300": (lambda w, t: _linear(w, t, "--C", "1e300"), "--C 1e+300"),
+    "linear: raw features of 1e30": (
+        lambda w, t: _linear_npy(w, t, w.feats * 1e30, w.feats * 1e30, "--no-normalize", "--C", "1"),
+        "drop --no-normalize"),
 }
 
 
@@ -386,3 +452,17 @@ def test_second_pass_hostile_input(name, world, tmp_path, capsys, monkeypatch):
         assert not Path(path).exists(), f"{name}: {path} was written"
     leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
     assert not leftovers, f"{name}: temp files left: {leftovers}"
+
+
+def test_linear_probe_on_features_of_1e30_equals_the_unscaled_probe(world, tmp_path, capsys):
+    """Item 21: L2-normalising rows of 1e30 overflowed (their squares) to zero rows: top-1 33 %
+    on data the unscaled features classify well. Normalised, the scale must not matter."""
+    top1 = []
+    for scale in (1.0, 1e30):
+        t = tmp_path / str(scale)
+        t.mkdir()
+        argv, _ = _linear_npy(world, t, world.feats * np.float32(scale), world.feats * np.float32(scale),
+                              "--C", "10")
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        top1.append(json.loads((t / "l.json").read_text())["metrics"]["top1"])
+    assert top1[0] > 90 and top1[1] == top1[0]
