@@ -406,6 +406,14 @@ def _one_class_tree(w, t: Path) -> Path:
     return t / "one_class"
 
 
+def _singletons(w, t: Path) -> Path:
+    """An ImageFolder tree of 6 classes with one image each."""
+    for i in range(6):
+        (t / "single" / f"c{i}").mkdir(parents=True)
+        shutil.copy(w.photos / f"{i}.png", t / "single" / f"c{i}" / "x.png")
+    return t / "single"
+
+
 def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
     return _linear(w, t, "--train-embeddings", str(_npy(w, t, feats=train, name="tr")),
                    "--val-embeddings", str(_npy(w, t, feats=val, name="va")), *extra)
@@ -414,6 +422,13 @@ def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
 SECOND_PASS_CASES = {
     "finetune: -s 0": (lambda w, t: _finetune(w, t, "-s", "0"), "scale 0.0: the logit scale must be"),
     "finetune: --scale nan": (lambda w, t: _finetune(w, t, "--scale", "nan"), "scale nan"),
+    # ---- eval-retrieval
+    "retrieval: every class a singleton": (
+        lambda w, t: (["eval-retrieval", "--dataset", f"folder:{_singletons(w, t)}", *_model(w), "--json",
+                       str(t / "r.json")], [t / "r.json"]), "no query has a match"),
+    "retrieval: query classes absent from the gallery": (
+        lambda w, t: (["eval-retrieval", "--query", str(_singletons(w, t)), "--gallery", str(w.tree.test),
+                       *_model(w), "--json", str(t / "r.json")], [t / "r.json"]), "no query has a match"),
     # ---- eval-linear
     "linear: cars, every test flag 0": (
         lambda w, t: (["eval-linear", *_cars(w, t, [0] * 6), *_model(w), "--json", str(t / "l.json")],
