@@ -155,3 +155,26 @@ def test_an_output_in_use_is_refused(tree, tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert main(["prepare-gldv2", str(tree.csv), "-j", "0", "--resize", "48"]) == 0
+
+
+def test_pixel_limit_applies_beyond_pillows_own(tree, capsys):
+    """Issue 28 item 23: above twice Pillow's MAX_IMAGE_PIXELS its header read raises
+    DecompressionBombError, which the size check swallowed: the limit never applied and a
+    20000 x 20000 PNG was decoded whole. A PNG header claiming 100,000 x 100,000 pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tree.images / "0/f/0/0f0e0d0c0b0a0003.jpg").write_bytes(bytes(data))
+    assert main(["prepare-gldv2", str(tree.csv), "--resize", "48", "-j", "0"]) == 0
+    report = __import__("json").loads((tree.root / "report.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert "10,000,000,000 pixels is above the limit of 178,956,970" in reasons["0/f/0/0f0e0d0c0b0a0003.jpg"]
