@@ -414,6 +414,29 @@ def _singletons(w, t: Path) -> Path:
     return t / "single"
 
 
+@pytest.fixture(scope="module")
+def onnx_export(world, tmp_path_factory) -> Path:
+    """The world's tiny model exported to ONNX (uint8 input) by the CLI, with its model.json."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main(["export", str(world.spec), "--weights", str(world.ckpt), "-o", str(out)]) == 0
+    return out
+
+
+def _onnx_embed(w, t: Path, edit=None, flip_at: float | None = None) -> tuple[list[str], list[Path]]:
+    """``embed --runtime onnx`` of a copy of the export whose model.json ``edit`` changed (in
+    place) and whose .onnx has one bit flipped at ``flip_at`` (a share of its length)."""
+    graph = t / "g.onnx"
+    data = bytearray(w.onnx.read_bytes())
+    if flip_at is not None:
+        data[int(len(data) * flip_at)] ^= 0x40
+    graph.write_bytes(bytes(data))
+    meta = json.loads(w.onnx.with_suffix(".json").read_text())
+    if edit is not None:
+        edit(meta)
+    (t / "g.json").write_text(json.dumps(meta))
+    return _embed(w, t, model=["--model", str(graph), "--workers", "0", "--batch-size", "8"])
+
+
 def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
     return _linear(w, t, "--train-embeddings", str(_npy(w, t, feats=train, name="tr")),
                    "--val-embeddings", str(_npy(w, t, feats=val, name="va")), *extra)
@@ -422,6 +445,28 @@ def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
 SECOND_PASS_CASES = {
     "finetune: -s 0": (lambda w, t: _finetune(w, t, "-s", "0"), "scale 0.0: the logit scale must be"),
     "finetune: --scale nan": (lambda w, t: _finetune(w, t, "--scale", "nan"), "scale nan"),
+    # ---- embed --runtime onnx
+    "onnx: bit flip, no digest recorded": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m.pop("sha256"), flip_at=0.6), "g.json records no SHA-256"),
+    "onnx: digest null": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(sha256=None)), "no SHA-256"),
+    "onnx: no input_dtype": (lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].pop("input_dtype")),
+                             "g.json: 'onnx.input_dtype'"),
+    "onnx: 'onnx' a string": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(onnx="graph")),
+                              "g.json: 'onnx' must be an object"),
+    "onnx: preprocessing a string": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(preprocessing="clip")),
+                                     "g.json: 'preprocessing' must be an object"),
+    "onnx: 2 mean values": (lambda w, t: _onnx_embed(w, t, lambda m: m["preprocessing"].update(mean=[0.5, 0.5])),
+                            "'preprocessing.mean' must be 3 finite numbers"),
+    "onnx: std of 0": (lambda w, t: _onnx_embed(w, t, lambda m: m["preprocessing"].update(std=[0.2, 0, 0.2])),
+                       "'preprocessing.std'"),
+    "onnx: input size disagrees with the graph": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m.update(input_size=48)), "takes 32 x 32 pixels"),
+    "onnx: float input recorded on a uint8 graph": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(input_dtype="float32")), "takes uint8"),
+    "onnx: wrong output dimension": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(output_dim=99)), "gives 16 dimensions"),
+    "onnx: num_feat a string": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(num_feat="all")), "'onnx.num_feat'"),
     # ---- eval-retrieval
     "retrieval: every class a singleton": (
         lambda w, t: (["eval-retrieval", "--dataset", f"folder:{_singletons(w, t)}", *_model(w), "--json",
@@ -452,7 +497,9 @@ SECOND_PASS_CASES = {
 
 
 @pytest.mark.parametrize("name", list(SECOND_PASS_CASES))
-def test_second_pass_hostile_input(name, world, tmp_path, capsys, monkeypatch):
+def test_second_pass_hostile_input(name, world, tmp_path, capsys, monkeypatch, request):
+    if name.startswith("onnx:"):
+        world.onnx = request.getfixturevalue("onnx_export")
     monkeypatch.setenv("UNICOM_DOWNLOAD_RETRIES", "0")
     monkeypatch.setenv("UNICOM_DOWNLOAD_BACKOFF", "0")
     case, expected = SECOND_PASS_CASES[name]
