@@ -89,3 +89,14 @@ def test_bad_usage_exits_2_with_one_line(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_stall_budget_option(tiny_registered, capsys, tmp_path, monkeypatch):
+    """Issue 28 item 27: --stall-budget bounds the stalled time of all attempts together."""
+    monkeypatch.setenv("UNICOM_DOWNLOAD_STALL_S", "0.3")
+    tiny_registered.fault(PATH, *["trickle"] * 100)
+    code = main(["download", "tiny-dl", "--mirror", tiny_registered.base, "--cache-dir",
+                 str(tmp_path / "c"), "--stall-budget", "0.75"])
+    err = capsys.readouterr().err
+    assert code == 1 and "stalled for" in err and "--stall-budget" in err, err
+    assert 3 <= len(tiny_registered.requested(PATH)) <= 4

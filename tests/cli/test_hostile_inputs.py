@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -357,3 +358,173 @@ def test_hostile_input_is_one_message_and_no_output(name, world, busy_port, tmp_
 def test_the_suite_is_large():
     """The closing note quotes this count."""
     assert len(CASES) >= 100
+
+
+# ==================================================================================================
+# Issue 28, second pass: the ONNX route, eval-linear, eval-retrieval, finetune, prepare-gldv2 and
+# download. Each case also names words its one message must hold (the file, the range, the fix).
+# Kept apart from CASES so that the two passes merge without conflicts.
+
+
+def _cars(w, t: Path, flags: list[int], bomb_bytes: int = 0) -> list[str]:
+    """A Cars196 folder (cars_annos.mat + car_ims/) of the world's photos; ``bomb_bytes`` appends a
+    compressed variable that inflates to that many bytes (a zlib bomb: ~1000:1 on zeros)."""
+    import struct
+    import zlib
+
+    from scipy.io import savemat
+
+    root = t / "cars196"
+    (root / "car_ims").mkdir(parents=True)
+    dtype = [("relative_im_path", "O"), ("class", "O"), ("test", "O")]
+    rows = []
+    for i, flag in enumerate(flags):
+        rel = f"car_ims/{i:06d}.jpg"
+        Image.open(w.photos / f"{i % 6}.png").convert("RGB").save(root / rel)
+        rows.append((rel, 1 + i % 2, flag))
+    mat = root / "cars_annos.mat"
+    savemat(mat, {"annotations": np.array(rows, dtype=dtype).reshape(1, -1)})
+    if bomb_bytes:
+        n = bomb_bytes // 8
+        body = (struct.pack("<4I", 6, 8, 6, 0) + struct.pack("<2I2i", 5, 8, n, 1)
+                + struct.pack("<2I", 1, 4) + b"junk\0\0\0\0" + struct.pack("<2I", 9, 8 * n))
+        packer = zlib.compressobj(9)
+        packed = packer.compress(struct.pack("<2I", 14, len(body) + 8 * n) + body)
+        zeros = bytes(1 << 24)
+        for _ in range(n * 8 // len(zeros)):
+            packed += packer.compress(zeros)
+        packed += packer.flush()
+        with open(mat, "ab") as fh:
+            fh.write(struct.pack("<2I", 15, len(packed)) + packed)
+    return ["--dataset", "cars", "--data-root", str(t)]
+
+
+def _one_class_tree(w, t: Path) -> Path:
+    first = sorted(p for p in w.tree.test.iterdir() if p.is_dir())[0]
+    (t / "one_class").mkdir()
+    shutil.copytree(first, t / "one_class" / first.name)
+    return t / "one_class"
+
+
+def _singletons(w, t: Path) -> Path:
+    """An ImageFolder tree of 6 classes with one image each."""
+    for i in range(6):
+        (t / "single" / f"c{i}").mkdir(parents=True)
+        shutil.copy(w.photos / f"{i}.png", t / "single" / f"c{i}" / "x.png")
+    return t / "single"
+
+
+@pytest.fixture(scope="module")
+def onnx_export(world, tmp_path_factory) -> Path:
+    """The world's tiny model exported to ONNX (uint8 input) by the CLI, with its model.json."""
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert main(["export", str(world.spec), "--weights", str(world.ckpt), "-o", str(out)]) == 0
+    return out
+
+
+def _onnx_embed(w, t: Path, edit=None, flip_at: float | None = None) -> tuple[list[str], list[Path]]:
+    """``embed --runtime onnx`` of a copy of the export whose model.json ``edit`` changed (in
+    place) and whose .onnx has one bit flipped at ``flip_at`` (a share of its length)."""
+    graph = t / "g.onnx"
+    data = bytearray(w.onnx.read_bytes())
+    if flip_at is not None:
+        data[int(len(data) * flip_at)] ^= 0x40
+    graph.write_bytes(bytes(data))
+    meta = json.loads(w.onnx.with_suffix(".json").read_text())
+    if edit is not None:
+        edit(meta)
+    (t / "g.json").write_text(json.dumps(meta))
+    return _embed(w, t, model=["--model", str(graph), "--workers", "0", "--batch-size", "8"])
+
+
+def _linear_npy(w, t: Path, train, val, *extra) -> tuple[list[str], list[Path]]:
+    return _linear(w, t, "--train-embeddings", str(_npy(w, t, feats=train, name="tr")),
+                   "--val-embeddings", str(_npy(w, t, feats=val, name="va")), *extra)
+
+
+SECOND_PASS_CASES = {
+    "finetune: -s 0": (lambda w, t: _finetune(w, t, "-s", "0"), "scale 0.0: the logit scale must be"),
+    "finetune: --scale nan": (lambda w, t: _finetune(w, t, "--scale", "nan"), "scale nan"),
+    # ---- embed --runtime onnx
+    "onnx: bit flip, no digest recorded": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m.pop("sha256"), flip_at=0.6), "g.json records no SHA-256"),
+    "onnx: digest null": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(sha256=None)), "no SHA-256"),
+    "onnx: no input_dtype": (lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].pop("input_dtype")),
+                             "g.json: 'onnx.input_dtype'"),
+    "onnx: 'onnx' a string": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(onnx="graph")),
+                              "g.json: 'onnx' must be an object"),
+    "onnx: preprocessing a string": (lambda w, t: _onnx_embed(w, t, lambda m: m.update(preprocessing="clip")),
+                                     "g.json: 'preprocessing' must be an object"),
+    "onnx: 2 mean values": (lambda w, t: _onnx_embed(w, t, lambda m: m["preprocessing"].update(mean=[0.5, 0.5])),
+                            "'preprocessing.mean' must be 3 finite numbers"),
+    "onnx: std of 0": (lambda w, t: _onnx_embed(w, t, lambda m: m["preprocessing"].update(std=[0.2, 0, 0.2])),
+                       "'preprocessing.std'"),
+    "onnx: input size disagrees with the graph": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m.update(input_size=48)), "takes 32 x 32 pixels"),
+    "onnx: float input recorded on a uint8 graph": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(input_dtype="float32")), "takes uint8"),
+    "onnx: wrong output dimension": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(output_dim=99)), "gives 16 dimensions"),
+    "onnx: num_feat a string": (
+        lambda w, t: _onnx_embed(w, t, lambda m: m["onnx"].update(num_feat="all")), "'onnx.num_feat'"),
+    # ---- eval-retrieval
+    "retrieval: every class a singleton": (
+        lambda w, t: (["eval-retrieval", "--dataset", f"folder:{_singletons(w, t)}", *_model(w), "--json",
+                       str(t / "r.json")], [t / "r.json"]), "no query has a match"),
+    "retrieval: query classes absent from the gallery": (
+        lambda w, t: (["eval-retrieval", "--query", str(_singletons(w, t)), "--gallery", str(w.tree.test),
+                       *_model(w), "--json", str(t / "r.json")], [t / "r.json"]), "no query has a match"),
+    # ---- eval-linear
+    "linear: cars, every test flag 0": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [0] * 6), *_model(w), "--json", str(t / "l.json")],
+                      [t / "l.json"]), "cars_annos.mat: no image has test flag 1"),
+    "linear: cars, every test flag 1": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [1] * 6), *_model(w), "--json", str(t / "l.json")],
+                      [t / "l.json"]), "cars_annos.mat: no image has test flag 0"),
+    "linear: cars_annos.mat zlib bomb": (
+        lambda w, t: (["eval-linear", *_cars(w, t, [0, 1] * 3, bomb_bytes=512 << 20), *_model(w),
+                       "--json", str(t / "l.json")], [t / "l.json"]), "inflates to more than"),
+    "linear: one class of many images": (
+        lambda w, t: _linear(w, t, train=_one_class_tree(w, t)), "needs at least 2"),
+    "linear: val dimension differs": (
+        lambda w, t: _linear_npy(w, t, w.feats, w.feats[:, :32]), "va.npy: rows of 32 dimensions"),
+    "linear: --C 1e-300": (lambda w, t: _linear(w, t, "--C", "1e-300"), "--C 1e-300"),
+    "linear: --C 1e300": (lambda w, t: _linear(w, t, "--C", "1e300"), "--C 1e+300"),
+    "linear: raw features of 1e30": (
+        lambda w, t: _linear_npy(w, t, w.feats * 1e30, w.feats * 1e30, "--no-normalize", "--C", "1"),
+        "drop --no-normalize"),
+}
+
+
+@pytest.mark.parametrize("name", list(SECOND_PASS_CASES))
+def test_second_pass_hostile_input(name, world, tmp_path, capsys, monkeypatch, request):
+    if name.startswith("onnx:"):
+        world.onnx = request.getfixturevalue("onnx_export")
+    monkeypatch.setenv("UNICOM_DOWNLOAD_RETRIES", "0")
+    monkeypatch.setenv("UNICOM_DOWNLOAD_BACKOFF", "0")
+    case, expected = SECOND_PASS_CASES[name]
+    argv, outputs = case(world, tmp_path)
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code in (1, 2), f"{name}: exit {code}\n{captured.err}\n{captured.out}"
+    assert "Traceback" not in captured.out
+    line = one_error_line(captured.err)
+    assert expected in line, f"{name}: {line}"
+    for path in outputs:
+        assert not Path(path).exists(), f"{name}: {path} was written"
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, f"{name}: temp files left: {leftovers}"
+
+
+def test_linear_probe_on_features_of_1e30_equals_the_unscaled_probe(world, tmp_path, capsys):
+    """Item 21: L2-normalising rows of 1e30 overflowed (their squares) to zero rows: top-1 33 %
+    on data the unscaled features classify well. Normalised, the scale must not matter."""
+    top1 = []
+    for scale in (1.0, 1e30):
+        t = tmp_path / str(scale)
+        t.mkdir()
+        argv, _ = _linear_npy(world, t, world.feats * np.float32(scale), world.feats * np.float32(scale),
+                              "--C", "10")
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+        top1.append(json.loads((t / "l.json").read_text())["metrics"]["top1"])
+    assert top1[0] > 90 and top1[1] == top1[0]

@@ -155,3 +155,51 @@ def test_an_output_in_use_is_refused(tree, tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert main(["prepare-gldv2", str(tree.csv), "-j", "0", "--resize", "48"]) == 0
+
+
+def test_pixel_limit_applies_beyond_pillows_own(tree, capsys):
+    """Issue 28 item 23: above twice Pillow's MAX_IMAGE_PIXELS its header read raises
+    DecompressionBombError, which the size check swallowed: the limit never applied and a
+    20000 x 20000 PNG was decoded whole. A PNG header claiming 100,000 x 100,000 pixels."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (4, 4)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (tree.images / "0/f/0/0f0e0d0c0b0a0003.jpg").write_bytes(bytes(data))
+    assert main(["prepare-gldv2", str(tree.csv), "--resize", "48", "-j", "0"]) == 0
+    report = __import__("json").loads((tree.root / "report.json").read_text())
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert "10,000,000,000 pixels is above the limit of 178,956,970" in reasons["0/f/0/0f0e0d0c0b0a0003.jpg"]
+
+
+
+def test_full_disk_with_worker_threads_stops_them(tmp_path, small_disk, capsys):
+    """Issue 28 item 26: when the disk filled, the checkpoint in the cleanup failed too and the
+    encoder pool was never shut down; the cycle collector later closed it from one of its own
+    threads at exit: "cannot join current thread" traceback after the one-line error. After the
+    error, no encoder thread may be left (checked before any collection can run)."""
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ids = [f"{k:03x}0123456789abc" for k in range(120)]
+    for image_id in ids:
+        path = tmp_path / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(path, quality=90)
+    csv = tmp_path / "train_clean.csv"
+    csv.write_text("landmark_id,images\n" + "".join(f"{n},{' '.join(ids[n::3])}\n" for n in range(3)))
+    disk = small_disk("300k")
+    assert main(["prepare-gldv2", str(csv), "-o", str(disk), "--resize", "0", "-j", "2"]) == 1
+    assert "full" in _one_line(capsys)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("unicom-encode")]

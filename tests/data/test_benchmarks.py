@@ -52,7 +52,7 @@ def write_cars(tmp_path, classes=(1, 98, 99, 196, 99)):
 
 def test_cars_and_cub_classification_splits(tmp_path):
     """eval-linear's splits: the cars test flag and CUB's train_test_split.txt, every class in both."""
-    from unicom_cli.data.benchmarks import load_classification
+    from unicom_cli.data.classification import load_classification
 
     write_cars(tmp_path, classes=(1, 1, 196, 196, 2))  # test flags 1 0 1 0 1
     train, test = load_classification("cars", tmp_path)

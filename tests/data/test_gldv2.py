@@ -18,7 +18,8 @@ import pytest
 
 from tests.data.gldv2_tree import make_tree
 from unicom_cli.data.gldv2 import read_train_csv
-from unicom_cli.pipelines.prepare import PrepareConfig, prepare_gldv2, verify_output
+from unicom_cli.pipelines.prepare import PrepareConfig, prepare_gldv2
+from unicom_cli.pipelines.prepare_verify import verify_output
 from unicom_cli.data.recordio import RecordReader, RecordWriter
 from unicom_cli.errors import InputError, UsageError
 

@@ -193,3 +193,13 @@ def test_auto_precision_follows_the_cpu_capabilities(monkeypatch, flags, expecte
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert resolve_precision("auto", "torch", "cpu", 1) == expected
     assert resolve_precision("fp32", "torch", "cpu", 1) == "fp32"
+
+
+
+def test_l2_normalize_of_huge_rows_matches_float64():
+    """Issue 28 item 21: squares of 1e30 overflow float32; the rows became zeros."""
+    x = np.random.default_rng(3).standard_normal((50, 16)).astype(np.float32)
+    for scale in (1.0, 1e30, 3e37):
+        big = (x * np.float32(scale)).astype(np.float64)
+        expected = big / np.sqrt((big ** 2).sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(l2_normalize(x * np.float32(scale)), expected, rtol=0, atol=1e-6)

@@ -321,3 +321,23 @@ def test_changed_file_is_hashed_again_even_within_one_clock_tick(served, payload
     assert path.stat().st_mtime_ns != stat.st_mtime_ns
     result = fetch(spec, cache=cache)
     assert result.status == "downloaded" and path.read_bytes() == payload
+
+
+def test_a_download_that_keeps_stalling_gives_up_after_the_stall_budget(served, payload, cache, monkeypatch):
+    """Issue 28 item 27: each stalled attempt made progress (a few bytes), so the failure count
+    reset and only the 20-attempt budget ended it: ~20 minutes at the 60 s stall window. The
+    stalled time now adds up across attempts: 0.3 s windows, a 0.75 s budget → the third stall."""
+    monkeypatch.setenv("UNICOM_DOWNLOAD_STALL_S", "0.3")
+    monkeypatch.setenv("UNICOM_DOWNLOAD_STALL_BUDGET_S", "0.75")
+    served.fault(PATH, *["trickle"] * 100)
+    with pytest.raises(DownloadError, match=r"stalled for [\d.]+ s in all .*UNICOM_DOWNLOAD_STALL_BUDGET_S"):
+        fetch(_spec(served.base + PATH, _sha(payload)), cache=cache)
+    assert 3 <= len(served.requested(PATH)) <= 4
+    assert not (cache / "FP16-tiny.pt").exists()
+
+
+def test_the_default_stall_budget_is_a_few_minutes():
+    from unicom_cli.models.download import _settings
+
+    settings = _settings(None, None, False, None)
+    assert 60 <= settings.stall_budget <= 300 and settings.stall_budget >= settings.stall

@@ -12,6 +12,7 @@ EXAMPLES = [
     "unicom download ViT-B/32 ViT-L/14",
     "unicom download --all --mirror http://host/unicom",
     "unicom download --verify",
+    "unicom download ViT-L/14 --stall-budget 900   # a slow link: wait up to 15 minutes of stalls",
 ]
 
 _STYLE = {"downloaded": "green", "cached": "green", "ok": "green", "failed": "red",
@@ -28,6 +29,10 @@ def download(
         "--sha256", help="Pin the expected SHA-256 of the one named model's file.")] = None,
     verify: Annotated[bool, typer.Option(
         "--verify", help="Re-hash the cached files (named, or all) and report ok/corrupt/missing.")] = False,
+    stall_budget: Annotated[Optional[float], typer.Option(
+        "--stall-budget", min=0.001, metavar="SECONDS", show_default=False,
+        help="Give up once transfers have stalled this long in all, over every retry (default 180, "
+             "or $UNICOM_DOWNLOAD_STALL_BUDGET_S; other commands that download use the variable).")] = None,
 ) -> None:
     """Download model weights (resumable, SHA-256 verified) into the cache.
 
@@ -43,7 +48,7 @@ def download(
         results = verify_cache(names, cache_dir, sha256)
         failed = [r for r in results if r.status == "corrupt" or (names and r.status != "ok")]
     else:
-        results = download_models(names, all_models, cache_dir, mirror, sha256)
+        results = download_models(names, all_models, cache_dir, mirror, sha256, stall_budget=stall_budget)
         failed = [r for r in results if r.status == "failed"]
 
     folder = next((r.path.parent for r in results if r.path), None)

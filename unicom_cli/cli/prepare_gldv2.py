@@ -70,7 +70,7 @@ def prepare_gldv2(
 
 
 def _verify(out: Path, workers: Optional[int]) -> None:
-    from unicom_cli.pipelines.prepare import verify_output
+    from unicom_cli.pipelines.prepare_verify import verify_output
     from unicom_cli.utils.console import console, err_console
 
     result = verify_output(out, workers=workers)

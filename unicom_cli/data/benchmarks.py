@@ -132,13 +132,28 @@ def load_cars(data_root: Path) -> Benchmark:
     return _class_split("cars", root, rel, cls - 1, 98, [1, 2, 4, 8])
 
 
+# What cars_annos.mat may inflate to: 16,185 annotations of its 7 fields written by scipy take 6.4 MiB.
+CARS_MAT_LIMIT = 64 << 20
+
+
 def _read_cars_mat(root: Path, with_test: bool = False) -> tuple[list[str], np.ndarray, dict]:
     """cars_annos.mat: image paths, class ids 1..196 and the fields read (``test`` when asked)."""
+    import zlib
+
     from scipy.io import loadmat
     from scipy.io.matlab import MatReadError
 
+    from unicom_cli.data.matfile import MatTooLarge, check_inflated_size
+
     mat_path = _need(root / "cars_annos.mat", "cars", "cars196/cars_annos.mat")
     fields = "relative_im_path, class" + (" and test" if with_test else "")
+    try:
+        check_inflated_size(mat_path, CARS_MAT_LIMIT)
+    except MatTooLarge as exc:
+        raise DatasetLayout(f"{mat_path}: {exc}, far beyond the ~6 MiB of the Cars196 annotations "
+                            f"(a damaged or hostile file); not read. Get {SOURCES['cars']}") from exc
+    except (OSError, zlib.error) as exc:
+        raise DatasetLayout(f"{mat_path}: unreadable ({exc}). Get {SOURCES['cars']}") from exc
     try:
         mat = loadmat(mat_path, squeeze_me=True)
         ann = mat["annotations"]
@@ -286,88 +301,6 @@ def load_gldv2(data_root: Path, splits: tuple[str, ...] = ("public", "private"))
     test = Split(paths, np.full(len(paths), -1, dtype=np.int64), np.arange(nq),
                  np.arange(nq, nq + len(index_ids)), relevant, np.array(usage))
     return Benchmark("gldv2", root, test, None, [])
-
-
-# Benchmarks whose official classification split puts every class in both train and test, so a
-# linear probe can be scored on them (the retrieval splits above share no class).
-CLASSIFICATION_DATASETS = ("cars", "cub")
-
-
-@dataclass
-class ClassImages:
-    """Labelled images of one split: paths relative to ``root`` and each image's class name."""
-
-    root: Path
-    paths: list[str]
-    names: list[str]
-
-    @classmethod
-    def scan(cls, tree: Path) -> "ClassImages":
-        """An ImageFolder tree (label = class folder)."""
-        paths, names = scan_class_folders(tree)
-        return cls(Path(tree), paths, names)
-
-
-def load_classification(dataset: str, data_root: Path) -> tuple[ClassImages, ClassImages]:
-    """The official train/test classification split of ``cars`` or ``cub`` (all classes in both)."""
-    from unicom_cli.errors import UsageError
-
-    readers = {"cars": _cars_classification, "cub": _cub_classification}
-    if dataset not in readers:
-        raise UsageError(f"--dataset {dataset!r}: choose one of {', '.join(CLASSIFICATION_DATASETS)} "
-                         f"(the other benchmarks split train and test by class, so no linear probe "
-                         f"can be scored on them)")
-    return readers[dataset](Path(data_root))
-
-
-def _cars_classification(data_root: Path) -> tuple[ClassImages, ClassImages]:
-    """Cars196 by the ``test`` flag of cars_annos.mat: 8,144 train / 8,041 test images, 196 classes."""
-    root = data_root / "cars196"
-    rel, cls, mat = _read_cars_mat(root, with_test=True)
-    test = mat["test"]
-    given = mat.get("class_names")
-    given = [str(n) for n in np.atleast_1d(given)] if given is not None else []
-    # The id first, so that sorted names keep the class order; the mat's name where it has one.
-    label = [f"{c:03d} {given[c - 1]}" if c <= len(given) else f"{c:03d}" for c in cls]
-    pick = lambda want: ClassImages(root, [p for p, t in zip(rel, test) if t == want],  # noqa: E731
-                                    [n for n, t in zip(label, test) if t == want])
-    return pick(0), pick(1)
-
-
-def _cub_classification(data_root: Path) -> tuple[ClassImages, ClassImages]:
-    """CUB-200-2011 by train_test_split.txt: 5,994 train / 5,794 test images, 200 classes."""
-    root = data_root / "CUB_200_2011"
-    images = _read_id_table(_need(root / "images.txt", "cub", "CUB_200_2011/images.txt (image id, path)"))
-    split_file = _need(root / "train_test_split.txt", "cub", "CUB_200_2011/train_test_split.txt")
-    is_train = _read_id_table(split_file)
-    missing = [i for i in images if i not in is_train]
-    if missing or any(v not in ("0", "1") for v in is_train.values()):
-        raise DatasetLayout(f"{split_file}: expected one line '<image id> <0|1>' for every image of "
-                            f"images.txt (first missing id: {missing[0] if missing else 'none'}). "
-                            f"Get {SOURCES['cub']}")
-    rel = [f"images/{path}" for path in images.values()]
-    _check_images(root, rel, "cub", root / "images.txt")
-    names = [Path(path).parent.name for path in images.values()]
-    flags = [is_train[i] for i in images]
-    pick = lambda want: ClassImages(root, [p for p, f in zip(rel, flags) if f == want],  # noqa: E731
-                                    [n for n, f in zip(names, flags) if f == want])
-    return pick("1"), pick("0")
-
-
-def _read_id_table(path: Path) -> dict[str, str]:
-    """CUB's two-column text files: '<image id> <value>' per line, in file order."""
-    table: dict[str, str] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise DatasetLayout(f"{path}: line {n}: expected '<image id> <value>', got {line.strip()[:80]!r}")
-            table[fields[0]] = fields[1]
-    if not table:
-        raise DatasetLayout(f"{path}: empty")
-    return table
 
 
 SPLIT_FOLDERS = {"train", "test", "val", "query", "gallery", "knn"}

@@ -51,18 +51,21 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the header alone (JPEG frame header, else Pillow's lazy open)."""
+    """(width, height) from the header alone (JPEG frame header, else Pillow's lazy open, with
+    Pillow's own pixel limit off: ``check_pixels`` applies ours, which may be higher or lower)."""
     size = jpeg_size(data)
     if size is not None:
         return size
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+    from unicom_cli.data.images import _open_unchecked
+
+    try:  # the header only, without Pillow's limit: its DecompressionBombError hid the size
+        with _open_unchecked(io.BytesIO(data)) as img:
             return img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None  # the decoder then says what is wrong
 
 

@@ -44,7 +44,9 @@ class LinearHead:
             raise InputError(f"features have shape {x.shape}; this head expects rows of "
                              f"{self.weight.shape[1]} dimensions")
         if self.normalize:
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            from unicom_cli.eval.search import l2_normalize
+
+            x = l2_normalize(x)
         return x @ self.weight.T + self.bias
 
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -47,8 +47,14 @@ def l2_normalize(x: np.ndarray, num_feat: int | None = None) -> np.ndarray:
     if num_feat is not None and not 1 <= num_feat <= x.shape[1]:
         raise UsageError(f"--num-feat {num_feat}: the features have {x.shape[1]} dimensions; "
                          f"choose 1 to {x.shape[1]}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out = x / np.maximum(norms, 1e-12)
+    # Squares summed in float64: a float32 sum of squares overflows from values of ~1e19 (the
+    # row then became zeros). A norm past float32's range divides in float64 (rare: values ~1e37).
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))[:, None]
+    norms = np.maximum(norms, 1e-12)
+    if norms.max(initial=0) < np.finfo(np.float32).max:
+        out = x / norms.astype(np.float32)
+    else:
+        out = (x / norms).astype(np.float32)
     return np.ascontiguousarray(out[:, :num_feat] if num_feat else out)
 
 

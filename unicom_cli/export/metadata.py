@@ -8,10 +8,13 @@ another program can build the same input without reading this package.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
 from unicom_cli.errors import InputError
+from unicom_cli.export.graph import INPUT_DTYPES
 from unicom_cli.models.registry import ModelSpec, spec_from_json
 
 FORMAT = "unicom-export/1"
@@ -61,7 +64,43 @@ def read_onnx_metadata(path: Path) -> tuple[ModelSpec, dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "onnx" not in meta:
         raise InputError(f"{side}: not the description of an ONNX export ({FORMAT}); "
                          "export the model again")
+    check_onnx_sidecar(side, meta)
     spec = spec_from_json(side)
-    pre = meta.get("preprocessing", {})
-    spec = replace(spec, mean=tuple(pre.get("mean", spec.mean)), std=tuple(pre.get("std", spec.std)))
+    pre = meta["preprocessing"]
+    spec = replace(spec, mean=tuple(pre["mean"]), std=tuple(pre["std"]))
     return spec, meta
+
+
+def check_onnx_sidecar(side: Path, meta: dict) -> None:
+    """Every field that ``embed --runtime onnx`` reads, with its type, before any is used: a
+    damaged model.json gave tracebacks, and one without the digest let a bit-flipped graph
+    embed with exit 0. One line naming the key."""
+    def refuse(key: str, want: str, value) -> None:
+        raise InputError(f"{side}: '{key}' must be {want}, got {value!r}; export the model again")
+
+    digest = meta.get("sha256")
+    if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
+        raise InputError(f"{side} records no SHA-256 of the graph (got {digest!r}), so a damaged "
+                         f"{meta.get('file', 'graph')} cannot be told from a sound one; export the model again")
+    for key in ("onnx", "preprocessing"):
+        if not isinstance(meta.get(key), dict):
+            refuse(key, "an object", meta.get(key))
+    graph, pre = meta["onnx"], meta["preprocessing"]
+    if graph.get("input_dtype") not in INPUT_DTYPES:
+        refuse("onnx.input_dtype", " or ".join(INPUT_DTYPES), graph.get("input_dtype"))
+    if not isinstance(graph.get("normalized"), bool):
+        refuse("onnx.normalized", "true or false", graph.get("normalized"))
+    if not _positive_int(graph.get("output_dim")):
+        refuse("onnx.output_dim", "a positive integer", graph.get("output_dim"))
+    if graph.get("num_feat") is not None and graph.get("num_feat") != graph["output_dim"]:
+        refuse("onnx.num_feat", f"null or the output_dim {graph['output_dim']}", graph.get("num_feat"))
+    for key, low in (("mean", -math.inf), ("std", 0.0)):
+        values = pre.get(key)
+        if not (isinstance(values, list) and len(values) == 3 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > low
+                for v in values)):
+            refuse(f"preprocessing.{key}", "3 finite numbers" + (" above 0" if low == 0 else ""), values)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -82,7 +82,7 @@ class OnnxModel:
         self.weights_path = self.path  # what embed records as the weights it used
         self.spec, self.meta = read_onnx_metadata(self.path)
         self.sha256 = sha256_file(self.path)
-        if self.meta.get("sha256") not in (None, self.sha256):
+        if self.meta["sha256"] != self.sha256:
             raise InputError(f"{self.path}: its SHA-256 differs from the one in "
                              f"{sidecar_path(self.path).name}: the two files come from "
                              "different exports; export the model again")
@@ -97,9 +97,30 @@ class OnnxModel:
         self.session = create_session(self.path, device=device,
                                       threads=threads or torch.get_num_threads())
         self.input_name = self.session.get_inputs()[0].name
+        self._check_graph()
         self.device = torch.device("cuda" if self.provider == PROVIDERS["cuda"] else "cpu")
         self.mean = np.asarray(self.spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def _check_graph(self) -> None:
+        """The sidecar against the graph's own interface: input type and size, output width."""
+        side = sidecar_path(self.path)
+        given, made = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        dtype = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}.get(given.type, given.type)
+        if dtype != self.meta["onnx"]["input_dtype"]:
+            raise InputError(f"{side}: records {self.meta['onnx']['input_dtype']} input, but {self.path.name} "
+                             f"takes {dtype}: the two files come from different exports; export the model again")
+        size = self.spec.input_size
+        if len(given.shape) != 4 or any(isinstance(d, int) and d != want
+                                        for d, want in zip(given.shape[1:], (3, size, size))):
+            shape = " x ".join(str(d) for d in given.shape[2:])
+            raise InputError(f"{side}: records input_size {size}, but {self.path.name} takes {shape} "
+                             "pixels: the two files come from different exports; export the model again")
+        width = made.shape[-1] if len(made.shape) == 2 else None
+        if len(made.shape) != 2 or (isinstance(width, int) and width != self.output_dim):
+            raise InputError(f"{side}: records output_dim {self.output_dim}, but {self.path.name} gives "
+                             f"{made.shape[-1]} dimensions: the two files come from different exports; "
+                             "export the model again")
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (B, 3, S, S) → float32 (B, output_dim)."""

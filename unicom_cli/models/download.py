@@ -130,13 +130,19 @@ def _locked(path: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------- downloading
 
 def _settings(retries: int | None, backoff: float | None, progress: bool,
-              gdrive_url: str | None) -> resumable.Settings:
+              gdrive_url: str | None, stall_budget: float | None = None) -> resumable.Settings:
     env = os.environ.get
+    if stall_budget is None:
+        stall_budget = float(env("UNICOM_DOWNLOAD_STALL_BUDGET_S", "180"))
+    if not stall_budget > 0:
+        raise UsageError(f"stall budget {stall_budget:g} s: must be above 0 (--stall-budget, "
+                         "$UNICOM_DOWNLOAD_STALL_BUDGET_S)")
     return resumable.Settings(
         retries=int(env("UNICOM_DOWNLOAD_RETRIES", "4")) if retries is None else retries,
         backoff=float(env("UNICOM_DOWNLOAD_BACKOFF", "1.0")) if backoff is None else backoff,
         timeout=float(env("UNICOM_DOWNLOAD_TIMEOUT", "30")),
         stall=float(env("UNICOM_DOWNLOAD_STALL_S", "60")),
+        stall_budget=stall_budget,
         progress=progress,
         gdrive_url=gdrive_url or env("UNICOM_GDRIVE_URL") or GDRIVE_URL,
     )
@@ -166,7 +172,8 @@ def _download(spec: ModelSpec, url: str, part: Path, settings: resumable.Setting
 
 def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None = None,
           sha256: str | None = None, progress: bool = True, *, retries: int | None = None,
-          backoff: float | None = None, gdrive_url: str | None = None) -> FetchResult:
+          backoff: float | None = None, gdrive_url: str | None = None,
+          stall_budget: float | None = None) -> FetchResult:
     """Make sure ``spec``'s weights are in the cache and verified; download them if needed.
 
     The expected digest is ``sha256`` (a pin) or the published one. A cached file that does
@@ -179,7 +186,7 @@ def fetch(spec: ModelSpec, cache: str | Path | None = None, mirror: str | None =
     pinned = normalise_sha256(sha256)
     expected = pinned or spec.sha256
     checksum = "pinned" if pinned else ("published" if spec.sha256 else "computed")
-    settings = _settings(retries, backoff, progress, gdrive_url)
+    settings = _settings(retries, backoff, progress, gdrive_url, stall_budget)
     root = cache_dir(cache)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -255,7 +262,7 @@ def _specs(names: list[str], all_models: bool) -> list[ModelSpec]:
 
 def download_models(names: list[str], all_models: bool = False, cache: str | Path | None = None,
                     mirror: str | None = None, sha256: str | None = None,
-                    progress: bool = True) -> list[FetchResult]:
+                    progress: bool = True, stall_budget: float | None = None) -> list[FetchResult]:
     """`unicom download`: fetch each model, going on with the rest when one fails."""
     specs = _specs(names, all_models)
     if sha256 and len(specs) > 1:
@@ -264,7 +271,7 @@ def download_models(names: list[str], all_models: bool = False, cache: str | Pat
     results = []
     for spec in specs:
         try:
-            results.append(fetch(spec, cache, mirror, sha256, progress))
+            results.append(fetch(spec, cache, mirror, sha256, progress, stall_budget=stall_budget))
         except WeightsError as exc:
             results.append(FetchResult(spec.name, None, None, "failed", "none", str(exc)))
     return results

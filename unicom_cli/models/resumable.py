@@ -42,6 +42,7 @@ class Settings:
     progress: bool
     gdrive_url: str
     stall: float = 60.0  # seconds in which at least STALL_MIN_BYTES must arrive
+    stall_budget: float = 180.0  # stalled seconds allowed over all attempts together
 
     @property
     def budget(self) -> int:
@@ -53,10 +54,11 @@ class Settings:
 class Retry(Exception):
     """A transient failure (5xx, reset, cut, timeout): try again after a pause."""
 
-    def __init__(self, cause: BaseException, progressed: bool = False) -> None:
+    def __init__(self, cause: BaseException, progressed: bool = False, stalled: float = 0.0) -> None:
         super().__init__(str(cause))
         self.cause = cause
         self.progressed = progressed
+        self.stalled = stalled  # seconds this attempt waited for bytes that did not come
 
 
 def _request(url: str, offset: int = 0) -> urllib.request.Request:
@@ -94,9 +96,9 @@ def open_url(opener: urllib.request.OpenerDirector, url: str, offset: int, timeo
             raise DownloadError(f"cannot reach {url} ({exc.reason}). {_WAYS_OUT}") from exc
         if isinstance(exc.reason, (FileNotFoundError, PermissionError)):  # file:// mirror
             raise DownloadError(f"{url}: {exc.reason}. {_WAYS_OUT}") from exc
-        raise Retry(exc) from exc
+        raise Retry(exc, stalled=timeout if isinstance(exc.reason, TimeoutError) else 0.0) from exc
     except (http.client.HTTPException, OSError) as exc:
-        raise Retry(exc) from exc
+        raise Retry(exc, stalled=timeout if isinstance(exc, TimeoutError) else 0.0) from exc
 
 
 def retrying(action: Callable[[], T], url: str, label: str, settings: Settings) -> T:
@@ -104,15 +106,24 @@ def retrying(action: Callable[[], T], url: str, label: str, settings: Settings) 
 
     Attempts that made progress (received bytes) reset the failure count: a flaky link that
     keeps cutting the connection still finishes, thanks to resuming. Every failure, cuts
-    included, also counts against an overall budget (``settings.budget``).
+    included, also counts against an overall budget (``settings.budget``), and the seconds spent
+    waiting on stalled transfers add up against ``settings.stall_budget``: a trickle makes
+    "progress" on every attempt, and 20 stall windows of 60 s were 20 minutes.
     """
     failures = attempts = 0
+    stalled = 0.0
     while True:
         try:
             return action()
         except Retry as exc:
             failures = 1 if exc.progressed else failures + 1
             attempts += 1
+            stalled += exc.stalled
+            if exc.stalled and stalled >= settings.stall_budget:
+                raise DownloadError(f"cannot download {url}: stalled for {stalled:.1f} s in all over "
+                                    f"{attempts} attempts (budget {settings.stall_budget:g} s; raise it with "
+                                    f"`unicom download --stall-budget S` or $UNICOM_DOWNLOAD_STALL_BUDGET_S). "
+                                    f"{_WAYS_OUT}") from exc.cause
             if failures > settings.retries or attempts >= settings.budget:
                 raise DownloadError(f"cannot download {url} ({_describe(exc.cause)}; "
                                     f"{attempts} failed attempts). {_WAYS_OUT}") from exc.cause
@@ -199,15 +210,17 @@ def attempt(opener, url: str, part: Path, label: str, settings: Settings,  # noq
                 try:
                     chunk = read(CHUNK)
                 except (http.client.HTTPException, OSError) as exc:
-                    raise Retry(exc, progressed=received > 0) from exc
+                    waited = settings.timeout if isinstance(exc, TimeoutError) else 0.0
+                    raise Retry(exc, progressed=received > 0, stalled=waited) from exc
                 if not chunk:
                     break
                 window_bytes += len(chunk)
-                if time.monotonic() - window_start >= settings.stall:
+                waited = time.monotonic() - window_start
+                if waited >= settings.stall:
                     if window_bytes < STALL_MIN_BYTES:  # a trickle: the per-read timeout never fires
                         raise Retry(TimeoutError(
-                            f"stalled: {window_bytes:,} bytes in {settings.stall:.0f} s"),
-                            progressed=received > 0)
+                            f"stalled: {window_bytes:,} bytes in {waited:.1f} s"),
+                            progressed=received > 0, stalled=waited)
                     window_start, window_bytes = time.monotonic(), 0
                 if offset + received + len(chunk) > cap:
                     part.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from unicom_cli.data.benchmarks import ClassImages
+from unicom_cli.data.classification import ClassImages
 from unicom_cli.data.ids import IDS_TEXT, embed_siblings, read_ids, write_ids
 from unicom_cli.errors import InputError, NonFiniteFeatures
 from unicom_cli.utils.files import atomic_open, disk_errors, write_json_atomic
@@ -237,6 +237,10 @@ def labelled_features(train_set: ClassImages, val_set: ClassImages, opts: ModelO
         shard = shard_range(len(train_paths))
         train = load_embeddings(train_embeddings, train_dataset, train_paths, np.arange(shard.start, shard.stop))
         val = load_embeddings(val_embeddings, val_dataset, val_paths)
+        if train.features.shape[1] != val.features.shape[1]:
+            raise InputError(f"{val_embeddings}: rows of {val.features.shape[1]} dimensions, but "
+                             f"{train_embeddings} has {train.features.shape[1]}; embed both with the "
+                             "same model and --num-feat")
     else:
         loaded = load_model(opts)
         train = model_features(train_paths, train_dataset, opts, loaded, description="train features", gather=False)

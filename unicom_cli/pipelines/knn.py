@@ -47,7 +47,7 @@ def run_knn(cfg: KnnConfig) -> dict | None:
     from unicom_cli.distributed import device_for, is_main, world_size
     from unicom_cli.eval.knn import few_shot_subsets, knn_classify
     from unicom_cli.eval.search import l2_normalize, resolve_backend
-    from unicom_cli.data.benchmarks import ClassImages
+    from unicom_cli.data.classification import ClassImages
     from unicom_cli.pipelines.features import labelled_features, write_json
 
     _validate(cfg)

@@ -12,8 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from unicom_cli.errors import UsageError
+from unicom_cli.errors import InputError, UsageError
 from unicom_cli.pipelines.features import ModelOptions, model_fields
+
+
+# --C outside this is refused: within it the fit's 1/(C·n) (n up to ~1e9 rows) is a float32 number.
+C_RANGE = (1e-12, 1e12)
+# Raw features beyond this overflow the float32 fit (their squares pass float32's 3.4e38).
+RAW_LIMIT = 1e18
 
 
 @dataclass
@@ -49,8 +55,9 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     from unicom_cli.utils.console import info
     from unicom_cli.utils.files import check_output_file
 
-    if cfg.C is not None and not (cfg.C > 0 and np.isfinite(cfg.C)):
-        raise UsageError(f"--C {cfg.C}: must be a positive number")
+    if cfg.C is not None and not C_RANGE[0] <= cfg.C <= C_RANGE[1]:
+        raise UsageError(f"--C {cfg.C:g}: must be between {C_RANGE[0]:g} and {C_RANGE[1]:g} (the search "
+                         f"tries 1e-06 to 1e+06; beyond the range the fit's 1/(C·n) under- or overflows)")
     if not 0 < cfg.holdout < 1:
         raise UsageError(f"--holdout {cfg.holdout}: must be between 0 and 1")
     if cfg.max_iter < 1:
@@ -62,7 +69,9 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     check_output_file(cfg.json_out, "--json", overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    data = labelled_features(*_splits(cfg), cfg.model, cfg.train_embeddings, cfg.val_embeddings)
+    train_set, val_set = _splits(cfg)
+    data = labelled_features(train_set, val_set, cfg.model, cfg.train_embeddings, cfg.val_embeddings,
+                             check_train=_two_classes)
     timings["features"] = time.perf_counter() - t0
     # The head predicts the classes that have train images; others always miss.
     seen = np.unique(data.train_labels)
@@ -70,11 +79,13 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     head_index[seen] = np.arange(len(seen))
     classes = [data.classes[i] for i in seen]
     train = data.train
-    x = _prepare(train.features[train.ok], cfg.normalize)
     pos = train.positions[train.ok]
+    x = _prepare(train.features[train.ok], cfg.normalize, cfg.train_embeddings or "train features",
+                 [train_set.paths[i] for i in pos])
     y = head_index[data.train_labels[pos]]
     val = data.val
-    vx = _prepare(val.features[val.ok], cfg.normalize)
+    vx = _prepare(val.features[val.ok], cfg.normalize, cfg.val_embeddings or "val features",
+                  [val_set.paths[i] for i in val.positions[val.ok]])
     vy = head_index[data.val_labels[val.ok]]
 
     device = torch.device(device_for(cfg.model.device))
@@ -134,7 +145,7 @@ def run_linear(cfg: LinearConfig) -> dict | None:
 
 def _splits(cfg: LinearConfig):
     """The train and val images: a benchmark's classification split, or two ImageFolder trees."""
-    from unicom_cli.data.benchmarks import ClassImages, load_classification
+    from unicom_cli.data.classification import ClassImages, load_classification
 
     trees = cfg.train_dataset is not None or cfg.val_dataset is not None
     if cfg.dataset is not None:
@@ -146,11 +157,31 @@ def _splits(cfg: LinearConfig):
     return ClassImages.scan(cfg.train_dataset), ClassImages.scan(cfg.val_dataset)
 
 
-def _prepare(x: np.ndarray, normalize: bool) -> np.ndarray:
-    """float32 rows, L2-normalised when asked (the feature readers already refuse NaN/Inf)."""
+def _two_classes(train_names: list[str]) -> None:
+    """One class makes every prediction right (100 %) without learning anything."""
+    classes = sorted(set(train_names))
+    if len(classes) < 2:
+        raise InputError(f"the training set has {len(classes)} class ({classes[0] if classes else 'none'}): "
+                         "a linear probe needs at least 2 classes")
+
+
+def _prepare(x: np.ndarray, normalize: bool, source, ids: list[str]) -> np.ndarray:
+    """float32 rows, L2-normalised when asked (the feature readers already refuse NaN/Inf).
+
+    Raw rows beyond RAW_LIMIT are refused, naming the first: the fit's products of features
+    (logits, curvature) would overflow float32."""
     from unicom_cli.eval.search import l2_normalize
 
-    return l2_normalize(x) if normalize else np.ascontiguousarray(x, dtype=np.float32)
+    if normalize:
+        return l2_normalize(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    big = np.flatnonzero(np.abs(x).max(axis=1, initial=0) > RAW_LIMIT)
+    if len(big):
+        row = int(big[0])
+        raise InputError(f"{source}: {ids[row]} holds a feature of {np.abs(x[row]).max():.3g} ({len(big):,} rows "
+                         f"above {RAW_LIMIT:g}); raw features this large overflow the float32 fit: drop "
+                         "--no-normalize or rescale them")
+    return x
 
 
 def check_head(head_path: Path, embedding_size: int, normalize: bool, num_feat: int | None):

@@ -56,6 +56,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     recall_at = sorted(set(cfg.recall_at or bench.default_recall))
     if any(k < 1 for k in recall_at):
         raise UsageError("--recall-at values must be ≥ 1")
+    _refuse_without_matches(split, bench.root)
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -70,6 +71,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
     if skipped:
         warn(f"{len(skipped)} of {len(split.paths)} images skipped (first: {skipped[0][0]}: {skipped[0][1]})")
         split = split.subset(feats.ok)
+        _refuse_without_matches(split, bench.root, " once the skipped images are left out")
     x = feats.features[feats.ok]
     if len(x) < 2:
         raise InputError(f"{bench.root}: {len(x)} usable image(s) of {len(split.paths) + len(skipped)}; "
@@ -124,6 +126,23 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
                                            cfg.vis_k, scores=scores))
     results["written"] = written
     return results
+
+
+def _refuse_without_matches(split, root: Path, when: str = "") -> None:
+    """When no query has another image of its class to find, every Recall@K is 0 by construction:
+    refuse instead of reporting it. (GLDv2 lists each query's matches: always some.)"""
+    from unicom_cli.eval.retrieval import relevant_counts
+
+    if split.relevant is not None:
+        return
+    queries = split.labels if split.all_vs_all else split.labels[split.query]
+    gallery = split.labels if split.all_vs_all else split.labels[split.gallery]
+    if len(queries) and relevant_counts(queries, gallery, split.all_vs_all).max() <= 0:
+        alone, fix = (("every image is the only one of its class", "give each class at least 2 images")
+                      if split.all_vs_all else ("no query's class has a gallery image",
+                                                "the gallery needs class folders named as the queries'"))
+        raise InputError(f"{root}: {alone}{when}, so no query has a match to find and every Recall@K "
+                         f"would be 0; {fix}")
 
 
 def search_split(split, x: np.ndarray, recall_at: list[int], backend: str,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from torch import nn
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
 from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
+from unicom_cli.train.checks import validate_config
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
 from unicom_cli.utils.cpu import cores_per_process
@@ -238,39 +238,13 @@ def _warmup_share(total_steps: int) -> float:
     return 0.1 if total_steps > 10 else min(0.5, 1.5 / total_steps)
 
 
-def _validate(cfg: FinetuneConfig) -> None:
-    """Values that would crash deep inside training, or train silently to nothing: refused first."""
-    if cfg.optimizer not in ("adamw", "sgd"):
-        raise UsageError(f"--optimizer {cfg.optimizer}: choose adamw or sgd")
-    if cfg.grad_accum < 1:
-        raise UsageError("--grad-accum must be at least 1")
-    if cfg.task not in ("retrieval", "classify"):
-        raise UsageError(f"--task {cfg.task}: choose retrieval or classify")
-    if cfg.task == "classify":
-        from unicom_cli.train.heads import check_classify
-
-        check_classify(cfg)
-    for flag, value in {"--lr": cfg.lr, "--lr-pfc-weight": cfg.lr_pfc_weight}.items():
-        if not math.isfinite(value) or value < 0:  # 0 is allowed: a run that only measures
-            raise UsageError(f"{flag} {value}: must be a finite number, 0 or more")
-    if not (math.isfinite(cfg.sample_rate) and 0 < cfg.sample_rate <= 1):
-        raise UsageError(f"--sample-rate {cfg.sample_rate}: must be in (0, 1] (the share of "
-                         "negative class centres used per step)")
-    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
-        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
-    if cfg.num_feat is not None and cfg.num_feat < 1:
-        raise UsageError(f"--num-feat {cfg.num_feat}: must be at least 1")
-    if cfg.output.exists() and not cfg.output.is_dir():
-        raise UsageError(f"--output {cfg.output}: is a file; give the run folder")
-
-
 def finetune(cfg: FinetuneConfig) -> FinetuneSummary:
     """Train ``cfg.arch`` with Partial FC on ``cfg.dataset``; returns the summary (every rank).
 
     A second run on the same ``--output`` is refused at once (the lock dies with its process).
     """
     cfg.output = Path(cfg.output)
-    _validate(cfg)
+    validate_config(cfg)
     if D.is_main():  # the lock lives beside the run folder, which is made only when training starts
         with disk_errors(cfg.output.parent):
             cfg.output.parent.mkdir(parents=True, exist_ok=True)
