@@ -19,11 +19,12 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from unicom_cli.errors import BadImage
 from unicom_cli.serve.batcher import MicroBatcher, QueueFull
+from unicom_cli.serve.files import CollectionFiles
 from unicom_cli.serve.guards import guard
 
 MB = 1024 * 1024
@@ -45,6 +46,16 @@ class ServeSettings:
     queue_bytes: int = 1024 * MB  # decoded pixels waiting, at most (then 503)
     max_pixels: int = 64_000_000  # decoded size limit of an upload (decompression bombs)
     access_log: bool = True  # one line per request on stderr
+
+
+class NameSafeJSON(JSONResponse):
+    """JSON in ASCII: a file name that is not UTF-8 (its bytes kept as lone surrogates, as
+    ``data.ids`` reads it) cannot be encoded as UTF-8 and answered 500; as a ``\\udcXX``
+    escape it reaches every client, which gets the name's bytes back with
+    ``name.encode("utf-8", "surrogateescape")``."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 @dataclass
@@ -81,7 +92,9 @@ class _Service:
         import torch
 
         self.index = index
+        self.embedder = embedder
         self.settings = settings
+        self.files = CollectionFiles(index)
         self.count = len(index)
         self.max_k = min(settings.max_k, self.count)
         self.default_k = min(settings.default_k, self.max_k)
@@ -92,8 +105,20 @@ class _Service:
         self.decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
 
     def info(self) -> dict:
+        loaded = getattr(self.embedder, "loaded", None)
+        seed = getattr(loaded, "random_init_seed", None)
+        digest = getattr(loaded, "sha256", None)
+        weights = (f"random initialisation, seed {seed} (no trained weights)" if seed is not None
+                   else f"sha256 {digest}" if digest else None)
         return {"count": self.count, "dim": self.index.dim, "model": self.index.meta.get("model"),
+                "weights": weights, "random_init": seed is not None, "random_init_seed": seed,
                 "max_k": self.max_k, "default_k": self.default_k, "max_upload": self.settings.max_upload}
+
+    def hit(self, rank: int, score: float, row: int) -> dict:
+        """One result: a refused row (its file is outside the collection) has no path or thumbnail."""
+        path = self.files.shown_path(row)
+        return {"rank": rank, "row": row, "id": self.index.ids[row], "path": path, "score": score,
+                "thumbnail": None if path is None else f"/images/{row}?size=256"}
 
     async def search(self, request: Request, k: int) -> dict:
         start = time.perf_counter()
@@ -104,9 +129,7 @@ class _Service:
         except QueueFull:
             raise HTTPException(503, "the service is busy (request queue full); retry shortly",
                                 headers={"Retry-After": "1"}) from None
-        results = [{"rank": rank, "row": int(row), "id": self.index.ids[row],
-                    "path": str(self.index.path_of(int(row))), "score": float(score),
-                    "thumbnail": f"/images/{int(row)}?size=256"}
+        results = [self.hit(rank, float(score), int(row))
                    for rank, (score, row) in enumerate(zip(scores, rows), start=1) if row >= 0]
         return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
@@ -154,7 +177,9 @@ class _Service:
 
         if row >= self.count:
             raise HTTPException(404, f"row {row} is not in the index (it has {self.count:,} rows)")
-        path = self.index.path_of(row)
+        path = self.files.file_of(row)
+        if path is None:
+            raise HTTPException(404, f"row {row}: its file is outside the collection; not served")
         if not path.is_file():
             raise HTTPException(404, f"row {row}: the indexed file is no longer on disk")
         cache = {"Cache-Control": "private, max-age=3600"}
@@ -199,9 +224,10 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
         yield
         await service.batcher.stop()  # after uvicorn has let in-flight requests finish
 
-    app = FastAPI(title="unicom search", version="1", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description=f"Image search over {service.count:,} images.")
+    app = FastAPI(title="unicom search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=NameSafeJSON, description=f"Image search over {service.count:,} images.")
     app.state.batcher = service.batcher
+    app.state.files = service.files
 
     @app.get("/healthz", summary="Liveness check (no token needed)")
     def healthz() -> dict:
