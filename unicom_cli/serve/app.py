@@ -31,6 +31,8 @@ MB = 1024 * 1024
 THUMBNAIL_MIN, THUMBNAIL_MAX = 16, 1024
 # Multipart framing (boundaries, part headers, the k field) on top of the file itself.
 MULTIPART_SLACK = 64 * 1024
+JSON_BYTES_PER_VALUE = 64  # a JSON vector may spend this many bytes per number (digits, spaces)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -65,6 +67,38 @@ class _Query:
     k: int
     pixels: np.ndarray | None = None
     vector: np.ndarray | None = None
+
+
+def parse_vector(body: bytes, dim: int) -> np.ndarray:
+    """The float32 query of a JSON ``{"vector": [dim numbers]}`` body, or a 422 saying why not.
+
+    Checked here, before the query joins a batch: a value that is finite as float64 but not as
+    float32 (1e39), an integer too long for a float, nesting deep enough to exhaust the parser's
+    stack or a body far larger than dim numbers need would otherwise fail inside the model thread.
+    """
+    shape = 'expected a JSON object {"vector": [numbers...]}'
+    if len(body) > JSON_BYTES_PER_VALUE * dim + 1024:
+        raise HTTPException(422, f"JSON body of {len(body):,} bytes; {dim} numbers need at most "
+                                 f"{JSON_BYTES_PER_VALUE * dim + 1024:,} bytes")
+    try:
+        values = json.loads(body, parse_int=float)["vector"]  # a 400-digit integer becomes inf
+    except RecursionError:
+        raise HTTPException(422, "JSON body nests too deeply; send a flat list of numbers") from None
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise HTTPException(422, shape) from None
+    if isinstance(values, list) and any(isinstance(v, (bool, str)) for v in values):
+        raise HTTPException(422, f"{shape}: the vector holds values that are not numbers")
+    try:
+        vector = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise HTTPException(422, shape) from None
+    if vector.shape != (dim,):
+        raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs {dim} numbers")
+    if not np.isfinite(vector).all():
+        raise HTTPException(422, "vector contains NaN or infinite values")
+    if np.abs(vector).max() > FLOAT32_MAX:
+        raise HTTPException(422, f"vector values beyond ±{FLOAT32_MAX:.4g} are infinite as float32")
+    return vector.astype(np.float32)
 
 
 def search_batch(index: Any, embedder: Callable, queries: list[_Query]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -161,16 +195,7 @@ class _Service:
             raise HTTPException(400, f"not a usable image: {exc}") from None
 
     def vector(self, body: bytes) -> np.ndarray:
-        try:
-            vector = np.asarray(json.loads(body)["vector"], dtype=np.float64)
-        except (ValueError, TypeError, KeyError):
-            raise HTTPException(422, 'expected a JSON object {"vector": [numbers...]}') from None
-        if vector.shape != (self.index.dim,):
-            raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs "
-                                     f"{self.index.dim} numbers")
-        if not np.isfinite(vector).all():
-            raise HTTPException(422, "vector contains NaN or infinite values")
-        return vector.astype(np.float32)
+        return parse_vector(body, self.index.dim)
 
     async def image(self, row: int, size: int | None) -> Response:
         import anyio
