@@ -30,7 +30,7 @@ class Collection:
     ids: list[str]
     index: Path
     spec: Path
-    weights: Path
+    weights: Path | None  # None: the index's model is randomly initialised (--random-init)
 
 
 def _photos(folder: Path) -> None:
@@ -85,6 +85,57 @@ def collection(tmp_path_factory) -> Collection:
     return Collection(root / "photos", np.load(root / "feats.npy"), ids, root / "photos.index", spec, weights)
 
 
+# Ids of the hostile collection that lead out of it: two written into the embed output's id list
+# before the index was built (as a shared or tampered index folder holds them), one a symlink
+# inside the folder to a photo outside it.
+OUTSIDE_IDS = ("/etc/passwd", "../../../../etc/hostname", "escape.jpg")
+LATIN1_NAME = b"caf\xe9 cr\xe8me.jpg"  # not UTF-8: what `embed` accepts on Linux
+HTML_NAME = '<img src=x onerror="window.pwned=1">&amp;.png'
+
+
+@pytest.fixture(scope="package")
+def hostile(tmp_path_factory) -> Collection:
+    """A randomly initialised model's index over names a client must see intact and files it
+    must never get: a Latin-1 name, an HTML-like name, symlinks in and out of the folder, and
+    ids naming system files."""
+
+    from PIL import Image
+    from skimage import data
+
+    from unicom_cli.cli.app import main
+    from unicom_cli.data.ids import IDS_TEXT, read_ids, write_ids
+    from unicom_cli.index import build_index
+
+    root = tmp_path_factory.mktemp("hostile")
+    photos, outside = root / "photos", root / "outside"
+    (photos / "sub").mkdir(parents=True)
+    outside.mkdir()
+    samples = {"astronaut.jpg": data.astronaut(), "rocket.jpg": data.rocket(), "coffee.jpg": data.coffee(),
+               "sub/coins.jpg": data.coins(), HTML_NAME: data.chelsea(), "stand-in-1.jpg": data.moon(),
+               "stand-in-2.jpg": data.page(), os.fsdecode(LATIN1_NAME): data.camera()}
+    for name, arr in samples.items():
+        Image.fromarray(arr).convert("RGB").reduce(4).save(photos / name)
+    Image.fromarray(data.hubble_deep_field()).reduce(4).save(outside / "secret.jpg")
+    os.symlink("../outside/secret.jpg", photos / "escape.jpg")
+    os.symlink("sub/coins.jpg", photos / "inside-link.jpg")
+    spec, _ = _tiny_weights(root)
+    assert main(["embed", str(photos), "-o", str(root / "feats.npy"), "--model", str(spec), "--random-init",
+                 "--seed", "3", "--workers", "0", "--device", "cpu", "--precision", "fp32"]) == 0
+    ids = read_ids(root / "feats.ids.txt")
+    ids[ids.index("stand-in-1.jpg")], ids[ids.index("stand-in-2.jpg")] = OUTSIDE_IDS[:2]
+    with open(root / "feats.ids.txt", "w", **IDS_TEXT) as handle:
+        write_ids(handle, ids)
+    build_index(root / "feats.npy", root / "hostile.index", index="flat", progress=False)
+    return Collection(photos, np.load(root / "feats.npy"), ids, root / "hostile.index", spec, None)
+
+
+@pytest.fixture(scope="module")
+def hostile_server(hostile):
+    srv = start_server(hostile)
+    yield srv
+    srv.stop()
+
+
 @dataclass
 class Server:
     """A running `unicom serve`: its process, base URL and everything it printed."""
@@ -106,8 +157,9 @@ class Server:
 def start_server(collection: Collection, *extra: str, wait: bool = True, token_env: str | None = None) -> Server:
     """`python -m unicom_cli serve` on a free loopback port (``--port 0``); the URL is read
     from the line it prints once it listens. ``token_env``: UNICOM_TOKEN for the process."""
+    weights = ["--weights", str(collection.weights)] if collection.weights else []
     cmd = [sys.executable, "-m", "unicom_cli", "serve", str(collection.index), "--port", "0",
-           "--device", "cpu", "--weights", str(collection.weights), *extra]
+           "--device", "cpu", *weights, *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", UNICOM_NO_PROGRESS="1", COLUMNS="200")
     env.pop("UNICOM_TOKEN", None)
     if token_env:

@@ -137,3 +137,32 @@ def test_the_queue_is_bounded_in_bytes_too():
         return done + small
 
     assert asyncio.run(main()) == [0, 20, 40, 60]
+
+
+def test_an_item_that_breaks_its_batch_fails_alone():
+    """The batch function raises for a whole batch that holds one bad item (as a search over a
+    non-finite vector does): the batch is retried item by item, so only that item's caller fails."""
+    calls: list[list[int]] = []
+
+    def strict(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        if any(x < 0 for x in items):
+            raise ValueError("a negative item")
+        return [x * 10 for x in items]
+
+    async def main():
+        gate = Gate()
+        first = MicroBatcher(lambda items: gate(items) and strict(items), max_batch=8, queue_size=8)
+        await first.start()
+        held = await _hold_first(first, gate, 0)
+        waiting = [asyncio.create_task(first.submit(x)) for x in (2, -1, 4)]
+        await asyncio.sleep(0)
+        gate.release.set()
+        results = await asyncio.gather(held, *waiting, return_exceptions=True)
+        await first.stop()
+        return results
+
+    results = asyncio.run(main())
+    assert results[0] == 0 and results[1] == 20 and results[3] == 40
+    assert isinstance(results[2], ValueError)
+    assert [2, -1, 4] in calls and [-1] in calls and [2] in calls and [4] in calls

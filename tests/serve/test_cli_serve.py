@@ -45,3 +45,25 @@ def test_a_busy_port_is_refused_before_the_model_loads(collection, capsys):
         assert main(["serve", str(collection.index), "--port", str(port), "--weights", "/no/such.pt"]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}: cannot listen" in err and "--port" in err
+
+
+def test_an_ids_file_that_is_a_fifo_is_refused_at_once(collection, tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: serve must refuse, not hang."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = tmp_path / "fifo.index"
+    shutil.copytree(collection.index, folder)
+    (folder / "ids.txt").unlink()
+    os.mkfifo(folder / "ids.txt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", UNICOM_NO_PROGRESS="1", COLUMNS="200")
+    try:
+        done = subprocess.run([sys.executable, "-m", "unicom_cli", "serve", str(folder), "--port", "0"],
+                              capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("unicom serve hung reading a FIFO ids file")
+    assert done.returncode == 2
+    assert "ids.txt" in done.stderr and "not a regular file" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

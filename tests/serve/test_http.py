@@ -360,3 +360,46 @@ def _read_response(conn: socket.socket) -> bytes:
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:") and len(rest) >= int(line.split(b":")[1]):
                 return data
+
+
+HOSTILE_VECTORS = [
+    ('{"vector": [' + ",".join(["1e39"] * 16) + "]}", "float32"),  # finite as float64, not as float32
+    ('{"vector": [' + "9" * 400 + "," + ",".join(["0.1"] * 15) + "]}", "infinite"),  # a 400-digit integer
+    ('{"vector": ' + "[" * 100_000 + "]" * 100_000 + "}", "bytes"),  # refused by its size
+    ('{"vector": ' + "[" * 1000 + "]" * 1000 + "}", "nests too deeply"),  # within the size: by its depth
+    ('{"vector": [' + ",".join(["0.1"] * 200_000) + "]}", "bytes"),
+    ('{"vector": [' + ",".join(["true"] * 16) + "]}", "numbers"),
+    ('{"vector": [' + ",".join(["Infinity"] * 16) + "]}", "infinite"),
+]
+
+
+@pytest.mark.parametrize("body,what", HOSTILE_VECTORS,
+                         ids=["1e39", "400-digits", "deep", "deep-small", "huge", "bools", "inf"])
+def test_a_hostile_vector_is_a_422(server, auth, body, what):
+    r = httpx.post(server.url + "/search", headers={**auth, "Content-Type": "application/json"},
+                   content=body.encode(), timeout=60)
+    assert r.status_code == 422, r.text[:300]
+    assert what in r.json()["detail"]
+
+
+def test_bad_requests_among_good_ones_fail_alone(server, auth, collection):
+    """Sent at once, so that they share micro-batches: every image query answers its exact
+    results, every hostile vector its own 422."""
+    import asyncio
+
+    names = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "coins.jpg", "moon.jpg",
+             "camera.jpg", "page.jpg", "retina.jpg", "hubble.jpg", "ihc.jpg"]
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, headers=auth, timeout=120) as client:
+            good = [client.post("/search?k=3", files={"image": ("q.jpg", (collection.images / n).read_bytes())})
+                    for n in names]
+            bad = [client.post("/search?k=3", content=body.encode(), headers={"Content-Type": "application/json"})
+                   for body, _ in HOSTILE_VECTORS] * 2
+            return await asyncio.gather(*good, *bad)
+
+    answers = asyncio.run(run())
+    for name, r in zip(names, answers[:len(names)]):
+        assert r.status_code == 200, (name, r.text)
+        _check_exact(collection, r.json(), collection.ids.index(name), 3)
+    assert [r.status_code for r in answers[len(names):]] == [422] * (2 * len(HOSTILE_VECTORS))

@@ -292,6 +292,8 @@ def read_meta(folder: Path) -> dict:
 
 
 def _read_ids(path: Path) -> list[str]:
+    if path.exists() and not path.is_file():  # a FIFO would block the open, /dev/zero never end
+        raise InputError(f"{path}: not a regular file; rebuild the index with `unicom index`")
     try:
         return read_ids(path)
     except FileNotFoundError:

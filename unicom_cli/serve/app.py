@@ -6,7 +6,6 @@ searched in micro-batches by one model thread (``batcher``), which is the only t
 runs torch: several threads each starting torch's own thread pool would oversubscribe the CPU.
 """
 
-import hmac
 import io
 import json
 import time
@@ -20,18 +19,20 @@ from urllib.parse import quote
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from unicom_cli.errors import BadImage
 from unicom_cli.serve.batcher import MicroBatcher, QueueFull
-from unicom_cli.utils.console import info
+from unicom_cli.serve.files import CollectionFiles
+from unicom_cli.serve.guards import guard
 
 MB = 1024 * 1024
 THUMBNAIL_MIN, THUMBNAIL_MAX = 16, 1024
 # Multipart framing (boundaries, part headers, the k field) on top of the file itself.
 MULTIPART_SLACK = 64 * 1024
-OPEN_PATHS = frozenset({"/healthz"})
+JSON_BYTES_PER_VALUE = 64  # a JSON vector may spend this many bytes per number (digits, spaces)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -49,6 +50,16 @@ class ServeSettings:
     access_log: bool = True  # one line per request on stderr
 
 
+class NameSafeJSON(JSONResponse):
+    """JSON in ASCII: a file name that is not UTF-8 (its bytes kept as lone surrogates, as
+    ``data.ids`` reads it) cannot be encoded as UTF-8 and answered 500; as a ``\\udcXX``
+    escape it reaches every client, which gets the name's bytes back with
+    ``name.encode("utf-8", "surrogateescape")``."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 @dataclass
 class _Query:
     """One search in a batch: decoded pixels or a ready vector, and its k."""
@@ -56,6 +67,38 @@ class _Query:
     k: int
     pixels: np.ndarray | None = None
     vector: np.ndarray | None = None
+
+
+def parse_vector(body: bytes, dim: int) -> np.ndarray:
+    """The float32 query of a JSON ``{"vector": [dim numbers]}`` body, or a 422 saying why not.
+
+    Checked here, before the query joins a batch: a value that is finite as float64 but not as
+    float32 (1e39), an integer too long for a float, nesting deep enough to exhaust the parser's
+    stack or a body far larger than dim numbers need would otherwise fail inside the model thread.
+    """
+    shape = 'expected a JSON object {"vector": [numbers...]}'
+    if len(body) > JSON_BYTES_PER_VALUE * dim + 1024:
+        raise HTTPException(422, f"JSON body of {len(body):,} bytes; {dim} numbers need at most "
+                                 f"{JSON_BYTES_PER_VALUE * dim + 1024:,} bytes")
+    try:
+        values = json.loads(body, parse_int=float)["vector"]  # a 400-digit integer becomes inf
+    except RecursionError:
+        raise HTTPException(422, "JSON body nests too deeply; send a flat list of numbers") from None
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise HTTPException(422, shape) from None
+    if isinstance(values, list) and any(isinstance(v, (bool, str)) for v in values):
+        raise HTTPException(422, f"{shape}: the vector holds values that are not numbers")
+    try:
+        vector = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise HTTPException(422, shape) from None
+    if vector.shape != (dim,):
+        raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs {dim} numbers")
+    if not np.isfinite(vector).all():
+        raise HTTPException(422, "vector contains NaN or infinite values")
+    if np.abs(vector).max() > FLOAT32_MAX:
+        raise HTTPException(422, f"vector values beyond ±{FLOAT32_MAX:.4g} are infinite as float32")
+    return vector.astype(np.float32)
 
 
 def search_batch(index: Any, embedder: Callable, queries: list[_Query]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -83,7 +126,9 @@ class _Service:
         import torch
 
         self.index = index
+        self.embedder = embedder
         self.settings = settings
+        self.files = CollectionFiles(index)
         self.count = len(index)
         self.max_k = min(settings.max_k, self.count)
         self.default_k = min(settings.default_k, self.max_k)
@@ -94,8 +139,20 @@ class _Service:
         self.decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
 
     def info(self) -> dict:
+        loaded = getattr(self.embedder, "loaded", None)
+        seed = getattr(loaded, "random_init_seed", None)
+        digest = getattr(loaded, "sha256", None)
+        weights = (f"random initialisation, seed {seed} (no trained weights)" if seed is not None
+                   else f"sha256 {digest}" if digest else None)
         return {"count": self.count, "dim": self.index.dim, "model": self.index.meta.get("model"),
+                "weights": weights, "random_init": seed is not None, "random_init_seed": seed,
                 "max_k": self.max_k, "default_k": self.default_k, "max_upload": self.settings.max_upload}
+
+    def hit(self, rank: int, score: float, row: int) -> dict:
+        """One result: a refused row (its file is outside the collection) has no path or thumbnail."""
+        path = self.files.shown_path(row)
+        return {"rank": rank, "row": row, "id": self.index.ids[row], "path": path, "score": score,
+                "thumbnail": None if path is None else f"/images/{row}?size=256"}
 
     async def search(self, request: Request, k: int) -> dict:
         start = time.perf_counter()
@@ -106,9 +163,7 @@ class _Service:
         except QueueFull:
             raise HTTPException(503, "the service is busy (request queue full); retry shortly",
                                 headers={"Retry-After": "1"}) from None
-        results = [{"rank": rank, "row": int(row), "id": self.index.ids[row],
-                    "path": str(self.index.path_of(int(row))), "score": float(score),
-                    "thumbnail": f"/images/{int(row)}?size=256"}
+        results = [self.hit(rank, float(score), int(row))
                    for rank, (score, row) in enumerate(zip(scores, rows), start=1) if row >= 0]
         return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
@@ -140,23 +195,16 @@ class _Service:
             raise HTTPException(400, f"not a usable image: {exc}") from None
 
     def vector(self, body: bytes) -> np.ndarray:
-        try:
-            vector = np.asarray(json.loads(body)["vector"], dtype=np.float64)
-        except (ValueError, TypeError, KeyError):
-            raise HTTPException(422, 'expected a JSON object {"vector": [numbers...]}') from None
-        if vector.shape != (self.index.dim,):
-            raise HTTPException(422, f"vector has shape {list(vector.shape)}; this index needs "
-                                     f"{self.index.dim} numbers")
-        if not np.isfinite(vector).all():
-            raise HTTPException(422, "vector contains NaN or infinite values")
-        return vector.astype(np.float32)
+        return parse_vector(body, self.index.dim)
 
     async def image(self, row: int, size: int | None) -> Response:
         import anyio
 
         if row >= self.count:
             raise HTTPException(404, f"row {row} is not in the index (it has {self.count:,} rows)")
-        path = self.index.path_of(row)
+        path = self.files.file_of(row)
+        if path is None:
+            raise HTTPException(404, f"row {row}: its file is outside the collection; not served")
         if not path.is_file():
             raise HTTPException(404, f"row {row}: the indexed file is no longer on disk")
         cache = {"Cache-Control": "private, max-age=3600"}
@@ -201,9 +249,10 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
         yield
         await service.batcher.stop()  # after uvicorn has let in-flight requests finish
 
-    app = FastAPI(title="unicom search", version="1", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description=f"Image search over {service.count:,} images.")
+    app = FastAPI(title="unicom search", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  default_response_class=NameSafeJSON, description=f"Image search over {service.count:,} images.")
     app.state.batcher = service.batcher
+    app.state.files = service.files
 
     @app.get("/healthz", summary="Liveness check (no token needed)")
     def healthz() -> dict:
@@ -242,7 +291,8 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
             None, ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX, description="Longest side of a JPEG thumbnail.")):
         return await service.image(row, size)
 
-    return _guard(app, settings)
+    return guard(app, token=settings.token, body_limit=settings.max_upload + MULTIPART_SLACK,
+                 access_log=settings.access_log)
 
 
 def _decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
@@ -262,111 +312,3 @@ def _thumbnail(path, size: int) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=85)
     return out.getvalue()
-
-
-def _guard(app: Any, settings: ServeSettings) -> Any:
-    """Wrap the app: access log (outermost), then the token check, then the body-size limit."""
-    limit = settings.max_upload + MULTIPART_SLACK
-    app.add_middleware(_BodyLimit, limit=limit)
-    if settings.token:
-        app.add_middleware(_TokenCheck, token=settings.token)
-    if settings.access_log:
-        app.add_middleware(_AccessLog)
-    return app
-
-
-async def _send_json(send: Callable, status: int, detail: str, headers: dict | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-class _TokenCheck:
-    """Requires ``Authorization: Bearer <token>`` (or ``?token=``, which is how a browser opens
-    the page) on every route except /healthz; compared in constant time."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self.token = token.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
-            await self.app(scope, receive, send)
-            return
-        await _send_json(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>'",
-                         {"WWW-Authenticate": "Bearer"})
-
-    def _allowed(self, scope: dict) -> bool:
-        from urllib.parse import parse_qs
-
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            return hmac.compare_digest(auth[7:].strip(), self.token)
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        given = query.get("token", [""])[-1].encode("utf-8", "surrogateescape")
-        return bool(given) and hmac.compare_digest(given, self.token)
-
-
-class _BodyLimit:
-    """Refuses request bodies above ``limit`` bytes with 413: at once when Content-Length says
-    so, otherwise as soon as the streamed body passes it (nothing larger is ever buffered)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"request body is larger than {self.limit:,} bytes (--max-upload)"
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await _send_json(send, 413, message)
-            return
-        received = 0
-
-        async def counted() -> dict:
-            nonlocal received
-            event = await receive()
-            if event["type"] == "http.request":
-                received += len(event.get("body", b""))
-                if received > self.limit:
-                    raise HTTPException(413, message)  # answered by the app's own handler
-            return event
-
-        await self.app(scope, counted, send)
-
-
-class _AccessLog:
-    """One line per request on stderr: method, path (never the token), status, time."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def record(event: dict) -> None:
-            nonlocal status
-            if event["type"] == "http.response.start":
-                status = event["status"]
-            await send(event)
-
-        try:
-            await self.app(scope, receive, record)
-        finally:
-            from rich.markup import escape
-
-            client = scope.get("client") or ("-", 0)
-            ms = (time.perf_counter() - start) * 1000
-            # The path as sent (still percent-encoded: no control characters reach the terminal).
-            path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-            info(escape(f"{client[0]} {scope['method']} {path} {status} {ms:.1f} ms"))

@@ -101,14 +101,10 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _process(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Item, Any]]) -> None:
         items = [item for item, _ in batch]
-        try:
-            results = await loop.run_in_executor(self._executor, self.fn, items)
-            if len(results) != len(items):
-                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
-        except Exception as exc:  # noqa: BLE001 - every waiting caller gets the error
-            results = [exc] * len(items)
-        self.batches += 1
-        self.items += len(items)
+        results = await self._call(loop, items)
+        if len(items) > 1 and isinstance(results[0], Exception) and all(r is results[0] for r in results):
+            # The whole batch failed: one item may be at fault. Each alone, so only its caller fails.
+            results = [(await self._call(loop, [item]))[0] for item in items]
         for (_, future), result in zip(batch, results):
             if future.done():
                 continue
@@ -116,3 +112,15 @@ class MicroBatcher(Generic[Item, Result]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, items: list[Item]) -> list:
+        """``fn(items)`` in the worker thread; an exception becomes every item's result."""
+        try:
+            results = await loop.run_in_executor(self._executor, self.fn, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting callers
+            results = [exc] * len(items)
+        self.batches += 1
+        self.items += len(items)
+        return list(results)

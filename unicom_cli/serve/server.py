@@ -48,10 +48,13 @@ def serve(config: ServeConfig) -> None:
     port = sock.getsockname()[1]
     app = create_app(index, embedder, config.settings)
     loaded = embedder.loaded
-    weights = f"{loaded.weights_path} (sha256 {loaded.sha256[:12]}…)" if loaded.sha256 else "no weights file"
+    weights = (f"{loaded.weights_path} (sha256 {loaded.sha256[:12]}…)" if loaded.sha256
+               else f"randomly initialised (seed {loaded.random_init_seed}): results mean nothing"
+               if loaded.random_init_seed is not None else "no weights file")
     info(f"index  {config.index}: {len(index):,} images, {index.dim} dims, "
          f"{index.meta.get('factory', '?')}")
     info(f"model  {loaded.spec.name} on {device}, {weights}")
+    _announce_refused(app.state.files, len(index))
     batching = (f"micro-batches of up to {config.settings.max_batch}" if config.settings.max_batch > 1
                 else "micro-batching off")
     info(f"limits k ≤ {min(config.settings.max_k, len(index))}, uploads ≤ "
@@ -71,6 +74,18 @@ def serve(config: ServeConfig) -> None:
     finally:
         sock.close()
     info("stopped")
+
+
+def _announce_refused(files, count: int) -> None:
+    """Say at start how many rows' files will not be served (serve.files), with an example."""
+    from rich.markup import escape
+
+    if not files.refused:
+        return
+    where = " or ".join(files.roots) or "(no folder recorded: the index was built from bare vectors)"
+    example = ascii(files.example_refused())[1:-1]  # control characters and odd bytes stay visible
+    warn(escape(f"{len(files.refused):,} of {count:,} ids lead outside the collection {where} "
+                f"(e.g. {example}): their files are not served (GET /images answers 404)"))
 
 
 def bind(host: str, port: int) -> socket.socket:
