@@ -33,7 +33,7 @@ from unicom_cli.index.backends.milvus import (
     recorded_meta,
     release,
 )
-from unicom_cli.index.build import BuildSummary, _check_compatible, _open_sources, recorded_sources
+from unicom_cli.index.build import FLAT_SCAN_SHARE, BuildSummary, _check_compatible, _open_sources, recorded_sources
 from unicom_cli.index.choose import HNSW_M, Choice, choose_index, default_max_memory, nlist_for
 from unicom_cli.index.source import FeatureSource, relative_ids
 from unicom_cli.index.tune import EF_SEARCHES, NPROBES, RECALL_K, HeldOut, Tuning, _without, held_out_queries
@@ -170,6 +170,15 @@ def _build(client, cfg: MilvusBuildConfig, sources: list[FeatureSource], start: 
     meta = {**fields, "count": n, "root": str(root) if root else None}
     index = MilvusIndex(MilvusRef(ref.uri, staging), client, meta)
     tuning = _tune(index, sources, spec, cfg)
+    nlist = spec["params"].get("nlist", 0)
+    if cfg.index == "auto" and choice.kind == "ivf" and tuning.params.get("nprobe", 0) > FLAT_SCAN_SHARE * nlist:
+        info(f"IVF_FLAT needs nprobe={tuning.params['nprobe']} of {nlist} lists for recall@{RECALL_K} "
+             f"{cfg.target_recall}: the collection has little cluster structure; using FLAT instead")
+        choice = Choice("Flat", "flat", choice.memory_bytes, f"IVF needed nprobe={tuning.params['nprobe']} "
+                        f"of {nlist} lists for the target recall: exact search is as fast")
+        spec = milvus_index_for(choice, n, dim, ref.embedded)
+        _make_index(client, staging, spec)
+        tuning = _tune(index, sources, spec, cfg)
     meta = _meta(cfg, meta, choice, spec, tuning, [], sources, max_memory, time.perf_counter() - start,
                  insert_seconds)
     client.alter_collection_properties(staging, properties={META_KEY: json.dumps(meta), STATE_KEY: "ready"})
