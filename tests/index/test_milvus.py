@@ -231,3 +231,16 @@ def test_a_missing_extra_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pymilvus", None)  # as if `pip install unicom-cli` without [milvus]
     err = _one_line_exit_2(main(["index", str(npy), "-o", f"milvus:{tmp_path}/x.db#c"]), capsys)
     assert "unicom-cli[milvus]" in err
+
+
+def test_odd_file_names_are_found_by_path(tmp_path):
+    x = clustered(40, 8, seed=8)
+    npy = write_features(tmp_path, "feats", x)
+    names = [f"feats/img_{i:05d}.jpg" for i in range(40)]
+    names[3], names[4], names[5] = 'feats/a "quoted" é.jpg', "feats/back\\slash.jpg", "feats/it's.png"
+    (tmp_path / "feats.ids.txt").write_text("".join(n + "\n" for n in names))
+    assert main(["index", str(npy), "-o", f"milvus:{tmp_path}/n.db#names", "--index", "flat"]) == 0
+    index = _load(f"milvus:{tmp_path}/n.db#names")
+    for row in (3, 4, 5, 6):
+        assert index.row_of(tmp_path / names[row]) == row and index.ids[row] == names[row]
+    assert index.row_of(tmp_path / "feats" / "missing.jpg") is None

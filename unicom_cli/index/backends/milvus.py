@@ -248,7 +248,8 @@ class MilvusIndex(Index):
         """The row of an image file that is in the collection (by its path under ``root``), or None."""
         rel = str(image) if self.root is None else os.path.relpath(os.path.abspath(image), self.root)
         rel = rel.replace(os.sep, "/")
-        found = self.client.query(self.ref.collection, filter=f"{PATH_FIELD} == {json.dumps(rel)}",
+        literal = json.dumps(rel, ensure_ascii=False)  # a quoted string with \" and \\ escaped
+        found = self.client.query(self.ref.collection, filter=f"{PATH_FIELD} == {literal}",
                                   output_fields=[ID_FIELD], limit=1)
         return int(found[0][ID_FIELD]) if found else None
 
@@ -269,6 +270,8 @@ class MilvusIndex(Index):
     def raw_search(self, vectors: np.ndarray, want: int, params: dict | None = None):
         """Milvus's top-``want`` of each row of ``vectors`` (row -1 and score -inf where it found fewer)."""
         params = dict(self.meta.get("search_params") or {}) if params is None else dict(params)
+        if "efSearch" in params:  # `unicom search --ef-search`, faiss's name for HNSW's ef
+            params["ef"] = params.pop("efSearch")
         if "ef" in params:  # HNSW: Milvus refuses an ef below the number of results asked for
             params["ef"] = max(int(params["ef"]), want)
         rows = np.full((len(vectors), want), -1, dtype=np.int64)
