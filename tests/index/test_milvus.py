@@ -244,3 +244,16 @@ def test_odd_file_names_are_found_by_path(tmp_path):
     for row in (3, 4, 5, 6):
         assert index.row_of(tmp_path / names[row]) == row and index.ids[row] == names[row]
     assert index.row_of(tmp_path / "feats" / "missing.jpg") is None
+
+
+def test_a_collection_dropped_under_a_reader_is_one_error_naming_it(tmp_path):
+    from unicom_cli.index.backends.milvus import MilvusUnavailable
+
+    x = clustered(100, 8, seed=10)
+    npy = write_features(tmp_path, "feats", x)
+    ref = f"milvus:{tmp_path}/g.db#gone"
+    assert main(["index", str(npy), "-o", ref, "--index", "flat"]) == 0
+    index = _load(ref)
+    index.client.drop_collection("gone")  # as another client of the same database would
+    with pytest.raises(MilvusUnavailable, match="g.db#gone: Milvus error"):
+        index.search(x[:2], 3)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -144,6 +145,21 @@ def _why(ref: MilvusRef, exc: Exception) -> str:
     return f"Milvus error: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
+@contextmanager
+def milvus_errors(ref: MilvusRef):
+    """A failed Milvus call (server gone, refused, a parameter it rejects) becomes one line naming the URI."""
+    try:
+        yield
+    except UnicomError:
+        raise
+    except Exception as exc:
+        from pymilvus.exceptions import MilvusException
+
+        if not isinstance(exc, MilvusException):
+            raise
+        raise MilvusUnavailable(f"{ref}: {_why(ref, exc)}") from None
+
+
 def release(client, ref: MilvusRef) -> None:
     """Close the client; for the embedded engine also stop its in-process server, which frees the
     database for another process (milvus-lite admits one process per .db)."""
@@ -175,12 +191,26 @@ def recorded_meta(client, ref: MilvusRef, name: str | None = None) -> dict:
     return meta
 
 
+def _ready_meta(client, ref: MilvusRef) -> dict:
+    """The recorded meta of a finished collection, loaded for search."""
+    if not client.has_collection(ref.collection):
+        names = ", ".join(sorted(client.list_collections())) or "none"
+        raise InputError(f"{ref}: no such collection at {ref.uri} (it has: {names})")
+    props = read_properties(client, ref.collection)
+    meta = recorded_meta(client, ref)
+    if props.get(STATE_KEY) != "ready":
+        raise InputError(f"{ref}: an unfinished build ({props.get(STATE_KEY)}); rerun the "
+                         "`unicom index` command that made it, it resumes")
+    client.load_collection(ref.collection)
+    return meta
+
+
 class _Ids:
     """Row → id (path) of a collection, read from Milvus on demand and cached (search results
     bring theirs along), so a collection of any size is never read whole."""
 
-    def __init__(self, client, name: str, count: int) -> None:
-        self.client, self.name, self.count, self.known = client, name, count, {}
+    def __init__(self, client, ref: MilvusRef, count: int) -> None:
+        self.client, self.ref, self.name, self.count, self.known = client, ref, ref.collection, count, {}
 
     def __len__(self) -> int:
         return self.count
@@ -190,7 +220,8 @@ class _Ids:
         if not 0 <= row < self.count:
             raise IndexError(row)
         if row not in self.known:
-            found = self.client.query(self.name, filter=f"{ID_FIELD} in [{row}]", output_fields=[PATH_FIELD])
+            with milvus_errors(self.ref):
+                found = self.client.query(self.name, filter=f"{ID_FIELD} in [{row}]", output_fields=[PATH_FIELD])
             if not found:
                 raise InputError(f"row {row} is missing from the Milvus collection {self.name}")
             self.known[row] = found[0][PATH_FIELD]
@@ -211,7 +242,7 @@ class MilvusIndex(Index):
         self.meta = meta
         self.dim = int(meta["dim"])
         self.root = Path(meta["root"]) if meta.get("root") else None
-        self.ids = _Ids(client, ref.collection, int(meta["count"]))
+        self.ids = _Ids(client, ref, int(meta["count"]))
         self._embedders = {}
         self._row_of = None
 
@@ -221,19 +252,11 @@ class MilvusIndex(Index):
         ref = reference if isinstance(reference, MilvusRef) else parse_reference(str(reference))
         client = connect(ref, token)
         try:
-            if not client.has_collection(ref.collection):
-                names = ", ".join(sorted(client.list_collections())) or "none"
-                raise InputError(f"{ref}: no such collection at {ref.uri} (it has: {names})")
-            props = read_properties(client, ref.collection)
-            meta = recorded_meta(client, ref)
-            if props.get(STATE_KEY) != "ready":
-                raise InputError(f"{ref}: an unfinished build ({props.get(STATE_KEY)}); rerun the "
-                                 "`unicom index` command that made it, it resumes")
-            client.load_collection(ref.collection)
+            with milvus_errors(ref):
+                return cls(ref, client, _ready_meta(client, ref))
         except BaseException:
             release(client, ref)
             raise
-        return cls(ref, client, meta)
 
     def close(self) -> None:
         release(self.client, self.ref)
@@ -249,8 +272,9 @@ class MilvusIndex(Index):
         rel = str(image) if self.root is None else os.path.relpath(os.path.abspath(image), self.root)
         rel = rel.replace(os.sep, "/")
         literal = json.dumps(rel, ensure_ascii=False)  # a quoted string with \" and \\ escaped
-        found = self.client.query(self.ref.collection, filter=f"{PATH_FIELD} == {literal}",
-                                  output_fields=[ID_FIELD], limit=1)
+        with milvus_errors(self.ref):
+            found = self.client.query(self.ref.collection, filter=f"{PATH_FIELD} == {literal}",
+                                      output_fields=[ID_FIELD], limit=1)
         return int(found[0][ID_FIELD]) if found else None
 
     def search(self, queries: np.ndarray | Sequence, k: int = 10, *, exclude=None, params: dict | None = None,
@@ -277,9 +301,10 @@ class MilvusIndex(Index):
         rows = np.full((len(vectors), want), -1, dtype=np.int64)
         scores = np.full((len(vectors), want), -np.inf, dtype=np.float32)
         for start in range(0, len(vectors), SEARCH_QUERIES):
-            found = self.client.search(self.ref.collection, data=vectors[start:start + SEARCH_QUERIES].tolist(),
-                                       limit=want, output_fields=[PATH_FIELD],
-                                       search_params={"metric_type": "IP", "params": params})
+            with milvus_errors(self.ref):
+                found = self.client.search(self.ref.collection, data=vectors[start:start + SEARCH_QUERIES].tolist(),
+                                           limit=want, output_fields=[PATH_FIELD],
+                                           search_params={"metric_type": "IP", "params": params})
             for n, hits in enumerate(found, start=start):
                 for j, hit in enumerate(hits):
                     rows[n, j], scores[n, j] = hit["id"], hit["distance"]
@@ -292,6 +317,10 @@ class MilvusIndex(Index):
 
     def all_vectors(self) -> np.ndarray:
         """The collection's vectors in row order, read back from Milvus in batches."""
+        with milvus_errors(self.ref):
+            return self._read_all_vectors()
+
+    def _read_all_vectors(self) -> np.ndarray:
         out = np.empty((len(self), self.dim), dtype=np.float32)
         iterator = self.client.query_iterator(self.ref.collection, batch_size=4096, filter=f"{ID_FIELD} >= 0",
                                               output_fields=[ID_FIELD, VECTOR_FIELD])

@@ -29,6 +29,7 @@ from unicom_cli.index.backends.milvus import (
     MilvusIndex,
     MilvusRef,
     connect,
+    milvus_errors,
     read_properties,
     recorded_meta,
     release,
@@ -107,9 +108,8 @@ def run_milvus_build(cfg: MilvusBuildConfig) -> BuildSummary:
     sources = _open_sources(cfg)
     client = connect(cfg.ref, cfg.token)
     try:
-        if cfg.add:
-            return _extend(client, cfg, sources, start)
-        return _build(client, cfg, sources, start)
+        with milvus_errors(cfg.ref):
+            return _extend(client, cfg, sources, start) if cfg.add else _build(client, cfg, sources, start)
     finally:
         release(client, cfg.ref)
 
@@ -118,7 +118,9 @@ def check_milvus_output(cfg: MilvusBuildConfig) -> None:
     """Before any work: the server answers and the name is free (or --overwrite is given)."""
     client = connect(cfg.ref, cfg.token)
     try:
-        if client.has_collection(cfg.ref.collection) and not cfg.overwrite:
+        with milvus_errors(cfg.ref):
+            taken = client.has_collection(cfg.ref.collection)
+        if taken and not cfg.overwrite:
             raise OutputExists(f"{cfg.ref} already exists; add --overwrite to replace it, or --add to add to it")
     finally:
         release(client, cfg.ref)
