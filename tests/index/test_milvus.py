@@ -127,6 +127,14 @@ def test_index_images_then_search_by_image_as_the_faiss_index(tmp_path, tiny_spe
     assert np.allclose([float(r[4]) for r in results["milvus"]], [float(r[4]) for r in results["faiss"]], atol=1e-5)
     assert results["milvus"][0][2] == "coffee-mirror.png"  # its own row excluded, its mirror first
     assert "coffee-mirror.png" in (tmp_path / "milvus.html").read_text()
+    more = tmp_path / "more"  # --add a second folder, embedded with the same model first
+    more.mkdir()
+    Image.open(photos / "coffee.jpg").rotate(90).save(more / "coffee-turned.jpg")
+    assert main(["index", "--add", str(more), "-o", f"milvus:{db}#photos", *model]) == 0
+    assert (tmp_path / "photos.feats-more.npy").is_file()
+    index = _load(f"milvus:{db}#photos")
+    assert len(index) == 13 and index.ids[12] == "../more/coffee-turned.jpg"
+    assert index.path_of(12).resolve() == (more / "coffee-turned.jpg").resolve()
 
 
 def test_add_then_duplicates(tmp_path, capsys):
