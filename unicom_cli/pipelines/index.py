@@ -85,15 +85,17 @@ def _finished_for(embed: EmbedConfig) -> bool:
 
 def run_index_job(job: IndexJob) -> tuple[list, BuildSummary] | None:
     """Embed what needs embedding (all ranks take part), then build (all ranks add shards)."""
-    from unicom_cli.distributed import barrier
+    from unicom_cli.distributed import barrier, is_main
     from unicom_cli.index.build import run_build
     from unicom_cli.index.store import check_output
     from unicom_cli.pipelines.embed import embed_images
     from unicom_cli.utils.console import info
 
     milvus = isinstance(job.build, MilvusBuildConfig)
-    if not job.build.add:  # before any embedding: a finished index needs --overwrite
-        check_milvus_output(job.build) if milvus else check_output(job.build.output, job.build.overwrite)
+    if not job.build.add and not milvus:  # before any embedding: a finished index needs --overwrite
+        check_output(job.build.output, job.build.overwrite)
+    if not job.build.add and milvus and is_main():  # one client: milvus-lite admits one process per .db
+        check_milvus_output(job.build)
     for embed in job.embeds:
         if _finished_for(embed):
             info(f"reusing {embed.output} (embeddings of {embed.input})")
@@ -103,7 +105,6 @@ def run_index_job(job: IndexJob) -> tuple[list, BuildSummary] | None:
             job.embed_summaries.append(summary)
         barrier()
     if milvus:
-        from unicom_cli.distributed import is_main
         from unicom_cli.index.backends.milvus_build import run_milvus_build
 
         built = run_milvus_build(job.build) if is_main() else None  # one client inserts
