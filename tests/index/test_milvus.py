@@ -218,6 +218,11 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert "no such collection" in err and "taken" in err
     err = _one_line_exit_2(main(["search", f"milvus:{tmp_path}/r.txt#c", str(npy)]), capsys)
     assert "ending in .db" in err
+    (tmp_path / "sqlite.db").write_bytes(b"SQLite format 3\x00")
+    err = _one_line_exit_2(main(["index", str(npy), "-o", f"milvus:{tmp_path}/sqlite.db#c"]), capsys)
+    assert "sqlite.db: a file, not a Milvus database" in err
+    err = _one_line_exit_2(main(["index", str(npy), "-o", f"milvus:{tmp_path}/r.db#bad-name"]), capsys)
+    assert "'bad-name'" in err and "letters, digits and underscores" in err
     monkeypatch.setenv("UNICOM_MILVUS_TOKEN", "root:s3cret-password")
     for cmd in (["index", str(npy), "--backend", "milvus", "--uri", "http://127.0.0.1:9"],
                 ["search", "milvus:http://127.0.0.1:9#c", str(npy)]):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.serve.test_http import *  # noqa: F401,F403 - the same tests, collected again here
-from tests.serve.test_http import _check_exact  # noqa: F401
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")

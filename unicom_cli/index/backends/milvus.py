@@ -123,17 +123,22 @@ def connect(ref: MilvusRef, token: str | None = None, timeout: float = 10.0):
                              "pip install 'unicom-cli[milvus]'") from None
         if not Path(ref.uri).parent.is_dir():
             raise InputError(f"{Path(ref.uri).parent}: no such folder for the Milvus database {ref.uri}")
+        if Path(ref.uri).exists() and not Path(ref.uri).is_dir():
+            raise InputError(f"{ref.uri}: a file, not a Milvus database (milvus-lite keeps one in a "
+                             "folder named *.db); choose another path")
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     try:
         client = client_class(uri=ref.uri, token=token or "", timeout=timeout)
         client.list_collections()
     except Exception as exc:  # pymilvus raises MilvusException and subclasses of it
-        raise MilvusUnavailable(f"{ref.uri}: {_why(ref, exc)}") from None
+        raise MilvusUnavailable(f"{ref.uri}: {_why(ref, exc, token)}") from None
     return client
 
 
-def _why(ref: MilvusRef, exc: Exception) -> str:
+def _why(ref: MilvusRef, exc: Exception, token: str | None = None) -> str:
     text = str(getattr(exc, "message", "") or exc)
+    for secret in {token or "", os.environ.get(TOKEN_ENV, "")} - {""}:
+        text = text.replace(secret, "…")  # a server message never shows the credentials
     code = getattr(exc, "code", None)
     if ref.embedded and "Open local milvus failed" in text:
         return ("cannot open the embedded database: another process has it open (one process at a "
@@ -247,7 +252,7 @@ class MilvusIndex(Index):
         self._row_of = None
 
     @classmethod
-    def load(cls, reference: str | MilvusRef, *, token: str | None = None, **_: object) -> "MilvusIndex":
+    def load(cls, reference: str | MilvusRef, *, token: str | None = None) -> "MilvusIndex":
         """Open a collection that `unicom index` finished (``token``: else $UNICOM_MILVUS_TOKEN)."""
         ref = reference if isinstance(reference, MilvusRef) else parse_reference(str(reference))
         client = connect(ref, token)
