@@ -279,3 +279,30 @@ def test_a_collection_dropped_under_a_reader_is_one_error_naming_it(tmp_path):
     index.client.drop_collection("gone")  # as another client of the same database would
     with pytest.raises(MilvusUnavailable, match="g.db#gone: Milvus error"):
         index.search(x[:2], 3)
+
+
+def test_the_server_route_builds_adds_and_searches(tmp_path, capsys, monkeypatch):
+    """http:// to a Milvus server: the same code as the embedded engine, several clients at once."""
+    from tests.milvus_server import milvus_server
+
+    x = clustered(3000, 32, seed=11)
+    first = write_features(tmp_path / "a", "first", x[:2500])
+    second = write_features(tmp_path / "b", "second", x[2500:])
+    monkeypatch.setenv("UNICOM_MILVUS_TOKEN", "root:Milvus")
+    with milvus_server(tmp_path / "server-data") as uri:
+        ref = f"milvus:{uri}#remote"
+        assert main(["index", str(first), "--backend", "milvus", "--uri", uri, "--collection", "remote",
+                     "--index", "ivf", "--target-recall", "0.9"]) == 0
+        assert main(["index", "--add", str(second), ref]) == 0
+        reader, other = _load(ref), _load(ref)  # two clients of one server (no per-file lock)
+        assert len(reader) == 3000 and reader.meta["milvus_index"]["index_type"] == "IVF_FLAT"
+        assert reader.meta["recall_reached"] and len(reader.meta["sources"]) == 2
+        queries = clustered(30, 32, seed=12)
+        _, rows = reader.search(queries, 10, params={"nprobe": reader.meta["milvus_index"]["params"]["nlist"]})
+        assert np.array_equal(rows, exact_topk(queries, x, 10)[0])  # every list probed: exact
+        assert np.array_equal(other.search(queries, 5)[1], reader.search(queries, 5)[1])
+        reader.close()
+        other.close()
+        capsys.readouterr()
+        err = _one_line_exit_2(main(["index", str(first), "-o", ref]), capsys)
+        assert f"{ref} already exists" in err and "root:Milvus" not in err
