@@ -238,7 +238,9 @@ class _Ids:
 
 class MilvusIndex(Index):
     """A Milvus collection built by `unicom index`, with the query API of ``Index``: the same
-    embedder (re-created from the recorded model), the same checks, the same search results."""
+    embedder (re-created from the recorded model), the same checks, the same search results.
+    It sets its own fields: ``Index.__init__`` takes a folder (a Path collapses http://'s //)
+    and a list of every id, which a collection of any size does not load."""
 
     def __init__(self, ref: MilvusRef, client, meta: dict) -> None:
         self.ref, self.client = ref, client
