@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Literal, Optional
 
 import typer
 
@@ -21,14 +21,16 @@ EXAMPLES = [
     "unicom index ./photos -o photos.index --model ViT-B/16   # embeds first (resumable)",
     "unicom index --add more.npy photos.index",
     "unicom index feats.npy -o big.index --on-disk --max-memory 200G --procs 8   # lists on disk",
+    "unicom index feats.npy --backend milvus --uri photos.db --collection photos   # embedded Milvus",
+    "unicom index feats.npy -o milvus:http://milvus:19530#photos   # a Milvus server ($UNICOM_MILVUS_TOKEN)",
 ]
 
 
 @launch_options
 @model_options
 def index(
-    inputs: Annotated[List[Path], typer.Argument(help="Feature files (.npy from `unicom embed`) or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The index folder (default: <input name>.index here).", show_default=False)] = None,
+    inputs: Annotated[List[str], typer.Argument(help="Feature files (.npy from `unicom embed`) or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="The index folder (default: <input name>.index here), or milvus:PATH.db#NAME / milvus:http://host:19530#NAME.", show_default=False)] = None,
     add: Annotated[bool, typer.Option("--add", help="Append the inputs to an existing index (same model, dimension and normalisation).")] = False,
     kind: Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf, ivfpq or a faiss factory string such as 'IVF4096,PQ64'.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget of the index, e.g. 8G (default: half the RAM).", show_default=False)] = None,
@@ -38,6 +40,10 @@ def index(
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF indexes: keep the inverted lists in index.ivfdata, memory-mapped when searching, for collections larger than RAM (--max-memory then sizes the index on disk).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and re-embed a folder).")] = False,
     num_feat: NumFeatOpt = None,
+    backend: Annotated[Literal["faiss", "milvus"], typer.Option("--backend", help="faiss: an index folder; milvus: a Milvus collection (embedded .db file or a server).")] = "faiss",
+    uri: Annotated[Optional[str], typer.Option("--uri", help="Milvus: a local .db path (embedded milvus-lite) or http(s)://host:19530 (a server or cluster).", show_default=False)] = None,
+    collection: Annotated[Optional[str], typer.Option("--collection", help="Milvus: the collection (default: from the first input's name).", show_default=False)] = None,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="UNICOM_MILVUS_TOKEN", show_envvar=True, show_default=False, help="Milvus server credentials (user:password or an API key); never printed.")] = None,
     *,
     model_opts: ModelOptions,
     launch: LaunchConfig,
@@ -53,18 +59,23 @@ def index(
     from unicom_cli.index.build import BuildConfig
     from unicom_cli.index.choose import parse_memory
     from unicom_cli.pipelines.embed import EmbedConfig
-    from unicom_cli.pipelines.index import IndexJob, features_path, is_features, run_index_job
+    from unicom_cli.index.backends.milvus import is_reference
+    from unicom_cli.index.backends.milvus_build import MilvusBuildConfig
+    from unicom_cli.pipelines.index import (IndexJob, features_path, is_features, milvus_features_path,
+                                            milvus_reference, run_index_job)
 
-    inputs = list(inputs)
-    if add and output is None:
-        if len(inputs) < 2:
+    names = list(inputs)
+    if add and output is None and uri is None:
+        if len(names) < 2:
             raise UsageError("--add needs the inputs and then the index: unicom index --add more.npy photos.index")
-        output = inputs.pop()
-    if output is None:
-        output = Path(inputs[0].with_suffix("").name + ".index")
+        output = names.pop()
+    inputs = [Path(name) for name in names]
+    ref = milvus_reference(output, uri, collection, inputs[0]) if backend == "milvus" or uri or \
+        is_reference(output) else None
+    output = Path(output) if output is not None else Path(inputs[0].with_suffix("").name + ".index")
     features, embeds = [], []
     n_sources = 0
-    if add and (output / "index.json").is_file():
+    if ref is None and add and (output / "index.json").is_file():
         import json
 
         n_sources = len(json.loads((output / "index.json").read_text()).get("sources", []))
@@ -72,7 +83,8 @@ def index(
         if is_features(path):
             features.append(path)
             continue
-        feats = features_path(output, path, n_sources + len(embeds))
+        feats = features_path(output, path, n_sources + len(embeds)) if ref is None else \
+            milvus_features_path(ref, path, first=not add and not embeds)
         m = model_opts
         embeds.append(EmbedConfig(input=path, output=feats, model=m.model, weights=m.weights,
                                   pretrained=not m.random_init, seed=m.seed, mirror=m.mirror,
@@ -81,10 +93,17 @@ def index(
                                   normalize=normalize or num_feat is not None, num_feat=num_feat,
                                   overwrite=overwrite))
         features.append(feats)
-    build = BuildConfig(features=features, output=output, index=kind,
-                        max_memory=parse_memory(max_memory) if max_memory else None,
-                        target_recall=target_recall, normalize=normalize, overwrite=overwrite,
-                        add=add, device=model_opts.device, chunk_rows=chunk_rows, on_disk=on_disk)
+    memory = parse_memory(max_memory) if max_memory else None
+    if ref is not None:
+        if on_disk:
+            raise UsageError("--on-disk is for faiss index folders; Milvus keeps its own storage")
+        build = MilvusBuildConfig(features=features, ref=ref, index=kind, max_memory=memory,
+                                  target_recall=target_recall, normalize=normalize, overwrite=overwrite,
+                                  add=add, chunk_rows=chunk_rows, token=token)
+    else:
+        build = BuildConfig(features=features, output=output, index=kind, max_memory=memory,
+                            target_recall=target_recall, normalize=normalize, overwrite=overwrite,
+                            add=add, device=model_opts.device, chunk_rows=chunk_rows, on_disk=on_disk)
     result = run_command(launch, run_index_job, IndexJob(build, embeds))
     if result is None:
         return

@@ -13,12 +13,13 @@ EXAMPLES = [
     "unicom search photos.index query.jpg -k 10",
     "unicom search photos.index ./queries -k 5 -o results.csv --vis results.html",
     "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv",
+    "unicom search milvus:photos.db#photos query.jpg -k 10   # a Milvus collection",
 ]
 SHOWN_QUERIES = 20
 
 
 def search(
-    index: Annotated[Path, typer.Argument(help="An index folder made by `unicom index`.", show_default=False)],
+    index: Annotated[str, typer.Argument(help="An index folder made by `unicom index`, or a Milvus collection: milvus:PATH.db#NAME or milvus:http://host:19530#NAME (credentials in $UNICOM_MILVUS_TOKEN).", show_default=False)],
     queries: Annotated[Optional[List[Path]], typer.Argument(help="Image files, folders, text files of paths, or .npy vectors.", show_default=False)] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write one row per (query, rank, id, score): .csv, .jsonl or .parquet.", show_default=False)] = None,
@@ -78,7 +79,7 @@ def _print_results(outcome) -> None:
         console.print(f"wrote {path}", highlight=False)
 
 
-def _duplicates(index_path: Path, threshold: float, output: Optional[Path], overwrite: bool) -> None:
+def _duplicates(index_path: str, threshold: float, output: Optional[Path], overwrite: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 

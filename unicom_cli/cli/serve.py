@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -30,7 +29,7 @@ def parse_size(text: str) -> int:
 
 
 def serve(
-    index: Annotated[Path, typer.Argument(help="Index folder written by `unicom index`.", show_default=False)],
+    index: Annotated[str, typer.Argument(help="Index folder written by `unicom index`, or a Milvus collection: milvus:PATH.db#NAME or milvus:http://host:19530#NAME (credentials in $UNICOM_MILVUS_TOKEN).", show_default=False)],
     host: Annotated[str, typer.Option("--host", help="Address to listen on; 0.0.0.0 makes the service reachable from the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free port).")] = 8000,
     token: Annotated[str | None, typer.Option("--token", envvar="UNICOM_TOKEN", show_default=False, help="Require 'Authorization: Bearer TOKEN' on every route but /healthz.")] = None,

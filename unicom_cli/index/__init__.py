@@ -7,6 +7,7 @@
     [index.ids[r] for r in rows[0]]
 
 Pure of CLI and HTTP: the `unicom index` / `unicom search` commands and the web service call this.
+``Index.load("milvus:photos.db#photos")`` opens a Milvus collection instead (index/backends/milvus.py).
 """
 
 from unicom_cli.index.build import BuildConfig, BuildSummary, build_index, run_build

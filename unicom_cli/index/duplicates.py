@@ -34,6 +34,8 @@ def _vectors(index) -> tuple[np.ndarray, bool]:
     sources = recorded_sources(index, bool(index.meta.get("normalized")))
     if sources is not None and sum(s.count for s in sources) == len(index):
         return np.concatenate([s.rows(0, s.count) for s in sources]), False
+    if index.faiss_index is None:  # another backend (Milvus) reads its vectors back itself
+        return index.all_vectors(), False
     ivf = faiss.try_extract_index_ivf(index.faiss_index)
     if ivf is not None:
         ivf.make_direct_map()

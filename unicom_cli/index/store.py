@@ -113,7 +113,13 @@ class Index:
         """Open an index folder written by ``unicom index``; every inconsistency is an InputError.
 
         ``mmap``: map the index file instead of reading it (large indexes, several processes).
+        A ``milvus:URI#collection`` reference (a str) opens a Milvus collection instead
+        (``index.backends.milvus``), with the same query API.
         """
+        if str(path).startswith("milvus:"):
+            from unicom_cli.index.backends.milvus import MilvusIndex
+
+            return MilvusIndex.load(str(path))
         folder = Path(path)
         if not folder.is_dir():
             hint = " (an index is a folder made by `unicom index`)" if folder.exists() else ""

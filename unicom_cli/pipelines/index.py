@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unicom_cli.errors import UsageError
+from unicom_cli.index.backends.milvus import MilvusRef
+from unicom_cli.index.backends.milvus_build import MilvusBuildConfig, check_milvus_output
 from unicom_cli.index.build import BuildConfig, BuildSummary
 from unicom_cli.pipelines.embed import EmbedConfig
 
@@ -15,7 +17,7 @@ from unicom_cli.pipelines.embed import EmbedConfig
 class IndexJob:
     """A build plus, for inputs that are images, the embed runs that make its feature files."""
 
-    build: BuildConfig
+    build: BuildConfig | MilvusBuildConfig
     embeds: list[EmbedConfig] = field(default_factory=list)
     embed_summaries: list = field(default_factory=list)  # EmbedSummary of each embed run (rank 0)
 
@@ -30,6 +32,35 @@ def features_path(index: Path, input_path: Path, n: int) -> Path:
     index = Path(index)
     tag = "" if n == 0 else f"-{n}"
     return index.parent / f"{index.name}.feats{tag}.npy"
+
+
+def milvus_reference(output: str | None, uri: str | None, collection: str | None, first_input: Path) -> MilvusRef:
+    """The collection `unicom index` writes: ``-o milvus:URI#NAME``, or ``--uri`` with ``--collection``
+    (default: a name made from the first input's)."""
+    from unicom_cli.index.backends.milvus import collection_name_for, is_reference, parse_reference
+
+    if output is not None and not is_reference(output):
+        raise UsageError(f"-o {output}: with --backend milvus write -o milvus:URI#NAME, or give --uri "
+                         "and --collection instead of -o")
+    if output is not None and uri is not None:
+        raise UsageError("give either -o milvus:URI#NAME or --uri (with --collection), not both")
+    if output is not None:
+        return parse_reference(output, collection)
+    if uri is None:
+        raise UsageError("--backend milvus needs --uri (a local .db path or http(s)://host:19530) "
+                         "or -o milvus:URI#NAME")
+    return parse_reference(uri, collection or collection_name_for(Path(first_input).stem))
+
+
+def milvus_features_path(ref: MilvusRef, input_path: Path, first: bool) -> Path:
+    """Where a folder's embeddings for a Milvus collection are kept: beside the .db file (the current
+    folder for a server), named after the collection and, for later inputs, the input, so that a
+    rerun finds them and resumes."""
+    from unicom_cli.index.backends.milvus import collection_name_for
+
+    folder = Path(ref.uri).parent if ref.embedded else Path(".")
+    tag = "" if first else "-" + collection_name_for(Path(input_path).name)
+    return folder / f"{ref.collection}.feats{tag}.npy"
 
 
 def _finished_for(embed: EmbedConfig) -> bool:
@@ -54,14 +85,17 @@ def _finished_for(embed: EmbedConfig) -> bool:
 
 def run_index_job(job: IndexJob) -> tuple[list, BuildSummary] | None:
     """Embed what needs embedding (all ranks take part), then build (all ranks add shards)."""
-    from unicom_cli.distributed import barrier
+    from unicom_cli.distributed import barrier, is_main
     from unicom_cli.index.build import run_build
     from unicom_cli.index.store import check_output
     from unicom_cli.pipelines.embed import embed_images
     from unicom_cli.utils.console import info
 
-    if not job.build.add:  # before any embedding: a finished index needs --overwrite
+    milvus = isinstance(job.build, MilvusBuildConfig)
+    if not job.build.add and not milvus:  # before any embedding: a finished index needs --overwrite
         check_output(job.build.output, job.build.overwrite)
+    if not job.build.add and milvus and is_main():  # one client: milvus-lite admits one process per .db
+        check_milvus_output(job.build)
     for embed in job.embeds:
         if _finished_for(embed):
             info(f"reusing {embed.output} (embeddings of {embed.input})")
@@ -70,5 +104,10 @@ def run_index_job(job: IndexJob) -> tuple[list, BuildSummary] | None:
         if summary is not None:
             job.embed_summaries.append(summary)
         barrier()
-    built = run_build(job.build)
+    if milvus:
+        from unicom_cli.index.backends.milvus_build import run_milvus_build
+
+        built = run_milvus_build(job.build) if is_main() else None  # one client inserts
+    else:
+        built = run_build(job.build)
     return None if built is None else (job.embed_summaries, built)

@@ -19,7 +19,7 @@ VIS_FORMATS = (".html", ".png")
 class SearchConfig:
     """Everything ``unicom search`` needs; filled by the CLI."""
 
-    index: Path
+    index: Path | str  # an index folder or a milvus:URI#collection reference
     queries: list[Path] = field(default_factory=list)
     k: int = 10
     exclude_self: bool = False

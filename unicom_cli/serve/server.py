@@ -23,7 +23,7 @@ GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long after Ctrl-C/SIGTER
 class ServeConfig:
     """Where to listen and what to serve (the CLI fills it)."""
 
-    index: Path
+    index: Path | str  # an index folder or a milvus:URI#collection reference
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"
