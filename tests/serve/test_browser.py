@@ -78,19 +78,55 @@ def test_upload_then_more_like_this(browser, server, collection, tmp_path):
     assert page.inner_text("#query-name") == clicked["id"].split("/")[-1]
     page.screenshot(path=str(tmp_path / "serve-more-like-this.png"))
 
-    # A file that is not an image: the page says why, the grid stays.
+    # A file that is not an image: the page says why and clears the query image and the old results.
     bad = tmp_path / "notes.jpg"
     bad.write_bytes(b"not an image at all")
     page.set_input_files("#file", str(bad))
     page.wait_for_selector("#error:not([hidden])")
     assert "not a usable image" in page.inner_text("#error")
-    assert page.locator(".card").count() == k
+    assert page.locator(".card").count() == 0 and "the query failed" in page.inner_text("#results")
+    assert page.locator("#query-image").is_hidden() and page.get_attribute("#query-image", "src") is None
+    assert page.inner_text("#query-name") == "" and page.inner_text("#status") == ""
+    assert page.locator("#notice").is_hidden()  # trained weights: no random-init notice
 
     assert outside == [] and errors == []
     keep = os.environ.get("UNICOM_SCREENSHOT_DIR")  # a place CI or a person keeps artifacts
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(first_screenshot, Path(keep) / first_screenshot.name)
+    page.close()
+
+
+def test_hostile_names_stay_text_and_unserved_files_stay_away(browser, hostile_server, hostile, tmp_path):
+    """A random-init index over an HTML-like name, a Latin-1 name and ids that lead outside the
+    collection: the notice says random, every name is shown as text (no script runs), and the
+    rows whose files are not served show no image and are not clickable."""
+    from tests.serve.conftest import HTML_NAME, LATIN1_NAME, OUTSIDE_IDS
+
+    page = browser.new_page(viewport={"width": 1366, "height": 820})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(hostile_server.url + "/")
+    page.wait_for_function("document.getElementById('meta').textContent.includes('images')")
+    assert "randomly initialised (seed 3)" in page.inner_text("#notice")
+    page.select_option("#k", str(len(hostile.ids)))
+    page.set_input_files("#file", str(hostile.images / HTML_NAME))
+    page.wait_for_function("document.getElementById('results').dataset.searches === '1'")
+    cards = page.locator(".card")
+    assert cards.count() == len(hostile.ids)
+    assert cards.first.get_attribute("data-row") == str(hostile.ids.index(HTML_NAME))
+    names = page.locator(".card .name").all_inner_texts()
+    assert HTML_NAME in names and page.inner_text("#query-name") == HTML_NAME
+    assert os.fsdecode(LATIN1_NAME) in names  # the page holds the name's bytes as lone surrogates (shown as �)
+    assert page.evaluate("window.pwned") is None and dialogs == [] and errors == []
+    assert page.locator(".card img[src='x']").count() == 0
+    unserved = page.locator(".card:has(.unserved)")
+    assert unserved.count() == len(OUTSIDE_IDS)
+    assert sorted(int(r) for r in unserved.evaluate_all("cs => cs.map(c => c.dataset.row)")) == sorted(
+        hostile.ids.index(name) for name in OUTSIDE_IDS)
+    assert all(unserved.evaluate_all("cs => cs.map(c => c.disabled)"))
     page.close()
 
 

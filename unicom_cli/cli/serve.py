@@ -37,13 +37,17 @@ def serve(
     max_k: Annotated[int, typer.Option("--max-k", min=1, help="Largest k a client may ask for.")] = 100,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Queries embedded together while the model is busy (1: micro-batching off).")] = 32,
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Waiting queries before the service answers 503.")] = 64,
+    read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client has to send a request's headers, and again its body; slower clients get 408 and are disconnected.")] = 30.0,
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
     """Serve an index: POST /search, GET /images/{row}, a web page at / and API docs at /docs.
 
-    The model is loaded once at start; one log line per request follows.
+    The model is loaded once at start; one log line per request follows. Only files inside the
+    collection the index was built from are served. Ctrl-C or SIGTERM stops: requests being
+    served finish (30 s at most), uploads still arriving get 5 s more (then 503), idle
+    connections close at once.
     """
     from unicom_cli.errors import UsageError
 
@@ -55,6 +59,6 @@ def serve(
                          "pip install 'unicom-cli[serve]'") from None
 
     settings = ServeSettings(token=token or None, max_upload=parse_size(max_upload), max_k=max_k,
-                             max_batch=max_batch, queue_size=queue_size)
+                             max_batch=max_batch, queue_size=queue_size, read_timeout=read_timeout)
     run_server(ServeConfig(index=index, host=host, port=port, device=device, weights=weights,
                            precision=precision, settings=settings))

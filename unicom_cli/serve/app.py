@@ -25,6 +25,7 @@ from starlette.datastructures import UploadFile
 from unicom_cli.errors import BadImage
 from unicom_cli.serve.batcher import MicroBatcher, QueueFull
 from unicom_cli.serve.files import CollectionFiles
+from unicom_cli.serve.deadlines import StopSignal
 from unicom_cli.serve.guards import guard
 
 MB = 1024 * 1024
@@ -47,7 +48,8 @@ class ServeSettings:
     queue_size: int = 64  # waiting queries before 503
     queue_bytes: int = 1024 * MB  # decoded pixels waiting, at most (then 503)
     max_pixels: int = 64_000_000  # decoded size limit of an upload (decompression bombs)
-    access_log: bool = True  # one line per request on stderr
+    access_log: bool = True  # one line per request on stderr (failed requests are logged regardless)
+    read_timeout: float = 30.0  # seconds for a request's headers, and again for its body (then 408)
 
 
 class NameSafeJSON(JSONResponse):
@@ -253,6 +255,7 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
                   default_response_class=NameSafeJSON, description=f"Image search over {service.count:,} images.")
     app.state.batcher = service.batcher
     app.state.files = service.files
+    app.state.stop = StopSignal()  # set by the server when a stop signal comes (serve.server)
 
     @app.get("/healthz", summary="Liveness check (no token needed)")
     def healthz() -> dict:
@@ -292,7 +295,7 @@ def create_app(index: Any, embedder: Callable, settings: ServeSettings | None = 
         return await service.image(row, size)
 
     return guard(app, token=settings.token, body_limit=settings.max_upload + MULTIPART_SLACK,
-                 access_log=settings.access_log)
+                 read_timeout=settings.read_timeout, stop=app.state.stop, access_log=settings.access_log)
 
 
 def _decode_upload(data: bytes, max_pixels: int) -> np.ndarray:

@@ -35,32 +35,49 @@ class CollectionFiles:
 
     def __init__(self, index: Any) -> None:
         self.index = index
+        self._base = os.path.normpath(str(index.root)) if index.root is not None else ""
+        self._prefix = self._base.rstrip("/") + "/"
         self.roots = collection_roots(index.meta) if index.root is not None else []
         self.real_roots = [os.path.realpath(root) for root in self.roots]
         self.refused = self._scan()
 
     def _lexical(self, row: int) -> str:
-        return os.path.normpath(os.path.join(self.index.root, self.index.ids[row]))
+        rel = self.index.ids[row]
+        if rel[:1] not in ("/", ".") and "/." not in rel and "//" not in rel and not rel.endswith("/"):
+            return self._prefix + rel  # already normal (most ids): normpath is the slow part of a scan
+        return os.path.normpath(os.path.join(self._base, rel))
 
     def _contained(self, real: str) -> bool:
         return any(_inside(real, root) for root in self.real_roots)
 
     def _scan(self) -> set[int]:
-        """Rows whose file lies outside the collection (one lstat per row: the folders of the
-        ids are resolved once each)."""
+        """Rows whose file lies outside the collection. Each folder of the ids is resolved and
+        listed once (which of its entries are symlinks); a row then costs no system call."""
         if not self.roots:
             return set(range(len(self.index.ids)))
-        folders: dict[str, str] = {}
+        folders: dict[str, tuple[str, frozenset[str], bool]] = {}
         refused: set[int] = set()
         for row in range(len(self.index.ids)):
-            folder, name = os.path.split(self._lexical(row))
+            folder, _, name = self._lexical(row).rpartition("/")
+            folder = folder or "/"
             if folder not in folders:
-                folders[folder] = os.path.realpath(folder)
-            path = os.path.join(folders[folder], name)
-            real = os.path.realpath(path) if os.path.islink(path) else path
-            if not self._contained(real):
+                folders[folder] = self._folder(folder)
+            real_folder, links, inside = folders[folder]
+            if name in links:
+                inside = self._contained(os.path.realpath(os.path.join(real_folder, name)))
+            if not inside:
                 refused.add(row)
         return refused
+
+    def _folder(self, folder: str) -> tuple[str, frozenset[str], bool]:
+        """(the folder resolved, the names of its symlinks, whether it is inside the collection)."""
+        real = os.path.realpath(folder)
+        try:
+            with os.scandir(real) as entries:
+                links = frozenset(entry.name for entry in entries if entry.is_symlink())
+        except OSError:  # missing or unreadable: its files cannot be sent anyway
+            links = frozenset()
+        return real, links, self._contained(os.path.join(real, "x"))
 
     def file_of(self, row: int) -> Path | None:
         """The real file of ``row``, resolved now (a file swapped for a symlink since the start

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,12 @@ import uvicorn
 
 from unicom_cli.errors import UsageError
 from unicom_cli.serve.app import ServeSettings, create_app
+from unicom_cli.serve.deadlines import header_deadline_protocol
 from unicom_cli.utils.console import info, warn
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-GRACEFUL_SHUTDOWN_S = 30  # in-flight requests get this long after Ctrl-C/SIGTERM
+GRACEFUL_SHUTDOWN_S = 30  # requests being served get this long after Ctrl-C/SIGTERM
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this long (uvicorn's own timer)
 
 
 @dataclass
@@ -47,6 +50,9 @@ def serve(config: ServeConfig) -> None:
         raise
     port = sock.getsockname()[1]
     app = create_app(index, embedder, config.settings)
+    # What start-up made (modules, the model, the ids) lives until the end: out of the collector's
+    # sight, full collections while serving stay short, and the exit skips a final pass over it all.
+    gc.freeze()
     loaded = embedder.loaded
     weights = (f"{loaded.weights_path} (sha256 {loaded.sha256[:12]}…)" if loaded.sha256
                else f"randomly initialised (seed {loaded.random_init_seed}): results mean nothing"
@@ -67,8 +73,10 @@ def serve(config: ServeConfig) -> None:
     shown = f"[{shown}]" if ":" in shown else shown
     query = "?token=…" if config.settings.token else ""
     info(f"serving http://{shown}:{port}/{query} (API docs at /docs); Ctrl-C stops")
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    protocol = header_deadline_protocol(config.settings.read_timeout)
+    server = _Server(uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, lifespan="on",
+                                    timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
+                     on_stop=app.state.stop.set)
     try:
         server.run(sockets=[sock])
     finally:
@@ -112,8 +120,17 @@ class _Server(uvicorn.Server):
     uvicorn re-raises the signal it caught once it has shut down, which would end the process
     with "killed by SIGTERM" or a KeyboardInterrupt; here the first Ctrl-C/SIGTERM lets
     in-flight requests finish and then returns, so the command exits 0. A second Ctrl-C
-    forces the stop (uvicorn's own handler).
+    forces the stop (uvicorn's own handler). ``on_stop`` runs when the stop begins (it bounds
+    the wait for request bodies still arriving: serve.deadlines).
     """
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_stop = on_stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.on_stop()
+        await super().shutdown(sockets)
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
