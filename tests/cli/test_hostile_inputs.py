@@ -528,3 +528,26 @@ def test_linear_probe_on_features_of_1e30_equals_the_unscaled_probe(world, tmp_p
         assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
         top1.append(json.loads((t / "l.json").read_text())["metrics"]["top1"])
     assert top1[0] > 90 and top1[1] == top1[0]
+
+
+def test_onnx_external_weights_are_verified_too(world, tmp_path, capsys, monkeypatch):
+    """Item 17 for graphs past protobuf's 2 GiB, whose weights live in <file>.onnx.data: its
+    digest is recorded and checked as the .onnx's is (a flipped bit there embedded with exit 0).
+    The tiny model is written that way by lowering the size at which weights move out."""
+    from unicom_cli.export import graph
+
+    monkeypatch.setattr(graph, "INLINE_LIMIT_BYTES", 0)
+    out = tmp_path / "ext.onnx"
+    assert main(["export", str(world.spec), "--weights", str(world.ckpt), "-o", str(out)]) == 0
+    data = tmp_path / "ext.onnx.data"
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["data_sha256"] == __import__("hashlib").sha256(data.read_bytes()).hexdigest()
+    capsys.readouterr()
+    blob = bytearray(data.read_bytes())
+    blob[len(blob) // 2] ^= 0x40
+    data.write_bytes(bytes(blob))
+    code = main(["embed", str(world.photos), "-o", str(tmp_path / "e.npy"), "--model", str(out),
+                 "--workers", "0"])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and "ext.onnx.data: its SHA-256 differs" in line, line
+    assert not (tmp_path / "e.npy").exists()

@@ -71,8 +71,16 @@ def test_exported_model_loads_with_create_model(tiny_spec_file, tiny_checkpoint,
 
 
 def test_nan_loss_stops_naming_the_step(tiny_spec_file, digits_small, tmp_path):
+    """NaN weights give a NaN loss at the first step (a NaN --scale, used here before, is now
+    refused before any work)."""
+    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.vit import build_model
+
+    nan = tmp_path / "nan.pt"
+    torch.save({k: v.fill_(float("nan")) if v.is_floating_point() else v
+                for k, v in build_model(get_spec(tiny_spec_file)).state_dict().items()}, nan)
     with pytest.raises(TrainingDiverged, match=r"step 1\b"):
-        finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "nan", s=float("nan"), epochs=1))
+        finetune(_cfg(tiny_spec_file, digits_small, tmp_path / "nan", weights=nan, epochs=1))
 
 
 def _noisy_digits(root: Path) -> Path:

@@ -82,6 +82,9 @@ def check_onnx_sidecar(side: Path, meta: dict) -> None:
     if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
         raise InputError(f"{side} records no SHA-256 of the graph (got {digest!r}), so a damaged "
                          f"{meta.get('file', 'graph')} cannot be told from a sound one; export the model again")
+    extra = meta.get("data_sha256")  # absent before it was recorded: then checked only if a .data exists
+    if extra is not None and not (isinstance(extra, str) and re.fullmatch("[0-9a-f]{64}", extra)):
+        refuse("data_sha256", "null or a SHA-256 in hex", extra)
     for key in ("onnx", "preprocessing"):
         if not isinstance(meta.get(key), dict):
             refuse(key, "an object", meta.get(key))

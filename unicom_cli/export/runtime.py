@@ -86,6 +86,7 @@ class OnnxModel:
             raise InputError(f"{self.path}: its SHA-256 differs from the one in "
                              f"{sidecar_path(self.path).name}: the two files come from "
                              "different exports; export the model again")
+        self._check_external_data(sha256_file)
         graph = self.meta["onnx"]
         self.uint8_input = graph["input_dtype"] == "uint8"
         self.normalized = bool(graph["normalized"])
@@ -101,6 +102,22 @@ class OnnxModel:
         self.device = torch.device("cuda" if self.provider == PROVIDERS["cuda"] else "cpu")
         self.mean = np.asarray(self.spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(self.spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    def _check_external_data(self, sha256_file) -> None:
+        """``<file>.onnx.data`` (the weights of graphs past 2 GiB) against its recorded digest."""
+        data, recorded = self.path.with_name(self.path.name + ".data"), self.meta.get("data_sha256")
+        if not data.exists() and recorded is None:
+            return
+        side = sidecar_path(self.path).name
+        if recorded is None:
+            raise InputError(f"{data}: {side} records no SHA-256 of it, so damage cannot be told "
+                             "apart; export the model again")
+        if not data.is_file():
+            raise InputError(f"{data}: missing; {side} says the graph's weights are there; copy it "
+                             "beside the .onnx or export the model again")
+        if sha256_file(data) != recorded:
+            raise InputError(f"{data}: its SHA-256 differs from the one in {side} (damaged, or from "
+                             "another export); export the model again")
 
     def _check_graph(self) -> None:
         """The sidecar against the graph's own interface: input type and size, output width."""

@@ -133,7 +133,11 @@ def _settings(retries: int | None, backoff: float | None, progress: bool,
               gdrive_url: str | None, stall_budget: float | None = None) -> resumable.Settings:
     env = os.environ.get
     if stall_budget is None:
-        stall_budget = float(env("UNICOM_DOWNLOAD_STALL_BUDGET_S", "180"))
+        try:
+            stall_budget = float(env("UNICOM_DOWNLOAD_STALL_BUDGET_S", "180"))
+        except ValueError:
+            raise UsageError(f"$UNICOM_DOWNLOAD_STALL_BUDGET_S={env('UNICOM_DOWNLOAD_STALL_BUDGET_S')!r}: "
+                             "give seconds, such as 600") from None
     if not stall_budget > 0:
         raise UsageError(f"stall budget {stall_budget:g} s: must be above 0 (--stall-budget, "
                          "$UNICOM_DOWNLOAD_STALL_BUDGET_S)")

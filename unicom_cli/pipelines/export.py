@@ -204,19 +204,20 @@ def _write_onnx(config: ExportConfig, loaded, path: Path, names: list[str], phot
     if int8:
         quantize_int8(source, path)
     dim = config.num_feat or spec.embedding_size
+    data = path.with_name(path.name + ".data")  # the weights of graphs past protobuf's 2 GiB
     meta = describe(spec, file=path, file_sha256=sha256_file(path), weights_sha256=loaded.sha256,
                     precision=config.precision, onnx={
                         "input": INPUT_NAME, "input_dtype": config.input_dtype,
                         "input_shape": ["batch", 3, spec.input_size, spec.input_size],
                         "output": OUTPUT_NAME, "output_dim": dim, "normalized": config.normalize,
                         "num_feat": config.num_feat, "opset": config.opset})
+    meta["data_sha256"] = sha256_file(data) if data.exists() else None
     write_json_atomic(sidecar_path(path), meta)
     info(f"checking it with ONNX Runtime on {len(names)} photos…")
     runtime = OnnxModel(path, device="cpu")
     reference = _reference(loaded, photos, normalize=config.normalize, num_feat=config.num_feat)
     parity = compare(names, reference, runtime.run(photos), runtime.run(photos[:1]),
                      BOUNDS[config.precision])
-    data = path.with_name(path.name + ".data")
     files = [path, sidecar_path(path)] + ([data] if data.exists() else [])
     return files, parity, dim
 

@@ -175,10 +175,13 @@ def _prepare(x: np.ndarray, normalize: bool, source, ids: list[str]) -> np.ndarr
     if normalize:
         return l2_normalize(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    big = np.flatnonzero(np.abs(x).max(axis=1, initial=0) > RAW_LIMIT)
+    if not len(x):
+        return x
+    largest = np.maximum(x.max(axis=1), -x.min(axis=1))  # |x| per row without a copy of x
+    big = np.flatnonzero(largest > RAW_LIMIT)
     if len(big):
         row = int(big[0])
-        raise InputError(f"{source}: {ids[row]} holds a feature of {np.abs(x[row]).max():.3g} ({len(big):,} rows "
+        raise InputError(f"{source}: {ids[row]} holds a feature of {largest[row]:.3g} ({len(big):,} rows "
                          f"above {RAW_LIMIT:g}); raw features this large overflow the float32 fit: drop "
                          "--no-normalize or rescale them")
     return x

@@ -137,7 +137,7 @@ def _refuse_without_matches(split, root: Path, when: str = "") -> None:
         return
     queries = split.labels if split.all_vs_all else split.labels[split.query]
     gallery = split.labels if split.all_vs_all else split.labels[split.gallery]
-    if len(queries) and relevant_counts(queries, gallery, split.all_vs_all).max() <= 0:
+    if len(queries) and (not len(gallery) or relevant_counts(queries, gallery, split.all_vs_all).max() <= 0):
         alone, fix = (("every image is the only one of its class", "give each class at least 2 images")
                       if split.all_vs_all else ("no query's class has a gallery image",
                                                 "the gallery needs class folders named as the queries'"))
