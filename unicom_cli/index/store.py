@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from unicom_cli.data.ids import IDS_TEXT, read_ids, write_ids
-from unicom_cli.errors import InputError, OutputExists, UsageError
+from unicom_cli.data.ids import read_ids
+from unicom_cli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from unicom_cli.index.embedder import QueryEmbedder
@@ -298,98 +297,3 @@ def _read_ids(path: Path) -> list[str]:
         raise InputError(f"{path}: missing; rebuild the index with `unicom index`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
-
-
-# --------------------------------------------------------------------------- writing a folder
-
-
-def temp_folder(out: Path) -> Path:
-    """A fresh build folder beside ``out`` (same file system, so the final rename is atomic);
-    leftovers of killed runs for the same output are removed first."""
-    out = Path(out)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process
-        return True
-    return True
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Before any work: the parent exists and is writable, and a finished index is not replaced
-    without ``overwrite``."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: the output folder does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"{out.parent}: cannot write there; pick another -o")
-    if out.exists() and not overwrite:
-        raise OutputExists(f"{out} already exists; add --overwrite to replace it, or "
-                           f"`unicom index --add FEATS {out}` to add to it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not an index folder; choose another -o")
-
-
-def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
-    """Write the three files into the build folder ``tmp``, each flushed to disk."""
-    faiss = _faiss()
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    with open(tmp / IDS_FILE, "w", **IDS_TEXT) as handle:
-        write_ids(handle, ids)
-    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
-                                 encoding="utf-8")
-    for name in (INDEX_FILE, IDS_FILE, META_FILE, IVFDATA_FILE):
-        if name == IVFDATA_FILE and not (tmp / name).exists():
-            continue
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished build folder to ``out`` atomically. An existing index (replaced with
-    --overwrite, or the one --add extended) is swapped with it in one step where the system
-    can (Linux renameat2), so ``out`` always holds a complete index; the old one is removed."""
-    out = Path(out)
-    if out.exists():
-        if not _exchange(tmp, out):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            tmp = old
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return result == 0
