@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from unicom_cli.utils.files import open_regular
+
 # How every id list is opened, for reading and for writing.
 IDS_TEXT = {"encoding": "utf-8", "errors": "surrogateescape", "newline": "\n"}
 
@@ -20,8 +22,9 @@ def embed_siblings(npy: str | Path) -> tuple[Path, Path]:
 
 
 def read_ids(path: str | Path) -> list[str]:
-    """The ids of a list, in row order (blank lines skipped). Raises OSError as ``open`` does."""
-    with open(path, **IDS_TEXT) as handle:
+    """The ids of a list, in row order (blank lines skipped). Raises OSError as ``open`` does, and
+    InputError for a path that is not a regular file (a FIFO, a device, a folder)."""
+    with open_regular(path, what="a list of ids, one file name per line", **IDS_TEXT) as handle:
         return [line for line in handle.read().split("\n") if line.strip()]
 
 

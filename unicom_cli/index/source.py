@@ -12,6 +12,7 @@ import numpy as np
 
 from unicom_cli.data.ids import embed_siblings, read_ids
 from unicom_cli.errors import InputError
+from unicom_cli.utils.files import open_regular
 
 CHUNK_ROWS = 65536  # rows read, normalised and added per step: bounded memory for any N
 # What two collections must agree on to share an index (a query is embedded one way only).
@@ -165,14 +166,16 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
         raise InputError(f"{npy}: dtype {matrix.dtype}; expected float32 or float16 vectors")
     ids_path, meta_path = embed_siblings(npy)
     meta: dict = {}
-    if meta_path.is_file():
+    if os.path.lexists(meta_path):  # a FIFO or a device there is refused, not taken for no file
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            with open_regular(meta_path, what="the .json that `unicom embed` writes", encoding="utf-8") as handle:
+                meta = json.loads(handle.read())
         except (OSError, ValueError) as exc:
             raise InputError(f"{meta_path}: unreadable metadata ({exc}); re-run `unicom embed`") from exc
         if not isinstance(meta, dict):
             raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
-    if ids_path.is_file():
+    has_ids = os.path.lexists(ids_path)
+    if has_ids:
         try:
             ids = read_ids(ids_path)
         except OSError as exc:
@@ -184,7 +187,7 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
         ids = [str(i) for i in range(matrix.shape[0])]
     if meta.get("dim") not in (None, matrix.shape[1]):
         raise InputError(f"{meta_path}: says {meta['dim']} dims but {npy.name} has {matrix.shape[1]}")
-    root = _embed_root(meta) if ids_path.is_file() else None
+    root = _embed_root(meta) if has_ids else None
     needs_norm = normalize and not meta.get("normalized", False)
     return FeatureSource(npy, matrix, ids, root.resolve() if root else None, meta, needs_norm)
 

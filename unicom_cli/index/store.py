@@ -14,6 +14,7 @@ import numpy as np
 
 from unicom_cli.data.ids import read_ids
 from unicom_cli.errors import InputError, UsageError
+from unicom_cli.utils.files import open_regular
 
 if TYPE_CHECKING:
     from unicom_cli.index.embedder import QueryEmbedder
@@ -276,10 +277,11 @@ def drop_excluded(scores: np.ndarray, rows: np.ndarray, exclude: np.ndarray, k: 
 
 def read_meta(folder: Path) -> dict:
     path = Path(folder) / META_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: missing; is {folder} an index made by `unicom index`?")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, what="the index.json that `unicom index` writes", encoding="utf-8") as handle:
+            meta = json.loads(handle.read())
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int):

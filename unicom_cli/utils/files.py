@@ -7,6 +7,8 @@
   memory-mapped page that the disk cannot back is a SIGBUS, not an exception).
 - :func:`disk_errors` turns ENOSPC/EDQUOT/EROFS/EACCES into one-line :class:`DiskError`\\ s naming the
   folder, instead of tracebacks.
+- :func:`open_regular` opens a file that is read whole (an id list, a path list, a JSON record)
+  only if it is a regular file: a FIFO would block forever, ``/dev/zero`` never ends.
 - :func:`output_lock` holds an ``flock`` on ``.<name>.lock`` next to an output for the whole run; a
   second run on the same output is refused at once. The kernel drops the lock when the process
   dies, so a SIGKILL never leaves an output stuck.
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,6 +113,38 @@ def preallocate(path: str | os.PathLike, folder: str | os.PathLike | None = None
                 raise
         finally:
             os.close(fd)
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISDIR, "a folder"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | os.PathLike, mode: str = "r", what: str = "a regular file",
+                 **text: Any) -> IO[Any]:
+    """``open(path, mode, **text)`` for reading, refused (InputError naming ``path``) before any byte
+    is read unless ``path`` is a regular file or a symlink to one.
+
+    Every file that is read whole goes through here: a FIFO would block the read forever, a
+    symlink to ``/dev/zero`` would fill the memory, a folder is no list. The file is opened
+    without blocking and checked on the open descriptor (no race with a swapped path). Other
+    OSErrors (missing, no permission) are raised as ``open`` raises them.
+    """
+    if any(flag in mode for flag in "wax+"):
+        raise ValueError(f"open_regular reads only, not mode {mode!r}")
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock)
+    try:
+        mode_bits = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_bits):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode_bits)), "not a file")
+            raise InputError(f"{path}: is {kind}, not a regular file; give {what}")
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **text)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def check_output_file(path: str | os.PathLike | None, option: str,

@@ -1,0 +1,92 @@
+"""Issue 28's hostile cases for index folders, the lists we read, search outputs and full disks;
+``tests/cli/test_hostile_inputs.py`` runs them with its property (one line, exit 1 or 2, no
+traceback, nothing at the final path, no temp left)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def built_index(w, kind: str = "flat") -> Path:
+    """An index of the world's features, built once per kind and copied by each case that damages it."""
+    from unicom_cli.index import build_index
+
+    folder = w.root / f"index-{kind}"
+    if not folder.exists():
+        feats = w.root / "index-feats"
+        feats.mkdir(exist_ok=True)
+        np.save(feats / "f.npy", w.feats)
+        (feats / "f.ids.txt").write_text("\n".join(w.ids) + "\n")
+        (feats / "f.json").write_text(json.dumps({"model": "tiny", "weights_sha256": "a" * 64,
+                                                  "input_size": 32, "dim": w.feats.shape[1],
+                                                  "normalized": False, "input": str(w.tree.test)}))
+        factory = {"flat": "flat", "hnsw": "HNSW8,Flat", "ivf": "IVF4,Flat"}[kind]
+        build_index(feats / "f.npy", folder, index=factory, progress=False, held_out=50)
+    return folder
+
+
+def index_copy(w, t: Path, kind: str = "flat") -> Path:
+    out = t / "copy.index"
+    shutil.copytree(built_index(w, kind), out)
+    return out
+
+
+def _replace(path: Path, how: str) -> Path:
+    """Put a FIFO, a symlink to /dev/zero or a folder where a list file is read."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if how == "fifo":
+        os.mkfifo(path)
+    elif how == "dev_zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    return path
+
+
+def _queries(w, t: Path) -> Path:
+    """Two of the world's own vectors as an embed output (no .json: a bare query matrix)."""
+    np.save(t / "q.npy", w.feats[:2])
+    return t / "q.npy"
+
+
+def _search(w, t: Path, index: Path, *extra, query: Path | None = None):
+    return (["search", str(index), str(query or _queries(w, t)), "-k", "3", "-o", str(t / "r.csv"), *extra],
+            [t / "r.csv"])
+
+
+def _model(w) -> list[str]:
+    return ["--model", str(w.spec), "--weights", str(w.ckpt), "--workers", "0", "--batch-size", "8"]
+
+
+def _index_ids_fifo(w, t):
+    index = index_copy(w, t)
+    _replace(index / "ids.txt", "fifo")
+    return _search(w, t, index)
+
+
+INDEX_FILE_CASES = {
+    # ---- item 13: non-regular files where lists are read
+    "embed: path list is a FIFO": lambda w, t: (
+        ["embed", str(_replace(t / "l.txt", "fifo")), "-o", str(t / "o.npy"), *_model(w)], [t / "o.npy"]),
+    "embed: path list is /dev/zero": lambda w, t: (
+        ["embed", str(_replace(t / "l.txt", "dev_zero")), "-o", str(t / "o.npy"), *_model(w)], [t / "o.npy"]),
+    "search: query list is a FIFO": lambda w, t: _search(w, t, built_index(w), query=_replace(t / "q.txt", "fifo")),
+    "search: query list is /dev/zero": lambda w, t: _search(w, t, built_index(w),
+                                                            query=_replace(t / "q.txt", "dev_zero")),
+    "search: index ids.txt is a FIFO": _index_ids_fifo,
+    "search: index ids.txt is /dev/zero": lambda w, t: _search(
+        w, t, (lambda i: (_replace(i / "ids.txt", "dev_zero"), i)[1])(index_copy(w, t))),
+    "search: index.json is a FIFO": lambda w, t: _search(
+        w, t, (lambda i: (_replace(i / "index.json", "fifo"), i)[1])(index_copy(w, t))),
+    "serve: index ids.txt is a FIFO": lambda w, t: (
+        ["serve", str((lambda i: (_replace(i / "ids.txt", "fifo"), i)[1])(index_copy(w, t))), "--port", "0"], []),
+    "index: feature ids file is a FIFO": lambda w, t: (
+        (np.save(t / "f.npy", w.feats), _replace(t / "f.ids.txt", "fifo"))
+        and ["index", str(t / "f.npy"), "-o", str(t / "i")], [t / "i"]),
+}
