@@ -70,6 +70,16 @@ def _index_ids_fifo(w, t):
     return _search(w, t, index)
 
 
+def _meta_changed(w, t: Path, kind: str = "flat", **changes) -> Path:
+    """A copy of the index whose index.json has ``changes`` (a key set to None is removed)."""
+    index = index_copy(w, t, kind)
+    meta = json.loads((index / "index.json").read_text())
+    for key, value in changes.items():
+        meta[key] = value
+    (index / "index.json").write_text(json.dumps(meta))
+    return index
+
+
 INDEX_FILE_CASES = {
     # ---- item 13: non-regular files where lists are read
     "embed: path list is a FIFO": lambda w, t: (
@@ -89,4 +99,17 @@ INDEX_FILE_CASES = {
     "index: feature ids file is a FIFO": lambda w, t: (
         (np.save(t / "f.npy", w.feats), _replace(t / "f.ids.txt", "fifo"))
         and ["index", str(t / "f.npy"), "-o", str(t / "i")], [t / "i"]),
+    # ---- item 9: index.json validated whole
+    "search: index.json format a string": lambda w, t: _search(w, t, _meta_changed(w, t, format="x")),
+    "search: index.json format null": lambda w, t: _search(w, t, _meta_changed(w, t, format=None)),
+    "search: index.json model_spec a list": lambda w, t: _search(w, t, _meta_changed(w, t, model_spec=[1])),
+    "search: index.json unknown key": lambda w, t: _search(w, t, _meta_changed(w, t, surprise=1)),
+    "search: index.json num_feat words": lambda w, t: _search(w, t, _meta_changed(w, t, num_feat="abc")),
+    "search: index.json input_size 0": lambda w, t: _search(w, t, _meta_changed(w, t, input_size=0)),
+    "search: index.json search_params a string": lambda w, t: _search(
+        w, t, _meta_changed(w, t, "ivf", search_params="nprobe=2")),
+    "search: index.json nprobe on flat": lambda w, t: _search(w, t, _meta_changed(w, t, search_params={"nprobe": 2})),
+    "search: index.json nprobe beyond nlist": lambda w, t: _search(
+        w, t, _meta_changed(w, t, "ivf", search_params={"nprobe": 99})),
+    "serve: index.json dim a string": lambda w, t: (["serve", str(_meta_changed(w, t, dim="64")), "--port", "0"], []),
 }

@@ -11,7 +11,8 @@ from typing import Sequence
 
 from unicom_cli.data.ids import IDS_TEXT, write_ids
 from unicom_cli.errors import InputError, OutputExists
-from unicom_cli.index.store import FORMAT, IDS_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, _faiss
+from unicom_cli.index.manifest import FORMAT
+from unicom_cli.index.store import IDS_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, _faiss
 
 
 def temp_folder(out: Path) -> Path:

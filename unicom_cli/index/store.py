@@ -14,6 +14,7 @@ import numpy as np
 
 from unicom_cli.data.ids import read_ids
 from unicom_cli.errors import InputError, UsageError
+from unicom_cli.index.manifest import check_search_params, validate_meta
 from unicom_cli.utils.files import open_regular
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.txt", "index.json"
 IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an --on-disk index (faiss OnDiskInvertedLists)
-FORMAT = 1
 
 
 def _faiss():
@@ -141,6 +141,10 @@ class Index:
         if index.d != meta.get("dim"):
             raise InputError(f"{folder / META_FILE}: says {meta.get('dim')} dims but "
                              f"{INDEX_FILE} has {index.d}")
+        if meta.get("count", index.ntotal) != index.ntotal:
+            raise InputError(f"{folder / META_FILE}: says {meta['count']:,} vectors but {INDEX_FILE} "
+                             f"has {index.ntotal:,}; the folder was changed by hand, rebuild it")
+        check_search_params(index, meta.get("search_params") or {}, meta["factory"], str(folder / META_FILE))
         apply_search_params(index, meta.get("search_params") or {})
         return cls(folder, index, ids, meta)
 
@@ -284,12 +288,7 @@ def read_meta(folder: Path) -> dict:
             meta = json.loads(handle.read())
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int):
-        raise InputError(f"{path}: not an index description (no 'dim'); rebuild the index")
-    if meta.get("format", FORMAT) > FORMAT:
-        raise InputError(f"{path}: index format {meta['format']} is newer than this unicom-cli "
-                         "understands; upgrade unicom-cli")
-    return meta
+    return validate_meta(meta, path)
 
 
 def _read_ids(path: Path) -> list[str]:
