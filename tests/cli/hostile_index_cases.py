@@ -80,6 +80,31 @@ def _meta_changed(w, t: Path, kind: str = "flat", **changes) -> Path:
     return index
 
 
+def _flipped(w, t: Path, mask: int, keep_time: bool = False, byte: int = 3) -> Path:
+    """A copy of the flat index with one bit pattern ``mask`` flipped in the stored vector of row 5
+    (byte 3 holds the exponent: 0x7f makes it huge or inf); ``keep_time`` restores the mtime."""
+    from unicom_cli.index import Index
+
+    index = index_copy(w, t)
+    Index.load(index)  # the first load records each file's digest beside it (the cache)
+    path = index / "index.faiss"
+    data = bytearray(path.read_bytes())
+    offset = data.find(Index.load(index).flat_vectors()[5].tobytes()) + byte
+    data[offset] ^= mask
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    if keep_time:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return index
+
+
+def _crlf(w, t: Path) -> Path:
+    index = index_copy(w, t)
+    ids = index / "ids.txt"
+    ids.write_bytes(ids.read_bytes().replace(b"\n", b"\r\n"))
+    return index
+
+
 INDEX_FILE_CASES = {
     # ---- item 13: non-regular files where lists are read
     "embed: path list is a FIFO": lambda w, t: (
@@ -112,4 +137,15 @@ INDEX_FILE_CASES = {
     "search: index.json nprobe beyond nlist": lambda w, t: _search(
         w, t, _meta_changed(w, t, "ivf", search_params={"nprobe": 99})),
     "serve: index.json dim a string": lambda w, t: (["serve", str(_meta_changed(w, t, dim="64")), "--port", "0"], []),
+    # ---- item 8: damage is refused, not searched
+    "search: exponent bit flipped in a stored vector": lambda w, t: _search(w, t, _flipped(w, t, 0x7F)),
+    "search: mantissa bit flipped in a stored vector": lambda w, t: _search(w, t, _flipped(w, t, 0x01, byte=0)),
+    "search: --verify, bit flipped with its mtime kept": lambda w, t: _search(
+        w, t, _flipped(w, t, 0x01, keep_time=True, byte=0), "--verify"),
+    "search: ids.txt with CRLF line ends": lambda w, t: _search(w, t, _crlf(w, t)),
+    "search: index.faiss truncated": lambda w, t: _search(
+        w, t, (lambda i: ((i / "index.faiss").write_bytes((i / "index.faiss").read_bytes()[:-100]), i)[1])(
+            index_copy(w, t))),
+    "serve: --verify, bit flipped with its mtime kept": lambda w, t: (
+        ["serve", str(_flipped(w, t, 0x01, keep_time=True, byte=0)), "--port", "0", "--verify"], []),
 }

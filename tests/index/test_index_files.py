@@ -95,3 +95,106 @@ def test_load_names_a_missing_required_key(flat):
     _rewrite_meta(flat, factory=_DROP)
     with pytest.raises(InputError, match=r"index\.json: .*'factory' is missing"):
         Index.load(flat)
+
+
+def _stored_offset(folder, vector) -> int:
+    """Where a stored float32 vector's bytes sit in index.faiss (a flat index keeps them raw)."""
+    data = (folder / "index.faiss").read_bytes()
+    offset = data.find(vector.astype("float32").tobytes())
+    assert offset > 0
+    return offset
+
+
+def _flip(path, offset: int, mask: int, keep_time: bool = False) -> None:
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([byte ^ mask]))
+    if keep_time:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("where, mask", [("exponent", 0x7F), ("mantissa", 0x01)])
+def test_a_flipped_bit_in_a_stored_vector_is_refused(where, mask, flat):
+    """A changed exponent (the value becomes huge or inf) or a changed mantissa (a slightly
+    different score): the recorded SHA-256 no longer matches, the index is not searched."""
+    index = Index.load(flat)
+    row = index.flat_vectors()[7].copy()
+    offset = _stored_offset(flat, row) + (3 if where == "exponent" else 0)
+    _flip(flat / "index.faiss", offset, mask)
+    with pytest.raises(InputError, match=r"index\.faiss: SHA-256 .* recorded"):
+        Index.load(flat)
+
+
+@pytest.mark.parametrize("digests", [True, False])
+def test_crlf_ids_are_refused(digests, flat):
+    """CRLF line ends would make every id name no file: the recorded size and digest catch it,
+    and without digests (an older folder) the carriage return itself is refused."""
+    import json
+
+    if not digests:
+        meta = json.loads((flat / "index.json").read_text())
+        del meta["files"]
+        (flat / "index.json").write_text(json.dumps(meta))
+    ids = flat / "ids.txt"
+    ids.write_bytes(ids.read_bytes().replace(b"\n", b"\r\n"))
+    match = r"ids\.txt: .*recorded at build time" if digests else r"ids\.txt: line 1 holds a carriage return"
+    with pytest.raises(InputError, match=match):
+        Index.load(flat)
+
+
+def test_verification_is_cached_by_size_and_mtime_and_verify_rehashes(flat, monkeypatch):
+    """The first load hashes and records; later loads trust the record while size and mtime
+    are unchanged (no bytes read); ``verify=True`` hashes again and catches a change that kept
+    the time."""
+    import unicom_cli.index.integrity as integrity
+
+    Index.load(flat)  # hashes (the build's record may be in the same clock tick)
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    Index.load(flat)
+    assert hashed == []
+    row = Index.load(flat).flat_vectors()[3].copy()
+    _flip(flat / "index.faiss", _stored_offset(flat, row), 0x01, keep_time=True)
+    Index.load(flat)  # same size and mtime: trusted, as the weights' sidecar is
+    with pytest.raises(InputError, match=r"index\.faiss: SHA-256"):
+        Index.load(flat, verify=True)
+    assert "index.faiss" in hashed
+
+
+def test_an_index_without_digests_loads_with_a_warning_and_cannot_be_verified(flat, capsys):
+    import json
+
+    meta = json.loads((flat / "index.json").read_text())
+    del meta["files"]
+    (flat / "index.json").write_text(json.dumps(meta))
+    assert len(Index.load(flat)) == 120
+    assert "records no digests" in capsys.readouterr().err
+    with pytest.raises(InputError, match="records no digests.*rebuild"):
+        Index.load(flat, verify=True)
+
+
+@pytest.mark.parametrize("factory", ["flat", "HNSW8,Flat", "IVF4,Flat"])
+def test_non_finite_stored_vectors_are_refused_without_digests(factory, tmp_path):
+    """An index from before digests (or one whose digests were rewritten with it): a stored
+    inf is still found, in flat storage, graph storage or inverted lists."""
+    import json
+
+    import numpy as np
+
+    x = clustered(200, 16, seed=3)
+    build_index(write_features(tmp_path / "f", "feats", x), tmp_path / "i", index=factory, progress=False)
+    folder = tmp_path / "i"
+    meta = json.loads((folder / "index.json").read_text())
+    del meta["files"]
+    (folder / "index.json").write_text(json.dumps(meta))
+    data = (folder / "index.faiss").read_bytes()
+    offset = data.find(x[11].tobytes())
+    assert offset > 0
+    data = data[:offset] + np.float32(np.inf).tobytes() + data[offset + 4:]
+    (folder / "index.faiss").write_bytes(data)
+    with pytest.raises(InputError, match=r"index\.faiss: .*NaN or infinite"):
+        Index.load(folder)

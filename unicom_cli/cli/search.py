@@ -13,6 +13,7 @@ EXAMPLES = [
     "unicom search photos.index query.jpg -k 10",
     "unicom search photos.index ./queries -k 5 -o results.csv --vis results.html",
     "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv",
+    "unicom search photos.index query.jpg --verify   # re-hash the index files first",
 ]
 SHOWN_QUERIES = 20
 
@@ -30,6 +31,7 @@ def search(
     ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help="Graph search depth (HNSW indexes) instead of the tuned value.", show_default=False)] = None,
     weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of the index again, even where a fresh record of its digest says it is unchanged (a load otherwise trusts that record).")] = False,
 ) -> None:
     """Find the images of an index most similar to each query, best first.
 
@@ -41,14 +43,15 @@ def search(
     if duplicates:
         if queries:
             raise UsageError("--duplicates searches the index against itself: give no QUERY")
-        _duplicates(index, threshold, output)
+        _duplicates(index, threshold, output, verify)
         return
     from unicom_cli.pipelines.search import SearchConfig, run_search
 
     params = {key: value for key, value in (("nprobe", nprobe), ("efSearch", ef_search)) if value}
     outcome = run_search(SearchConfig(index=index, queries=list(queries or []), k=k,
                                       exclude_self=exclude_self, output=output, vis=vis,
-                                      device=device, weights=weights, params=params or None))
+                                      device=device, weights=weights, params=params or None,
+                                      verify=verify))
     _print_results(outcome)
 
 
@@ -76,7 +79,7 @@ def _print_results(outcome) -> None:
         console.print(f"wrote {path}", highlight=False)
 
 
-def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> None:
+def _duplicates(index_path: Path, threshold: float, output: Optional[Path], verify: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -89,7 +92,7 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> N
         from unicom_cli.errors import UsageError
 
         raise UsageError(f"-o {output}: choose a file ending in {', '.join(RESULT_FORMATS)}")
-    index = Index.load(index_path)
+    index = Index.load(index_path, verify=verify)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"
     groups = f"{len(found.groups):,} group{'' if len(found.groups) == 1 else 's'}"

@@ -3,7 +3,6 @@ atomic swap into place (a reader sees the old index or the new one, never half o
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,8 +10,10 @@ from typing import Sequence
 
 from unicom_cli.data.ids import IDS_TEXT, write_ids
 from unicom_cli.errors import InputError, OutputExists
+from unicom_cli.index.integrity import FILES_KEY, record_digests
 from unicom_cli.index.manifest import FORMAT
 from unicom_cli.index.store import IDS_FILE, INDEX_FILE, IVFDATA_FILE, META_FILE, _faiss
+from unicom_cli.utils.files import write_json_atomic
 
 
 def temp_folder(out: Path) -> Path:
@@ -55,18 +56,18 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
-    """Write the three files into the build folder ``tmp``, each flushed to disk."""
+    """Write the index, its ids and index.json (with the digests of the others) into the build
+    folder ``tmp``, each flushed to disk."""
     faiss = _faiss()
     faiss.write_index(index, str(tmp / INDEX_FILE))
     with open(tmp / IDS_FILE, "w", **IDS_TEXT) as handle:
         write_ids(handle, ids)
-    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
-                                 encoding="utf-8")
-    for name in (INDEX_FILE, IDS_FILE, META_FILE, IVFDATA_FILE):
-        if name == IVFDATA_FILE and not (tmp / name).exists():
-            continue
+    data_files = [name for name in (INDEX_FILE, IDS_FILE, IVFDATA_FILE) if (tmp / name).exists()]
+    for name in data_files:
         with open(tmp / name, "rb") as handle:
             os.fsync(handle.fileno())
+    files = record_digests(tmp, data_files)  # checked on every load (index.integrity)
+    write_json_atomic(tmp / META_FILE, {"format": FORMAT, **meta, FILES_KEY: files})
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from unicom_cli.data.ids import read_ids
 from unicom_cli.errors import InputError, UsageError
+from unicom_cli.index.integrity import check_finite, verify_files
 from unicom_cli.index.manifest import check_search_params, validate_meta
 from unicom_cli.utils.files import open_regular
 
@@ -109,10 +110,12 @@ class Index:
         self._row_of: dict[str, int] | None = None
 
     @classmethod
-    def load(cls, path: str | Path, *, mmap: bool = False) -> "Index":
+    def load(cls, path: str | Path, *, mmap: bool = False, verify: bool = False) -> "Index":
         """Open an index folder written by ``unicom index``; every inconsistency is an InputError.
 
         ``mmap``: map the index file instead of reading it (large indexes, several processes).
+        ``verify``: hash every file again even where a fresh record of its digest says it is
+        unchanged (see index.integrity).
         """
         folder = Path(path)
         if not folder.is_dir():
@@ -126,6 +129,8 @@ class Index:
         if on_disk and not (folder / IVFDATA_FILE).is_file():
             raise InputError(f"{folder / IVFDATA_FILE}: missing (this index keeps its inverted lists "
                              "there); rebuild the index with `unicom index --on-disk`")
+        names = {INDEX_FILE, IDS_FILE} | ({IVFDATA_FILE} if on_disk else set())
+        cached = verify_files(folder, meta, names, verify)  # before faiss parses a damaged file
         try:
             index = read_faiss(index_path, on_disk, mmap)
         except (RuntimeError, MemoryError) as exc:
@@ -144,6 +149,8 @@ class Index:
         if meta.get("count", index.ntotal) != index.ntotal:
             raise InputError(f"{folder / META_FILE}: says {meta['count']:,} vectors but {INDEX_FILE} "
                              f"has {index.ntotal:,}; the folder was changed by hand, rebuild it")
+        if not cached:
+            check_finite(index, index_path, ids)
         check_search_params(index, meta.get("search_params") or {}, meta["factory"], str(folder / META_FILE))
         apply_search_params(index, meta.get("search_params") or {})
         return cls(folder, index, ids, meta)

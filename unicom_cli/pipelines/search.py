@@ -28,6 +28,7 @@ class SearchConfig:
     weights: Path | None = None
     params: dict | None = None  # search parameters instead of the tuned ones
     overwrite: bool = True
+    verify: bool = False  # hash the index files again (Index.load)
 
 
 @dataclass
@@ -124,7 +125,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
     from unicom_cli.index.store import Index
 
     _check_outputs(cfg)
-    index = Index.load(cfg.index)
+    index = Index.load(cfg.index, verify=cfg.verify)
     limit = len(index) - (1 if cfg.exclude_self else 0)
     if cfg.k < 1 or cfg.k > limit:
         raise UsageError(f"-k {cfg.k}: the index holds {len(index):,} vectors; use 1 ≤ k ≤ {limit:,}")
