@@ -148,4 +148,9 @@ INDEX_FILE_CASES = {
             index_copy(w, t))),
     "serve: --verify, bit flipped with its mtime kept": lambda w, t: (
         ["serve", str(_flipped(w, t, 0x01, keep_time=True, byte=0)), "--port", "0", "--verify"], []),
+    # ---- item 12: search parameters the index type lacks
+    "search: --nprobe on a flat index": lambda w, t: _search(w, t, built_index(w), "--nprobe", "2"),
+    "search: --nprobe on an HNSW index": lambda w, t: _search(w, t, built_index(w, "hnsw"), "--nprobe", "2"),
+    "search: --ef-search on an IVF index": lambda w, t: _search(w, t, built_index(w, "ivf"), "--ef-search", "8"),
+    "search: --nprobe beyond the lists": lambda w, t: _search(w, t, built_index(w, "ivf"), "--nprobe", "99"),
 }

@@ -198,3 +198,19 @@ def test_non_finite_stored_vectors_are_refused_without_digests(factory, tmp_path
     (folder / "index.faiss").write_bytes(data)
     with pytest.raises(InputError, match=r"index\.faiss: .*NaN or infinite"):
         Index.load(folder)
+
+
+@pytest.mark.parametrize("factory, params, takes", [
+    ("flat", {"nprobe": 3}, "no search parameters"), ("HNSW8,Flat", {"nprobe": 3}, "--ef-search"),
+    ("IVF4,Flat", {"efSearch": 16}, "--nprobe"), ("IVF4,Flat", {"nprobe": 5}, "1 to 4")])
+def test_search_parameters_the_index_lacks_are_refused(factory, params, takes, tmp_path):
+    """--nprobe on a flat or HNSW index, --ef-search on an IVF one, nprobe beyond nlist: one
+    UsageError naming the option (flat used to ignore it silently, the others a faiss traceback)."""
+    from unicom_cli.errors import UsageError
+
+    x = clustered(200, 16, seed=1)
+    build_index(write_features(tmp_path / "f", "feats", x), tmp_path / "i", index=factory, progress=False)
+    index = Index.load(tmp_path / "i")
+    option = "--nprobe" if "nprobe" in params else "--ef-search"
+    with pytest.raises(UsageError, match=f"{option} .*{takes}"):
+        index.search(x[:2], 3, params=params)

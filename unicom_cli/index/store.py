@@ -210,6 +210,8 @@ class Index:
             approximate index may find fewer than k rows for a query: those slots hold row
             -1 and score -inf.
         """
+        if params:  # before any work, and before the exact route that has none to apply
+            check_search_params(self.faiss_index, params, self.meta["factory"])
         vectors = self._query_vectors(queries, device, weights)
         k = int(k)
         limit = len(self) - (1 if exclude is not None else 0)

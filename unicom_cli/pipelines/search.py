@@ -122,10 +122,13 @@ def _add_vectors(out: Queries, index, npy: Path, exclude_self: bool) -> None:
 
 def run_search(cfg: SearchConfig) -> SearchOutcome:
     """Search every query; unreadable query images are skipped and reported (like ``embed``)."""
+    from unicom_cli.index.manifest import check_search_params
     from unicom_cli.index.store import Index
 
     _check_outputs(cfg)
     index = Index.load(cfg.index, verify=cfg.verify)
+    if cfg.params:  # refused before any query is embedded
+        check_search_params(index.faiss_index, cfg.params, index.meta["factory"])
     limit = len(index) - (1 if cfg.exclude_self else 0)
     if cfg.k < 1 or cfg.k > limit:
         raise UsageError(f"-k {cfg.k}: the index holds {len(index):,} vectors; use 1 ≤ k ≤ {limit:,}")
