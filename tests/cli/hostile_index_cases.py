@@ -105,6 +105,16 @@ def _crlf(w, t: Path) -> Path:
     return index
 
 
+def _embedded(w, t: Path, **changes) -> Path:
+    """The world's first rows as an embed output whose .json differs from the index's by ``changes``."""
+    np.save(t / "q.npy", w.feats[:3])
+    (t / "q.ids.txt").write_text("\n".join(w.ids[:3]) + "\n")
+    (t / "q.json").write_text(json.dumps({"model": "tiny", "weights_sha256": "a" * 64, "input_size": 32,
+                                          "dim": w.feats.shape[1], "normalized": False,
+                                          "input": str(w.tree.test), **changes}))
+    return t / "q.npy"
+
+
 INDEX_FILE_CASES = {
     # ---- item 13: non-regular files where lists are read
     "embed: path list is a FIFO": lambda w, t: (
@@ -153,4 +163,9 @@ INDEX_FILE_CASES = {
     "search: --nprobe on an HNSW index": lambda w, t: _search(w, t, built_index(w, "hnsw"), "--nprobe", "2"),
     "search: --ef-search on an IVF index": lambda w, t: _search(w, t, built_index(w, "ivf"), "--ef-search", "8"),
     "search: --nprobe beyond the lists": lambda w, t: _search(w, t, built_index(w, "ivf"), "--nprobe", "99"),
+    # ---- item 10: query vectors embedded otherwise than the index
+    "search: query vectors of other weights": lambda w, t: _search(
+        w, t, built_index(w), query=_embedded(w, t, weights_sha256="b" * 64)),
+    "search: query vectors of another model": lambda w, t: _search(
+        w, t, built_index(w), query=_embedded(w, t, model="ViT-B/32")),
 }

@@ -214,3 +214,17 @@ def test_search_parameters_the_index_lacks_are_refused(factory, params, takes, t
     option = "--nprobe" if "nprobe" in params else "--ef-search"
     with pytest.raises(UsageError, match=f"{option} .*{takes}"):
         index.search(x[:2], 3, params=params)
+
+
+@pytest.mark.parametrize("change, word", [({"sha": "b" * 64}, "weights"), ({"model": "other"}, "model"),
+                                          ({"num_feat": 8}, "num_feat")])
+def test_query_vectors_embedded_with_other_weights_are_refused(change, word, flat, tmp_path):
+    """`unicom search INDEX queries.npy` whose .json records other weights (or model, num_feat)
+    than the index: refused naming both values, not searched without a word."""
+    from unicom_cli.pipelines.search import SearchConfig, run_search
+
+    queries = write_features(tmp_path / "q", "q", clustered(4, 16, seed=8), **change)
+    with pytest.raises(InputError, match=rf"q\.npy: {word}.* differs from .* in the index"):
+        run_search(SearchConfig(index=flat, queries=[queries], k=3))
+    same = write_features(tmp_path / "same", "q", clustered(4, 16, seed=8))
+    assert run_search(SearchConfig(index=flat, queries=[same], k=3)).rows.shape == (4, 3)

@@ -12,6 +12,7 @@ from typing import Sequence
 from unicom_cli.errors import InputError, UsageError
 from unicom_cli.index.choose import Choice, choose_index, default_max_memory
 from unicom_cli.index.config import BuildConfig, BuildPlan, BuildSummary
+from unicom_cli.index.manifest import check_compatible
 from unicom_cli.index.fill import add_rows, fill, index_from_factory, new_index
 from unicom_cli.index.source import FeatureSource, open_source, relative_ids
 from unicom_cli.index.folder import check_output, publish, temp_folder, write_folder
@@ -32,15 +33,7 @@ def build_index(features_npy: str | Path | Sequence[str | Path], out_dir: str | 
     return summary
 
 
-def _check_compatible(fields: dict, other: dict, where: str, against: str) -> None:
-    """Refuse collections that a query could not be embedded for consistently."""
-    labels = {"model": "model", "weights_sha256": "weights (SHA-256)", "input_size": "input size",
-              "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
-    diffs = [f"{label} {other.get(key)!r} vs {fields.get(key)!r}"
-             for key, label in labels.items() if other.get(key) != fields.get(key)]
-    if diffs:
-        raise InputError(f"{where}: cannot share an index with {against}: {'; '.join(diffs)}. "
-                         "Embed it with the same model and options")
+SAME_EMBEDDING = "embed it with the same model and options"
 
 
 def _open_sources(cfg: BuildConfig) -> list[FeatureSource]:
@@ -49,7 +42,7 @@ def _open_sources(cfg: BuildConfig) -> list[FeatureSource]:
     sources = [open_source(p, cfg.normalize) for p in cfg.features]
     first = sources[0].model_fields()
     for src in sources[1:]:
-        _check_compatible(first, src.model_fields(), str(src.npy), str(sources[0].npy))
+        check_compatible(src.model_fields(), first, str(src.npy), str(sources[0].npy), SAME_EMBEDDING)
     return sources
 
 
@@ -94,7 +87,7 @@ def _plan(cfg: BuildConfig) -> BuildPlan:
         return BuildPlan(sources, fields, None, choice, max_memory, cfg.on_disk)
     existing = Index.load(cfg.output)
     recorded = {key: existing.meta.get(key) for key in fields}
-    _check_compatible(recorded, fields, str(sources[0].npy), f"the index {cfg.output}")
+    check_compatible(fields, recorded, str(sources[0].npy), f"the index {cfg.output}", SAME_EMBEDDING)
     choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
                     int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
     on_disk = cfg.on_disk or bool(existing.meta.get("on_disk"))

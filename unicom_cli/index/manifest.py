@@ -114,6 +114,22 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# --------------------------------------------------------------------------- vectors searched together
+
+# What vectors must share to be compared with an index's (a query is embedded one way only).
+MODEL_LABELS = {"model": "model", "weights_sha256": "weights (SHA-256)", "input_size": "input size",
+                "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
+
+
+def check_compatible(mine: dict, theirs: dict, where: str, against: str, fix: str) -> None:
+    """Refuse vectors at ``where`` (their model fields ``mine``) that were not embedded as those of
+    ``against`` (``theirs``): their scores against each other would mean nothing. Names both."""
+    diffs = [f"{label} {_short(mine.get(key))} differs from {_short(theirs.get(key))} in {against}"
+             for key, label in MODEL_LABELS.items() if mine.get(key) != theirs.get(key)]
+    if diffs:
+        raise InputError(f"{where}: {'; '.join(diffs)}; {fix}")
+
+
 # --------------------------------------------------------------------------- search parameters
 
 OPTION_OF = {"nprobe": "--nprobe", "efSearch": "--ef-search", "quantizer_efSearch": "quantizer_efSearch"}

@@ -107,9 +107,11 @@ def _add_vectors(out: Queries, index, npy: Path, exclude_self: bool) -> None:
     if src.dim != index.dim:
         raise InputError(f"{npy}: {src.dim}-dim vectors, but {index.path} holds {index.dim}-dim "
                          f"vectors; embed the queries with {index.meta.get('model') or 'the same model'}")
-    if src.meta and src.meta.get("num_feat") != index.meta.get("num_feat"):
-        raise InputError(f"{npy}: num_feat {src.meta.get('num_feat')} but the index was built "
-                         f"with num_feat {index.meta.get('num_feat')}; embed the queries the same way")
+    if src.meta:  # an embed output: embedded as the index was (model, weights, crop, num_feat …)?
+        from unicom_cli.index.manifest import MODEL_LABELS, check_compatible
+
+        check_compatible(src.model_fields(), {key: index.meta.get(key) for key in MODEL_LABELS}, str(npy),
+                         f"the index {index.path}", "embed the queries with the index's model and options")
     vectors = src.rows(0, src.count)
     for i in range(src.count):
         name = src.ids[i] if src.root is None else str(src.root / src.ids[i])
