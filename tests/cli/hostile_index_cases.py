@@ -168,4 +168,9 @@ INDEX_FILE_CASES = {
         w, t, built_index(w), query=_embedded(w, t, weights_sha256="b" * 64)),
     "search: query vectors of another model": lambda w, t: _search(
         w, t, built_index(w), query=_embedded(w, t, model="ViT-B/32")),
+    # ---- item 11: a collection given twice
+    "index: --add of features already in it": lambda w, t: (
+        ["index", "--add", str(built_index(w).parent / "index-feats" / "f.npy"), str(index_copy(w, t))], []),
+    "index: the same features twice": lambda w, t: (
+        ["index", *[str(built_index(w).parent / "index-feats" / "f.npy")] * 2, "-o", str(t / "i")], [t / "i"]),
 }

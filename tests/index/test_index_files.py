@@ -228,3 +228,28 @@ def test_query_vectors_embedded_with_other_weights_are_refused(change, word, fla
         run_search(SearchConfig(index=flat, queries=[queries], k=3))
     same = write_features(tmp_path / "same", "q", clustered(4, 16, seed=8))
     assert run_search(SearchConfig(index=flat, queries=[same], k=3)).rows.shape == (4, 3)
+
+
+def test_adding_the_same_collection_twice_is_refused(tmp_path):
+    """`index --add` of a collection already in the index used to double its rows (every id
+    twice): refused naming the file and an id, the index unchanged. Bare .npy files (ids are row
+    numbers) are recognised by their recorded path and row count."""
+    import numpy as np
+
+    x = clustered(150, 16, seed=4)
+    a = write_features(tmp_path / "a", "a", x[:100])
+    build_index(a, tmp_path / "i", index="flat", progress=False)
+    with pytest.raises(InputError, match=r"a\.npy: 100 of its 100 ids are already in the index .*a/img_00000\.jpg"):
+        build_index(a, tmp_path / "i", index="flat", add=True, progress=False)
+    assert len(Index.load(tmp_path / "i")) == 100
+    build_index(write_features(tmp_path / "b", "b", x[100:]), tmp_path / "i", add=True, progress=False)
+    assert len(Index.load(tmp_path / "i")) == 150
+    bare = tmp_path / "bare.npy"
+    np.save(bare, x[:60])
+    build_index(bare, tmp_path / "j", index="flat", progress=False)
+    with pytest.raises(InputError, match=r"bare\.npy: already added to the index"):
+        build_index(bare, tmp_path / "j", index="flat", add=True, progress=False)
+    assert len(Index.load(tmp_path / "j")) == 60
+    with pytest.raises(InputError, match=r"a\.npy: 100 of its 100 ids are already in the collections given"):
+        build_index([a, a], tmp_path / "k", index="flat", progress=False)
+    assert not (tmp_path / "k").exists()

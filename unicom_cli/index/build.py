@@ -84,15 +84,43 @@ def _plan(cfg: BuildConfig) -> BuildPlan:
         choice = choose_index(sum(s.count for s in sources), sources[0].dim, max_memory, cfg.index,
                               on_disk=cfg.on_disk)
         _check_on_disk(cfg.on_disk, choice.factory, sources[0].dim)
+        _check_no_repeats(None, sources)
         return BuildPlan(sources, fields, None, choice, max_memory, cfg.on_disk)
     existing = Index.load(cfg.output)
     recorded = {key: existing.meta.get(key) for key in fields}
     check_compatible(fields, recorded, str(sources[0].npy), f"the index {cfg.output}", SAME_EMBEDDING)
+    _check_no_repeats(existing, sources)
     choice = Choice(existing.meta["factory"], existing.meta.get("kind", "custom"),
                     int(existing.meta.get("memory_bytes", 0)), "--add to an existing index")
     on_disk = cfg.on_disk or bool(existing.meta.get("on_disk"))
     _check_on_disk(on_disk, choice.factory, sources[0].dim)
     return BuildPlan(sources, fields, existing, choice, max_memory, on_disk)
+
+
+def _check_no_repeats(existing: Index | None, sources: list[FeatureSource]) -> None:
+    """A collection given twice (``--add`` of one already in the index, or the same file twice)
+    would double its rows: refuse, naming an id (or, for a bare .npy whose ids are row numbers,
+    its path and row count)."""
+    seen = set(existing.ids) if existing is not None else set()
+    recorded = {(item["features"], item["count"]) for item in existing.meta.get("sources", [])} \
+        if existing is not None else set()
+    root = existing.root if existing is not None else sources[0].root
+    where = f"the index {existing.path}" if existing is not None else "the collections given before it"
+    for src in sources:
+        if not src.named:
+            key = (str(src.npy.resolve()), src.count)
+            if key in recorded:
+                raise InputError(f"{src.npy}: already added to {where} (the same file with {src.count:,} "
+                                 "rows); add only new vectors")
+            recorded.add(key)
+            continue
+        ids = relative_ids(src.ids, src.root, root)
+        again = [name for name in ids if name in seen]
+        if again:
+            raise InputError(f"{src.npy}: {len(again):,} of its {len(ids):,} ids are already in {where} "
+                             f"(e.g. {again[0]}); embed only the new images, or rebuild the index from "
+                             "all of them")
+        seen.update(ids)
 
 
 def _check_on_disk(on_disk: bool, factory: str, dim: int) -> None:

@@ -33,6 +33,7 @@ class FeatureSource:
     root: Path | None
     meta: dict
     normalize: bool  # L2-normalise the rows while adding (their .json says they are not)
+    named: bool = True  # ids come from an ids file (False: a bare .npy, ids are row numbers)
 
     @property
     def count(self) -> int:
@@ -189,7 +190,7 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
         raise InputError(f"{meta_path}: says {meta['dim']} dims but {npy.name} has {matrix.shape[1]}")
     root = _embed_root(meta) if has_ids else None
     needs_norm = normalize and not meta.get("normalized", False)
-    return FeatureSource(npy, matrix, ids, root.resolve() if root else None, meta, needs_norm)
+    return FeatureSource(npy, matrix, ids, root.resolve() if root else None, meta, needs_norm, has_ids)
 
 
 def relative_ids(ids: list[str], source_root: Path | None, index_root: Path | None) -> list[str]:
