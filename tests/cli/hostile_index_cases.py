@@ -173,4 +173,14 @@ INDEX_FILE_CASES = {
         ["index", "--add", str(built_index(w).parent / "index-feats" / "f.npy"), str(index_copy(w, t))], []),
     "index: the same features twice": lambda w, t: (
         ["index", *[str(built_index(w).parent / "index-feats" / "f.npy")] * 2, "-o", str(t / "i")], [t / "i"]),
+    # ---- item 15: outputs that cannot be written
+    "search: -o into /proc": lambda w, t: (_search(w, t, built_index(w))[0][:-2] + ["-o", "/proc/x.csv"],
+                                          [Path("/proc/x.csv")]),
+    "search: --vis into /proc": lambda w, t: (_search(w, t, built_index(w))[0] + ["--vis", "/proc/x.html"],
+                                             [t / "r.csv", Path("/proc/x.html")]),
+    "search: --duplicates -o into /proc": lambda w, t: (
+        ["search", str(built_index(w)), "--duplicates", "-o", "/proc/d.csv"], [Path("/proc/d.csv")]),
+    "linear: --save-classifier into /proc": lambda w, t: (
+        ["eval-linear", "--train-dataset", str(w.tree.test), "--val-dataset", str(w.tree.test),
+         *_model(w), "--save-classifier", "/proc/head.safetensors"], [Path("/proc/head.safetensors")]),
 }

@@ -92,6 +92,10 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path], veri
         from unicom_cli.errors import UsageError
 
         raise UsageError(f"-o {output}: choose a file ending in {', '.join(RESULT_FORMATS)}")
+    if output is not None and output.parent.is_dir():
+        from unicom_cli.utils.files import check_creatable
+
+        check_creatable(output)
     index = Index.load(index_path, verify=verify)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"

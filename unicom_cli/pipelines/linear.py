@@ -56,6 +56,10 @@ def run_linear(cfg: LinearConfig) -> dict | None:
     if cfg.save_classifier is not None and Path(cfg.save_classifier).is_dir():
         raise UsageError(f"--save-classifier {cfg.save_classifier}: is a folder; give a file name "
                          f"such as head.safetensors")
+    if cfg.save_classifier is not None and Path(cfg.save_classifier).parent.is_dir():
+        from unicom_cli.utils.files import check_creatable
+
+        check_creatable(cfg.save_classifier)  # a read-only place: refused before the features and the fit
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     data = labelled_features(*_splits(cfg), cfg.model, cfg.train_embeddings, cfg.val_embeddings)

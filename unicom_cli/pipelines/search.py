@@ -56,6 +56,8 @@ class SearchOutcome:
 
 
 def _check_outputs(cfg: SearchConfig) -> None:
+    from unicom_cli.utils.files import check_creatable
+
     for path, allowed, option in ((cfg.output, RESULT_FORMATS, "-o"), (cfg.vis, VIS_FORMATS, "--vis")):
         if path is None:
             continue
@@ -63,6 +65,7 @@ def _check_outputs(cfg: SearchConfig) -> None:
             raise UsageError(f"{option} {path}: choose a file ending in {', '.join(allowed)}")
         if not Path(path).parent.is_dir():
             raise InputError(f"{Path(path).parent}: the output folder does not exist")
+        check_creatable(path)  # /proc, a read-only file system: refused before the search
     if cfg.output is not None and Path(cfg.output).suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401

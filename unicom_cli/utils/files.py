@@ -199,6 +199,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create(tmp: Path, path: Path) -> None:
+    """Create the temp file before any writer runs: a place where no file can be made (a
+    read-only file system, ``/proc``, a missing folder, no permission) is then the one DiskError
+    naming the folder, whichever library writes the file (safetensors, pandas and faiss raise
+    their own exception types, or none naming the place)."""
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    except OSError as exc:
+        converted = disk_error(exc, path.parent)
+        if converted is not None:
+            raise converted from exc
+        raise DiskError(f"{path.parent}: cannot create {path.name} there ({exc.strerror or exc}); "
+                        "choose another folder") from exc
+
+
+def check_creatable(path: str | os.PathLike) -> None:
+    """Before long work: refuse, with the DiskError :func:`atomic_path` would raise at the end, an
+    output where no file can be created (so a command with two outputs never writes the first
+    and then fails on the second)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    _create(tmp, path)
+    tmp.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; after the block it is fsynced and moved onto ``path``.
@@ -210,6 +235,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     with disk_errors(path.parent):
         try:
+            _create(tmp, path)
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
