@@ -183,4 +183,7 @@ INDEX_FILE_CASES = {
     "linear: --save-classifier into /proc": lambda w, t: (
         ["eval-linear", "--train-dataset", str(w.tree.test), "--val-dataset", str(w.tree.test),
          *_model(w), "--save-classifier", "/proc/head.safetensors"], [Path("/proc/head.safetensors")]),
+    # ---- item 16: where an index cannot be written (a full disk: tests/index/test_full_disk.py)
+    "index: output into /proc": lambda w, t: (
+        ["index", str(built_index(w).parent / "index-feats" / "f.npy"), "-o", "/proc/i"], [Path("/proc/i")]),
 }

@@ -15,6 +15,7 @@ from unicom_cli.index.config import BuildConfig, BuildPlan, BuildSummary
 from unicom_cli.index.manifest import check_compatible
 from unicom_cli.index.fill import add_rows, fill, index_from_factory, new_index
 from unicom_cli.index.source import FeatureSource, open_source, relative_ids
+from unicom_cli.index.space import check_room, write_errors
 from unicom_cli.index.folder import check_output, publish, temp_folder, write_folder
 from unicom_cli.index.store import INDEX_FILE, IVFDATA_FILE, Index, _faiss
 from unicom_cli.index.tune import RECALL_K, Tuning, held_out_queries, tune
@@ -143,15 +144,28 @@ def _run_build(cfg: BuildConfig) -> BuildSummary | None:
     _set_threads()
     tmp = Path(broadcast_object(str(temp_folder(cfg.output)) if is_main() else None))
     try:
-        index = fill(plan, cfg, tmp)
-        if not is_main():
-            return None
-        return _finish(plan, cfg, tmp, index, start_time)
+        if is_main():  # after temp_folder removed the leftovers of killed runs, which took room
+            _check_room(plan, cfg)
+        with write_errors(cfg.output):  # a disk that fills meanwhile: one line, and the except below
+            index = fill(plan, cfg, tmp)
+            if not is_main():
+                return None
+            return _finish(plan, cfg, tmp, index, start_time)
     except Exception:
         if is_main():  # a failed build leaves nothing behind (a killed one: see temp_folder)
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+
+def _check_room(plan: BuildPlan, cfg: BuildConfig) -> None:
+    """Before any work: the output's disk holds what the build writes (index.space)."""
+    from unicom_cli.distributed import world_size
+
+    ids = [plan.existing.ids] if plan.existing is not None else []
+    ids_bytes = sum(len(name) + 1 for names in ids + [s.ids for s in plan.sources] for name in names)
+    check_room(cfg.output, index_from_factory(plan.choice.factory, plan.dim), plan.base + plan.added,
+               plan.added, ids_bytes, plan.on_disk, world_size() > 1)
 
 
 def _finish(plan: BuildPlan, cfg: BuildConfig, tmp: Path, index, start_time: float) -> BuildSummary:

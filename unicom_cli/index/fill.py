@@ -277,7 +277,7 @@ def _fill_on_disk(plan: BuildPlan, cfg: BuildConfig, tmp: Path):
     index = faiss.read_index(str(trained_path))
     parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in sorted(tmp.glob("part-*.faiss"))]
     earlier = [plan.existing.faiss_index] if plan.existing is not None else []
-    _merge_lists_to_disk(index, earlier + parts, tmp / IVFDATA_FILE)
+    _merge_lists_to_disk(index, earlier + parts, tmp / IVFDATA_FILE, cfg.output.parent)
     del parts
     for path in tmp.glob("part-*.faiss"):
         path.unlink()
@@ -302,23 +302,42 @@ def _empty_copy(existing: Index):
     return faiss.clone_index(copy)
 
 
-def _merge_lists_to_disk(index, sources: list, path: Path) -> None:
+def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
     """Concatenate the inverted lists of ``sources`` (same trained index), list by list in the
     given order, into a new OnDiskInvertedLists file at ``path`` that ``index`` (empty) takes.
-    faiss.contrib.ondisk.merge_ondisk does this for part files only; --add also merges the lists
-    of the index being extended, which live in its own folder."""
+    ``room``: the folder a full disk is reported for (the output's, where space is to be freed).
+
+    faiss's merge_from_multiple sizes the file with a sparse truncate and copies through its
+    memory map: on a disk that fills, a page the disk cannot back is a SIGBUS (exit 135, no
+    message, the temp folder left). Here the file is sized, mapped and then given every block
+    (fallocate) before the copy, so a full disk is a DiskError; the lists and their order are
+    the ones merge_from_multiple makes (faiss.contrib.ondisk.merge_ondisk merges part files only;
+    --add also merges the lists of the index being extended, which live in its own folder)."""
+    from unicom_cli.utils.files import ensure_free_space, preallocate
+
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
+    inputs = [faiss.extract_index_ivf(source).invlists for source in sources]
+    sizes = np.zeros(ivf.nlist, dtype=np.uint64)
+    for lists_in in inputs:
+        sizes += np.array([lists_in.list_size(number) for number in range(ivf.nlist)], dtype=np.uint64)
+    nbytes = int(sizes.sum()) * (ivf.code_size + 8)
+    ensure_free_space(room, nbytes, f"the inverted lists ({path.name})")
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
-    pointers = faiss.InvertedListsPtrVector()
-    for source in sources:
-        pointers.push_back(faiss.extract_index_ivf(source).invlists)
     with faiss_stdout_silenced():
-        total = lists.merge_from_multiple(pointers.data(), pointers.size(), False)
-    index.ntotal = ivf.ntotal = total
+        lists.update_totsize(max(nbytes, 1))  # creates the file at its size (sparse) and maps it
+    preallocate(path, room)  # every block now: a full disk is a DiskError here, not a SIGBUS below
+    lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # list j at the offset of lists 0..j-1
+    for number in range(ivf.nlist):
+        offset = 0
+        for lists_in in inputs:
+            count = lists_in.list_size(number)
+            if count:
+                lists.update_entries(number, offset, count, lists_in.get_ids(number), lists_in.get_codes(number))
+                offset += count
+    index.ntotal = ivf.ntotal = int(sizes.sum())
     ivf.replace_invlists(lists, True)
     lists.this.disown()
-
 
 
 class _Scaled:
