@@ -131,6 +131,7 @@ INDEX_FILE_CASES = {
         w, t, (lambda i: (_replace(i / "index.json", "fifo"), i)[1])(index_copy(w, t))),
     "serve: index ids.txt is a FIFO": lambda w, t: (
         ["serve", str((lambda i: (_replace(i / "ids.txt", "fifo"), i)[1])(index_copy(w, t))), "--port", "0"], []),
+    "search: query .npy is a FIFO": lambda w, t: _search(w, t, built_index(w), query=_replace(t / "q.npy", "fifo")),
     "index: feature ids file is a FIFO": lambda w, t: (
         (np.save(t / "f.npy", w.feats), _replace(t / "f.ids.txt", "fifo"))
         and ["index", str(t / "f.npy"), "-o", str(t / "i")], [t / "i"]),

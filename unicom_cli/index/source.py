@@ -147,6 +147,21 @@ def _embed_root(meta: dict) -> Path | None:
     return path
 
 
+def _read_embed_meta(meta_path: Path) -> dict:
+    """The ``.json`` beside an embed output; {} when there is none (a bare ``.npy``). A FIFO or a
+    device there is refused, not taken for no file."""
+    if not os.path.lexists(meta_path):
+        return {}
+    try:
+        with open_regular(meta_path, what="the .json that `unicom embed` writes", encoding="utf-8") as handle:
+            meta = json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: unreadable metadata ({exc}); re-run `unicom embed`") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
+    return meta
+
+
 def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     """Open an ``unicom embed`` output (``feats.npy`` + ``feats.ids.txt`` + ``feats.json``).
 
@@ -155,6 +170,8 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     (cosine similarity, what UNICOM embeddings are compared with).
     """
     npy = Path(npy)
+    if os.path.lexists(npy) and not npy.is_file():  # a FIFO, a device, a folder: say what it is
+        open_regular(npy, "rb", what="a .npy feature matrix from `unicom embed`").close()
     if not npy.is_file():
         raise InputError(f"{npy}: no such feature file; make one with `unicom embed FOLDER -o {npy}`")
     try:
@@ -166,15 +183,7 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     if matrix.dtype not in (np.float32, np.float16, np.float64):
         raise InputError(f"{npy}: dtype {matrix.dtype}; expected float32 or float16 vectors")
     ids_path, meta_path = embed_siblings(npy)
-    meta: dict = {}
-    if os.path.lexists(meta_path):  # a FIFO or a device there is refused, not taken for no file
-        try:
-            with open_regular(meta_path, what="the .json that `unicom embed` writes", encoding="utf-8") as handle:
-                meta = json.loads(handle.read())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{meta_path}: unreadable metadata ({exc}); re-run `unicom embed`") from exc
-        if not isinstance(meta, dict):
-            raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
+    meta = _read_embed_meta(meta_path)
     has_ids = os.path.lexists(ids_path)
     if has_ids:
         try:
