@@ -13,7 +13,6 @@ EXAMPLES = [
     "unicom search photos.index query.jpg -k 10",
     "unicom search photos.index ./queries -k 5 -o results.csv --vis results.html",
     "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv",
-    "unicom search photos.index query.jpg --verify   # re-hash the index files first",
 ]
 SHOWN_QUERIES = 20
 
