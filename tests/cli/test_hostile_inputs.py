@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cli.hostile_index_cases import INDEX_FILE_CASES
 from tests.conftest import TINY, one_error_line
 from unicom_cli.cli.app import main
 
@@ -324,6 +325,7 @@ CASES = {
         ["download", "ViT-B/32", "--mirror", "http://127.0.0.1:9/", "--cache-dir", str(t / "c")],
         [t / "c" / "FP16-ViT-B-32.pt"]),
 }
+CASES.update(INDEX_FILE_CASES)  # issue 28: index folders, the lists we read, search outputs, full disk
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def test_ivfpq_skips_polysemous_training(factory):
     never uses); it must be off behind every wrapper (OPQ, HNSW coarse quantizer)."""
     import faiss
 
-    from unicom_cli.index.build import index_from_factory
+    from unicom_cli.index.fill import index_from_factory
 
     assert faiss.downcast_index(faiss.extract_index_ivf(faiss.index_factory(64, factory))).do_polysemous_training
     index = index_from_factory(factory, 64)
@@ -145,7 +145,8 @@ def test_on_disk_lists_answer_as_the_in_memory_index(tmp_path, capfd):
     build_index(a, tmp_path / "mem", **opts)
     summary = build_index(a, tmp_path / "disk", on_disk=True, max_memory=64 << 10, **opts)
     disk_files = sorted(p.name for p in (tmp_path / "disk").iterdir())
-    assert disk_files == ["ids.txt", "index.faiss", "index.ivfdata", "index.json"]
+    assert disk_files == ["ids.txt", "ids.txt.sha256", "index.faiss", "index.faiss.sha256", "index.ivfdata",
+                          "index.ivfdata.sha256", "index.json"]  # with each file's verified digest
     ivfdata = (tmp_path / "disk" / "index.ivfdata").stat().st_size
     assert ivfdata == 2000 * (16 * 4 + 8)  # every vector and its id, in the lists file
     assert summary.index_bytes > ivfdata > 10 * (tmp_path / "disk" / "index.faiss").stat().st_size
@@ -177,7 +178,7 @@ def test_on_disk_refusals_and_damage(tmp_path):
     folder = tmp_path / "i"
     data = (folder / "index.ivfdata").read_bytes()
     (folder / "index.ivfdata").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="index.ivfdata: .* bytes, the index needs .*truncated"):
+    with pytest.raises(InputError, match="index.ivfdata: .* bytes, .*truncated"):
         Index.load(folder)
     (folder / "index.ivfdata").unlink()
     with pytest.raises(InputError, match="index.ivfdata: missing"):
@@ -189,13 +190,13 @@ def test_gpu_route_builds_the_same_index(tmp_path, monkeypatch):
     in for the GPU copy: the same lists as the CPU route, and the real quantizer is put back."""
     import faiss
 
-    import unicom_cli.index.build as build
+    import unicom_cli.index.fill as fill
 
     x = clustered(3000, 16, seed=2)
     npy = write_features(tmp_path / "f", "feats", x)
     build_index(npy, tmp_path / "cpu", index="IVF32,Flat", progress=False, held_out=100)
     moved = []
-    monkeypatch.setattr(build, "_gpu", lambda device: (object(), 0))
+    monkeypatch.setattr(fill, "_gpu", lambda device: (object(), 0))
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: moved.append(index) or index,
                         raising=False)  # faiss-cpu has no GPU functions
     build_index(npy, tmp_path / "gpu", index="IVF32,Flat", progress=False, held_out=100, device="cuda")

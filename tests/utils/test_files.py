@@ -8,9 +8,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+from tests.readonly import readonly_folder  # noqa: F401 (a fixture)
 from unicom_cli.errors import DiskError, OutputInUse
 from unicom_cli.utils.files import (
     atomic_open,
@@ -91,3 +93,17 @@ def test_second_run_is_refused_at_once_and_a_sigkill_releases_the_lock(tmp_path)
     with output_lock(output):  # the kernel dropped the dead process's lock
         assert lock_path(output).read_text().strip() == str(os.getpid())
     assert not lock_path(output).exists()
+
+
+@pytest.mark.parametrize("place", ["readonly", "proc", "missing"])
+def test_atomic_writes_to_an_unwritable_place_are_one_disk_error(place, readonly_folder, tmp_path):  # noqa: F811
+    """/proc (no file can be created: ENOENT), a read-only file system, a folder that is gone: the
+    one DiskError naming the folder, whichever writer runs inside (here a plain open), and no temp."""
+    from unicom_cli.utils.files import atomic_path
+
+    target = {"readonly": readonly_folder / "out.csv", "proc": Path("/proc/unicom-x.csv"),
+              "missing": tmp_path / "gone" / "out.csv"}[place]
+    with pytest.raises(DiskError, match=f"^{target.parent}: "):
+        with atomic_path(target) as tmp, open(tmp, "w") as handle:
+            handle.write("x")
+    assert not target.exists()

@@ -32,6 +32,7 @@ def search(
     weights: WeightsOpt = None,
     device: DeviceOpt = "cpu",
     overwrite: OverwriteOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of the index again, even where a fresh record of its digest says it is unchanged (a load otherwise trusts that record).")] = False,
 ) -> None:
     """Find the images of an index most similar to each query, best first.
 
@@ -43,7 +44,7 @@ def search(
     if duplicates:
         if queries:
             raise UsageError("--duplicates searches the index against itself: give no QUERY")
-        _duplicates(index, threshold, output, overwrite)
+        _duplicates(index, threshold, output, overwrite, verify)
         return
     from unicom_cli.pipelines.search import SearchConfig, run_search
 
@@ -51,7 +52,7 @@ def search(
     outcome = run_search(SearchConfig(index=index, queries=list(queries or []), k=k,
                                       exclude_self=exclude_self, output=output, vis=vis,
                                       device=device, weights=weights, params=params or None,
-                                      overwrite=overwrite))
+                                      overwrite=overwrite, verify=verify))
     _print_results(outcome)
 
 
@@ -79,7 +80,8 @@ def _print_results(outcome) -> None:
         console.print(f"wrote {path}", highlight=False)
 
 
-def _duplicates(index_path: str, threshold: float, output: Optional[Path], overwrite: bool) -> None:
+def _duplicates(index_path: str, threshold: float, output: Optional[Path], overwrite: bool,
+                verify: bool) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -95,7 +97,11 @@ def _duplicates(index_path: str, threshold: float, output: Optional[Path], overw
         raise UsageError(f"-o {output}: choose a file ending in {', '.join(RESULT_FORMATS)}")
     if not overwrite:
         refuse_existing(output)
-    index = Index.load(index_path)
+    if output is not None and output.parent.is_dir():
+        from unicom_cli.utils.files import check_creatable
+
+        check_creatable(output)
+    index = Index.load(index_path, verify=verify)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"
     groups = f"{len(found.groups):,} group{'' if len(found.groups) == 1 else 's'}"

@@ -41,6 +41,7 @@ def serve(
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
     precision: PrecisionOpt = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file of the index again, even where a fresh record of its digest says it is unchanged (a load otherwise trusts that record).")] = False,
 ) -> None:
     """Serve an index: POST /search, GET /images/{row}, a web page at / and API docs at /docs.
 
@@ -61,4 +62,4 @@ def serve(
     settings = ServeSettings(token=token or None, max_upload=parse_size(max_upload), max_k=max_k,
                              max_batch=max_batch, queue_size=queue_size, read_timeout=read_timeout)
     run_server(ServeConfig(index=index, host=host, port=port, device=device, weights=weights,
-                           precision=precision, settings=settings))
+                           precision=precision, settings=settings, verify=verify))

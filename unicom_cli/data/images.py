@@ -12,6 +12,7 @@ from typing import IO, TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from unicom_cli.errors import BadImage, DatasetLayout, InputError
+from unicom_cli.utils.files import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -150,7 +151,8 @@ def read_path_list(list_file: Path) -> tuple[Path, list[str]]:
     ids are written relative to. Order is kept as given.
     """
     try:
-        text = list_file.read_text(encoding="utf-8")
+        with open_regular(list_file, what="a text file of image paths, one per line", encoding="utf-8") as handle:
+            text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{list_file}: cannot read the path list ({exc})") from exc
     paths = [line.strip() for line in text.splitlines()]

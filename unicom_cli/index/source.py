@@ -12,6 +12,7 @@ import numpy as np
 
 from unicom_cli.data.ids import embed_siblings, read_ids
 from unicom_cli.errors import InputError
+from unicom_cli.utils.files import open_regular
 
 CHUNK_ROWS = 65536  # rows read, normalised and added per step: bounded memory for any N
 # What two collections must agree on to share an index (a query is embedded one way only).
@@ -32,6 +33,7 @@ class FeatureSource:
     root: Path | None
     meta: dict
     normalize: bool  # L2-normalise the rows while adding (their .json says they are not)
+    named: bool = True  # ids come from an ids file (False: a bare .npy, ids are row numbers)
 
     @property
     def count(self) -> int:
@@ -145,6 +147,21 @@ def _embed_root(meta: dict) -> Path | None:
     return path
 
 
+def _read_embed_meta(meta_path: Path) -> dict:
+    """The ``.json`` beside an embed output; {} when there is none (a bare ``.npy``). A FIFO or a
+    device there is refused, not taken for no file."""
+    if not os.path.lexists(meta_path):
+        return {}
+    try:
+        with open_regular(meta_path, what="the .json that `unicom embed` writes", encoding="utf-8") as handle:
+            meta = json.loads(handle.read())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: unreadable metadata ({exc}); re-run `unicom embed`") from exc
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
+    return meta
+
+
 def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     """Open an ``unicom embed`` output (``feats.npy`` + ``feats.ids.txt`` + ``feats.json``).
 
@@ -153,6 +170,8 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     (cosine similarity, what UNICOM embeddings are compared with).
     """
     npy = Path(npy)
+    if os.path.lexists(npy) and not npy.is_file():  # a FIFO, a device, a folder: say what it is
+        open_regular(npy, "rb", what="a .npy feature matrix from `unicom embed`").close()
     if not npy.is_file():
         raise InputError(f"{npy}: no such feature file; make one with `unicom embed FOLDER -o {npy}`")
     try:
@@ -164,15 +183,9 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
     if matrix.dtype not in (np.float32, np.float16, np.float64):
         raise InputError(f"{npy}: dtype {matrix.dtype}; expected float32 or float16 vectors")
     ids_path, meta_path = embed_siblings(npy)
-    meta: dict = {}
-    if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{meta_path}: unreadable metadata ({exc}); re-run `unicom embed`") from exc
-        if not isinstance(meta, dict):
-            raise InputError(f"{meta_path}: expected a JSON object; re-run `unicom embed`")
-    if ids_path.is_file():
+    meta = _read_embed_meta(meta_path)
+    has_ids = os.path.lexists(ids_path)
+    if has_ids:
         try:
             ids = read_ids(ids_path)
         except OSError as exc:
@@ -184,9 +197,9 @@ def open_source(npy: str | Path, normalize: bool = True) -> FeatureSource:
         ids = [str(i) for i in range(matrix.shape[0])]
     if meta.get("dim") not in (None, matrix.shape[1]):
         raise InputError(f"{meta_path}: says {meta['dim']} dims but {npy.name} has {matrix.shape[1]}")
-    root = _embed_root(meta) if ids_path.is_file() else None
+    root = _embed_root(meta) if has_ids else None
     needs_norm = normalize and not meta.get("normalized", False)
-    return FeatureSource(npy, matrix, ids, root.resolve() if root else None, meta, needs_norm)
+    return FeatureSource(npy, matrix, ids, root.resolve() if root else None, meta, needs_norm, has_ids)
 
 
 def relative_ids(ids: list[str], source_root: Path | None, index_root: Path | None) -> list[str]:

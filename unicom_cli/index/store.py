@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,15 +12,17 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from unicom_cli.data.ids import IDS_TEXT, read_ids, write_ids
-from unicom_cli.errors import InputError, OutputExists, UsageError
+from unicom_cli.data.ids import read_ids
+from unicom_cli.errors import InputError, UsageError
+from unicom_cli.index.integrity import check_finite, verify_files
+from unicom_cli.index.manifest import check_search_params, validate_meta
+from unicom_cli.utils.files import open_regular
 
 if TYPE_CHECKING:
     from unicom_cli.index.embedder import QueryEmbedder
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.txt", "index.json"
 IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an --on-disk index (faiss OnDiskInvertedLists)
-FORMAT = 1
 
 
 def _faiss():
@@ -109,12 +110,13 @@ class Index:
         self._row_of: dict[str, int] | None = None
 
     @classmethod
-    def load(cls, path: str | Path, *, mmap: bool = False) -> "Index":
+    def load(cls, path: str | Path, *, mmap: bool = False, verify: bool = False) -> "Index":
         """Open an index folder written by ``unicom index``; every inconsistency is an InputError.
 
         ``mmap``: map the index file instead of reading it (large indexes, several processes).
         A ``milvus:URI#collection`` reference (a str) opens a Milvus collection instead
-        (``index.backends.milvus``), with the same query API.
+        (``index.backends.milvus``), with the same query API. ``verify``: hash every file again
+        even where a fresh record of its digest says it is unchanged (see index.integrity).
         """
         if str(path).startswith("milvus:"):
             from unicom_cli.index.backends.milvus import MilvusIndex
@@ -132,6 +134,8 @@ class Index:
         if on_disk and not (folder / IVFDATA_FILE).is_file():
             raise InputError(f"{folder / IVFDATA_FILE}: missing (this index keeps its inverted lists "
                              "there); rebuild the index with `unicom index --on-disk`")
+        names = {INDEX_FILE, IDS_FILE} | ({IVFDATA_FILE} if on_disk else set())
+        cached = verify_files(folder, meta, names, verify)  # before faiss parses a damaged file
         try:
             index = read_faiss(index_path, on_disk, mmap)
         except (RuntimeError, MemoryError) as exc:
@@ -147,6 +151,12 @@ class Index:
         if index.d != meta.get("dim"):
             raise InputError(f"{folder / META_FILE}: says {meta.get('dim')} dims but "
                              f"{INDEX_FILE} has {index.d}")
+        if meta.get("count", index.ntotal) != index.ntotal:
+            raise InputError(f"{folder / META_FILE}: says {meta['count']:,} vectors but {INDEX_FILE} "
+                             f"has {index.ntotal:,}; the folder was changed by hand, rebuild it")
+        if not cached:
+            check_finite(index, index_path, ids)
+        check_search_params(index, meta.get("search_params") or {}, meta["factory"], str(folder / META_FILE))
         apply_search_params(index, meta.get("search_params") or {})
         return cls(folder, index, ids, meta)
 
@@ -205,6 +215,8 @@ class Index:
             approximate index may find fewer than k rows for a query: those slots hold row
             -1 and score -inf.
         """
+        if params:  # before any work, and before the exact route that has none to apply
+            check_search_params(self.faiss_index, params, self.meta["factory"])
         vectors = self._query_vectors(queries, device, weights)
         k = int(k)
         limit = len(self) - (1 if exclude is not None else 0)
@@ -283,18 +295,14 @@ def drop_excluded(scores: np.ndarray, rows: np.ndarray, exclude: np.ndarray, k: 
 
 def read_meta(folder: Path) -> dict:
     path = Path(folder) / META_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"{path}: missing; is {folder} an index made by `unicom index`?")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, what="the index.json that `unicom index` writes", encoding="utf-8") as handle:
+            meta = json.loads(handle.read())
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
-    if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int):
-        raise InputError(f"{path}: not an index description (no 'dim'); rebuild the index")
-    if meta.get("format", FORMAT) > FORMAT:
-        raise InputError(f"{path}: index format {meta['format']} is newer than this unicom-cli "
-                         "understands; upgrade unicom-cli")
-    return meta
+    return validate_meta(meta, path)
 
 
 def _read_ids(path: Path) -> list[str]:
@@ -306,98 +314,3 @@ def _read_ids(path: Path) -> list[str]:
         raise InputError(f"{path}: missing; rebuild the index with `unicom index`") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: unreadable ({exc}); rebuild the index") from exc
-
-
-# --------------------------------------------------------------------------- writing a folder
-
-
-def temp_folder(out: Path) -> Path:
-    """A fresh build folder beside ``out`` (same file system, so the final rename is atomic);
-    leftovers of killed runs for the same output are removed first."""
-    out = Path(out)
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover - someone else's process
-        return True
-    return True
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Before any work: the parent exists and is writable, and a finished index is not replaced
-    without ``overwrite``."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: the output folder does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"{out.parent}: cannot write there; pick another -o")
-    if out.exists() and not overwrite:
-        raise OutputExists(f"{out} already exists; add --overwrite to replace it, or "
-                           f"`unicom index --add FEATS {out}` to add to it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not an index folder; choose another -o")
-
-
-def write_folder(tmp: Path, index, ids: Sequence[str], meta: dict) -> None:
-    """Write the three files into the build folder ``tmp``, each flushed to disk."""
-    faiss = _faiss()
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    with open(tmp / IDS_FILE, "w", **IDS_TEXT) as handle:
-        write_ids(handle, ids)
-    (tmp / META_FILE).write_text(json.dumps({"format": FORMAT, **meta}, indent=2) + "\n",
-                                 encoding="utf-8")
-    for name in (INDEX_FILE, IDS_FILE, META_FILE, IVFDATA_FILE):
-        if name == IVFDATA_FILE and not (tmp / name).exists():
-            continue
-        with open(tmp / name, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished build folder to ``out`` atomically. An existing index (replaced with
-    --overwrite, or the one --add extended) is swapped with it in one step where the system
-    can (Linux renameat2), so ``out`` always holds a complete index; the old one is removed."""
-    out = Path(out)
-    if out.exists():
-        if not _exchange(tmp, out):
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            tmp = old
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    return result == 0

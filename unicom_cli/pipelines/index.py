@@ -87,7 +87,7 @@ def run_index_job(job: IndexJob) -> tuple[list, BuildSummary] | None:
     """Embed what needs embedding (all ranks take part), then build (all ranks add shards)."""
     from unicom_cli.distributed import barrier, is_main
     from unicom_cli.index.build import run_build
-    from unicom_cli.index.store import check_output
+    from unicom_cli.index.folder import check_output
     from unicom_cli.pipelines.embed import embed_images
     from unicom_cli.utils.console import info
 

@@ -29,6 +29,7 @@ class SearchConfig:
     weights: Path | None = None
     params: dict | None = None  # search parameters instead of the tuned ones
     overwrite: bool = False  # replace existing -o / --vis files
+    verify: bool = False  # hash the index files again (Index.load)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class SearchOutcome:
 
 
 def _check_outputs(cfg: SearchConfig) -> None:
+    from unicom_cli.utils.files import check_creatable
+
     for path, allowed, option in ((cfg.output, RESULT_FORMATS, "-o"), (cfg.vis, VIS_FORMATS, "--vis")):
         if path is None:
             continue
@@ -65,6 +68,7 @@ def _check_outputs(cfg: SearchConfig) -> None:
             raise InputError(f"{Path(path).parent}: the output folder does not exist")
         if not cfg.overwrite:
             refuse_existing(path)
+        check_creatable(path)  # /proc, a read-only file system: refused before the search
     if cfg.output is not None and Path(cfg.output).suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401
@@ -109,9 +113,11 @@ def _add_vectors(out: Queries, index, npy: Path, exclude_self: bool) -> None:
     if src.dim != index.dim:
         raise InputError(f"{npy}: {src.dim}-dim vectors, but {index.path} holds {index.dim}-dim "
                          f"vectors; embed the queries with {index.meta.get('model') or 'the same model'}")
-    if src.meta and src.meta.get("num_feat") != index.meta.get("num_feat"):
-        raise InputError(f"{npy}: num_feat {src.meta.get('num_feat')} but the index was built "
-                         f"with num_feat {index.meta.get('num_feat')}; embed the queries the same way")
+    if src.meta:  # an embed output: embedded as the index was (model, weights, crop, num_feat …)?
+        from unicom_cli.index.manifest import MODEL_LABELS, check_compatible
+
+        check_compatible(src.model_fields(), {key: index.meta.get(key) for key in MODEL_LABELS}, str(npy),
+                         f"the index {index.path}", "embed the queries with the index's model and options")
     vectors = src.rows(0, src.count)
     for i in range(src.count):
         name = src.ids[i] if src.root is None else str(src.root / src.ids[i])
@@ -124,10 +130,13 @@ def _add_vectors(out: Queries, index, npy: Path, exclude_self: bool) -> None:
 
 def run_search(cfg: SearchConfig) -> SearchOutcome:
     """Search every query; unreadable query images are skipped and reported (like ``embed``)."""
+    from unicom_cli.index.manifest import check_search_params
     from unicom_cli.index.store import Index
 
     _check_outputs(cfg)
-    index = Index.load(cfg.index)
+    index = Index.load(cfg.index, verify=cfg.verify)
+    if cfg.params:  # refused before any query is embedded
+        check_search_params(index.faiss_index, cfg.params, index.meta["factory"])
     limit = len(index) - (1 if cfg.exclude_self else 0)
     if cfg.k < 1 or cfg.k > limit:
         raise UsageError(f"-k {cfg.k}: the index holds {len(index):,} vectors; use 1 ≤ k ≤ {limit:,}")

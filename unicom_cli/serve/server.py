@@ -33,6 +33,7 @@ class ServeConfig:
     weights: Path | None = None
     precision: str | None = None
     settings: ServeSettings = field(default_factory=ServeSettings)
+    verify: bool = False  # hash the index files again (Index.load)
 
 
 def serve(config: ServeConfig) -> None:
@@ -40,7 +41,7 @@ def serve(config: ServeConfig) -> None:
     from unicom_cli.index import Index
     from unicom_cli.models.factory import resolve_device
 
-    index = Index.load(config.index)
+    index = Index.load(config.index, verify=config.verify)
     sock = bind(config.host, config.port)  # a busy port fails before the model loads
     try:
         device = str(resolve_device(config.device))

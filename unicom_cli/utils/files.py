@@ -7,6 +7,8 @@
   memory-mapped page that the disk cannot back is a SIGBUS, not an exception).
 - :func:`disk_errors` turns ENOSPC/EDQUOT/EROFS/EACCES into one-line :class:`DiskError`\\ s naming the
   folder, instead of tracebacks.
+- :func:`open_regular` opens a file that is read whole (an id list, a path list, a JSON record)
+  only if it is a regular file: a FIFO would block forever, ``/dev/zero`` never ends.
 - :func:`output_lock` holds an ``flock`` on ``.<name>.lock`` next to an output for the whole run; a
   second run on the same output is refused at once. The kernel drops the lock when the process
   dies, so a SIGKILL never leaves an output stuck.
@@ -20,6 +22,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,6 +115,38 @@ def preallocate(path: str | os.PathLike, folder: str | os.PathLike | None = None
             os.close(fd)
 
 
+_NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISDIR, "a folder"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISSOCK, "a socket"))
+
+
+def open_regular(path: str | os.PathLike, mode: str = "r", what: str = "a regular file",
+                 **text: Any) -> IO[Any]:
+    """``open(path, mode, **text)`` for reading, refused (InputError naming ``path``) before any byte
+    is read unless ``path`` is a regular file or a symlink to one.
+
+    Every file that is read whole goes through here: a FIFO would block the read forever, a
+    symlink to ``/dev/zero`` would fill the memory, a folder is no list. The file is opened
+    without blocking and checked on the open descriptor (no race with a swapped path). Other
+    OSErrors (missing, no permission) are raised as ``open`` raises them.
+    """
+    if any(flag in mode for flag in "wax+"):
+        raise ValueError(f"open_regular reads only, not mode {mode!r}")
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    fd = os.open(path, os.O_RDONLY | nonblock)
+    try:
+        mode_bits = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode_bits):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode_bits)), "not a file")
+            raise InputError(f"{path}: is {kind}, not a regular file; give {what}")
+        if nonblock:
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **text)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def check_output_file(path: str | os.PathLike | None, option: str,
                       suffixes: tuple[str, ...] | None = None, *, overwrite: bool = False) -> None:
     """Refuse, before any work, an output file option that cannot be written: a folder, a
@@ -175,6 +210,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create(tmp: Path, path: Path) -> None:
+    """Create the temp file before any writer runs: a place where no file can be made (a
+    read-only file system, ``/proc``, a missing folder, no permission) is then the one DiskError
+    naming the folder, whichever library writes the file (safetensors, pandas and faiss raise
+    their own exception types, or none naming the place)."""
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    except OSError as exc:
+        converted = disk_error(exc, path.parent)
+        if converted is not None:
+            raise converted from exc
+        raise DiskError(f"{path.parent}: cannot create {path.name} there ({exc.strerror or exc}); "
+                        "choose another folder") from exc
+
+
+def check_creatable(path: str | os.PathLike) -> None:
+    """Before long work: refuse, with the DiskError :func:`atomic_path` would raise at the end, an
+    output where no file can be created (so a command with two outputs never writes the first
+    and then fails on the second)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    _create(tmp, path)
+    tmp.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; after the block it is fsynced and moved onto ``path``.
@@ -186,6 +246,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temp_path(path)
     with disk_errors(path.parent):
         try:
+            _create(tmp, path)
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
