@@ -206,10 +206,10 @@ def test_refusals_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     assert "already exists" in err and "--overwrite" in err
     other_model = write_features(tmp_path / "o", "other", x, model="other")
     err = _one_line_exit_2(main(["index", "--add", str(other_model), "-o", ref]), capsys)
-    assert "model 'other' vs 'tiny'" in err
+    assert "model 'other' differs from 'tiny'" in err
     other_dim = write_features(tmp_path / "w", "wide", clustered(100, 24))
     err = _one_line_exit_2(main(["index", "--add", str(other_dim), "-o", ref]), capsys)
-    assert "dimension 24 vs 16" in err
+    assert "24 differs from 16" in err
     err = _one_line_exit_2(main(["search", ref, str(other_dim)]), capsys)
     assert "24-dim vectors" in err and "16-dim" in err
     err = _one_line_exit_2(main(["index", str(npy), "-o", "milvus:ftp://host:19530#c"]), capsys)

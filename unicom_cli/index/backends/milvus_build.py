@@ -34,7 +34,9 @@ from unicom_cli.index.backends.milvus import (
     recorded_meta,
     release,
 )
-from unicom_cli.index.build import FLAT_SCAN_SHARE, BuildSummary, _check_compatible, _open_sources, recorded_sources
+from unicom_cli.index.build import FLAT_SCAN_SHARE, SAME_EMBEDDING, _open_sources, recorded_sources
+from unicom_cli.index.config import BuildSummary
+from unicom_cli.index.manifest import check_compatible
 from unicom_cli.index.choose import HNSW_M, Choice, choose_index, default_max_memory, nlist_for
 from unicom_cli.index.source import FeatureSource, relative_ids
 from unicom_cli.index.tune import EF_SEARCHES, NPROBES, RECALL_K, HeldOut, Tuning, _without, held_out_queries
@@ -199,7 +201,8 @@ def _extend(client, cfg: MilvusBuildConfig, sources: list[FeatureSource], start:
     meta = recorded_meta(client, ref)
     props = read_properties(client, ref.collection)
     fields = sources[0].model_fields()
-    _check_compatible({key: meta.get(key) for key in fields}, fields, str(sources[0].npy), f"the collection {ref}")
+    check_compatible(fields, {key: meta.get(key) for key in fields}, str(sources[0].npy), f"the collection {ref}",
+                     SAME_EMBEDDING)
     key = _build_key(sources, {"add_to": meta["count"] if props.get(STATE_KEY) == "ready" else meta.get("adding_base")})
     resume = props.get(STATE_KEY) == "adding"
     if resume and props.get(BUILD_KEY) != key:
