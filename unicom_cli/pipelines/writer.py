@@ -76,8 +76,9 @@ class OutputFiles:
             return "overwrite"
         if self.workdir.is_dir() and (self.workdir / "run.json").is_file():
             return "resume"
-        if self.feats.exists() or self.meta.exists():
-            raise OutputExists(f"{self.feats} already exists; add --overwrite to replace it "
+        existing = [path for path in self.finals() if path.exists()]
+        if existing:  # name the file that is there, which need not be the .npy
+            raise OutputExists(f"{existing[0]} already exists; add --overwrite to replace it "
                                "(or choose another -o)")
         return "fresh"
 
