@@ -71,3 +71,148 @@ def test_export_random_init_is_the_seeded_network(tmp_path, tiny_spec_file, caps
     for name, tensor in want.state_dict().items():
         assert (saved[name] == tensor).all(), name
     assert any((saved[n] != t).any() for n, t in other.state_dict().items() if t.is_floating_point())
+
+
+# ------------------------------------------------------------------ the one picture module (items 6, 7, 8; #28 item 14)
+
+
+@pytest.fixture
+def digits_index(digits, tmp_path, tiny_spec_file, capsys):
+    """An index over the two digit classes, a seeded random network (the same for every query)."""
+    out = tmp_path / "digits.index"
+    assert main(["index", str(digits), "-o", str(out), "--model", str(tiny_spec_file), "--random-init",
+                 "--workers", "0"]) == 0
+    capsys.readouterr()
+    return out
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("suffix", [".html", ".png", ".jpg", ".webp", ".bmp"])
+def test_search_and_eval_retrieval_take_the_same_picture_formats(suffix, digits, digits_index, tmp_path,
+                                                                  tiny_spec_file):
+    """One set of formats for every --vis: each command writes each of them."""
+    from unicom_cli.pipelines.vis import FORMATS
+
+    assert set(FORMATS) >= {".html", ".png", ".jpg", ".webp", ".bmp"}
+    for command in (["search", str(digits_index), str(digits / "0" / "0.png"), "-k", "3"],
+                    ["eval-retrieval", "--dataset", f"folder:{digits}", "--model", str(tiny_spec_file),
+                     "--random-init", "--workers", "0"]):
+        out = tmp_path / f"{command[0]}{suffix}"
+        assert main([*command, "--vis", str(out)]) == 0, command
+        if suffix == ".html":
+            assert out.read_text(encoding="utf-8").startswith("<!doctype html>")
+        else:
+            with Image.open(out) as im:
+                im.verify()
+                assert im.format == Image.registered_extensions()[suffix]
+
+
+def test_search_page_labels_rank_score_class_folder_and_legend_and_says_what_was_skipped(
+        digits, digits_index, tmp_path, capsys):
+    """Captions name the class folder (digits are 0/3.png, 1/3.png: the file name alone is
+    ambiguous); a query that could not be read is named on the page, beside the count given."""
+    import html as html_lib
+    import re
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    page, csv_out = tmp_path / "r.html", tmp_path / "r.csv"
+    assert main(["search", str(digits_index), str(digits / "1"), str(tmp_path / "broken.png"), "-k", "3",
+                 "--vis", str(page), "-o", str(csv_out)]) == 0
+    text = page.read_text(encoding="utf-8")
+    rows = _csv_rows(csv_out)
+    assert len(rows) == 4 * 3
+    captions = [html_lib.unescape(c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", text)]
+    results = [c.split("<br>") for c in captions if c.startswith("#")]
+    assert [(f"#{r['rank']} · {float(r['score']):.4f}", r["id"]) for r in rows] == [(c[0], c[1]) for c in results]
+    assert all("/" in c[1] for c in results)  # class folder / file
+    assert captions.count("query<br>1/0.png") == 1
+    assert "query" in text and "result (class unknown)" in text  # the legend
+    assert "5 queries given; 1 skipped" in text and "broken.png" in text
+    assert "unicom search digits.index: 4 queries" in text
+
+
+def test_eval_retrieval_picture_names_the_class_and_marks_hits(digits, tmp_path, tiny_spec_file):
+    import html as html_lib
+    import re
+
+    page = tmp_path / "r.html"
+    assert main(["eval-retrieval", "--dataset", f"folder:{digits}", "--model", str(tiny_spec_file),
+                 "--random-init", "--workers", "0", "--vis", str(page), "--vis-queries", "8", "--vis-k", "3"]) == 0
+    text = page.read_text(encoding="utf-8")
+    figures = re.findall(r'<figure class="(\w+)"[^>]*>.*?<figcaption>(.*?)</figcaption>', text)
+    assert len(figures) == 8 * 4
+    for row in range(8):
+        (qkind, query), *results = figures[4 * row:4 * row + 4]
+        q_lines = html_lib.unescape(query).split("<br>")
+        assert qkind == "query" and q_lines[2] == f"class {q_lines[1].split('/')[0]}"
+        for rank, (kind, caption) in enumerate(results, start=1):
+            head, name, cls = html_lib.unescape(caption).split("<br>")
+            assert head.startswith(f"#{rank} · ") and cls == f"class {name.split('/')[0]}"
+            assert kind == ("hit" if cls == q_lines[2] else "miss")
+    for words in ("hit: same class", "miss: other class", "query"):
+        assert words in text
+
+
+def test_duplicates_vis_draws_the_groups(digits, digits_index, tmp_path, capsys):
+    """`search --duplicates --vis` draws every group the -o file lists (it was ignored in silence)."""
+    import html as html_lib
+    import re
+    import shutil
+
+    shutil.copy(digits / "0" / "0.png", digits / "0" / "0-again.png")  # only there for the check below
+    csv_out, page, png = tmp_path / "d.csv", tmp_path / "d.html", tmp_path / "d.png"
+    assert main(["search", str(digits_index), "--duplicates", "--threshold", "0.9", "-o", str(csv_out),
+                 "--vis", str(page)]) == 0
+    assert f"wrote {page}" in capsys.readouterr().out
+    rows = _csv_rows(csv_out)
+    assert rows, "the random network must find some group at 0.9 for this test to mean anything"
+    text = page.read_text(encoding="utf-8")
+    sections = re.findall(r"<h2>(.*?)</h2>(.*?)</section>", text)
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    assert [title for title, _ in sections] == [f"group {g}: {len(m)} images" for g, m in groups.items()]
+    for (_, body), members in zip(sections, groups.values()):
+        captions = [html_lib.unescape(c).split("<br>") for c in re.findall(r"<figcaption>(.*?)</figcaption>", body)]
+        want = [(f"#{n} · {float(m['score']):.4f}", m["id"]) for n, m in enumerate(members, start=1)]
+        assert [(c[0], c[1]) for c in captions] == want
+    assert main(["search", str(digits_index), "--duplicates", "--threshold", "0.9", "--vis", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.height > 128 * len(groups)
+    assert main(["search", str(digits_index), "--duplicates", "--vis", str(tmp_path / "d.gif")]) == 2
+    assert "--vis" in one_error_line(capsys.readouterr().err)
+
+
+def test_search_vis_escapes_hostile_and_non_utf8_names(digits, tmp_path, tiny_spec_file, capsys):
+    """#28 item 14: a Latin-1 file name and an HTML-like one: a page (valid UTF-8, every name
+    escaped, no markup injected) and a picture, exit 0, no traceback."""
+    import os
+
+    folder = tmp_path / "odd"
+    (folder / "c").mkdir(parents=True)
+    sources = sorted((digits / "0").iterdir())
+    hostile = ['<img src=x onerror=alert(1)>.png', '"quoted" & <b>.png']
+    for source, name in zip(sources, hostile):
+        (folder / "c" / name).write_bytes(source.read_bytes())
+    latin1 = os.path.join(os.fsencode(folder / "c"), b"caf\xe9.png")
+    with open(latin1, "wb") as handle:
+        handle.write(sources[2].read_bytes())
+    index = tmp_path / "odd.index"
+    assert main(["index", str(folder), "-o", str(index), "--model", str(tiny_spec_file), "--random-init",
+                 "--workers", "0"]) == 0
+    page, png = tmp_path / "odd.html", tmp_path / "odd.png"
+    assert main(["search", str(index), str(folder), "-k", "3", "--vis", str(page)]) == 0
+    assert main(["search", str(index), str(folder), "-k", "3", "--vis", str(png)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    text = page.read_bytes().decode("utf-8")  # valid UTF-8
+    assert "<img src=x" not in text and "<b>" not in text and "onerror=alert(1)>" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in text and "&quot;quoted&quot; &amp; &lt;b&gt;.png" in text
+    assert "caf\\xe9.png" in text
+    with Image.open(png) as im:
+        im.verify()

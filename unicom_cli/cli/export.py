@@ -58,4 +58,4 @@ def export(
     console.print(f"  batch of 1 ({parity.names[0]}): cosine {parity.single_cosine:.8f}; "
                   f"bound ≥ {parity.bound}: passed", highlight=False)
     for path in summary.outputs:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from unicom_cli.cli.options import DeviceOpt, WeightsOpt
 EXAMPLES = [
     "unicom search photos.index query.jpg -k 10",
     "unicom search photos.index ./queries -k 5 -o results.csv --vis results.html",
-    "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv",
+    "unicom search photos.index --duplicates --threshold 0.95 -o dups.csv --vis dups.html",
 ]
 SHOWN_QUERIES = 20
 
@@ -22,14 +22,14 @@ def search(
     queries: Annotated[Optional[List[Path]], typer.Argument(help="Image files, folders, text files of paths, or .npy vectors.", show_default=False)] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per query.")] = 10,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write one row per (query, rank, id, score): .csv, .jsonl or .parquet.", show_default=False)] = None,
-    vis: Annotated[Optional[Path], typer.Option("--vis", help="Picture of the results: .html (self-contained page) or .png.", show_default=False)] = None,
+    vis: Annotated[Optional[Path], typer.Option("--vis", help="Picture of the results (or of the --duplicates groups): .html (a self-contained page), .png, .jpg, .webp or .bmp.", show_default=False)] = None,
     exclude_self: Annotated[bool, typer.Option("--exclude-self", help="Skip a query's own entry when it is in the index.")] = False,
     duplicates: Annotated[bool, typer.Option("--duplicates", help="List every group of near duplicates in the index instead (all-vs-all).")] = False,
     threshold: Annotated[float, typer.Option("--threshold", help="--duplicates: the similarity two images need to count as near duplicates.")] = 0.95,
     nprobe: Annotated[Optional[int], typer.Option("--nprobe", min=1, help="Inverted lists to visit (IVF indexes) instead of the tuned value.", show_default=False)] = None,
     ef_search: Annotated[Optional[int], typer.Option("--ef-search", min=1, help="Graph search depth (HNSW indexes) instead of the tuned value.", show_default=False)] = None,
     weights: WeightsOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Find the images of an index most similar to each query, best first.
 
@@ -41,7 +41,7 @@ def search(
     if duplicates:
         if queries:
             raise UsageError("--duplicates searches the index against itself: give no QUERY")
-        _duplicates(index, threshold, output)
+        _duplicates(index, threshold, output, vis)
         return
     from unicom_cli.pipelines.search import SearchConfig, run_search
 
@@ -53,10 +53,14 @@ def search(
 
 
 def _print_results(outcome) -> None:
-    from rich.markup import escape
+    from rich.markup import escape as rich_escape
     from rich.table import Table
 
+    from unicom_cli.pipelines.vis import printable
     from unicom_cli.utils.console import console, err_console
+
+    def escape(text: str) -> str:  # a non-UTF-8 file name's bytes as \xNN: a terminal cannot print them raw
+        return rich_escape(printable(text))
 
     for q, name in enumerate(outcome.names[:SHOWN_QUERIES]):
         table = Table(title=escape(name), title_justify="left", show_edge=False)
@@ -73,18 +77,20 @@ def _print_results(outcome) -> None:
     for path, reason in outcome.failures:
         err_console.print(f"skipped {escape(str(path))}: {escape(reason)}", highlight=False, soft_wrap=True)
     for path in outcome.written:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
-def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> None:
+def _duplicates(index_path: Path, threshold: float, output: Optional[Path], vis: Optional[Path]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     from unicom_cli.index import Index
     from unicom_cli.index.duplicates import find_duplicates
-    from unicom_cli.pipelines.search import RESULT_FORMATS, write_table
+    from unicom_cli.pipelines.search import RESULT_FORMATS, duplicates_picture, write_table
+    from unicom_cli.pipelines.vis import check_format, save_picture
     from unicom_cli.utils.console import console
 
+    check_format(vis)
     if output is not None and output.suffix.lower() not in RESULT_FORMATS:
         from unicom_cli.errors import UsageError
 
@@ -108,4 +114,7 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path]) -> N
                    for g, (rows, scores) in enumerate(zip(found.groups, found.scores), start=1)
                    for row, score in zip(rows, scores)]
         write_table(output, records, ["group", "size", "id", "row", "score"])
-        console.print(f"wrote {output}", highlight=False)
+        console.print(f"wrote {output}", highlight=False, soft_wrap=True)
+    if vis is not None:
+        console.print(f"wrote {save_picture(vis, duplicates_picture(index, found, threshold))}",
+                      highlight=False, soft_wrap=True)
