@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -216,3 +218,65 @@ def test_search_vis_escapes_hostile_and_non_utf8_names(digits, tmp_path, tiny_sp
     assert "caf\\xe9.png" in text
     with Image.open(png) as im:
         im.verify()
+
+
+# ------------------------------------------------------------------ item 9: one default per concept
+
+
+def _defaults(command: str) -> dict[str, object]:
+    import typer
+
+    from unicom_cli.cli.app import app
+
+    return {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
+
+
+@pytest.mark.parametrize("command", ["embed", "index", "eval-retrieval", "eval-knn", "eval-linear", "finetune",
+                                     "search", "serve"])
+def test_device_is_auto_in_every_command(command):
+    assert _defaults(command)["device"] == "auto"
+
+
+def test_one_seed_and_one_result_count():
+    """--random-init builds the same network in every command by default (finetune's seed was 1024);
+    the page shows as many results as the API and the CLI give by default."""
+    import re
+
+    from unicom_cli.cli.app import app  # noqa: F401  (registers the commands)
+    from unicom_cli.cli.options import MODEL_DEFAULTS
+    from unicom_cli.pipelines.export import ExportConfig
+    from unicom_cli.serve.app import ServeSettings
+    from unicom_cli.train.loop import FinetuneConfig
+
+    seed = MODEL_DEFAULTS["seed"]
+    assert FinetuneConfig().seed == ExportConfig("x", "y.onnx").seed == seed
+    assert _defaults("embed")["seed"] == _defaults("export")["seed"] == seed
+    page = (Path(__file__).parents[2] / "unicom_cli" / "serve" / "static" / "index.html").read_text()
+    selected = re.search(r"<option selected>(\d+)</option>", page)
+    assert int(selected.group(1)) == ServeSettings().default_k == _defaults("search")["k"]
+
+
+def test_a_default_that_differs_says_why():
+    from tests.cli.test_first_hour import _help
+
+    finetune = " ".join(_help("finetune").split())
+    assert "default 0, as in every command" in finetune and "recipe" in finetune
+    for command, default in (("embed", "default: off"), ("index", "default: on"), ("eval-linear", "default: on")):
+        text = " ".join(_help(command).replace("│", " ").split())
+        normalize = text[text.index("--normalize"):][:400]
+        assert default in normalize and "raw output" in normalize and "cosine" in normalize, command
+
+
+def test_knn_and_linear_tables_spell_their_headers_alike(capsys):
+    from unicom_cli.cli import eval_knn, eval_linear
+
+    eval_knn.print_results({"model": "m", "temperature": 0.07, "few_shot": None, "processes": 1,
+                            "metrics": {"10": {"top1": 50.0, "top5": 90.0}},
+                            "sizes": {"train": 2, "val": 2, "classes": 2}, "timings": {"total": 1.0}})
+    eval_linear.print_results({"model": "m", "C_search": False, "C": 1.0, "normalize": True, "processes": 1,
+                               "metrics": {"top1": 50.0, "top5": 90.0}, "outputs": [],
+                               "sizes": {"train": 2, "val": 2, "classes": 2}, "timings": {"total": 1.0}})
+    knn, linear = capsys.readouterr().out.split("linear probe")
+    for header in ("top-1 (%)", "top-5 (%)"):
+        assert header in knn and header in linear
+    assert "top1" not in knn and "top5" not in knn

@@ -74,7 +74,7 @@ def print_results(results: dict) -> None:
     table.add_column("k", justify="right")
     keys = [k for k in next(iter(results["metrics"].values())) if not k.endswith("_std")]
     for key in keys:
-        table.add_column(key.replace("_", " ") + " (%)", justify="right")
+        table.add_column(key.replace("top", "top-", 1).replace("_", " ") + " (%)", justify="right")  # as eval-linear
     for k, entry in results["metrics"].items():
         cells = [f"{entry[key]:.2f}" + (f" ± {entry[key + '_std']:.2f}" if key + "_std" in entry else "")
                  for key in keys]

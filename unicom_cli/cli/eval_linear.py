@@ -33,7 +33,7 @@ def eval_linear(
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Instead of the trees: cars or cub, by their official classification split (every class in train and test).", show_default=False)] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cars196/ or CUB_200_2011/ (with --dataset).")] = Path("data"),
     C: Annotated[float | None, typer.Option("--C", help="Inverse regularisation strength (scikit-learn's C). Default: searched on a held-out part of the train set.", show_default=False)] = None,
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (the original UNICOM example does not).")] = True,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (default: on, as every evaluation here uses the embeddings' direction, cosine, unlike embed's raw output; the original UNICOM example does not).")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the train images held out to choose C.")] = 0.1,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit (scikit-learn's max_iter).")] = 1000,
     save_classifier: Annotated[Path | None, typer.Option("--save-classifier", help="Write the fitted head (.safetensors) for `unicom embed --head`.")] = None,

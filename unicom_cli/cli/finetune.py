@@ -72,7 +72,7 @@ def finetune(
     keep: Annotated[Optional[int], _opt("--keep", min=1, help="Checkpoints kept (default 3).", panel=_C)] = None,
     eval_every: Annotated[Optional[int], _opt("--eval-every", min=0, help="Evaluate on the test split every N epochs (0: never).", panel=_C)] = None,
     resume: Annotated[Optional[str], _opt("--resume", help="Checkpoint folder, or 'auto' for the latest in --output.", panel=_C)] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the training and of --random-init (default 1024).")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the training and of --random-init (default 0, as in every command; a published recipe uses its own, 1024, as the reference runs did).")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,

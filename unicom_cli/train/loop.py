@@ -66,7 +66,7 @@ class FinetuneConfig:
     keep: int = 3  # checkpoints kept
     eval_every: int = 1  # epochs between evaluations (0: never)
     resume: str | None = None  # checkpoint folder or "auto"
-    seed: int = 1024
+    seed: int = 0  # as every command; the published recipes set 1024 (SPEC §3)
     device: str = "auto"
     workers: int | None = None
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
