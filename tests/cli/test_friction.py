@@ -280,3 +280,12 @@ def test_knn_and_linear_tables_spell_their_headers_alike(capsys):
     for header in ("top-1 (%)", "top-5 (%)"):
         assert header in knn and header in linear
     assert "top1" not in knn and "top5" not in knn
+
+
+def test_serve_help_gives_the_precision_it_uses():
+    """serve embeds queries in the index's precision (index.embedder): its --help says so."""
+    from tests.cli.test_first_hour import _help
+
+    text = " ".join(_help("serve").replace("│", " ").split())
+    precision = text[text.index("--precision"):][:300]
+    assert "recorded in the index" in precision and "fp32 on CPU" not in precision

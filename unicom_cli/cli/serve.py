@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from unicom_cli.cli.options import DeviceOpt, PrecisionOpt, WeightsOpt
+from unicom_cli.cli.options import DeviceOpt, Precision, WeightsOpt
 
 EXAMPLES = [
     "unicom serve photos.index     # open http://127.0.0.1:8000/ or: curl -F image=@cat.jpg '…/search?k=5'",
@@ -40,7 +40,7 @@ def serve(
     queue_size: Annotated[int, typer.Option("--queue-size", min=1, help="Waiting queries before the service answers 503.")] = 64,
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
-    precision: PrecisionOpt = None,
+    precision: Annotated[Precision | None, typer.Option("--precision", show_default=False, help="Precision the queries are embedded in (default: the one recorded in the index, which its collection was embedded in, so that queries match their neighbours).")] = None,
 ) -> None:
     """Serve an index: POST /search, GET /images/{row}, a web page at / and API docs at /docs.
 
