@@ -289,3 +289,30 @@ def test_serve_help_gives_the_precision_it_uses():
     text = " ".join(_help("serve").replace("│", " ").split())
     precision = text[text.index("--precision"):][:300]
     assert "recorded in the index" in precision and "fp32 on CPU" not in precision
+
+
+def test_index_keeps_the_embeddings_of_a_folder_in_one_named_folder(digits, tmp_path, tiny_spec_file, capsys):
+    """`index ./photos -o photos2.index` left four photos2.index.feats.* files, unsaid: now one
+    folder, named in the summary and --help, that a rerun and --add use."""
+    import json
+
+    import numpy as np
+
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "photos2.index"
+    assert main(["index", str(digits), "-o", str(out), "--model", str(tiny_spec_file), "--random-init",
+                 "--workers", "0"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    features = work / "photos2.index.features"
+    assert sorted(p.name for p in work.iterdir()) == ["photos2.index", "photos2.index.features"]
+    assert sorted(p.name for p in features.iterdir()) == ["feats.failures.txt", "feats.ids.txt", "feats.json",
+                                                          "feats.npy"]
+    assert f"features {features}" in printed and "resumes" in printed
+    assert len(np.load(features / "feats.npy")) == json.loads((out / "index.json").read_text())["count"] == 8
+    assert main(["index", str(digits), "-o", str(out), "--model", str(tiny_spec_file), "--random-init",
+                 "--workers", "0", "--overwrite"]) == 0  # a rebuild reuses the same folder
+    assert sorted(p.name for p in work.iterdir()) == ["photos2.index", "photos2.index.features"]
+    from tests.cli.test_first_hour import _help
+
+    assert "<index>.features/" in _help("index")

@@ -46,14 +46,17 @@ def index(
 
     The index is a folder (index.faiss, ids.txt, index.json; index.ivfdata with --on-disk)
     written atomically; index.json records the model, normalisation, faiss factory, tuned search
-    parameters and the recall@10 measured against exact search on held-out queries.
+    parameters and the recall@10 measured against exact search on held-out queries. Image
+    inputs are embedded into <index>.features/ beside it (feats.npy, .ids.txt, .json,
+    .failures.txt): an interrupted run resumes from there and --add re-tunes with them; delete
+    that folder when neither matters.
     """
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.errors import UsageError
     from unicom_cli.index.build import BuildConfig
     from unicom_cli.index.choose import parse_memory
     from unicom_cli.pipelines.embed import EmbedConfig
-    from unicom_cli.pipelines.index import IndexJob, features_path, is_features, run_index_job
+    from unicom_cli.pipelines.index import IndexJob, features_folder, features_path, is_features, run_index_job
 
     inputs = list(inputs)
     if add and output is None:
@@ -93,13 +96,13 @@ def index(
     embedded, summary = result
     for item in embedded:
         print_embed_summary(item)
-    _print_summary(summary)
+    _print_summary(summary, features_folder(output) if embeds else None)
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary, features: Optional[Path] = None) -> None:
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     raw = summary.count * summary.dim * 4
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -114,5 +117,7 @@ def _print_summary(summary) -> None:
     table.add_row("size", f"{summary.index_bytes / 2**20:,.1f} MiB "
                           f"({summary.index_bytes / raw:.2f}× the raw float32 vectors)")
     table.add_row("time", f"{summary.seconds:,.1f} s")
-    table.add_row("wrote", str(summary.output))
     console.print(table)
+    print_context([f"wrote {summary.output}"]  # whole paths, never cut to the table's width
+                  + ([f"features {features} (the embeddings of the images: a rerun resumes from them, "
+                      "--add re-tunes with them)"] if features is not None else []))
