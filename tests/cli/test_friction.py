@@ -316,3 +316,18 @@ def test_index_keeps_the_embeddings_of_a_folder_in_one_named_folder(digits, tmp_
     from tests.cli.test_first_hour import _help
 
     assert "<index>.features/" in _help("index")
+
+
+def test_finetune_arch_is_shown_as_the_other_name_of_model(tmp_path, capsys):
+    """`--arch` worked but was hidden: --help shows it on --model's line, and both spellings
+    reach the same option (the same one-line refusal for a missing architecture file)."""
+    from tests.cli.test_first_hour import _help
+
+    line = next(row for row in _help("finetune").splitlines() if "--model" in row and "│" in row)
+    assert "--arch" in line
+    errors = []
+    for name in ("--model", "--arch"):
+        assert main(["finetune", name, str(tmp_path / "absent.json"), "--dataset", f"folder:{tmp_path}",
+                     "--device", "cpu"]) == 2
+        errors.append(one_error_line(capsys.readouterr().err))
+    assert errors[0] == errors[1] and "absent.json" in errors[0]

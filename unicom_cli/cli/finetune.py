@@ -33,7 +33,7 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
 
 @launch_options
 def finetune(
-    model: Annotated[Optional[str], _opt("--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
+    model: Annotated[Optional[str], _opt("--model", "-m", "--arch", help="Model name or JSON architecture file (default ViT-L/14); --arch is the design card's name for it.")] = None,
     dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
     data_root: Annotated[Optional[Path], _opt("--data-root", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16; classification: imagenet-vit-b32-384, imagenet-vit-b16-384, imagenet-vit-l14-518.")] = None,
@@ -78,7 +78,6 @@ def finetune(
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
     *,
     launch: LaunchConfig,
-    arch: Annotated[Optional[str], alias("--arch")] = None,
     data: Annotated[Optional[Path], alias("--data")] = None,
 ) -> None:
     """Finetune a UNICOM model with Partial FC and a margin loss (ArcFace/CosFace).
@@ -88,7 +87,7 @@ def finetune(
     """
     from unicom_cli.utils.console import status
 
-    arch, data = prefer(model, arch), prefer(data_root, data)
+    arch, data = model, prefer(data_root, data)
     status(f"loading {arch or recipe or 'ViT-L/14'} …")
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune
