@@ -331,3 +331,71 @@ def test_finetune_arch_is_shown_as_the_other_name_of_model(tmp_path, capsys):
                      "--device", "cpu"]) == 2
         errors.append(one_error_line(capsys.readouterr().err))
     assert errors[0] == errors[1] and "absent.json" in errors[0]
+
+
+# ------------------------------------------------------------------ item 15: 80 columns
+
+
+def test_table_titles_stay_whole_at_80_columns(digits, tmp_path, tiny_spec_file):
+    """The title of a results table was wrapped to the table's width, cutting the data set's path
+    mid-word; it is now one line (copyable), whatever the table's width."""
+    import os
+    import subprocess
+    import sys
+
+    deep = tmp_path / "a-rather-long-folder-name" / "and-another-one-below-it"
+    deep.parent.mkdir()
+    digits.rename(deep)
+    result = subprocess.run([sys.executable, "-m", "unicom_cli", "eval-retrieval", "--dataset", f"folder:{deep}",
+                             "--model", str(tiny_spec_file), "--random-init", "-j", "0"], capture_output=True,
+                            text=True, env={**os.environ, "COLUMNS": "80"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"folder:{deep} · tiny" in result.stdout.splitlines()
+
+
+def test_progress_bar_is_whole_at_80_columns(monkeypatch):
+    import io
+    import re
+    import time
+
+    from rich.console import Console
+
+    from unicom_cli.utils import console
+
+    monkeypatch.setenv("UNICOM_NO_PROGRESS", "0")
+    out = io.StringIO()
+    monkeypatch.setattr(console, "err_console", Console(file=out, width=80, force_terminal=True, color_system=None))
+    with console.progress_bar(1_281_167, "folder:/data/imagenet/validation features") as bar:
+        for n in (1_000, 640_000, 640_167):
+            time.sleep(0.02)
+            bar.advance(n)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    last = [line for line in text.replace("\r", "\n").splitlines() if "eta" in line][-1]
+    assert len(last.strip()) <= 80 and "1281167/1281167 100%" in last and "images/s" in last
+    assert last.rstrip().endswith("eta 0:00:00")
+    assert last.count("…") == 1 and "folder:/" in last and "features" in last  # the label cut in its middle
+
+
+def test_rate_leaves_out_the_start_up():
+    """eval-linear said 0.5 images/s for 65 images in 15 s: the rate came from Rich's samples after
+    the first, i.e. from the last 1 image. Now: the steps after the first (which carries the
+    start-up) once they hold as many items as it, else everything over the whole time."""
+    import time
+
+    from unicom_cli.utils.console import Rate
+
+    few = Rate()
+    time.sleep(0.3)  # start-up inside the first step
+    few.add(64)
+    time.sleep(0.05)
+    few.add(1)
+    elapsed = time.monotonic() - few.start
+    assert few.per_second() == pytest.approx(65 / elapsed, rel=0.2)  # not 1 / 0.05
+    many = Rate()
+    time.sleep(1.0)
+    many.add(64)
+    for _ in range(4):
+        time.sleep(0.01)
+        many.add(64)
+    whole = many.count / (time.monotonic() - many.start)
+    assert many.per_second() > 3 * whole  # the second of start-up is not in it

@@ -71,17 +71,17 @@ def print_results(results: dict) -> None:
     """One table: top-1, top-5, C (and how it was chosen), time; then the files written."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console, print_context
+    from unicom_cli.utils.console import print_context, print_table
 
     source = results["model"] or "precomputed features"
-    table = Table(title=f"linear probe · {source}", title_justify="left")
+    table = Table()
     for col in ("top-1 (%)", "top-5 (%)", "C", "time"):
         table.add_column(col, justify="right")
     how = "searched" if results["C_search"] else "given"
     m = results["metrics"]
     table.add_row(f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{results['C']:.4g} ({how})",
                   f"{results['timings']['total']:.1f} s")
-    console.print(table)
+    print_table(table, f"linear probe · {source}")
     s = results["sizes"]
     print_context([f"{s['train']:,} train, {s['val']:,} val, {s['classes']} classes · "
                    f"{'L2-normalised' if results['normalize'] else 'raw'} features · "

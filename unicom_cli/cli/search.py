@@ -57,20 +57,20 @@ def _print_results(outcome) -> None:
     from rich.table import Table
 
     from unicom_cli.pipelines.vis import printable
-    from unicom_cli.utils.console import console, err_console
+    from unicom_cli.utils.console import console, err_console, print_table
 
     def escape(text: str) -> str:  # a non-UTF-8 file name's bytes as \xNN: a terminal cannot print them raw
         return rich_escape(printable(text))
 
     for q, name in enumerate(outcome.names[:SHOWN_QUERIES]):
-        table = Table(title=escape(name), title_justify="left", show_edge=False)
+        table = Table(show_edge=False)
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
         table.add_column("path", overflow="fold")
         for rank, (rel, score) in enumerate(zip(outcome.ids[q], outcome.scores[q]), start=1):
             if rel:
                 table.add_row(str(rank), f"{score:.4f}", escape(rel))
-        console.print(table)
+        print_table(table, printable(name))
     if len(outcome.names) > SHOWN_QUERIES:
         console.print(f"… and {len(outcome.names) - SHOWN_QUERIES:,} more queries"
                       + (" in the -o file" if outcome.written else "; add -o results.csv to keep them all"))
@@ -87,8 +87,8 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path], vis:
     from unicom_cli.index import Index
     from unicom_cli.index.duplicates import find_duplicates
     from unicom_cli.pipelines.search import RESULT_FORMATS, duplicates_picture, write_table
-    from unicom_cli.pipelines.vis import check_format, save_picture
-    from unicom_cli.utils.console import console
+    from unicom_cli.pipelines.vis import check_format, printable, save_picture
+    from unicom_cli.utils.console import console, print_table
 
     check_format(vis)
     if output is not None and output.suffix.lower() not in RESULT_FORMATS:
@@ -102,12 +102,12 @@ def _duplicates(index_path: Path, threshold: float, output: Optional[Path], vis:
     console.print(f"{groups} of near duplicates (similarity ≥ {threshold}) in {len(index):,} "
                   f"images, by {how}", highlight=False, soft_wrap=True)
     for g, rows in enumerate(found.groups[:10], start=1):
-        table = Table(title=f"group {g}: {len(rows)} images", title_justify="left", show_edge=False)
+        table = Table(show_edge=False)
         table.add_column("best score", justify="right")
         table.add_column("path", overflow="fold")
         for row, score in zip(rows, found.scores[g - 1]):
-            table.add_row(f"{score:.4f}", escape(index.ids[row]))
-        console.print(table)
+            table.add_row(f"{score:.4f}", escape(printable(index.ids[row])))
+        print_table(table, f"group {g}: {len(rows)} images")
     if output is not None:
         records = [{"group": g, "size": len(rows), "id": index.ids[row], "row": int(row),
                     "score": float(score)}

@@ -100,10 +100,11 @@ def check_format(path: Path | None, option: str = "--vis") -> None:
 
 def save_picture(out: Path, picture: Picture) -> Path:
     """Write ``picture`` as an HTML page or a raster image, by the suffix of ``out``, atomically."""
-    from unicom_cli.utils.files import atomic_path
+    from unicom_cli.utils.files import atomic_path, check_writable_folder
 
     out = Path(out)
     check_format(out)
+    check_writable_folder(out.parent)  # created when missing, as every output's folder
     with atomic_path(out) as tmp:
         if out.suffix.lower() == ".html":
             Path(tmp).write_text(_page(picture), encoding="utf-8")
