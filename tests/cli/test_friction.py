@@ -399,3 +399,27 @@ def test_rate_leaves_out_the_start_up():
         many.add(64)
     whole = many.count / (time.monotonic() - many.start)
     assert many.per_second() > 3 * whole  # the second of start-up is not in it
+
+
+# ------------------------------------------------------------------ item 16: which split folder:DIR used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_finetune_eval_line_names_the_split_of_folder_dataset(split, tmp_path, tiny_spec_file, tiny_checkpoint,
+                                                               capsys):
+    import json
+
+    from unicom_cli.data.digits import write_digits_tree
+
+    tree = write_digits_tree(tmp_path / "digits", size=32, limit_per_class=4)
+    if split == "val":
+        (tree.root / "test").rename(tree.root / "val")
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(tiny_spec_file), "--weights", str(tiny_checkpoint), "--dataset",
+                 f"folder:{tree.root}", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--output",
+                 str(out), "--workers", "0"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"eval after epoch 1 on {tree.root / split} (20 images), %: recall@1" in err
+    evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval" in line]
+    assert evals[-1]["split"] == str(tree.root / split) and evals[-1]["images"] == 20

@@ -34,7 +34,7 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
 @launch_options
 def finetune(
     model: Annotated[Optional[str], _opt("--model", "-m", "--arch", help="Model name or JSON architecture file (default ViT-L/14); --arch is the design card's name for it.")] = None,
-    dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
+    dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train; evaluated on PATH/test, else PATH/val; classify: PATH/val, else PATH/test).")] = None,
     data_root: Annotated[Optional[Path], _opt("--data-root", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16; classification: imagenet-vit-b32-384, imagenet-vit-b16-384, imagenet-vit-l14-518.")] = None,
     task: Annotated[Optional[str], _opt("--task", help="retrieval (Partial FC + margin loss, default) or classify (linear head + cross-entropy; top-1/top-5 on PATH/val).")] = None,

@@ -447,8 +447,8 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
     if D.is_main():
         with open(cfg.output / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"eval": result}) + "\n")
-        info(f"eval after epoch {t.epoch} (%): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
-                                                           if isinstance(v, float)))
+        info(f"eval after epoch {t.epoch} on {result['split']} ({result['images']:,} images), %: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
     key = result["metric"]
     if t.best is None or result[key] > t.best[key]:
         t.best = result
