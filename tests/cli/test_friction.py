@@ -191,23 +191,32 @@ def test_duplicates_vis_draws_the_groups(digits, digits_index, tmp_path, capsys)
     assert "--vis" in one_error_line(capsys.readouterr().err)
 
 
-def test_search_vis_escapes_hostile_and_non_utf8_names(digits, tmp_path, tiny_spec_file, capsys):
-    """#28 item 14: a Latin-1 file name and an HTML-like one: a page (valid UTF-8, every name
-    escaped, no markup injected) and a picture, exit 0, no traceback."""
+@pytest.fixture
+def hostile_index(digits, tmp_path, tiny_spec_file, capsys):
+    """An index over a Latin-1 file name and two HTML-like ones (real digit images)."""
     import os
 
     folder = tmp_path / "odd"
     (folder / "c").mkdir(parents=True)
     sources = sorted((digits / "0").iterdir())
-    hostile = ['<img src=x onerror=alert(1)>.png', '"quoted" & <b>.png']
-    for source, name in zip(sources, hostile):
+    for source, name in zip(sources, HOSTILE):
         (folder / "c" / name).write_bytes(source.read_bytes())
-    latin1 = os.path.join(os.fsencode(folder / "c"), b"caf\xe9.png")
-    with open(latin1, "wb") as handle:
+    with open(os.path.join(os.fsencode(folder / "c"), b"caf\xe9.png"), "wb") as handle:
         handle.write(sources[2].read_bytes())
     index = tmp_path / "odd.index"
     assert main(["index", str(folder), "-o", str(index), "--model", str(tiny_spec_file), "--random-init",
                  "--workers", "0"]) == 0
+    capsys.readouterr()
+    return index, folder
+
+
+HOSTILE = ['<img src=x onerror=alert(1)>.png', '"quoted" & <b>.png']
+
+
+def test_search_vis_escapes_hostile_and_non_utf8_names(hostile_index, tmp_path, capsys):
+    """#28 item 14: a Latin-1 file name and HTML-like ones: a page (valid UTF-8, every name
+    escaped, no markup injected) and a picture, exit 0, no traceback."""
+    index, folder = hostile_index
     page, png = tmp_path / "odd.html", tmp_path / "odd.png"
     assert main(["search", str(index), str(folder), "-k", "3", "--vis", str(page)]) == 0
     assert main(["search", str(index), str(folder), "-k", "3", "--vis", str(png)]) == 0
@@ -218,6 +227,35 @@ def test_search_vis_escapes_hostile_and_non_utf8_names(digits, tmp_path, tiny_sp
     assert "caf\\xe9.png" in text
     with Image.open(png) as im:
         im.verify()
+
+
+@pytest.mark.slow
+def test_hostile_page_runs_no_script_in_a_browser(hostile_index, tmp_path):
+    """The page in a real browser: the names show as text and no injected handler runs."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from tests.serve.test_browser import CHROMIUM_ARGS
+
+    index, folder = hostile_index
+    page_file = tmp_path / "odd.html"
+    assert main(["search", str(index), str(folder), "-k", "3", "--vis", str(page_file)]) == 0
+    dialogs: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        captions = page.locator("figcaption").all_inner_texts()
+        injected = page.locator("figcaption img, figcaption b, h2 img, h2 b").count()
+        browser.close()
+    assert dialogs == [] and injected == 0
+    for name in HOSTILE + ["caf\\xe9.png"]:
+        assert any(f"c/{name}" in caption for caption in captions), name
 
 
 # ------------------------------------------------------------------ item 9: one default per concept
