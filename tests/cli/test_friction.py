@@ -461,3 +461,16 @@ def test_finetune_eval_line_names_the_split_of_folder_dataset(split, tmp_path, t
     assert f"eval after epoch 1 on {tree.root / split} (20 images), %: recall@1" in err
     evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval" in line]
     assert evals[-1]["split"] == str(tree.root / split) and evals[-1]["images"] == 20
+
+
+def test_readme_sizes_are_whole_venvs():
+    """The size table listed torch alone (0.75 / 5.2 GB) as what a route costs; a route costs its
+    whole venv (measured 2.1 / 6.6 GiB), torch named as the part it is."""
+    import re
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("| route |"):]
+    table = table[:table.index("\n\n")]
+    assert "| route | whole venv |" in table
+    sizes = [float(v) for v in re.findall(r"\| ([0-9.]+) GiB \|", table)]
+    assert sizes == [2.1, 6.6]
