@@ -56,7 +56,7 @@ def test_digits_knn_top1_equals_numpy(digits_knn, tmp_path):
         assert r["metrics"][str(k)]["top1"] == pytest.approx(independent_top1(tx, tl, vx, vl, k), abs=1e-9)
     assert r["metrics"]["20"]["top5"] >= r["metrics"]["20"]["top1"] > 80
     assert "top1_per_class" in r["metrics"]["10"] and r["sizes"] == {"train": 200, "val": 200, "classes": 5}
-    assert "top1" in out
+    assert "top-1 (%)" in out and "top-1 per class (%)" in out
 
 
 def test_few_shot_mean_and_std(digits_knn, tmp_path):

@@ -53,7 +53,7 @@ def test_digits_recall_at_1_equals_numpy(digits, tmp_path):
     from unicom_cli.pipelines.vis import grid_size
 
     with Image.open(tmp_path / "v.jpg") as im:
-        assert im.size == grid_size(6, 5)
+        assert im.size == grid_size(6, 1 + 5, notes=1, labels=True)  # query + top 5; the class known
         px = np.asarray(im.convert("RGB"))
     green = (px[..., 1] > 140) & (px[..., 0] < 80)
     assert green.sum() > 1000  # hit borders drawn

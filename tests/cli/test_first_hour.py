@@ -255,7 +255,7 @@ def test_fixed_value_options_are_choices_listed_in_help_and_checked(capsys):
 
 def test_one_spelling_per_concept_and_old_ones_hidden(tmp_path):
     finetune, prepare, models = _help("finetune"), _help("prepare-gldv2"), _help("models")
-    assert "--model" in finetune and "--arch" not in finetune
+    assert "--model,--arch" in finetune  # the design card's spelling, shown as the other name (issue 27 item 17)
     assert "--data-root" in finetune and "--data " not in finetune
     assert "--output" in prepare and "--out " not in prepare
     assert "--json" not in models
@@ -301,7 +301,7 @@ def test_context_lines_do_not_wrap_to_the_table_width(digits, tiny_spec_file, ti
 # ------------------------------------------------------------------ 16. the --vis picture
 
 def test_vis_has_legend_labels_gaps_and_its_own_size(digits, tiny_spec_file, tiny_checkpoint, tmp_path):
-    from unicom_cli.pipelines.vis import GAP, LABEL, LEGEND, TILE, grid_size
+    from unicom_cli.pipelines.vis import GAP, LINE, TILE, grid_size, header_height, row_height
 
     out = tmp_path / "f.npy"
     assert main(["embed", str(digits.test), "-o", str(out), "--model", str(tiny_spec_file),
@@ -310,18 +310,19 @@ def test_vis_has_legend_labels_gaps_and_its_own_size(digits, tiny_spec_file, tin
     assert main(["eval-retrieval", "--dataset", f"folder:{digits.test}", "--embeddings", str(out),
                  "--vis", str(vis), "--vis-queries", "2", "--vis-k", "3"]) == 0
     with Image.open(vis) as im:
-        assert im.size == grid_size(2, 3)
+        assert im.size == grid_size(2, 4, notes=1, labels=True)
         px = np.asarray(im.convert("RGB")).astype(int)
-    body = px[LEGEND:]
-    for col in range(4):  # the gap left of every cell is white from top to bottom
-        x = col * (TILE + GAP)
-        assert (body[:, x:x + GAP] == 255).all()
-    for row in range(2):  # a white gap under each row's text band
-        y = row * (TILE + LABEL + GAP) + TILE + LABEL
-        assert (body[y:y + GAP] == 255).all()
-    text_band = body[TILE + 2:TILE + LABEL, GAP + TILE + GAP:GAP + 2 * TILE + GAP]
+    top = header_height(1)
+    for row in range(2):
+        tiles = px[top + row * row_height(True) + LINE + 2:][:TILE]
+        for col in range(4):  # the gap left of every cell is white over the tiles' height
+            x = col * (TILE + GAP)
+            assert (tiles[:, x:x + GAP] == 255).all()
+        y = top + (row + 1) * row_height(True) - GAP  # a white gap under each row's text band
+        assert (px[y:y + GAP] == 255).all()
+    text_band = px[top + LINE + 2 + TILE + 2:top + row_height(True) - GAP, GAP + TILE + GAP:GAP + 2 * TILE + GAP]
     assert (text_band.sum(axis=2) < 200).sum() > 30  # rank, score and name written under a result
-    legend = px[:LEGEND]
+    legend = px[:top]
     assert ((legend[..., 2] > 180) & (legend[..., 0] < 80)).sum() > 50  # the blue query swatch
 
 

@@ -47,8 +47,8 @@ def built(photos, tmp_path, tiny_spec_file, tiny_checkpoint, capsys):
 
 def _feats(index_dir):
     """The embed output the index was built from (rows in ids order)."""
-    npy = index_dir.parent / f"{index_dir.name}.feats.npy"
-    ids = (index_dir.parent / f"{index_dir.name}.feats.ids.txt").read_text().splitlines()
+    npy = index_dir.parent / f"{index_dir.name}.features" / "feats.npy"
+    ids = npy.with_suffix(".ids.txt").read_text().splitlines()
     return np.load(npy), ids
 
 

@@ -32,7 +32,7 @@ def demo(
     from rich.table import Table
 
     from unicom_cli.pipelines.demo import DemoConfig, run_demo
-    from unicom_cli.utils.console import console, status
+    from unicom_cli.utils.console import console, print_table, status
 
     status(f"writing real digits to {output} …")
 
@@ -43,14 +43,14 @@ def demo(
 
     cfg = DemoConfig(output=output, procs=procs, epochs=epochs, batch_size=batch_size, limit_per_class=limit_per_class)
     result = run_demo(cfg, announce)
-    table = Table(title="Unseen digits 5-9: freshly initialised vs finetuned on 0-4")
+    table = Table()
     for column in ("metric", "before", "after", "gain"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key, before in result.before.items():
         after = result.after[key]
         table.add_row(key, f"{before:.1f}", f"{after:.1f}", f"{after - before:+.1f}")
     console.rule("[bold]result")
-    console.print(table)
+    print_table(table, "Unseen digits 5-9: freshly initialised vs finetuned on 0-4")
     total = sum(step.seconds for step in result.steps)
     for path in result.written:
         console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -49,7 +49,7 @@ def embed(
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
     precision: InferencePrecisionOpt = "auto",
-    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, on with --num-feat).", show_default=False)] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="L2-normalise each row (default: off, so that the file keeps the model's raw output for any use; on with --num-feat, which cuts after normalising). index and eval-linear normalise by default: they compare by cosine.", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     dtype: Annotated[Literal["float32", "float16"], typer.Option("--dtype", help="Element type of the output matrix.")] = "float32",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished output (and discard an unfinished run).")] = False,

@@ -69,19 +69,19 @@ def print_results(results: dict) -> None:
     """A Rich table: one row per k, top-1/top-5 in % (± std over few-shot tries), then the context."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console, print_context
+    from unicom_cli.utils.console import print_context, print_table
 
     source = results["model"] or "precomputed features"
-    table = Table(title=f"kNN · {source} · T={results['temperature']}", title_justify="left")
+    table = Table()
     table.add_column("k", justify="right")
     keys = [k for k in next(iter(results["metrics"].values())) if not k.endswith("_std")]
     for key in keys:
-        table.add_column(key.replace("_", " ") + " (%)", justify="right")
+        table.add_column(key.replace("top", "top-", 1).replace("_", " ") + " (%)", justify="right")  # as eval-linear
     for k, entry in results["metrics"].items():
         cells = [f"{entry[key]:.2f}" + (f" ± {entry[key + '_std']:.2f}" if key + "_std" in entry else "")
                  for key in keys]
         table.add_row(k, *cells)
-    console.print(table)
+    print_table(table, f"kNN · {source} · T={results['temperature']}")
     s = results["sizes"]
     few = results["few_shot"]
     print_context([

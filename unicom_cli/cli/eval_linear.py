@@ -34,7 +34,7 @@ def eval_linear(
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Instead of the trees: cars or cub, by their official classification split (every class in train and test).", show_default=False)] = None,
     data_root: Annotated[Path, typer.Option("--data-root", help="Folder holding cars196/ or CUB_200_2011/ (with --dataset).")] = Path("data"),
     C: Annotated[float | None, typer.Option("--C", help="Inverse regularisation strength (scikit-learn's C). Default: searched on a held-out part of the train set.", show_default=False)] = None,
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (the original UNICOM example does not).")] = True,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise features before fitting (default: on, as every evaluation here uses the embeddings' direction, cosine, unlike embed's raw output; the original UNICOM example does not).")] = True,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the train images held out to choose C.")] = 0.1,
     max_iter: Annotated[int, typer.Option("--max-iter", min=1, help="L-BFGS iterations per fit (scikit-learn's max_iter).")] = 1000,
     save_classifier: Annotated[Path | None, typer.Option("--save-classifier", help="Write the fitted head (.safetensors) for `unicom embed --head`.")] = None,
@@ -73,17 +73,17 @@ def print_results(results: dict) -> None:
     """One table: top-1, top-5, C (and how it was chosen), time; then the files written."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console, print_context
+    from unicom_cli.utils.console import print_context, print_table
 
     source = results["model"] or "precomputed features"
-    table = Table(title=f"linear probe · {source}", title_justify="left")
+    table = Table()
     for col in ("top-1 (%)", "top-5 (%)", "C", "time"):
         table.add_column(col, justify="right")
     how = "searched" if results["C_search"] else "given"
     m = results["metrics"]
     table.add_row(f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{results['C']:.4g} ({how})",
                   f"{results['timings']['total']:.1f} s")
-    console.print(table)
+    print_table(table, f"linear probe · {source}")
     s = results["sizes"]
     print_context([f"{s['train']:,} train, {s['val']:,} val, {s['classes']} classes · "
                    f"{'L2-normalised' if results['normalize'] else 'raw'} features · "

@@ -71,15 +71,15 @@ def print_results(results: dict) -> None:
     """A Rich table of the metrics (percentages), then the context on its own lines."""
     from rich.table import Table
 
-    from unicom_cli.utils.console import console, print_context
+    from unicom_cli.utils.console import print_context, print_table
 
     source = results["model"] or results["embeddings"]
-    table = Table(title=f"{results['dataset']} · {source}", title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column("value (%)", justify="right")
     for name, value in results["metrics"].items():
         table.add_row(name, f"{value:.2f}")
-    console.print(table)
+    print_table(table, f"{results['dataset']} · {source}")
     sizes = ", ".join(f"{v:,} {k}" for k, v in results["sizes"].items())
     print_context([
         f"{sizes}; {results['skipped']} skipped",

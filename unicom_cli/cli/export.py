@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from unicom_cli.cli.options import CacheDirOpt, MirrorOpt, NumFeatOpt, WeightsOpt
+from unicom_cli.cli.options import CacheDirOpt, MirrorOpt, NumFeatOpt, RandomInitOpt, SeedOpt, WeightsOpt
 from unicom_cli.export.graph import OPSET_DEFAULT, OPSET_MAX, OPSET_MIN
 
 EXAMPLES = [
@@ -21,6 +21,8 @@ def export(
     model: Annotated[str, typer.Argument(help="Model name (see `unicom models`), a JSON architecture (with --weights), or a checkpoint with arch.json beside it (a finetune run's model.pt).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="model.onnx (ONNX graph + model.json) or model.safetensors (weights + model.arch.json).", show_default=False)],
     weights: WeightsOpt = None,
+    random_init: RandomInitOpt = False,
+    seed: SeedOpt = 0,
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="ONNX: L2-normalise inside the graph (default: off, on with --num-feat).", show_default=False)] = None,
     num_feat: NumFeatOpt = None,
     opset: Annotated[int, typer.Option("--opset", help=f"ONNX opset, {OPSET_MIN} to {OPSET_MAX}.")] = OPSET_DEFAULT,
@@ -42,7 +44,7 @@ def export(
     from unicom_cli.utils.console import console
 
     summary = export_model(ExportConfig(
-        model=model, output=output, weights=weights,
+        model=model, output=output, weights=weights, pretrained=not random_init, seed=seed,
         normalize=(num_feat is not None) if normalize is None else normalize, num_feat=num_feat,
         opset=opset, precision=precision, input_dtype=input_dtype, overwrite=overwrite,
         cache=cache_dir, mirror=mirror,
@@ -56,4 +58,4 @@ def export(
     console.print(f"  batch of 1 ({parity.names[0]}): cosine {parity.single_cosine:.8f}; "
                   f"bound ≥ {parity.bound}: passed", highlight=False)
     for path in summary.outputs:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -33,8 +33,8 @@ def _opt(*names: str, help: str, panel: str = _T, **kw):
 
 @launch_options
 def finetune(
-    model: Annotated[Optional[str], _opt("--model", "-m", help="Model name or JSON architecture file (default ViT-L/14).")] = None,
-    dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train, optional PATH/test).")] = None,
+    model: Annotated[Optional[str], _opt("--model", "-m", "--arch", help="Model name or JSON architecture file (default ViT-L/14); --arch is the design card's name for it.")] = None,
+    dataset: Annotated[Optional[str], _opt("--dataset", help="gldv2 (default), sop, cub, cars, inshop, inat or folder:PATH (PATH/train; evaluated on PATH/test, else PATH/val; classify: PATH/val, else PATH/test).")] = None,
     data_root: Annotated[Optional[Path], _opt("--data-root", help="Data root holding the benchmark folders (default ./data); for gldv2 also the prepare-gldv2 output itself (default ./data/GLDv2).")] = None,
     recipe: Annotated[Optional[str], _opt("--recipe", help="Published recipe: sop-vit-b32, sop-vit-b16, sop-vit-l14, inshop-vit-b16, inshop-vit-l14, inat-vit-b16, inat-vit-l14, gldv2-vit-l14, gldv2-vit-b16; classification: imagenet-vit-b32-384, imagenet-vit-b16-384, imagenet-vit-l14-518.")] = None,
     task: Annotated[Optional[str], _opt("--task", help="retrieval (Partial FC + margin loss, default) or classify (linear head + cross-entropy; top-1/top-5 on PATH/val).")] = None,
@@ -72,13 +72,12 @@ def finetune(
     keep: Annotated[Optional[int], _opt("--keep", min=1, help="Checkpoints kept (default 3).", panel=_C)] = None,
     eval_every: Annotated[Optional[int], _opt("--eval-every", min=0, help="Evaluate on the test split every N epochs (0: never).", panel=_C)] = None,
     resume: Annotated[Optional[str], _opt("--resume", help="Checkpoint folder, or 'auto' for the latest in --output.", panel=_C)] = None,
-    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the training and of --random-init (default 1024).")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", help="Seed of the training and of --random-init (default 0, as in every command; a published recipe uses its own, 1024, as the reference runs did).")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", min=1, help="Stop after N steps (schedule unchanged): smoke tests.")] = None,
     device: DeviceOpt = "auto",
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data-loading processes per process, for training and evaluation (default: training 0 on CPU, its share of the cores up to 8 on CUDA, 4 DALI threads for gldv2; evaluation as eval-retrieval).")] = None,
     *,
     launch: LaunchConfig,
-    arch: Annotated[Optional[str], alias("--arch")] = None,
     data: Annotated[Optional[Path], alias("--data")] = None,
 ) -> None:
     """Finetune a UNICOM model with Partial FC and a margin loss (ArcFace/CosFace).
@@ -88,7 +87,7 @@ def finetune(
     """
     from unicom_cli.utils.console import status
 
-    arch, data = prefer(model, arch), prefer(data_root, data)
+    arch, data = model, prefer(data_root, data)
     status(f"loading {arch or recipe or 'ViT-L/14'} …")
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.train.loop import FinetuneConfig, finetune as run_finetune

@@ -35,7 +35,7 @@ def index(
     kind: Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf, ivfpq or a faiss factory string such as 'IVF4096,PQ64'.")] = "auto",
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget of the index, e.g. 8G (default: half the RAM).", show_default=False)] = None,
     target_recall: Annotated[float, typer.Option("--target-recall", min=0.0, max=1.0, help="recall@10 against exact search that the search parameters are tuned to reach.")] = 0.95,
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors that are not (cosine similarity); --no-normalize keeps raw inner products.")] = True,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors that are not (default: on, as search compares by cosine similarity, unlike embed's raw output); --no-normalize keeps raw inner products.")] = True,
     chunk_rows: Annotated[int, typer.Option("--chunk-rows", min=1, help="Vectors read and added per step (bounds memory; process shards align to it).")] = 65536,
     on_disk: Annotated[bool, typer.Option("--on-disk", help="IVF indexes: keep the inverted lists in index.ivfdata, memory-mapped when searching, for collections larger than RAM (--max-memory then sizes the index on disk).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index (and re-embed a folder).")] = False,
@@ -52,7 +52,10 @@ def index(
 
     The index is a folder (index.faiss, ids.txt, index.json; index.ivfdata with --on-disk)
     written atomically; index.json records the model, normalisation, faiss factory, tuned search
-    parameters and the recall@10 measured against exact search on held-out queries.
+    parameters and the recall@10 measured against exact search on held-out queries. Image
+    inputs are embedded into <index>.features/ beside it (feats.npy, .ids.txt, .json,
+    .failures.txt): an interrupted run resumes from there and --add re-tunes with them; delete
+    that folder when neither matters.
     """
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.errors import UsageError
@@ -61,8 +64,8 @@ def index(
     from unicom_cli.pipelines.embed import EmbedConfig
     from unicom_cli.index.backends.milvus import is_reference
     from unicom_cli.index.backends.milvus_build import MilvusBuildConfig
-    from unicom_cli.pipelines.index import (IndexJob, features_path, is_features, milvus_features_path,
-                                            milvus_reference, run_index_job)
+    from unicom_cli.pipelines.index import (IndexJob, features_folder, features_path, is_features,
+                                            milvus_features_path, milvus_reference, run_index_job)
 
     names = list(inputs)
     if add and output is None and uri is None:
@@ -112,13 +115,13 @@ def index(
     embedded, summary = result
     for item in embedded:
         print_embed_summary(item)
-    _print_summary(summary)
+    _print_summary(summary, features_folder(output) if embeds else None)
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary, features: Optional[Path] = None) -> None:
     from rich.table import Table
 
-    from unicom_cli.utils.console import console
+    from unicom_cli.utils.console import console, print_context
 
     raw = summary.count * summary.dim * 4
     table = Table(show_header=False, box=None, pad_edge=False)
@@ -133,5 +136,7 @@ def _print_summary(summary) -> None:
     table.add_row("size", f"{summary.index_bytes / 2**20:,.1f} MiB "
                           f"({summary.index_bytes / raw:.2f}× the raw float32 vectors)")
     table.add_row("time", f"{summary.seconds:,.1f} s")
-    table.add_row("wrote", str(summary.output))
     console.print(table)
+    print_context([f"wrote {summary.output}"]  # whole paths, never cut to the table's width
+                  + ([f"features {features} (the embeddings of the images: a rerun resumes from them, "
+                      "--add re-tunes with them)"] if features is not None else []))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from unicom_cli.cli.options import DeviceOpt, PrecisionOpt, WeightsOpt
+from unicom_cli.cli.options import DeviceOpt, Precision, WeightsOpt
 
 EXAMPLES = [
     "unicom serve photos.index     # open http://127.0.0.1:8000/ or: curl -F image=@cat.jpg '…/search?k=5'",
@@ -40,7 +40,7 @@ def serve(
     read_timeout: Annotated[float, typer.Option("--read-timeout", min=0.1, help="Seconds a client has to send a request's headers, and again its body; slower clients get 408 and are disconnected.")] = 30.0,
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
-    precision: PrecisionOpt = None,
+    precision: Annotated[Precision | None, typer.Option("--precision", show_default=False, help="Precision the queries are embedded in (default: the one recorded in the index, which its collection was embedded in, so that queries match their neighbours).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every file of the index again, even where a fresh record of its digest says it is unchanged (a load otherwise trusts that record).")] = False,
 ) -> None:
     """Serve an index: POST /search, GET /images/{row}, a web page at / and API docs at /docs.

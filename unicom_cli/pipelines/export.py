@@ -27,6 +27,7 @@ class ExportConfig:
     output: Path  # model.onnx or model.safetensors
     weights: Path | None = None  # state dict for a name or JSON architecture
     pretrained: bool = True  # False: random weights (tests, benchmarks), never downloads
+    seed: int = 0  # seed of the random weights (as in every command's --random-init)
     normalize: bool = False  # ONNX: L2-normalise inside the graph
     num_feat: int | None = None  # ONNX: keep the first K dims after normalising
     opset: int = OPSET_DEFAULT
@@ -131,7 +132,7 @@ def export_model(config: ExportConfig) -> ExportSummary:
     model_arg, weights = resolve_model(config.model, config.weights)
     output = Path(config.output)
     names, photos = sample_photos(get_spec(model_arg).input_size)  # skimage missing: fail early
-    loaded = create_model(model_arg, weights=weights, pretrained=config.pretrained, device="cpu",
+    loaded = create_model(model_arg, weights=weights, pretrained=config.pretrained, seed=config.seed, device="cpu",
                           precision="fp32", cache=config.cache, mirror=config.mirror)
     partial = output.parent / f".{output.name}.partial"
     with output_lock(output), disk_errors(output.parent):

@@ -26,12 +26,19 @@ def is_features(path: Path) -> bool:
     return Path(path).suffix.lower() == ".npy"
 
 
-def features_path(index: Path, input_path: Path, n: int) -> Path:
-    """Where a folder's embeddings are kept: beside the index, named after it, so that the
-    embed run resumes after an interruption and ``--add`` can re-tune against them later."""
+def features_folder(index: Path) -> Path:
+    """The one folder beside the index that holds the embeddings of its image inputs.
+
+    Not inside the index: the index folder is replaced in one rename when a build finishes,
+    while the embed run must survive an interruption to resume, and ``--add`` re-tunes
+    against the earlier embeddings later. Deleting it costs only that."""
     index = Path(index)
-    tag = "" if n == 0 else f"-{n}"
-    return index.parent / f"{index.name}.feats{tag}.npy"
+    return index.parent / f"{index.name}.features"
+
+
+def features_path(index: Path, input_path: Path, n: int) -> Path:
+    """The embed output of the ``n``-th image input (``feats.npy``, then ``feats-1.npy`` …)."""
+    return features_folder(index) / ("feats.npy" if n == 0 else f"feats-{n}.npy")
 
 
 def milvus_reference(output: str | None, uri: str | None, collection: str | None, first_input: Path) -> MilvusRef:

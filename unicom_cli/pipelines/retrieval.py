@@ -43,11 +43,12 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
                                                save_features, write_json)
     from unicom_cli.utils.console import warn
 
-    from unicom_cli.pipelines.vis import PICTURE_SUFFIXES
+    from unicom_cli.pipelines.vis import check_format
     from unicom_cli.utils.files import check_output_file
 
     check_output_file(cfg.json_out, "--json", overwrite=cfg.overwrite)  # before the work, not after it
-    check_output_file(cfg.vis, "--vis", PICTURE_SUFFIXES, overwrite=cfg.overwrite)
+    check_format(cfg.vis)
+    check_output_file(cfg.vis, "--vis", overwrite=cfg.overwrite)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     bench = load_benchmark(cfg.dataset, cfg.data_root, gldv2_splits=cfg.gldv2_splits,
@@ -120,10 +121,12 @@ def run_retrieval(cfg: RetrievalConfig) -> dict | None:
         write_json(cfg.json_out, results)
         written.append(cfg.json_out)
     if cfg.vis is not None:
-        from unicom_cli.pipelines.vis import save_retrieval_grid
+        from unicom_cli.pipelines.vis import save_picture
 
-        written.append(save_retrieval_grid(cfg.vis, bench.root, split, neighbours, cfg.vis_queries,
-                                           cfg.vis_k, scores=scores))
+        picture = retrieval_picture(split, bench.root, neighbours, scores, cfg.vis_queries, cfg.vis_k,
+                                    title=f"unicom eval-retrieval: {bench.name}",
+                                    class_folders=bench.name.startswith("folder:") or bench.name == "query-gallery")
+        written.append(save_picture(cfg.vis, picture))
     results["written"] = written
     return results
 
@@ -200,3 +203,38 @@ def split_metrics(split, neighbours: np.ndarray, recall_at: list[int]) -> dict[s
     if split.all_vs_all:
         out["map@r"] = 100 * map_at_r(n_labels, q_labels, relevant_counts(labels, labels, True))
     return out
+
+
+def retrieval_picture(split, root: Path, neighbours: np.ndarray, scores: np.ndarray, n_queries: int = 6,
+                      k: int = 5, seed: int = 0, title: str = "unicom eval-retrieval", class_folders: bool = False):
+    """A few queries drawn at random (seeded) and their top-k, hits and misses marked by class
+    (or, GLDv2, by the relevant list): the ``--vis`` picture (``pipelines.vis``). Classes are
+    named by their folder (``class_folders``: ImageFolder trees), else by the benchmark's label."""
+    from unicom_cli.pipelines.vis import Cell, Picture, Row, cell_name
+
+    n_total = len(neighbours)
+    k = min(k, neighbours.shape[1])
+    picks = np.sort(np.random.default_rng(seed).choice(n_total, size=min(n_queries, n_total), replace=False))
+    q_pos = np.arange(n_total) if split.all_vs_all else split.query
+    g_pos = np.arange(len(split.paths)) if split.all_vs_all else split.gallery
+    labelled = split.relevant is None
+
+    def label(position: int) -> str | None:
+        if not labelled:
+            return None
+        return Path(split.paths[position]).parent.name if class_folders else str(split.labels[position])
+
+    rows = []
+    for q in picks:
+        query = split.paths[q_pos[q]]
+        relevant = set(split.relevant[q].tolist()) if not labelled else set()
+        cells = [Cell(cell_name(query), Path(root) / query, "query", label=label(q_pos[q]))]
+        for col in range(k):
+            g = int(neighbours[q, col])
+            hit = g in relevant if not labelled else split.labels[g_pos[g]] == split.labels[q_pos[q]]
+            cells.append(Cell(cell_name(split.paths[g_pos[g]]), Path(root) / split.paths[g_pos[g]],
+                              "hit" if hit else "miss", rank=col + 1, score=float(scores[q, col]),
+                              label=label(g_pos[g])))
+        rows.append(Row(query, cells))
+    shown = f"{len(picks)} of {n_total:,} queries, drawn at random (seed {seed}), and their top {k}"
+    return Picture(title, rows, [shown])

@@ -12,7 +12,6 @@ from unicom_cli.errors import InputError, UsageError
 from unicom_cli.utils.files import refuse_existing
 
 RESULT_FORMATS = (".csv", ".jsonl", ".parquet")
-VIS_FORMATS = (".html", ".png")
 
 
 @dataclass
@@ -24,8 +23,8 @@ class SearchConfig:
     k: int = 10
     exclude_self: bool = False
     output: Path | None = None  # .csv, .jsonl or .parquet
-    vis: Path | None = None  # .html or .png
-    device: str = "cpu"
+    vis: Path | None = None  # a picture: pipelines.vis.FORMATS
+    device: str = "auto"
     weights: Path | None = None
     params: dict | None = None  # search parameters instead of the tuned ones
     overwrite: bool = False  # replace existing -o / --vis files
@@ -57,13 +56,15 @@ class SearchOutcome:
 
 
 def _check_outputs(cfg: SearchConfig) -> None:
+    from unicom_cli.pipelines.vis import check_format
     from unicom_cli.utils.files import check_creatable
 
-    for path, allowed, option in ((cfg.output, RESULT_FORMATS, "-o"), (cfg.vis, VIS_FORMATS, "--vis")):
+    check_format(cfg.vis)
+    for path, option in ((cfg.output, "-o"), (cfg.vis, "--vis")):
         if path is None:
             continue
-        if Path(path).suffix.lower() not in allowed:
-            raise UsageError(f"{option} {path}: choose a file ending in {', '.join(allowed)}")
+        if option == "-o" and Path(path).suffix.lower() not in RESULT_FORMATS:
+            raise UsageError(f"{option} {path}: choose a file ending in {', '.join(RESULT_FORMATS)}")
         if not Path(path).parent.is_dir():
             raise InputError(f"{Path(path).parent}: the output folder does not exist")
         if not cfg.overwrite:
@@ -166,13 +167,44 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
     if cfg.output is not None:
         outcome.written.append(write_results(cfg.output, outcome))
     if cfg.vis is not None:
-        from unicom_cli.pipelines.vis import save_search_html, save_search_png
+        from unicom_cli.pipelines.vis import save_picture
 
-        paths = [[index.path_of(r) if r >= 0 else None for r in row] for row in rows]
-        save = save_search_html if Path(cfg.vis).suffix.lower() == ".html" else save_search_png
-        outcome.written.append(save(cfg.vis, outcome.names, outcome.files, outcome.ids, paths,
-                                    outcome.scores))
+        outcome.written.append(save_picture(cfg.vis, search_picture(index, outcome, len(queries.names))))
     return outcome
+
+
+def search_picture(index, outcome: SearchOutcome, given: int):
+    """The ``--vis`` picture: a row per query and its results (their class is not known), with a
+    note naming the queries that were skipped."""
+    from unicom_cli.pipelines.vis import Cell, Picture, Row, cell_name
+
+    rows = []
+    for q, name in enumerate(outcome.names):
+        cells = [Cell(cell_name(name) if outcome.files[q] is not None else name, outcome.files[q], "query")]
+        for rank, (row, rel, score) in enumerate(zip(outcome.rows[q], outcome.ids[q], outcome.scores[q]), start=1):
+            if row >= 0:
+                cells.append(Cell(cell_name(rel), index.path_of(row), rank=rank, score=float(score)))
+        rows.append(Row(name, cells))
+    shown = len(outcome.names)
+    notes = [f"{given:,} quer{'y' if given == 1 else 'ies'} given; {len(outcome.failures):,} skipped "
+             "(unreadable): " + "; ".join(f"{path}: {reason}" for path, reason in outcome.failures[:5])
+             + (" …" if len(outcome.failures) > 5 else "")] if outcome.failures else []
+    return Picture(f"unicom search {index.path.name}: {shown:,} quer{'y' if shown == 1 else 'ies'}", rows, notes)
+
+
+def duplicates_picture(index, found, threshold: float):
+    """The ``--vis`` picture of ``search --duplicates``: one row per group, each image with its
+    best similarity to another member of the group."""
+    from unicom_cli.pipelines.vis import Cell, Picture, Row, cell_name
+
+    rows = [Row(f"group {g}: {len(members)} images", [
+        Cell(cell_name(index.ids[row]), index.path_of(row), rank=n, score=float(score))
+        for n, (row, score) in enumerate(zip(members, scores), start=1)])
+        for g, (members, scores) in enumerate(zip(found.groups, found.scores), start=1)]
+    groups = f"{len(rows):,} group{'' if len(rows) == 1 else 's'}"
+    return Picture(f"unicom search {index.path.name} --duplicates: {groups} of near duplicates "
+                   f"(similarity ≥ {threshold})", rows,
+                   ["the score under an image is its highest similarity to another image of its group"])
 
 
 def result_records(outcome: SearchOutcome):

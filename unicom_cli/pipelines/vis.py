@@ -1,45 +1,225 @@
-"""A picture of retrieval results: one row per query with its top-k, each cell labelled.
+"""Pictures of retrieval results: the one module behind every command's ``--vis``.
 
-Frames: query blue, hit (same class / relevant) green, miss red. Under every thumbnail: the
-rank and cosine score (results) and the name (class folder / file). A legend heads the picture
-and a white gap separates the cells, so that neighbouring frames of one colour stay apart.
+One layout and one labelling everywhere (eval-retrieval, search, search --duplicates): a title,
+a legend and notes (such as skipped queries), then one row per query or duplicate group. A query
+is framed blue; under every thumbnail stand its rank and cosine score, its name (class folder /
+file) and its class when known; a result of a known class is framed green when it is a hit
+(same class, or relevant) and red when a miss, grey when its class is unknown. The same rows
+become a self-contained HTML page (``.html``, images inlined) or a picture (``.png``, ``.jpg``,
+``.webp``, ``.bmp``). Every name is shown escaped, whatever bytes a file name holds.
 """
 
 from __future__ import annotations
 
+import html
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from unicom_cli.errors import UsageError
-from unicom_cli.utils.files import atomic_open
 
+FORMATS = (".html", ".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TILE = 128  # thumbnail cell, frame included
 BORDER = 6  # frame width
 GAP = 8  # white space between cells
-LABEL = 30  # text band under each cell (two lines)
-LEGEND = 28  # band at the top
-QUERY, HIT, MISS = (40, 90, 220), (30, 170, 60), (210, 40, 40)
+LINE = 13  # pixels per text line
+RASTER_ROWS, RASTER_CELLS = 100, 21  # what a raster picture draws at most (a page shows all)
 WHITE, TEXT = (255, 255, 255), (20, 20, 20)
+# kind: (frame colour, legend text)
+KINDS = {
+    "query": ((40, 90, 220), "query"),
+    "hit": ((30, 170, 60), "hit: same class"),
+    "miss": ((210, 40, 40), "miss: other class"),
+    "result": ((150, 150, 150), "result (class unknown)"),
+}
+LABELS = "under each image: #rank · cosine score, then class folder/file, then its class when known"
 
 
-def _tile(path: Path, colour: tuple[int, int, int]):
-    """A bordered thumbnail fitted to the tile (small images are enlarged, nearest-neighbour, so
-    that a 32-px digit stays legible); a grey square when the image cannot be read."""
+@dataclass
+class Cell:
+    """One thumbnail and its labels."""
+
+    name: str  # class folder / file (see ``cell_name``), or a vector query's name
+    path: Path | None = None  # the image shown; None: nothing to show (a vector query)
+    kind: str = "result"  # a key of KINDS
+    rank: int | None = None  # 1-based
+    score: float | None = None  # cosine similarity
+    label: str | None = None  # the class, when known
+
+    def lines(self, with_labels: bool) -> list[str]:
+        """The text under the thumbnail, one string per line."""
+        head = "query" if self.kind == "query" else " · ".join(
+            part for part in (f"#{self.rank}" if self.rank else "",
+                              f"{self.score:.4f}" if self.score is not None else "") if part)
+        return [head, self.name] + ([f"class {self.label}" if self.label is not None else ""]
+                                    if with_labels else [])
+
+
+@dataclass
+class Row:
+    """A query (or a group of near duplicates) and its cells, best first."""
+
+    title: str
+    cells: list[Cell]
+
+
+@dataclass
+class Picture:
+    """Everything drawn: a title, notes under the legend, and the rows."""
+
+    title: str
+    rows: list[Row]
+    notes: list[str] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        present = {cell.kind for row in self.rows for cell in row.cells}
+        if present & {"hit", "miss"}:  # both colours explained, even when all are hits
+            present |= {"hit", "miss"}
+        return [kind for kind in KINDS if kind in present]
+
+    def has_labels(self) -> bool:
+        return any(cell.label is not None for row in self.rows for cell in row.cells)
+
+
+def printable(text: str) -> str:
+    """A name as valid text: the bytes of a non-UTF-8 file name (held as surrogates) as \\xNN."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def cell_name(path: str) -> str:
+    """What a cell is called: its class folder and file name (``cat/001.jpg``)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def check_format(path: Path | None, option: str = "--vis") -> None:
+    """Refuse, before any work, a picture type no renderer writes."""
+    from unicom_cli.utils.files import check_output_file
+
+    check_output_file(path, option, FORMATS, overwrite=True)  # the type only: callers check existence
+
+
+def save_picture(out: Path, picture: Picture) -> Path:
+    """Write ``picture`` as an HTML page or a raster image, by the suffix of ``out``, atomically."""
+    from unicom_cli.utils.files import atomic_path, check_writable_folder
+
+    out = Path(out)
+    check_format(out)
+    check_writable_folder(out.parent)  # created when missing, as every output's folder
+    with atomic_path(out) as tmp:
+        if out.suffix.lower() == ".html":
+            Path(tmp).write_text(_page(picture), encoding="utf-8")
+        else:
+            _raster(_capped(picture)).save(tmp, format=_pil_format(out), quality=90)
+    return out
+
+
+def _capped(picture: Picture) -> Picture:
+    """At most RASTER_ROWS rows of RASTER_CELLS cells (a picture of 10,000 queries would be
+    two million pixels tall), with a note saying what was left out."""
+    rows = [Row(row.title, row.cells[:RASTER_CELLS]) for row in picture.rows[:RASTER_ROWS]]
+    cut = len(picture.rows) > RASTER_ROWS or any(len(row.cells) > RASTER_CELLS for row in picture.rows)
+    note = [f"drawn: the first {RASTER_ROWS} rows of {RASTER_CELLS} images at most "
+            f"({len(picture.rows):,} rows in all); a .html page shows everything"] if cut else []
+    return Picture(picture.title, rows, picture.notes + note)
+
+
+def _pil_format(out: Path) -> str:
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:  # a Pillow built without the codec
+        raise UsageError(f"--vis {out}: this Pillow cannot write {out.suffix}; use .html or .png")
+    return fmt
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def _open_rgb(path: Path | None, box: int):
+    """The image fitted into ``box`` pixels, or None when it cannot be read."""
     from PIL import Image, ImageOps
 
-    inner = TILE - 2 * BORDER
+    if path is None:
+        return None
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            scale = inner / max(im.width, im.height)
-            resample = Image.NEAREST if scale > 1 else Image.BICUBIC
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
-    except (OSError, ValueError):
-        im = Image.new("RGB", (inner, inner), (128, 128, 128))
+            scale = box / max(im.width, im.height)
+            resample = Image.NEAREST if scale > 1 else Image.BICUBIC  # a 32-px digit stays crisp
+            return im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _thumbnail_uri(path: Path | None) -> str:
+    """A JPEG data URI of the image (the page needs no other file), or "" when unreadable."""
+    import base64
+    import io
+
+    im = _open_rgb(path, TILE * 2)
+    if im is None:
+        return ""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _tile(path: Path | None, colour: tuple[int, int, int]):
+    """A framed thumbnail; a grey square when there is no image or it cannot be read."""
+    from PIL import Image
+
+    inner = TILE - 2 * BORDER
+    im = _open_rgb(path, inner) or Image.new("RGB", (inner, inner), (200, 200, 200))
     tile = Image.new("RGB", (TILE, TILE), colour)
     tile.paste(im, (BORDER + (inner - im.width) // 2, BORDER + (inner - im.height) // 2))
     return tile
+
+
+# --------------------------------------------------------------------------- the HTML page
+
+
+def _page(picture: Picture) -> str:
+    """A self-contained page; every name is escaped, so a file name cannot inject markup."""
+    esc = lambda text: html.escape(printable(text), quote=True)  # noqa: E731
+    labels = picture.has_labels()
+
+    def figure(cell: Cell) -> str:
+        uri = _thumbnail_uri(cell.path)
+        img = (f'<img src="{uri}" alt="{esc(cell.name)}">' if uri
+               else f'<div class="missing">{"no image" if cell.path is None else "not readable"}</div>')
+        caption = "<br>".join(esc(line) for line in cell.lines(labels))
+        return f'<figure class="{cell.kind}" title="{esc(cell.name)}">{img}<figcaption>{caption}</figcaption></figure>'
+
+    legend = "".join(f'<span class="key {kind}"></span>{esc(KINDS[kind][1])} ' for kind in picture.kinds())
+    notes = "".join(f"<p class=note>{esc(note)}</p>" for note in picture.notes)
+    rows = "".join(f'<section><h2>{esc(row.title)}</h2><div class="row">{"".join(map(figure, row.cells))}</div>'
+                   "</section>" for row in picture.rows)
+    side = f"{TILE * 1.3:.0f}px"
+    colours = "".join(f"figure.{kind} img, figure.{kind} .missing, .key.{kind} {{ border-color: rgb{rgb}; }}\n"
+                      for kind, (rgb, _) in KINDS.items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(picture.title)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h2 {{ font-size: 14px; font-weight: 600; margin: 1.2em 0 .4em; word-break: break-all; }}
+.legend {{ margin: .3em 0; }} .note {{ margin: .2em 0; color: #555; word-break: break-all; }}
+.key {{ display: inline-block; width: 10px; height: 10px; border: 3px solid; margin: 0 .3em 0 1em;
+  vertical-align: middle; }}
+.row {{ display: flex; gap: 10px; overflow-x: auto; }}
+figure {{ margin: 0; width: {side}; flex: none; text-align: center; }}
+figure img, .missing {{ width: {side}; height: {side}; object-fit: contain;
+  background: #f2f2f2; border: 3px solid; box-sizing: border-box; }}
+.missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
+{colours}figcaption {{ font-size: 12px; word-break: break-all; }}
+</style></head><body>
+<h1>{esc(picture.title)}</h1>
+<p class="legend">{legend}<br>{esc(LABELS)}</p>
+{notes}{rows}
+</body></html>
+"""
+
+
+# --------------------------------------------------------------------------- the raster picture
 
 
 def _font(size: int = 11):
@@ -52,7 +232,8 @@ def _font(size: int = 11):
 
 
 def _fit(draw, text: str, font, width: int) -> str:
-    """``text`` shortened from the left with … so that it fits ``width`` pixels."""
+    """``text`` (printable) shortened from the left with … so that it fits ``width`` pixels."""
+    text = printable(text)
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength("…" + text, font=font) > width:
@@ -60,171 +241,51 @@ def _fit(draw, text: str, font, width: int) -> str:
     return "…" + text
 
 
-def cell_name(path: str) -> str:
-    """What a cell is called: its class folder and file name (``cat/001.jpg``)."""
-    p = Path(path)
-    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+def row_height(labels: bool) -> int:
+    """A row: its title line, the tiles, two or three lines of labels, a white gap."""
+    return LINE + 2 + TILE + LINE * (3 if labels else 2) + 4 + GAP
 
 
-def grid_size(n_queries: int, k: int) -> tuple[int, int]:
-    """(width, height) of a picture with ``n_queries`` rows of a query and ``k`` results."""
-    return (k + 1) * (TILE + GAP) + GAP, LEGEND + n_queries * (TILE + LABEL + GAP) + GAP
+def header_height(notes: int) -> int:
+    """Title, legend, the labels' key and the notes."""
+    return GAP + LINE * (3 + notes) + GAP
 
 
-def _legend(draw, font) -> None:
-    x = GAP
-    for colour, text in ((QUERY, "query"), (HIT, "hit: same class"), (MISS, "miss: other class")):
-        draw.rectangle([x, 8, x + 14, 22], fill=colour)
-        draw.text((x + 20, 8), text, fill=TEXT, font=font)
-        x += 20 + int(draw.textlength(text, font=font)) + 24
-    draw.text((x, 8), "#rank · cosine score, then class/file", fill=TEXT, font=font)
+def grid_size(rows: int, columns: int, notes: int = 0, labels: bool = False) -> tuple[int, int]:
+    """(width, height) of a raster picture of ``rows`` rows of up to ``columns`` cells."""
+    return max(columns, 4) * (TILE + GAP) + GAP, header_height(notes) + rows * row_height(labels) + GAP
 
 
-PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def save_retrieval_grid(out: Path, root: Path, split, neighbours: np.ndarray,
-                        n_queries: int = 6, k: int = 5, seed: int = 0,
-                        scores: np.ndarray | None = None) -> Path:
-    """Write a JPEG grid: a legend, then one row per query (blue frame) and its top-k (green hit,
-    red miss), each cell labelled with its rank, score and name. Returns the path written.
-
-    Queries are drawn at random (seeded) from the split.
-    """
+def _raster(picture: Picture):
+    """The rows drawn as one image: title, legend, notes, then per row a title line and the tiles."""
     from PIL import Image, ImageDraw
 
-    n_total = len(neighbours)
-    k = min(k, neighbours.shape[1])
-    rng = np.random.default_rng(seed)
-    picks = np.sort(rng.choice(n_total, size=min(n_queries, n_total), replace=False))
-    q_pos = np.arange(n_total) if split.all_vs_all else split.query
-    g_pos = np.arange(len(split.paths)) if split.all_vs_all else split.gallery
-    grid = Image.new("RGB", grid_size(len(picks), k), WHITE)
+    labels = picture.has_labels()
+    columns = max((len(row.cells) for row in picture.rows), default=1)
+    width, height = grid_size(len(picture.rows), columns, len(picture.notes), labels)
+    grid = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(grid)
     font = _font()
-    _legend(draw, font)
-
-    def cell(row: int, col: int, path: str, colour, first_line: str) -> None:
-        x, y = GAP + col * (TILE + GAP), LEGEND + row * (TILE + LABEL + GAP)
-        grid.paste(_tile(Path(root) / path, colour), (x, y))
-        draw.text((x, y + TILE + 2), _fit(draw, first_line, font, TILE), fill=TEXT, font=font)
-        draw.text((x, y + TILE + 15), _fit(draw, cell_name(path), font, TILE), fill=TEXT, font=font)
-
-    for row, q in enumerate(picks):
-        cell(row, 0, split.paths[q_pos[q]], QUERY, "query")
-        for col in range(k):
-            g = neighbours[q, col]
-            if split.relevant is not None:
-                hit = g in set(split.relevant[q].tolist())
-            else:
-                hit = split.labels[g_pos[g]] == split.labels[q_pos[q]]
-            score = f" · {scores[q, col]:.3f}" if scores is not None else ""
-            cell(row, col + 1, split.paths[g_pos[g]], HIT if hit else MISS, f"#{col + 1}{score}")
-    out = Path(out)
-    fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"--vis {out}: unknown picture type {out.suffix!r}; use .jpg or .png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out, "wb") as handle:
-        grid.save(handle, format=fmt, quality=90)
-    return out
-
-
-# --------------------------------------------------------------------------- `unicom search --vis`
-
-CAPTION = 30  # pixels of text under each tile of the search picture
-
-
-def _thumbnail_uri(path: Path | None) -> str:
-    """A JPEG data URI of the image (the page needs no other file), or "" when unreadable."""
-    import base64
-    import io
-
-    from PIL import Image, ImageOps
-
-    if path is None:
-        return ""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((TILE * 2, TILE * 2))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
-    except (OSError, ValueError):
-        return ""
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _atomic_save(out: Path, write) -> Path:
-    from unicom_cli.utils.files import atomic_path
-
-    with atomic_path(out) as tmp:
-        write(tmp)
-    return Path(out)
-
-
-def save_search_html(out: Path, names: list[str], files: list[Path | None], ids: list[list[str]],
-                     paths: list[list[Path | None]], scores: np.ndarray) -> Path:
-    """A self-contained page: one row per query, its thumbnail then its results (thumbnail,
-    file name, score); images are embedded as data URIs so the page can be mailed or moved."""
-    from html import escape
-
-    def cell(uri: str, title: str, caption: str, cls: str) -> str:
-        img = (f'<img src="{uri}" alt="{escape(title)}">' if uri
-               else '<div class="missing">not readable</div>')
-        return (f'<figure class="{cls}" title="{escape(title)}">{img}'
-                f"<figcaption>{caption}</figcaption></figure>")
-
-    rows = []
-    for q, name in enumerate(names):
-        cells = [cell(_thumbnail_uri(files[q]), name, f"<b>query</b><br>{escape(Path(name).name)}", "query")]
-        for rank, (rel, path, score) in enumerate(zip(ids[q], paths[q], scores[q]), start=1):
-            if not rel:
-                continue
-            cells.append(cell(_thumbnail_uri(path), rel,
-                              f"{rank}. {escape(Path(rel).name)}<br>{score:.4f}", "hit"))
-        rows.append(f'<section><h2>{escape(name)}</h2><div class="row">{"".join(cells)}</div></section>')
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>unicom search results</title>
-<style>
-body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
-h2 {{ font-size: 14px; font-weight: 600; margin: 1.2em 0 .4em; word-break: break-all; }}
-.row {{ display: flex; gap: 10px; overflow-x: auto; }}
-figure {{ margin: 0; width: {TILE * 1.3:.0f}px; flex: none; text-align: center; }}
-figure img, .missing {{ width: {TILE * 1.3:.0f}px; height: {TILE * 1.3:.0f}px; object-fit: contain;
-  background: #f2f2f2; border: 3px solid #ccc; box-sizing: border-box; }}
-.missing {{ display: flex; align-items: center; justify-content: center; color: #888; }}
-figure.query img {{ border-color: rgb{QUERY}; }}
-figcaption {{ font-size: 12px; word-break: break-all; }}
-</style></head><body>
-<h1>unicom search: {len(names)} quer{"y" if len(names) == 1 else "ies"}</h1>
-{"".join(rows)}
-</body></html>
-"""
-    return _atomic_save(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
-
-
-def save_search_png(out: Path, names: list[str], files: list[Path | None], ids: list[list[str]],
-                    paths: list[list[Path | None]], scores: np.ndarray) -> Path:
-    """The same as a picture: one row per query (blue frame), its results with name and score."""
-    from PIL import Image, ImageDraw
-
-    k = max((len(r) for r in ids), default=0)
-    height = TILE + CAPTION
-    grid = Image.new("RGB", ((k + 1) * TILE + BORDER, max(1, len(names)) * height), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-
-    def put(path: Path | None, colour, x: int, y: int, lines: list[str]) -> None:
-        grid.paste(_tile(path if path is not None else Path(""), colour), (x, y))
-        for n, line in enumerate(lines):
-            text = line if len(line) <= 20 else line[:9] + "…" + line[-10:]
-            draw.text((x + 4, y + TILE + 2 + 12 * n), text, fill=(0, 0, 0))
-
-    for q, name in enumerate(names):
-        y = q * height
-        put(files[q], QUERY, 0, y, ["query", Path(name).name])
-        for col, (rel, path, score) in enumerate(zip(ids[q], paths[q], scores[q])):
-            if rel:
-                put(path, (200, 200, 200), (col + 1) * TILE + BORDER, y,
-                    [Path(rel).name, f"{col + 1}. {score:.4f}"])
-    return _atomic_save(out, lambda tmp: grid.save(tmp, format="PNG"))
+    y = GAP
+    draw.text((GAP, y), _fit(draw, picture.title, font, width - 2 * GAP), fill=TEXT, font=font)
+    x, y = GAP, y + LINE
+    for kind in picture.kinds():
+        colour, text = KINDS[kind]
+        draw.rectangle([x, y + 1, x + 10, y + 11], fill=colour)
+        draw.text((x + 14, y), text, fill=TEXT, font=font)
+        x += 14 + int(draw.textlength(text, font=font)) + 16
+    y += LINE
+    for line in [LABELS, *picture.notes]:
+        draw.text((GAP, y), _fit(draw, line, font, width - 2 * GAP), fill=TEXT, font=font)
+        y += LINE
+    y = header_height(len(picture.notes))
+    for row in picture.rows:
+        draw.text((GAP, y), _fit(draw, row.title, font, width - 2 * GAP), fill=TEXT, font=font)
+        y += LINE + 2
+        for col, cell in enumerate(row.cells):
+            x = GAP + col * (TILE + GAP)
+            grid.paste(_tile(cell.path, KINDS[cell.kind][0]), (x, y))
+            for n, line in enumerate(cell.lines(labels)):
+                draw.text((x, y + TILE + 2 + LINE * n), _fit(draw, line, font, TILE), fill=TEXT, font=font)
+        y += row_height(labels) - LINE - 2
+    return grid

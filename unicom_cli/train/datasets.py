@@ -72,5 +72,6 @@ def evaluate(dataset: str, data: Path | None, model, spec, device, *, batch_size
     metrics = split_metrics(split, neighbours, [1])  # percentages, as eval-retrieval prints them
     key = "map@100_private" if "map@100_private" in metrics else \
         next((k for k in metrics if k.startswith("map@100")), "recall@1")
-    return {"metric": key, **metrics, "images": len(split.paths)}
+    where = str(bench.root) if dataset.startswith("folder:") else f"{bench.name} test split"
+    return {"metric": key, **metrics, "images": len(split.paths), "split": where}
 

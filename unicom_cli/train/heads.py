@@ -151,4 +151,4 @@ def evaluate_classify(cfg, model: nn.Module, head: ClassifyHead, spec, device: t
     hit = top == y[:, None]
     n = max(len(y), 1)
     return {"metric": "top1", "top1": 100.0 * float(hit[:, :1].any(1).sum()) / n,
-            "top5": 100.0 * float(hit.any(1).sum()) / n, "images": len(y)}
+            "top5": 100.0 * float(hit.any(1).sum()) / n, "images": len(y), "split": str(split)}

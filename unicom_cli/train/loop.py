@@ -66,7 +66,7 @@ class FinetuneConfig:
     keep: int = 3  # checkpoints kept
     eval_every: int = 1  # epochs between evaluations (0: never)
     resume: str | None = None  # checkpoint folder or "auto"
-    seed: int = 1024
+    seed: int = 0  # as every command; the published recipes set 1024 (SPEC §3)
     device: str = "auto"
     workers: int | None = None
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
@@ -421,8 +421,8 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
     if D.is_main():
         with open(cfg.output / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"eval": result}) + "\n")
-        info(f"eval after epoch {t.epoch} (%): " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()
-                                                           if isinstance(v, float)))
+        info(f"eval after epoch {t.epoch} on {result['split']} ({result['images']:,} images), %: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if isinstance(v, float)))
     key = result["metric"]
     if t.best is None or result[key] > t.best[key]:
         t.best = result
