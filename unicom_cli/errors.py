@@ -84,3 +84,7 @@ class NonFiniteFeatures(UnicomError):
 
 class ExportFailed(UnicomError):
     """Exporting a model failed, or the exported file does not reproduce PyTorch's embeddings."""
+
+
+class UnsupportedModel(UsageError):
+    """A hub model this toolkit refuses to run: pickled weights only, remote code, no pooled output."""

@@ -82,8 +82,8 @@ def build_index(features_npy: str | Path | Sequence[str | Path], out_dir: str | 
 
 def _check_compatible(fields: dict, other: dict, where: str, against: str) -> None:
     """Refuse collections that a query could not be embedded for consistently."""
-    labels = {"model": "model", "weights_sha256": "weights (SHA-256)", "input_size": "input size",
-              "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
+    labels = {"model": "model", "revision": "hub revision", "weights_sha256": "weights (SHA-256)",
+              "input_size": "input size", "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
     diffs = [f"{label} {other.get(key)!r} vs {fields.get(key)!r}"
              for key, label in labels.items() if other.get(key) != fields.get(key)]
     if diffs:

@@ -245,7 +245,7 @@ def _specs(names: list[str], all_models: bool) -> list[ModelSpec]:
         raise UsageError("pass model names or --all, not both")
     if not names and not all_models:
         raise UsageError("name at least one model (see `unicom models`) or pass --all")
-    specs = [get_spec(name) for name in (available_models() if all_models else names)]
+    specs = [get_spec(name) for name in (available_models("unicom") if all_models else names)]
     for spec in specs:
         if not spec.filename:
             raise UsageError(f"'{spec.name}' comes from {spec.source} and has no published "

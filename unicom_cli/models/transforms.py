@@ -12,11 +12,14 @@ def _to_rgb(image):
 
 
 def eval_transform(spec: ModelSpec) -> Callable:
-    """Resize shorter side (bicubic) → center crop → RGB → tensor → CLIP normalisation."""
+    """Resize shorter side (bicubic) → center crop → RGB → tensor → CLIP normalisation; for a hub
+    model the resize, crop, filter and mean/std of its own image processor."""
     from torchvision import transforms as T
 
+    mode = T.InterpolationMode.BILINEAR if spec.interpolation == "bilinear" else T.InterpolationMode.BICUBIC
+    resize = (spec.input_size, spec.input_size) if spec.squash else (spec.resize_size or spec.input_size)
     return T.Compose([
-        T.Resize(spec.input_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(resize, interpolation=mode),
         T.CenterCrop(spec.input_size),
         _to_rgb,
         T.ToTensor(),
