@@ -412,12 +412,13 @@ def _trim_long_side(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_center_crop(pixels: np.ndarray, size: int, *, resize: int | None = None, squash: bool = False,
-                       interpolation: str = "bicubic") -> "torch.Tensor":
+                       interpolation: str = "bicubic", floor_crop: bool = False) -> "torch.Tensor":
     """Shorter side to ``resize`` (default ``size``), center crop to size x size: uint8 (3, size, size).
 
     The same geometry as the CLIP eval transform (torchvision Resize + CenterCrop on PIL
     images) and as transformers' image processors (``shortest_edge`` + ``crop_size``; with
-    ``squash`` both sides go to ``size`` and nothing is cropped, as SigLIP's). torch's
+    ``squash`` both sides go to ``size`` and nothing is cropped, as SigLIP's; their crop offset
+    is floored, ``floor_crop``, where torchvision rounds). torch's
     antialiased uint8 bicubic reproduces Pillow's filter (within 1/255 on a few pixels) about
     ten times faster; normalisation happens later on the device.
     """
@@ -438,7 +439,8 @@ def resize_center_crop(pixels: np.ndarray, size: int, *, resize: int | None = No
     if (new_h, new_w) != (height, width):
         image = torch.nn.functional.interpolate(image, size=(new_h, new_w), mode=interpolation,
                                                 antialias=True, align_corners=False)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    offset = (lambda excess: excess // 2) if floor_crop else (lambda excess: int(round(excess / 2.0)))
+    top, left = offset(new_h - size), offset(new_w - size)
     return image[0, :, top:top + size, left:left + size].contiguous()
 
 

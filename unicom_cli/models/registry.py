@@ -90,7 +90,8 @@ class ModelSpec:
     @property
     def geometry(self) -> dict:
         """The resize of ``data.images.resize_center_crop`` besides the crop size (input_size)."""
-        return {"resize": self.resize_size, "squash": self.squash, "interpolation": self.interpolation}
+        return {"resize": self.resize_size, "squash": self.squash, "interpolation": self.interpolation,
+                "floor_crop": self.family == "hf"}  # transformers floors the crop offset, torchvision rounds
 
     @property
     def hub_name(self) -> str:

@@ -18,13 +18,25 @@ def eval_transform(spec: ModelSpec) -> Callable:
 
     mode = T.InterpolationMode.BILINEAR if spec.interpolation == "bilinear" else T.InterpolationMode.BICUBIC
     resize = (spec.input_size, spec.input_size) if spec.squash else (spec.resize_size or spec.input_size)
+    crop = _floor_crop(spec.input_size) if spec.geometry["floor_crop"] else T.CenterCrop(spec.input_size)
     return T.Compose([
         T.Resize(resize, interpolation=mode),
-        T.CenterCrop(spec.input_size),
+        crop,
         _to_rgb,
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
+
+
+class _floor_crop:  # noqa: N801 - a transform, named like torchvision's
+    """transformers' centre crop: the offset floored (torchvision's CenterCrop rounds it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image):
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
 
 def train_transform(spec: ModelSpec, augment: bool = True) -> Callable:

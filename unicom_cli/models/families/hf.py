@@ -137,7 +137,7 @@ def _build(files: HubFiles, spec: ModelSpec, *, pretrained: bool, seed: int, dro
         info(f"{spec.name}: random initialisation with seed {seed} (no trained weights)")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return cls._from_config(vision, dtype=torch.float32).eval(), None, None
+            return cls(vision).float().eval(), None, None
     net, loading = cls.from_pretrained(files.folder, config=vision, use_safetensors=True, trust_remote_code=False,
                                        dtype=torch.float32, output_loading_info=True)
     missing = [k for k in loading.get("missing_keys", []) if not k.endswith("position_ids")]

@@ -72,7 +72,7 @@ def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, m
         raise UsageError(f"--mirror {mirror}: a hub mirror is an http(s) address (it serves the hub's "
                          f"API, as HF_ENDPOINT does)")
     cache_dir = hub_cache(cache)
-    offline = constants.is_offline_mode()
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     commit = revision
     if not offline:
         commit = _check_repo(repo, revision, endpoint)
