@@ -159,7 +159,8 @@ def _handler(hub: FakeHub):  # noqa: C901 - one request router
 
 @pytest.fixture
 def hub_server(monkeypatch):
-    """A FakeHub on 127.0.0.1 (port 0), set as HF_ENDPOINT; huggingface_hub online, no token."""
+    """A FakeHub on 127.0.0.1 (port 0), online, no token: pass ``hub.base`` as --mirror (HF_ENDPOINT
+    is read once, when huggingface_hub is imported)."""
     hub = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     hub.base = f"http://127.0.0.1:{server.server_address[1]}"

@@ -144,12 +144,29 @@ def _pinned_hub_model(recorded, other: str | Path | None, meta: dict, cache):
     if other is None:
         return recorded
     from unicom_cli.models.families import resolve_spec
+    from unicom_cli.models.families.hub_files import is_commit, parse_hub_name
 
+    if str(other).startswith("hf:"):
+        repo, revision = parse_hub_name(str(other))
+        if repo != recorded.repo:
+            raise UsageError(f"{other}: this index was built with {recorded.hub_name}, another model")
+        if revision and is_commit(revision) and revision != recorded.revision:  # no network needed
+            raise UsageError(f"{other}: revision {revision} differs from the {recorded.revision} this "
+                             f"index was built with ({recorded.hub_name}); query with that revision")
     given = resolve_spec(str(other), cache=cache)
     if given.revision and recorded.revision and given.revision != recorded.revision:
         raise UsageError(f"{other}: revision {given.revision} differs from the {recorded.revision} this "
                          f"index was built with ({recorded.hub_name}); query with that revision")
     return given if given.revision is None else recorded  # a local copy: its SHA-256 is checked
+
+
+def _hub_snapshot(weights: str | None, revision: str | None) -> str:
+    """The hub cache's snapshot folder of the recorded weights (``models--ORG--NAME/blobs/<sha256>``
+    → ``…/snapshots/<commit>``): loaded from there, with no network. "index.json" when unknown."""
+    if not weights or not revision:
+        return "index.json"
+    path = Path(weights)
+    return str(path.parent.parent / "snapshots" / revision if path.parent.name == "blobs" else path.parent)
 
 
 def _recorded_spec(meta: dict):
@@ -160,7 +177,7 @@ def _recorded_spec(meta: dict):
     fields = meta.get("model_spec") or {}
     if fields.get("family", "unicom") != "unicom":  # hub/timm: the recorded commit, exactly
         fields = {**fields, **{k: tuple(fields[k]) for k in ("mean", "std") if k in fields}}
-        return ModelSpec(**{**fields, "source": "index.json"})
+        return ModelSpec(**{**fields, "source": _hub_snapshot(meta.get("weights"), fields.get("revision"))})
     if meta["model"] in available_models():
         spec = get_spec(meta["model"])
         if all(getattr(spec, key, value) == value for key, value in fields.items()):

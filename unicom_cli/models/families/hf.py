@@ -22,7 +22,14 @@ from torch import nn
 
 from unicom_cli.errors import UnicomError, UnsupportedModel, UsageError
 from unicom_cli.models.families.base import Built
-from unicom_cli.models.families.hub_files import HubFiles, fetch, local_files, parse_hub_name, require_hub
+from unicom_cli.models.families.hub_files import (
+    HubFiles,
+    check_folder,
+    fetch,
+    local_files,
+    parse_hub_name,
+    require_hub,
+)
 from unicom_cli.models.registry import EMBEDDING_CLS, ModelSpec
 
 EMBEDDINGS = {  # model_type → what pooler_output is (recorded in every output .json)
@@ -96,8 +103,7 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
     if weights is not None:
         raise UsageError(f"--weights is for UNICOM state dicts; {spec.name} loads its own safetensors "
                          f"(for a finetuned copy pass its save_pretrained folder as --model)")
-    local = Path(spec.repo).is_dir() if spec.repo else False
-    files = local_files(Path(spec.repo)) if local else fetch(spec.repo, spec.revision, cache=cache, mirror=mirror)
+    files = _files_of(spec, cache, mirror)
     if spec.revision and files.commit and files.commit != spec.revision:
         raise UsageError(f"{spec.name}: revision {files.commit} is not the {spec.revision} asked for")
     resolved = spec_from_files(files, spec.name)
@@ -106,6 +112,18 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
     net, sha256, path = _build(files, resolved, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate)
     resolved = dataclasses.replace(resolved, params=sum(p.numel() for p in net.parameters()))
     return Built(HubEncoder(net, resolved), resolved, path, sha256)
+
+
+def _files_of(spec: ModelSpec, cache, mirror) -> HubFiles:
+    """A local folder; the cached snapshot an output recorded (its folder is named by the commit:
+    no network); else the hub at ``spec.revision``."""
+    if spec.repo and Path(spec.repo).is_dir():
+        return local_files(Path(spec.repo))
+    snapshot = Path(spec.source)
+    if spec.revision and snapshot.name == spec.revision and any(snapshot.glob("*.safetensors")):
+        check_folder(snapshot, spec.hub_name)
+        return HubFiles(snapshot, spec.repo, spec.revision)
+    return fetch(spec.repo, spec.revision, cache=cache, mirror=mirror)
 
 
 def _model_class(config):

@@ -49,6 +49,11 @@ def parse_hub_name(key: str) -> tuple[str, str | None]:
     return repo, revision or None
 
 
+def is_commit(revision: str) -> bool:
+    """A full 40-hex commit id (immutable), not a branch or tag."""
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
 def hub_cache(cache: str | Path | None) -> str | None:
     """Where hub files go: <--cache-dir>/huggingface, else huggingface_hub's own cache (HF_HOME…)."""
     return str(Path(cache) / "huggingface") if cache else None
@@ -165,3 +170,14 @@ def local_files(folder: Path) -> HubFiles:
     folder = Path(folder)
     check_folder(folder, str(folder))
     return HubFiles(folder.resolve(), str(folder.resolve()), None)
+
+
+def cached_weights(repo: str, cache: str | Path | None = None) -> Path | None:
+    """model.safetensors of ``repo``'s main revision in the hub cache (None: not cached, or no
+    huggingface_hub). Reads the cache only: instant, no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo, "model.safetensors", cache_dir=hub_cache(cache))
+    return Path(found) if isinstance(found, str) else None
