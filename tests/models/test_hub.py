@@ -199,3 +199,26 @@ def test_registered_mlcd_parameter_counts_match_their_architecture():
         big = T.MLCDVisionModel(T.MLCDVisionConfig(image_size=448))
     assert get_spec("MLCD-ViT-B/32").num_params == sum(p.numel() for p in base.parameters())
     assert get_spec("MLCD-ViT-bigG/14@448px").num_params == sum(p.numel() for p in big.parameters())
+
+
+def test_timm_model_downloads_its_safetensors_and_embeds_pre_logits(hub, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    reference = timm.create_model("test_vit.r160_in1k", num_classes=0).eval()
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, weights)
+    commit = hub.publish("timm/test_vit.r160_in1k", {"model.safetensors": weights.read_bytes(),
+                                                     "config.json": b'{"architecture": "test_vit"}'})
+    loaded = create_model("timm:test_vit.r160_in1k", precision="fp32", mirror=hub.base, cache=tmp_path / "c")
+    assert loaded.spec.revision == commit and loaded.spec.family == "timm"
+    assert (loaded.spec.input_size, loaded.spec.resize_size) == (160, 168)  # crop_pct 0.95
+    pixels = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert _relative(loaded.model(pixels), reference(pixels)) < 1e-5
+
+
+def test_unknown_timm_name_suggests_one():
+    with pytest.raises(UnknownModel, match="did you mean 'timm:test_vit"):
+        create_model("timm:test_vitt.r160_in1k")

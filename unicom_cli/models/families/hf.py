@@ -187,15 +187,17 @@ def _weights_digest(folder: Path) -> tuple[str | None, Path | None]:
 
 
 class HubEncoder(nn.Module):
-    """A transformers vision model as a unicom network: normalised images → fp32 ``pooler_output``."""
+    """A transformers vision model (or a timm model built with ``num_classes=0``) as a unicom
+    network: normalised images → fp32 ``pooler_output`` (timm: its pre-logits features)."""
 
     def __init__(self, net: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.net = net
         self.spec = spec
         self.autocast_dtype: torch.dtype | None = None
+        self._transformers = hasattr(net, "config") and hasattr(net.config, "model_type")
         params = inspect.signature(net.forward).parameters
-        native = getattr(net.config, "image_size", spec.input_size)
+        native = getattr(getattr(net, "config", None), "image_size", spec.input_size)
         native = native[0] if isinstance(native, (list, tuple)) else native
         # CLIP/SigLIP interpolate their position table only when asked; MLCD's rotary and
         # DINOv2 adapt to any input size by themselves.
@@ -205,17 +207,24 @@ class HubEncoder(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks in order (layer-wise learning-rate decay)."""
+        if isinstance(getattr(self.net, "blocks", None), nn.Sequential):  # timm ViTs
+            return self.net.blocks
         lists = [m for m in self.net.modules() if isinstance(m, nn.ModuleList)]
-        depth = getattr(self.net.config, "num_hidden_layers", None)
+        depth = getattr(getattr(self.net, "config", None), "num_hidden_layers", None)
         return next((m for m in lists if len(m) == depth), lists[0] if lists else nn.ModuleList())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=images.device.type, dtype=self.autocast_dtype):
-                out = self.net(pixel_values=images, **self._extra)
+                out = self._pooled(images)
         else:
-            out = self.net(pixel_values=images, **self._extra)
-        pooled = getattr(out, "pooler_output", None)
+            out = self._pooled(images)
+        return out.float()
+
+    def _pooled(self, images: torch.Tensor) -> torch.Tensor:
+        if not self._transformers:
+            return self.net(images)
+        pooled = getattr(self.net(pixel_values=images, **self._extra), "pooler_output", None)
         if pooled is None:
             raise UnicomError(f"{self.spec.name}: the model returned no pooler_output")
-        return pooled.float()
+        return pooled

@@ -66,7 +66,7 @@ def _offline_fix(repo: str, endpoint: str | None) -> str:
 
 
 def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, mirror: str | None = None,
-          weights: bool = True) -> HubFiles:
+          weights: bool = True, config_files: list[str] = CONFIG_FILES) -> HubFiles:
     """The model's configuration (and with ``weights`` its safetensors) at ``revision``, from the
     cache or downloaded. Repository checks run before any weights are transferred."""
     require_hub()
@@ -81,14 +81,14 @@ def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, m
     commit = revision
     if not offline:
         commit = _check_repo(repo, revision, endpoint)
-    patterns = CONFIG_FILES + (WEIGHT_PATTERNS if weights else [])
+    patterns = config_files + (WEIGHT_PATTERNS if weights else [])
     try:
         folder = snapshot_download(repo, revision=commit, cache_dir=cache_dir, endpoint=endpoint,
                                    allow_patterns=patterns, local_files_only=offline)
     except Exception as exc:  # noqa: BLE001 - mapped to one line below
         raise _download_error(exc, repo, revision, endpoint, offline) from exc
     folder = Path(folder)
-    check_folder(folder, repo)
+    check_folder(folder, repo, processor="preprocessor_config.json" in config_files)
     if weights and not any(folder.glob("*.safetensors")):  # offline, cached without the weights
         raise InputError(f"{repo}: the cache holds its configuration but not its weights; "
                          f"{_offline_fix(repo, endpoint)}")
@@ -141,7 +141,7 @@ def _download_error(exc: Exception, repo: str, revision: str | None, endpoint: s
                          f"run again to resume, or {_offline_fix(repo, endpoint)}")
 
 
-def check_folder(folder: Path, name: str) -> dict:
+def check_folder(folder: Path, name: str, processor: bool = True) -> dict:
     """config.json of a model folder, after refusing what cannot be loaded safely; returns it."""
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -158,7 +158,7 @@ def check_folder(folder: Path, name: str) -> dict:
         raise UnsupportedModel(f"{name}: has only pickled weights; unicom loads safetensors only, "
                                f"because unpickling a file can run arbitrary code (re-save it with "
                                f"save_pretrained(safe_serialization=True))")
-    if not (folder / "preprocessor_config.json").is_file():
+    if processor and not (folder / "preprocessor_config.json").is_file():
         raise InputError(f"{name}: no preprocessor_config.json beside config.json: the image "
                          f"preprocessing (size, crop, mean/std) would be a guess; save the model's "
                          f"image processor with it")
