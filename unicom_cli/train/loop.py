@@ -105,12 +105,17 @@ class FinetuneSummary:
 def build_model(cfg: FinetuneConfig, device: torch.device):
     """The network at the training resolution, initialised per SPEC §3; returns (model, spec)."""
     from unicom_cli.models.factory import create_model
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
-    target = get_spec(cfg.arch)
+    target = resolve_spec(cfg.arch, cache=cfg.cache_dir, mirror=cfg.mirror)
+    if target.family == "timm":
+        raise UsageError(f"{target.name}: finetune takes UNICOM and transformers (hf:, MLCD) models")
+    if target.family != "unicom" and (cfg.output_dim or cfg.init_from):
+        raise UsageError(f"--output-dim and --init-from change a UNICOM feature head; {target.name} "
+                         f"trains its own pooled output as it is")
     # An architecture file without weights trains from scratch: a seeded init (announced).
     scratch = not cfg.pretrained or (cfg.weights is None and cfg.init_from is None
-                                     and target.source != "registry")
+                                     and target.family == "unicom" and target.source != "registry")
     loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=not scratch,
                           seed=cfg.seed, device="cpu", drop_path_rate=cfg.drop_path,
                           input_size=cfg.input_size or target.input_size, mirror=cfg.mirror,
@@ -132,9 +137,9 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
 
 
 def _train_spec(cfg: FinetuneConfig):
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
-    spec = get_spec(cfg.init_from or cfg.arch)
+    spec = resolve_spec(cfg.init_from or cfg.arch, cache=cfg.cache_dir, mirror=cfg.mirror)
     return replace(spec, input_size=cfg.input_size) if cfg.input_size else spec
 
 
@@ -456,7 +461,18 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
 
 
 def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
-    """The model as a plain UNICOM state dict (published keys) plus its architecture JSON."""
+    """The model as a plain UNICOM state dict (published keys) plus its architecture JSON; a hub
+    model as a save_pretrained folder (model.pt → model/, best.pt → best/) that --model takes."""
+    if t.spec.family != "unicom":
+        from unicom_cli.models.families.hf import save_pretrained
+
+        folder = path.with_suffix("")
+        if D.is_main():
+            save_pretrained(t.raw_model, folder)
+            if t.cfg.task == "classify":
+                t.pfc.export(_head_path(path), t.spec)
+        D.barrier()
+        return folder, folder / "config.json"
     arch = path.parent / "arch.json"
     if D.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)

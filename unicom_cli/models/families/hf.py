@@ -111,7 +111,29 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
                                    params=None, download_bytes=spec.download_bytes)
     net, sha256, path = _build(files, resolved, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate)
     resolved = dataclasses.replace(resolved, params=sum(p.numel() for p in net.parameters()))
-    return Built(HubEncoder(net, resolved), resolved, path, sha256)
+    encoder = HubEncoder(net, resolved)
+    encoder.processor_folder = files.folder  # its preprocessor_config.json goes with a finetuned copy
+    return Built(encoder, resolved, path, sha256)
+
+
+def save_pretrained(encoder: "HubEncoder", folder: Path) -> None:
+    """A (finetuned) network as a save_pretrained folder with its image processor, which every
+    --model takes; written beside and renamed into place, so ``folder`` is never half-written."""
+    import shutil
+
+    folder = Path(folder)
+    part = folder.with_name(folder.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    encoder.net.save_pretrained(part, safe_serialization=True)
+    shutil.copyfile(Path(encoder.processor_folder) / "preprocessor_config.json", part / "preprocessor_config.json")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        part.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        part.rename(folder)
 
 
 def _files_of(spec: ModelSpec, cache, mirror) -> HubFiles:
@@ -196,6 +218,7 @@ class HubEncoder(nn.Module):
         self.spec = spec
         self.autocast_dtype: torch.dtype | None = None
         self._transformers = hasattr(net, "config") and hasattr(net.config, "model_type")
+        self.processor_folder: Path | None = None
         params = inspect.signature(net.forward).parameters
         native = getattr(getattr(net, "config", None), "image_size", spec.input_size)
         native = native[0] if isinstance(native, (list, tuple)) else native
