@@ -222,3 +222,21 @@ def test_timm_model_downloads_its_safetensors_and_embeds_pre_logits(hub, tmp_pat
 def test_unknown_timm_name_suggests_one():
     with pytest.raises(UnknownModel, match="did you mean 'timm:test_vit"):
         create_model("timm:test_vitt.r160_in1k")
+
+
+@pytest.mark.parametrize("missing", ["transformers", "huggingface_hub"])
+def test_missing_extra_names_it(missing, tiny, monkeypatch, tmp_path, capsys):
+    import sys
+
+    from unicom_cli.cli.app import main
+
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "photos" / "a.png")
+    monkeypatch.setitem(sys.modules, missing, None)  # import fails as if not installed
+    out = tmp_path / "f.npy"
+    code = main(["embed", str(tmp_path / "photos"), "-o", str(out), "--model", str(tiny["mlcd"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and "pip install 'unicom-cli[hub]'" in err[-1]
+    assert missing in err[-1] and not out.exists()
