@@ -146,3 +146,18 @@ def test_unicom_models_lists_mlcd(capsys):
     row = rows["MLCD-ViT-L/14@336px"]
     assert (row["input_size"], row["embedding_size"], row["params"]) == (336, 1024, 303_507_456)
     assert row["cached"] is False and row["url"] == "hf:DeepGlint-AI/mlcd-vit-large-patch14-336"
+
+
+def test_registered_mlcd_name_downloads_lists_and_embeds(hub, tiny, photos, tmp_path, capsys):
+    """MLCD-ViT-B/32 resolves to its hub repository (here the loopback hub holds a tiny stand-in)."""
+    commit = hub.publish("DeepGlint-AI/mlcd-vit-base-patch32-224", tiny["clip"])
+    cache = str(tmp_path / "cache")
+    assert main(["download", "MLCD-ViT-B/32", "--mirror", hub.base, "--cache-dir", cache]) == 0
+    capsys.readouterr()
+    assert main(["models", "--format", "json", "--cache-dir", cache]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["MLCD-ViT-B/32"]["cached"] is True and rows["MLCD-ViT-B/32"]["checksum"] == "hub"
+    out = tmp_path / "feats.npy"
+    assert _embed(photos, out, "MLCD-ViT-B/32", "--mirror", hub.base, "--cache-dir", cache) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model"] == "MLCD-ViT-B/32" and meta["revision"] == commit and meta["input_size"] == 32

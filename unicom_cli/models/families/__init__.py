@@ -34,7 +34,12 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, cache: str | Path | No
         from unicom_cli.models.families import timm
 
         return timm.resolve(key)
-    return get_spec(key)
+    spec = get_spec(key)
+    if spec.family == "hf":  # a registered MLCD name: its own config decides sizes and preprocessing
+        from unicom_cli.models.families import hf
+
+        return hf.resolve_registered(spec, cache=cache, mirror=mirror)
+    return spec
 
 
 def _is_pretrained_folder(key: str) -> bool:

@@ -30,7 +30,7 @@ from unicom_cli.models.families.hub_files import (
     parse_hub_name,
     require_hub,
 )
-from unicom_cli.models.registry import EMBEDDING_CLS, ModelSpec
+from unicom_cli.models.registry import EMBEDDING_CLS, ModelSpec, available_models
 
 EMBEDDINGS = {  # model_type → what pooler_output is (recorded in every output .json)
     "siglip_vision_model": "pooler_output: the attention-pooling head's output (SigLIP has no class token)",
@@ -49,6 +49,12 @@ def resolve(key: str, *, cache: str | Path | None = None, mirror: str | None = N
         return spec_from_files(files, key.split("@")[0])
     require_hub()
     return spec_from_files(local_files(Path(key)), str(Path(key)))
+
+
+def resolve_registered(spec: ModelSpec, *, cache: str | Path | None = None, mirror: str | None = None) -> ModelSpec:
+    """A registered MLCD name → the spec its hub configuration gives (its name kept)."""
+    files = fetch(spec.repo, spec.revision, cache=cache, mirror=mirror, weights=False)
+    return dataclasses.replace(spec_from_files(files, spec.name), download_bytes=spec.download_bytes)
 
 
 def spec_from_files(files: HubFiles, name: str) -> ModelSpec:
@@ -107,7 +113,10 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
     if spec.revision and files.commit and files.commit != spec.revision:
         raise UsageError(f"{spec.name}: revision {files.commit} is not the {spec.revision} asked for")
     resolved = spec_from_files(files, spec.name)
-    resolved = dataclasses.replace(resolved, input_size=spec.input_size,
+    # A registered name lists the published size; the model's own processor config decides it.
+    # Another size asked for (create_model's input_size: the name gains @Npx) is kept.
+    listed = spec.source == "registry" and spec.name in available_models()
+    resolved = dataclasses.replace(resolved, input_size=resolved.input_size if listed else spec.input_size,
                                    params=None, download_bytes=spec.download_bytes)
     net, sha256, path = _build(files, resolved, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate)
     resolved = dataclasses.replace(resolved, params=sum(p.numel() for p in net.parameters()))

@@ -78,16 +78,17 @@ def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, m
                          f"API, as HF_ENDPOINT does)")
     cache_dir = hub_cache(cache)
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    commit = revision
-    if not offline:
-        commit = _check_repo(repo, revision, endpoint)
+    checked = None if offline else _check_repo(repo, revision, endpoint)
     patterns = config_files + (WEIGHT_PATTERNS if weights else [])
-    try:
-        folder = snapshot_download(repo, revision=commit, cache_dir=cache_dir, endpoint=endpoint,
+    try:  # by the name asked for, so that the cache records the branch → commit ref (offline use)
+        folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                                    allow_patterns=patterns, local_files_only=offline)
     except Exception as exc:  # noqa: BLE001 - mapped to one line below
         raise _download_error(exc, repo, revision, endpoint, offline) from exc
     folder = Path(folder)
+    if checked and folder.name != checked:
+        raise DownloadError(f"hf:{repo}: {revision or 'main'} moved from {checked} to {folder.name} during the "
+                            f"download; run again (or pin @{folder.name})")
     check_folder(folder, repo, processor="preprocessor_config.json" in config_files)
     if weights and not any(folder.glob("*.safetensors")):  # offline, cached without the weights
         raise InputError(f"{repo}: the cache holds its configuration but not its weights; "
