@@ -11,7 +11,7 @@ SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "nu
 
 
 def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
-    """``kind``: mlcd, clip, siglip, dinov2 or vitmae (no pooled output); 32 px input."""
+    """``kind``: mlcd, clip, siglip, dinov2, dinov3 or vitmae (no pooled output); 32 px input."""
     import torch
     import transformers as T
 
@@ -29,6 +29,9 @@ def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
         model = T.Dinov2Model(T.Dinov2Config(**{**SMALL, "mlp_ratio": 2}, image_size=32, patch_size=8))
         processor = T.BitImageProcessor(**CLIP_CROP, image_mean=[0.485, 0.456, 0.406],
                                          image_std=[0.229, 0.224, 0.225])
+    elif kind == "dinov3":  # rotary positions, register tokens; squash resize, bilinear
+        model = T.DINOv3ViTModel(T.DINOv3ViTConfig(**SMALL, image_size=32, patch_size=8, num_register_tokens=2))
+        processor = T.DINOv3ViTImageProcessor(size={"height": 32, "width": 32})
     elif kind == "vitmae":
         model = T.ViTMAEModel(T.ViTMAEConfig(**SMALL, image_size=32, patch_size=8))
         processor = T.ViTImageProcessor(size={"height": 32, "width": 32})
@@ -43,4 +46,4 @@ def save_tiny(kind: str, folder: Path, seed: int = 0) -> Path:
 def tiny_hub_models(tmp_path_factory) -> dict[str, Path]:
     """Every family's tiny model folder, made once per session."""
     root = tmp_path_factory.mktemp("hub_models")
-    return {kind: save_tiny(kind, root / kind) for kind in ("mlcd", "clip", "siglip", "dinov2", "vitmae")}
+    return {kind: save_tiny(kind, root / kind) for kind in ("mlcd", "clip", "siglip", "dinov2", "dinov3", "vitmae")}

@@ -43,7 +43,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("kind", ["mlcd", "clip", "siglip", "dinov2"])
+@pytest.mark.parametrize("kind", ["mlcd", "clip", "siglip", "dinov2", "dinov3"])
 def test_embedding_equals_transformers_pooled_output(kind, tiny):
     loaded = create_model(str(tiny[kind]), precision="fp32")
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -76,7 +76,7 @@ def _photos():
     return images
 
 
-@pytest.mark.parametrize("kind", ["mlcd", "siglip", "dinov2"])
+@pytest.mark.parametrize("kind", ["mlcd", "siglip", "dinov2", "dinov3"])
 def test_fast_decode_route_matches_auto_image_processor(kind, tiny):
     """embed's route (uint8 resize + crop, normalised on the device) against AutoImageProcessor
     on real photos: within 1/255 per pixel before normalisation, embeddings cosine >= 0.9999."""

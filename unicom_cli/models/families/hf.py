@@ -7,8 +7,8 @@ The embedding is the model's ``pooler_output``, per family:
 
 * MLCD and CLIP vision: the class token after the final LayerNorm (``post_layernorm``), no
   projection (SPEC 5: MLCD's published encoders drop the projection);
-* SigLIP / SigLIP 2 vision: the attention-pooling head's output (the image embedding those
-  models are trained with; they have no class token);
+* SigLIP / SigLIP 2 vision (fixed-resolution checkpoints; NaFlex ones are refused): the
+  attention-pooling head's output (the image embedding they are trained with; no class token);
 * DINOv2 / DINOv3: the class token after the final LayerNorm (what their linear probes use).
 """
 
@@ -34,7 +34,6 @@ from unicom_cli.models.registry import EMBEDDING_CLS, ModelSpec, available_model
 
 EMBEDDINGS = {  # model_type → what pooler_output is (recorded in every output .json)
     "siglip_vision_model": "pooler_output: the attention-pooling head's output (SigLIP has no class token)",
-    "siglip2_vision_model": "pooler_output: the attention-pooling head's output (SigLIP 2 has no class token)",
     "dinov2": "pooler_output: the class token after the final LayerNorm",
     "dinov3_vit": "pooler_output: the class token after the final LayerNorm",
 }
@@ -68,6 +67,10 @@ def spec_from_files(files: HubFiles, name: str) -> ModelSpec:
         raise UnsupportedModel(f"{name}: transformers cannot build it without remote code "
                                f"({str(exc).splitlines()[0][:160]})") from exc
     vision = getattr(config, "vision_config", None) or config
+    if vision.model_type == "siglip2_vision_model":
+        raise UnsupportedModel(f"{name}: a SigLIP 2 NaFlex model takes variable-size patch sequences, not "
+                               f"square crops; use a fixed-resolution SigLIP 2 checkpoint (e.g. "
+                               f"hf:google/siglip2-base-patch16-224, loaded as SigLIP)")
     width = getattr(vision, "hidden_size", None) or (getattr(vision, "hidden_sizes", None) or [0])[-1]
     patch = getattr(vision, "patch_size", 0)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
