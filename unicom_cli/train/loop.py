@@ -21,6 +21,7 @@ from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
+from unicom_cli.train import hub_backbone
 from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
 from unicom_cli.train.partial_fc import PartialFC
 from unicom_cli.utils.console import info, progress_bar
@@ -108,11 +109,7 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     from unicom_cli.models.families import resolve_spec
 
     target = resolve_spec(cfg.arch, cache=cfg.cache_dir, mirror=cfg.mirror)
-    if target.family == "timm":
-        raise UsageError(f"{target.name}: finetune takes UNICOM and transformers (hf:, MLCD) models")
-    if target.family != "unicom" and (cfg.output_dim or cfg.init_from):
-        raise UsageError(f"--output-dim and --init-from change a UNICOM feature head; {target.name} "
-                         f"trains its own pooled output as it is")
+    hub_backbone.check(target, cfg.output_dim, cfg.init_from)
     # An architecture file without weights trains from scratch: a seeded init (announced).
     scratch = not cfg.pretrained or (cfg.weights is None and cfg.init_from is None
                                      and target.family == "unicom" and target.source != "registry")
@@ -464,15 +461,8 @@ def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
     """The model as a plain UNICOM state dict (published keys) plus its architecture JSON; a hub
     model as a save_pretrained folder (model.pt → model/, best.pt → best/) that --model takes."""
     if t.spec.family != "unicom":
-        from unicom_cli.models.families.hf import save_pretrained
-
-        folder = path.with_suffix("")
-        if D.is_main():
-            save_pretrained(t.raw_model, folder)
-            if t.cfg.task == "classify":
-                t.pfc.export(_head_path(path), t.spec)
-        D.barrier()
-        return folder, folder / "config.json"
+        return hub_backbone.export(t.raw_model, t.spec, path, t.pfc if t.cfg.task == "classify" else None,
+                                   _head_path(path))
     arch = path.parent / "arch.json"
     if D.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
