@@ -240,3 +240,26 @@ def test_missing_extra_names_it(missing, tiny, monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: ") and "pip install 'unicom-cli[hub]'" in err[-1]
     assert missing in err[-1] and not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped header", "no weights", "wrong shapes"])
+def test_damaged_local_folder_is_one_line(damage, tiny, tmp_path):
+    import shutil
+
+    from unicom_cli.errors import InputError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny["mlcd"], folder)
+    weights = folder / "model.safetensors"
+    body = weights.read_bytes()
+    if damage == "truncated":
+        weights.write_bytes(body[: len(body) // 2])
+    elif damage == "bit-flipped header":
+        weights.write_bytes(body[:10] + bytes([body[10] ^ 0xFF]) + body[11:])
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        shutil.copyfile(tiny["clip"] / "model.safetensors", weights)
+    with pytest.raises((InputError, UnsupportedModel), match=str(folder)) as error:
+        create_model(str(folder))
+    assert "\n" not in str(error.value) and error.value.exit_code == 2

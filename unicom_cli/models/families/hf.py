@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from unicom_cli.errors import UnicomError, UnsupportedModel, UsageError
+from unicom_cli.errors import InputError, UnicomError, UnsupportedModel, UsageError
 from unicom_cli.models.families.base import Built
 from unicom_cli.models.families.hub_files import (
     HubFiles,
@@ -102,8 +102,7 @@ def _preprocessing(processor, name: str) -> dict:
         if crop_side and crop_side != size.height:
             raise UnsupportedModel(f"{name}: resizes to {size.height}px then crops {crop_side}px; unsupported")
         return {"input_size": int(size.height), "squash": True, **common}
-    raise UnsupportedModel(f"{name}: image processor size {dict(size.__dict__ if hasattr(size, '__dict__') else size)} "
-                           f"is neither a shorter side nor a square")
+    raise UnsupportedModel(f"{name}: image processor size {size} is neither a shorter side nor a square")
 
 
 def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool = True, seed: int = 0,
@@ -190,8 +189,16 @@ def _build(files: HubFiles, spec: ModelSpec, *, pretrained: bool, seed: int, dro
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return cls(vision).float().eval(), None, None
-    net, loading = cls.from_pretrained(files.folder, config=vision, use_safetensors=True, trust_remote_code=False,
-                                       dtype=torch.float32, output_loading_info=True)
+    if not any(files.folder.glob("*.safetensors")):
+        raise InputError(f"{files.folder}: no safetensors weights beside config.json; add them, or pass "
+                         f"--random-init for a randomly initialised network")
+    try:
+        net, loading = cls.from_pretrained(files.folder, config=vision, use_safetensors=True,
+                                           trust_remote_code=False, dtype=torch.float32, output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt files, shapes that do not fit the config
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{files.folder}: its weights do not load into {cls.__name__} ({first}); "
+                         f"download the model again (a hub snapshot: delete it from the cache)") from exc
     missing = [k for k in loading.get("missing_keys", []) if not k.endswith("position_ids")]
     if missing:
         what = "pooled output" if "pool" in missing[0] else "network"
