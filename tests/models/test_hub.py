@@ -58,7 +58,7 @@ def test_embedding_equals_transformers_pooled_output(kind, tiny):
 def test_mlcd_rotary_at_two_resolutions(size, tiny):
     """MLCD computes its 2-D rotary table from the input's height and width."""
     loaded = create_model(str(tiny["mlcd"]), precision="fp32", input_size=size)
-    assert loaded.spec.input_size == size
+    assert loaded.spec.input_size == size and loaded.spec.resize_size == round(40 * size / 32)  # 40 → 32 crop
     pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = loaded.model(pixels)

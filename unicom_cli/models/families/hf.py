@@ -118,8 +118,11 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
     # A registered name lists the published size; the model's own processor config decides it.
     # Another size asked for (create_model's input_size: the name gains @Npx) is kept.
     listed = spec.source == "registry" and spec.name in available_models()
-    resolved = dataclasses.replace(resolved, input_size=resolved.input_size if listed else spec.input_size,
-                                   params=None, download_bytes=spec.download_bytes)
+    if not listed and spec.input_size != resolved.input_size:  # the shorter-side resize scales with it
+        scale = spec.input_size / resolved.input_size
+        resolved = dataclasses.replace(resolved, input_size=spec.input_size, resize_size=resolved.resize_size
+                                       and round(resolved.resize_size * scale))
+    resolved = dataclasses.replace(resolved, params=None, download_bytes=spec.download_bytes)
     net, sha256, path = _build(files, resolved, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate)
     resolved = dataclasses.replace(resolved, params=sum(p.numel() for p in net.parameters()))
     encoder = HubEncoder(net, resolved)
