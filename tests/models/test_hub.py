@@ -4,6 +4,7 @@ embedding against transformers' own forward, preprocessing against AutoImageProc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,16 +77,22 @@ def _photos():
     return images
 
 
-@pytest.mark.parametrize("kind", ["mlcd", "siglip", "dinov2", "dinov3"])
-def test_fast_decode_route_matches_auto_image_processor(kind, tiny):
+@pytest.mark.parametrize("kind", ["mlcd", "siglip", "dinov2", "dinov3", "mlcd@224"])
+def test_fast_decode_route_matches_auto_image_processor(kind, tiny, tmp_path):
     """embed's route (uint8 resize + crop, normalised on the device) against AutoImageProcessor
-    on real photos: within 1/255 per pixel before normalisation, embeddings cosine >= 0.9999."""
-    from transformers import AutoImageProcessor
+    on real photos: within 1/255 per pixel before normalisation, embeddings cosine >= 0.9999.
+    mlcd@224: MLCD's published preprocessing (CLIPImageProcessor, 224 px) on the tiny network."""
+    import shutil
+
+    from transformers import AutoImageProcessor, CLIPImageProcessor
 
     from unicom_cli.data.images import resize_center_crop
     from unicom_cli.models.forward import PixelForward
 
-    folder = tiny[kind]
+    folder = tiny[kind.split("@")[0]]
+    if kind == "mlcd@224":
+        folder = Path(shutil.copytree(folder, tmp_path / "mlcd224"))
+        CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
     loaded = create_model(str(folder), precision="fp32")
     processor = AutoImageProcessor.from_pretrained(folder)
     photos = _photos()
