@@ -96,3 +96,28 @@ def test_embed_two_processes_equal_one_and_resume_fingerprint_has_the_model(mlcd
     assert np.array_equal(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
     meta = json.loads((tmp_path / "two.json").read_text())
     assert meta["world_size"] == 2 and meta["model_spec"]["family"] == "hf"
+
+
+@pytest.mark.slow
+def test_embed_killed_then_resumed_is_bitwise_identical(mlcd, digits_knn, tmp_path):  # noqa: F811
+    """kill -9 after a checkpoint (the hook lives in the test), rerun: the same bytes as a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.pipelines.test_embed import KILL_AFTER_ROWS
+
+    folder = digits_knn["val"][0]
+    args = ["--model", mlcd, "--precision", "fp32", "-j", "0", "--batch-size", "16"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "clean.npy"), *args]) == 0
+    killed = tmp_path / "killed.npy"
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_ROWS, "embed", str(folder), "-o", str(killed), *args],
+                          env={**os.environ, "KILL_AFTER_ROWS": "64", "UNICOM_TEST_CHECKPOINT_S": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.loads((tmp_path / "killed.npy.partial" / "part-00000.state.json").read_text())
+    assert 64 <= state["rows_done"] < 200
+    assert main(["embed", str(folder), "-o", str(killed), *args]) == 0
+    for suffix in (".npy", ".ids.txt", ".failures.txt"):
+        assert (tmp_path / f"killed{suffix}").read_bytes() == (tmp_path / f"clean{suffix}").read_bytes(), suffix
