@@ -161,3 +161,18 @@ def test_registered_mlcd_name_downloads_lists_and_embeds(hub, tiny, photos, tmp_
     assert _embed(photos, out, "MLCD-ViT-B/32", "--mirror", hub.base, "--cache-dir", cache) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["model"] == "MLCD-ViT-B/32" and meta["revision"] == commit and meta["input_size"] == 32
+
+
+def test_index_of_a_folder_does_not_reuse_another_revisions_embeddings(hub, tiny, photos, tmp_path, capsys):
+    first = hub.publish("acme/tiny-mlcd", tiny["mlcd"])
+    second = hub.publish("acme/tiny-mlcd", {**_files(tiny["mlcd"]), "README.md": b"v2"})
+    index = tmp_path / "photos.index"
+    common = ["--mirror", hub.base, "--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "-j", "0"]
+    assert main(["index", str(photos), "-o", str(index), "--model", f"hf:acme/tiny-mlcd@{first}", *common]) == 0
+    assert json.loads((index / "index.json").read_text())["revision"] == first
+    capsys.readouterr()
+    code = main(["index", str(photos), "-o", str(index), "--model", f"hf:acme/tiny-mlcd@{second}", *common])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(["index", str(photos), "-o", str(index), "--model", f"hf:acme/tiny-mlcd@{second}", *common,
+                 "--overwrite"]) == 0
+    assert json.loads((index / "index.json").read_text())["revision"] == second
