@@ -74,9 +74,11 @@ def spec_from_files(files: HubFiles, name: str) -> ModelSpec:
     width = getattr(vision, "hidden_size", None) or (getattr(vision, "hidden_sizes", None) or [0])[-1]
     patch = getattr(vision, "patch_size", 0)
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    heads = int(getattr(vision, "num_attention_heads", 0) or 1)  # informational; ≥ 1 for the JSON record
     return ModelSpec(
-        name=name, patch_size=int(patch or 1), width=int(width), depth=int(getattr(vision, "num_hidden_layers", 0)),
-        heads=int(getattr(vision, "num_attention_heads", 0)), embedding_size=int(width),
+        name=name, patch_size=int(patch or 1), width=int(width),
+        depth=max(1, int(getattr(vision, "num_hidden_layers", 0) or 0)),
+        heads=heads if width % heads == 0 else 1, embedding_size=int(width),
         family="hf", repo=files.repo, revision=files.commit, source=str(files.folder),
         embedding=EMBEDDINGS.get(vision.model_type, EMBEDDING_CLS), **_preprocessing(processor, name))
 

@@ -49,7 +49,7 @@ def resolve(key: str) -> ModelSpec:
     squash = cfg.crop_mode == "squash"
     return ModelSpec(
         name=key, input_size=size, patch_size=int(getattr(getattr(net, "patch_embed", None), "patch_size", (1,))[0]),
-        width=int(net.num_features), depth=len(getattr(net, "blocks", [])), heads=0,
+        width=int(net.num_features), depth=max(1, len(getattr(net, "blocks", []))), heads=1,  # informational
         embedding_size=int(net.num_features), family="timm", repo=name,
         params=sum(p.numel() for p in net.parameters()), source=cfg.hf_hub_id,
         resize_size=None if squash else math.floor(size / (cfg.crop_pct or 1.0)), squash=squash,
