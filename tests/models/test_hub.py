@@ -117,10 +117,11 @@ def test_download_records_commit_and_reloads_offline(hub, tiny, tmp_path, monkey
 
     assert loaded.sha256 == hashlib.sha256(body).hexdigest()
     assert (tmp_path / "huggingface").is_dir()  # --cache-dir holds the hub cache
-    # Offline, pinned to the commit: from the cache alone, no request.
+    # Pinned to the commit (immutable) and cached: no request, online or offline; offline by branch too.
     before = len(hub.requests)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     again = create_model(f"hf:acme/tiny-mlcd@{commit}", precision="fp32", mirror=hub.base, cache=tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    create_model("hf:acme/tiny-mlcd", precision="fp32", mirror=hub.base, cache=tmp_path)
     assert len(hub.requests) == before
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -78,8 +78,10 @@ def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, m
                          f"API, as HF_ENDPOINT does)")
     cache_dir = hub_cache(cache)
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    checked = None if offline else _check_repo(repo, revision, endpoint)
     patterns = config_files + (WEIGHT_PATTERNS if weights else [])
+    if not offline and revision and is_commit(revision):  # immutable: a cached copy needs no network
+        offline = _cached(repo, revision, cache_dir, patterns, weights)
+    checked = None if offline else _check_repo(repo, revision, endpoint)
     try:  # by the name asked for, so that the cache records the branch → commit ref (offline use)
         folder = snapshot_download(repo, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                                    allow_patterns=patterns, local_files_only=offline)
@@ -94,6 +96,18 @@ def fetch(repo: str, revision: str | None, *, cache: str | Path | None = None, m
         raise InputError(f"{repo}: the cache holds its configuration but not its weights; "
                          f"{_offline_fix(repo, endpoint)}")
     return HubFiles(folder, repo, folder.name)
+
+
+def _cached(repo: str, commit: str, cache_dir: str | None, patterns: list[str], weights: bool) -> bool:
+    """Whether the cache holds this commit's files (with weights when asked for)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, revision=commit, cache_dir=cache_dir, allow_patterns=patterns,
+                                        local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError and kin)
+        return False
+    return (folder / "config.json").is_file() and (not weights or any(folder.glob("*.safetensors")))
 
 
 def _check_repo(repo: str, revision: str | None, endpoint: str | None) -> str | None:
