@@ -121,3 +121,15 @@ def test_embed_killed_then_resumed_is_bitwise_identical(mlcd, digits_knn, tmp_pa
     assert main(["embed", str(folder), "-o", str(killed), *args]) == 0
     for suffix in (".npy", ".ids.txt", ".failures.txt"):
         assert (tmp_path / f"killed{suffix}").read_bytes() == (tmp_path / f"clean{suffix}").read_bytes(), suffix
+
+
+def test_eval_retrieval_model_route_equals_its_embed_features(mlcd, digits_knn, tmp_path, capsys):  # noqa: F811
+    """eval-retrieval extracting with the MLCD model == eval-retrieval over `unicom embed`'s rows."""
+    folder = digits_knn["val"][0]
+    model = ["-m", mlcd, "--workers", "0", "--device", "cpu", "--precision", "fp32"]
+    assert main(["embed", str(folder), "-o", str(tmp_path / "f.npy"), *model]) == 0
+    capsys.readouterr()
+    a = _run("eval-retrieval", ["--dataset", f"folder:{folder}", *model], tmp_path, capsys, "a.json")
+    b = _run("eval-retrieval", ["--dataset", f"folder:{folder}", "--embeddings", str(tmp_path / "f.npy")],
+             tmp_path, capsys, "b.json")
+    assert a["model"] == mlcd and a["metrics"] == pytest.approx(b["metrics"], abs=1e-9)
