@@ -138,8 +138,8 @@ _register(ModelSpec(
     gdrive_id="1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
 
 # MLCD (SPEC 5): transformers vision towers on the Hugging Face hub, loaded by models/families/hf.py.
-# Parameters counted on the meta device from the published configurations; download sizes are
-# those of the published model.safetensors (fp32 for base/large, bf16 for bigG), approximately.
+# Parameters counted on the meta device from the published architectures (SPEC 5; the test
+# rebuilds them). Download sizes are estimates, shown until the file is cached (then its size).
 _MLCD = "DeepGlint-AI/mlcd-vit-"
 for _name, _repo, _size, _patch, _width, _depth, _heads, _params, _bytes in (
         ("MLCD-ViT-B/32", "base-patch32-224", 224, 32, 768, 12, 12, 87_456_000, 351_000_000),
