@@ -271,3 +271,23 @@ def test_damaged_local_folder_is_one_line(damage, tiny, tmp_path):
     with pytest.raises((InputError, UnsupportedModel), match=str(folder)) as error:
         create_model(str(folder))
     assert "\n" not in str(error.value) and error.value.exit_code == 2
+
+
+def test_two_tower_clip_repository_gives_its_vision_tower(tmp_path):
+    """A full CLIPModel folder (text + vision): the vision tower's pooled output, no projection."""
+    import transformers as T
+
+    torch.manual_seed(5)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = T.CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8},
+                          projection_dim=16)
+    full = T.CLIPModel(config).eval()
+    full.save_pretrained(tmp_path / "clip")
+    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+    loaded = create_model(str(tmp_path / "clip"), precision="fp32")
+    assert loaded.spec.embedding_size == 32  # the tower's width, not the 16-d projection
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = full.vision_model(pixel_values=pixels).pooler_output
+        assert _relative(loaded.model(pixels), reference) < 1e-5
