@@ -106,6 +106,12 @@ def test_search_refuses_another_revision_naming_both(hub, tiny, photos, tmp_path
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1
     assert first in err and second in err
+    # A local save_pretrained copy of the same weights is accepted (its SHA-256 is checked) …
+    assert main(["search", str(index), str(photos / "coffee.jpg"), "-k", "2", "--weights", str(tiny["mlcd"])]) == 0
+    capsys.readouterr()
+    # … other weights are not.
+    assert main(["search", str(index), str(photos / "coffee.jpg"), "-k", "2", "--weights", str(tiny["clip"])]) != 0
+    assert "differs from" in capsys.readouterr().err
 
 
 def _files(folder):
