@@ -101,15 +101,16 @@ def create_model(
     """Build the network, load weights and return it in eval mode with its eval transform.
 
     Args:
-        name_or_path: a registered model name, a JSON architecture file or a ModelSpec
-            (e.g. the one an index recorded).
-        weights: a state-dict file; None downloads the published weights of a registered model
-            (on first use). A JSON-described model needs ``weights`` or ``pretrained=False``.
+        name_or_path: a registered model name (UNICOM or MLCD), ``hf:ORG/NAME[@REV]``,
+            ``timm:NAME``, a save_pretrained folder, a JSON architecture file or a ModelSpec
+            (e.g. the one an index recorded); see ``models.families``.
+        weights: a UNICOM state-dict file; None downloads the published weights of a registered
+            model (on first use). A JSON-described model needs ``weights`` or ``pretrained=False``.
         pretrained: False never loads weights: a random init drawn from ``seed`` (announced).
         seed: seed of the random init (the same seed gives the same network in every process).
         input_size: run at another resolution; pos_embed and the head are resampled.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; in a process group ``auto``/``cuda``
-            mean this rank's GPU. Resolved after the weights (torch is imported only then).
+            mean this rank's GPU; resolved before any download.
         precision: ``fp32``/``fp16``/``bf16`` autocast for the blocks; ``auto``/None picks per
             device and CPU (``resolve_inference_precision``).
         mirror: where to download published weights from (see ``models.download.source_url``).
