@@ -133,3 +133,4 @@ def test_eval_retrieval_model_route_equals_its_embed_features(mlcd, digits_knn, 
     b = _run("eval-retrieval", ["--dataset", f"folder:{folder}", "--embeddings", str(tmp_path / "f.npy")],
              tmp_path, capsys, "b.json")
     assert a["model"] == mlcd and a["metrics"] == pytest.approx(b["metrics"], abs=1e-9)
+    assert a["embedding"].startswith("pooler_output") and "revision" in a  # None: a local folder
