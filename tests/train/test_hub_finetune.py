@@ -82,6 +82,8 @@ def test_finetune_two_epochs_on_digits_then_embed_the_folder(tiny, digits_small,
     assert f"use: unicom embed --model {out / 'model'}" in printed
     evals = [json.loads(line)["eval"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval" in line]
     assert len(evals) == 2 and 0 <= evals[-1]["recall@1"] <= 100
+    recorded = json.loads((out / "config.json").read_text())["model_spec"]
+    assert recorded["family"] == "hf" and recorded["embedding"].startswith("pooler_output")
     before = create_model(str(tiny["mlcd"]), precision="fp32")
     after = create_model(str(out / "model"), precision="fp32")
     assert after.spec.family == "hf" and after.spec.geometry == before.spec.geometry

@@ -314,7 +314,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (the step l
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
-        (cfg.output / "config.json").write_text(json.dumps(jsonable(cfg), indent=2))
+        # model_spec: the network trained (a hub model's source commit and embedding definition)
+        (cfg.output / "config.json").write_text(json.dumps({**jsonable(cfg), "model_spec": spec.to_json()}, indent=2))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     global_batch = cfg.batch_size * D.world_size() * cfg.grad_accum
     info(f"finetune {spec.name} on {cfg.dataset}: {loader.num_classes} classes, {total_steps} steps "
