@@ -34,10 +34,12 @@ def __getattr__(name: str):
 def load(name_or_path: str | Path, device: str = "cpu", weights: str | Path | None = None,
          precision: str | None = None, *, random_init: bool = False,
          seed: int = 0) -> tuple["UnicomViT", Callable]:
-    """Load a UNICOM model by name (downloading its weights on first use) or JSON file.
+    """Load a model by name (downloading its weights on first use) or JSON file: a UNICOM or MLCD
+    name, ``hf:ORG/NAME[@REVISION]``, ``timm:NAME`` or a save_pretrained folder.
 
-    Returns ``(model, transform)``: the model in eval mode on ``device`` and the CLIP eval
-    transform for PIL images. ``precision`` None keeps the original's behaviour (fp16 autocast
+    Returns ``(model, transform)``: the model in eval mode on ``device`` (images → embeddings)
+    and its eval transform for PIL images (the CLIP one, or the model's own preprocessing).
+    ``precision`` None keeps the original's behaviour (fp16 autocast
     on CUDA, exact fp32 on CPU); ``"auto"`` is what the commands use (bf16 on CPUs with native
     bf16), or ``"fp32"``, ``"fp16"``, ``"bf16"``. A JSON architecture needs ``weights``, or
     ``random_init=True`` for a network drawn from ``seed`` on purpose.

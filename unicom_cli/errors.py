@@ -89,3 +89,7 @@ class ExportFailed(UnicomError):
 class BrokenInstall(UnicomError):
     """The Python environment itself cannot run unicom (torch and torchvision that do not
     belong together); the fix is a reinstall, named in the message."""
+
+
+class UnsupportedModel(UsageError):
+    """A hub model this toolkit refuses to run: pickled weights only, remote code, no pooled output."""

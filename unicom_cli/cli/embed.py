@@ -29,6 +29,8 @@ EXAMPLES = [
     "unicom embed photos/ -o feats/photos.npy",
     "unicom embed list.txt -o feats.npy --model ViT-L/14 --num-feat 256 --dtype float16",
     "unicom embed photos/ -o feats.npy --procs 2",
+    "unicom embed photos/ -o mlcd.npy --model MLCD-ViT-L/14@336px",
+    "unicom embed photos/ -o dino.npy --model hf:facebook/dinov2-base   # or timm:NAME, or a save_pretrained folder",
 ]
 
 SHOWN_FAILURES = 10

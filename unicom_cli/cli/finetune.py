@@ -124,9 +124,10 @@ def finetune(
         f"({summary.images_per_s:.1f} images/s), last loss {summary.final_loss:.4f}"
         + (f", best {best['metric']} {best[best['metric']]:.2f} %" if best else ""),
         f"wrote {summary.model_path}",
-        f"wrote {summary.arch_path}",
+        *([] if summary.model_path.is_dir() else [f"wrote {summary.arch_path}"]),  # a hub model: one folder
         f"wrote {summary.output / 'metrics.jsonl'}",
         *([f"wrote {summary.head_path}"] if summary.head_path else []),
-        f"use: unicom embed --model {summary.arch_path} --weights {summary.model_path}"
+        (f"use: unicom embed --model {summary.model_path}" if summary.model_path.is_dir() else
+         f"use: unicom embed --model {summary.arch_path} --weights {summary.model_path}")
         + (f" --head {summary.head_path}" if summary.head_path else "") + " …",
     ])

@@ -25,12 +25,14 @@ def _human(n: float, units: tuple[str, ...], step: int = 1000) -> str:
     return str(n)
 
 
-def _row(name: str, root) -> dict:
+def _row(name: str, root, hub_cache_dir=None) -> dict:
     """One model as the JSON object `unicom models --json` prints (no hashing: stays instant)."""
     from unicom_cli.models.registry import get_spec
     from unicom_cli.models.weights import trusted_digest
 
     spec = get_spec(name)
+    if spec.family != "unicom":
+        return _hub_row(spec, hub_cache_dir)
     path = root / spec.filename
     part = path.with_name(path.name + ".part")
     cached = path.is_file()
@@ -55,12 +57,31 @@ def _row(name: str, root) -> dict:
     }
 
 
+def _hub_row(spec, cache) -> dict:
+    """An MLCD row: its hub repository and whether huggingface_hub's cache holds its weights."""
+    from unicom_cli.models.families.hub_files import cached_weights
+
+    path = cached_weights(spec.repo, cache)
+    return {
+        "name": spec.name, "input_size": spec.input_size, "patch_size": spec.patch_size,
+        "embedding_size": spec.embedding_size, "params": spec.num_params,
+        "file_size": path.stat().st_size if path else spec.fp16_file_size,
+        "sha256": path.resolve().name if path else None, "checksum": "hub",
+        "cached": path is not None, "corrupt": False, "partial_bytes": 0,
+        "path": str(path) if path else None, "url": f"hf:{spec.repo}", "gdrive_id": None,
+    }
+
+
 def models(
     output_format: Annotated[Literal["table", "json"], typer.Option("--format", help="A table, or a JSON list on stdout.")] = "table",
     as_json: Annotated[Optional[bool], alias("--json")] = None,
     cache_dir: CacheDirOpt = None,
 ) -> None:
-    """List the published UNICOM models: size, embedding, cache and checksum state.
+    """List the published UNICOM and MLCD models: size, embedding, cache and checksum state.
+
+    MLCD rows live in huggingface_hub's cache (<--cache-dir>/huggingface when given; checksum
+    hub = the hub's LFS SHA-256, which names the cached model.safetensors); any other transformers or timm model is named hf:ORG/NAME[@REV] or
+    timm:NAME in every command, or a save_pretrained folder.
 
     checksum: verified = cached and matched the published SHA-256; published = a SHA-256 is
     published (not yet verified here); pinned = the cached file matched a --sha256 pin instead;
@@ -72,7 +93,7 @@ def models(
     from unicom_cli.models.weights import cache_dir as resolve_cache
 
     root = resolve_cache(cache_dir)
-    rows = [_row(name, root) for name in available_models()]
+    rows = [_row(name, root, cache_dir) for name in available_models()]
     if as_json or output_format == "json":
         typer.echo(json.dumps(rows, indent=2))
         return

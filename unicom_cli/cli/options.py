@@ -26,14 +26,15 @@ def _check_device(value: Optional[str]) -> Optional[str]:
     raise typer.BadParameter(f"{value!r}: choose auto, cpu, cuda or cuda:N")
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `unicom models`) or a JSON architecture file (needs --weights or --random-init).")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `unicom models`: UNICOM, MLCD), hf:ORG/NAME[@REV], timm:NAME, a save_pretrained folder, or a JSON architecture file (needs --weights or --random-init).")]
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="State dict (.pt/.safetensors) to load instead of the published weights.")]
 RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Use a randomly initialised network (seeded by --seed) instead of trained weights: tests and baselines only.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of --random-init.")]
 MirrorOpt = Annotated[Optional[str], typer.Option(
     "--mirror", envvar="UNICOM_MIRROR", show_envvar=True,
     help="Download published weights from this URL or folder instead of the GitHub releases "
-         "(it holds <tag>/<file>; Drive-only models at gldv2/<file>).")]
+         "(it holds <tag>/<file>; Drive-only models at gldv2/<file>); for MLCD and hf: models, a "
+         "Hugging Face hub mirror URL (as HF_ENDPOINT).")]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N]", callback=_check_device, help="Where the network runs.")]
 # finetune's mixed precision; inference (embed, eval-*) has an `auto` choice as well.
 PrecisionOpt = Annotated[Optional[Precision], typer.Option("--precision", help="Autocast precision (default: fp16 on CUDA, fp32 on CPU).", show_default=False)]

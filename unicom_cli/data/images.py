@@ -413,28 +413,36 @@ def _trim_long_side(pixels: np.ndarray, size: int) -> np.ndarray:
     return pixels[start:start + keep] if height > width else pixels[:, start:start + keep]
 
 
-def resize_center_crop(pixels: np.ndarray, size: int) -> "torch.Tensor":
-    """Shorter side to ``size`` (bicubic), center crop to size x size: uint8 (3, size, size).
+def resize_center_crop(pixels: np.ndarray, size: int, *, resize: int | None = None, squash: bool = False,
+                       interpolation: str = "bicubic", floor_crop: bool = False) -> "torch.Tensor":
+    """Shorter side to ``resize`` (default ``size``), center crop to size x size: uint8 (3, size, size).
 
     The same geometry as the CLIP eval transform (torchvision Resize + CenterCrop on PIL
-    images). torch's antialiased uint8 bicubic reproduces Pillow's filter (within 1/255 on a
-    few pixels) about ten times faster; normalisation happens later on the device.
+    images) and as transformers' image processors (``shortest_edge`` + ``crop_size``; with
+    ``squash`` both sides go to ``size`` and nothing is cropped, as SigLIP's; their crop offset
+    is floored, ``floor_crop``, where torchvision rounds). torch's
+    antialiased uint8 bicubic reproduces Pillow's filter (within 1/255 on a few pixels) about
+    ten times faster; normalisation happens later on the device.
     """
     import torch
 
-    pixels = _trim_long_side(pixels, size)
+    resize = resize or size
+    pixels = pixels if squash else _trim_long_side(pixels, resize)
     height, width = pixels.shape[:2]
-    if width <= height:
-        new_w, new_h = size, int(size * height / width)
+    if squash:
+        new_w, new_h = size, size
+    elif width <= height:
+        new_w, new_h = resize, int(resize * height / width)
     else:
-        new_w, new_h = int(size * width / height), size
+        new_w, new_h = int(resize * width / height), resize
     if not pixels.flags.writeable:  # np.asarray of a PIL image is read-only; torch wants writable
         pixels = pixels.copy()
     image = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     if (new_h, new_w) != (height, width):
-        image = torch.nn.functional.interpolate(image, size=(new_h, new_w), mode="bicubic",
+        image = torch.nn.functional.interpolate(image, size=(new_h, new_w), mode=interpolation,
                                                 antialias=True, align_corners=False)
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    offset = (lambda excess: excess // 2) if floor_crop else (lambda excess: int(round(excess / 2.0)))
+    top, left = offset(new_h - size), offset(new_w - size)
     return image[0, :, top:top + size, left:left + size].contiguous()
 
 
@@ -446,10 +454,12 @@ class ImageDataset:
     """
 
     def __init__(self, images: ImageList, positions: Sequence[int], size: int, *,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False) -> None:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, draft: bool = False,
+                 geometry: dict | None = None) -> None:
         self.images = images
         self.positions = positions
         self.size = size
+        self.geometry = geometry or {}  # resize/squash/interpolation of resize_center_crop
         self.max_pixels = max_pixels
         self.draft_size = size * DRAFT_MARGIN if draft else None
 
@@ -463,7 +473,7 @@ class ImageDataset:
         try:
             pixels = load_pixels(self.images.path(position), max_pixels=self.max_pixels,
                                  draft_size=self.draft_size)
-            return position, resize_center_crop(pixels, self.size), ""
+            return position, resize_center_crop(pixels, self.size, **self.geometry), ""
         except BadImage as exc:
             return position, torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(exc)
 

@@ -18,7 +18,7 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "h
 BOUNDS = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 
 
-def sample_photos(size: int) -> tuple[list[str], np.ndarray]:
+def sample_photos(size: int, geometry: dict | None = None) -> tuple[list[str], np.ndarray]:
     """The photos as uint8 (N, 3, size, size), resized and cropped exactly as ``embed`` does."""
     try:
         from skimage import data
@@ -32,7 +32,7 @@ def sample_photos(size: int) -> tuple[list[str], np.ndarray]:
         image = getattr(data, name)()
         if isinstance(image, tuple):  # stereo pairs: the left view
             image = image[0]
-        batch.append(resize_center_crop(np.ascontiguousarray(image[..., :3]), size).numpy())
+        batch.append(resize_center_crop(np.ascontiguousarray(image[..., :3]), size, **(geometry or {})).numpy())
     return list(PHOTOS), np.stack(batch)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from unicom_cli.errors import InputError
 from unicom_cli.export.graph import INPUT_DTYPES
-from unicom_cli.models.registry import ModelSpec, spec_from_json
+from unicom_cli.models.registry import HUB_FIELDS, ModelSpec, spec_from_json
 
 FORMAT = "unicom-export/1"
 RESIZE_RULE = ("resize the shorter side to input_size (bicubic, antialiased), center-crop to "
@@ -43,6 +43,10 @@ def describe(spec: ModelSpec, *, file: Path, file_sha256: str, weights_sha256: s
         "file": file.name, "sha256": file_sha256, "precision": precision,
         "weights_sha256": weights_sha256,  # of the checkpoint exported (None: random init)
     }
+    if spec.family != "unicom":  # hub/timm: its own preprocessing and provenance (registry.HUB_FIELDS)
+        meta.update({k: v for k, v in spec.to_json().items() if k in HUB_FIELDS})
+        meta["preprocessing"]["resize"] = (f"the model's image processor: {spec.geometry} to "
+                                           f"{spec.input_size} px, RGB; float input = (pixels / 255 - mean) / std")
     if onnx is not None:
         meta["onnx"] = onnx
     return meta

@@ -88,7 +88,7 @@ class QueryEmbedder:
         out = np.zeros((len(pixels), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(pixels), self.batch_size):
-                batch = torch.stack([resize_center_crop(p, size)
+                batch = torch.stack([resize_center_crop(p, size, **self.loaded.spec.geometry)
                                      for p in pixels[start:start + self.batch_size]])
                 feats = self._forward(batch).numpy()
                 if self.normalized:
@@ -113,10 +113,12 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
         raise UsageError("this index was built from vectors without a model (no .json beside "
                          "the .npy); query it with a .npy of vectors")
     model = _recorded_spec(meta)
+    if model.family != "unicom":
+        model, weights = _pinned_hub_model(model, weights, meta, cache), None
     expected = meta.get("weights_sha256")
     seed = meta.get("random_init_seed")
     path = weights
-    if path is None and meta.get("weights") and Path(meta["weights"]).is_file():
+    if path is None and model.family == "unicom" and meta.get("weights") and Path(meta["weights"]).is_file():
         path = meta["weights"]
     if path is None and expected is None and seed is None:
         raise UsageError(f"this index was built with unrecorded {meta['model']} weights; pass "
@@ -136,12 +138,46 @@ def load_query_embedder(meta: dict, *, device: str = "cpu", weights: str | Path 
     return QueryEmbedder(loaded, bool(meta.get("normalized")), meta.get("num_feat"), batch_size)
 
 
+def _pinned_hub_model(recorded, other: str | Path | None, meta: dict, cache):
+    """The recorded hub model, or ``--weights`` naming the same model (hf:ORG/NAME@REV or a local
+    save_pretrained copy); another revision is refused, naming both."""
+    if other is None:
+        return recorded
+    from unicom_cli.models.families import resolve_spec
+    from unicom_cli.models.families.hub_files import is_commit, parse_hub_name
+
+    if str(other).startswith("hf:"):
+        repo, revision = parse_hub_name(str(other))
+        if repo != recorded.repo:
+            raise UsageError(f"{other}: this index was built with {recorded.hub_name}, another model")
+        if revision and is_commit(revision) and revision != recorded.revision:  # no network needed
+            raise UsageError(f"{other}: revision {revision} differs from the {recorded.revision} this "
+                             f"index was built with ({recorded.hub_name}); query with that revision")
+    given = resolve_spec(str(other), cache=cache)
+    if given.revision and recorded.revision and given.revision != recorded.revision:
+        raise UsageError(f"{other}: revision {given.revision} differs from the {recorded.revision} this "
+                         f"index was built with ({recorded.hub_name}); query with that revision")
+    return given if given.revision is None else recorded  # a local copy: its SHA-256 is checked
+
+
+def _hub_snapshot(weights: str | None, revision: str | None) -> str:
+    """The hub cache's snapshot folder of the recorded weights (``models--ORG--NAME/blobs/<sha256>``
+    → ``…/snapshots/<commit>``): loaded from there, with no network. "index.json" when unknown."""
+    if not weights or not revision:
+        return "index.json"
+    path = Path(weights)
+    return str(path.parent.parent / "snapshots" / revision if path.parent.name == "blobs" else path.parent)
+
+
 def _recorded_spec(meta: dict):
     """The network an index was embedded with: the registered model of that name when its
     architecture matches the recorded one, else the recorded architecture (a JSON model)."""
     from unicom_cli.models.registry import ModelSpec, available_models, get_spec
 
     fields = meta.get("model_spec") or {}
+    if fields.get("family", "unicom") != "unicom":  # hub/timm: the recorded commit, exactly
+        fields = {**fields, **{k: tuple(fields[k]) for k in ("mean", "std") if k in fields}}
+        return ModelSpec(**{**fields, "source": _hub_snapshot(meta.get("weights"), fields.get("revision"))})
     if meta["model"] in available_models():
         spec = get_spec(meta["model"])
         if all(getattr(spec, key, value) == value for key, value in fields.items()):

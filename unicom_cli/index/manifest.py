@@ -54,6 +54,7 @@ SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "tool": ("a string", _str), "version": ("a string", _str), "date": ("a string", _str),
     "model": ("a model name or null", _optional(_str)),
     "weights_sha256": ("64 lowercase hex digits or null", _optional(_sha256)),
+    "revision": ("a hub commit or null", _optional(_str)),
     "input_size": ("a positive integer or null", _optional(_int(1))),
     "dim": ("a positive integer", _int(1)),
     "normalized": ("true or false", _bool),
@@ -117,7 +118,8 @@ def _short(value: Any) -> str:
 # --------------------------------------------------------------------------- vectors searched together
 
 # What vectors must share to be compared with an index's (a query is embedded one way only).
-MODEL_LABELS = {"model": "model", "weights_sha256": "weights (SHA-256)", "input_size": "input size",
+MODEL_LABELS = {"model": "model", "revision": "hub revision", "weights_sha256": "weights (SHA-256)",
+                "input_size": "input size",
                 "dim": "dimension", "normalized": "normalisation", "num_feat": "num_feat"}
 
 

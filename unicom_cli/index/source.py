@@ -16,7 +16,7 @@ from unicom_cli.utils.files import open_regular
 
 CHUNK_ROWS = 65536  # rows read, normalised and added per step: bounded memory for any N
 # What two collections must agree on to share an index (a query is embedded one way only).
-MODEL_KEYS = ("model", "weights_sha256", "input_size", "dim", "normalized", "num_feat")
+MODEL_KEYS = ("model", "revision", "weights_sha256", "input_size", "dim", "normalized", "num_feat")
 
 
 @dataclass

@@ -256,9 +256,9 @@ def _specs(names: list[str], all_models: bool) -> list[ModelSpec]:
         raise UsageError("pass model names or --all, not both")
     if not names and not all_models:
         raise UsageError("name at least one model (see `unicom models`) or pass --all")
-    specs = [get_spec(name) for name in (available_models() if all_models else names)]
+    specs = [get_spec(name) for name in (available_models("unicom") if all_models else names)]
     for spec in specs:
-        if not spec.filename:
+        if not spec.filename and spec.family == "unicom":
             raise UsageError(f"'{spec.name}' comes from {spec.source} and has no published "
                              f"weights to download")
     return specs
@@ -275,10 +275,22 @@ def download_models(names: list[str], all_models: bool = False, cache: str | Pat
     results = []
     for spec in specs:
         try:
-            results.append(fetch(spec, cache, mirror, sha256, progress, stall_budget=stall_budget))
+            results.append(fetch(spec, cache, mirror, sha256, progress, stall_budget=stall_budget)
+                           if spec.family == "unicom" else _fetch_hub(spec, cache, mirror))
         except WeightsError as exc:
             results.append(FetchResult(spec.name, None, None, "failed", "none", str(exc)))
     return results
+
+
+def _fetch_hub(spec: ModelSpec, cache: str | Path | None, mirror: str | None) -> FetchResult:
+    """An MLCD model into huggingface_hub's cache (its resume and revisions; hub = LFS SHA-256)."""
+    from unicom_cli.models.families.hf import _weights_digest
+    from unicom_cli.models.families.hub_files import cached_weights, fetch as fetch_hub
+
+    was_cached = cached_weights(spec.repo, cache) is not None
+    files = fetch_hub(spec.repo, spec.revision, cache=cache, mirror=mirror)
+    digest, path = _weights_digest(files.folder)
+    return FetchResult(spec.name, path, digest, "cached" if was_cached else "downloaded", "hub")
 
 
 def verify_cache(names: list[str], cache: str | Path | None = None,
@@ -295,6 +307,13 @@ def verify_cache(names: list[str], cache: str | Path | None = None,
     root = cache_dir(cache)
     results = []
     for spec in specs:
+        if spec.family != "unicom":  # huggingface_hub's cache: blobs named by their SHA-256
+            from unicom_cli.models.families.hub_files import cached_weights
+
+            found = cached_weights(spec.repo, cache)
+            results.append(FetchResult(spec.name, found, found.resolve().name if found else None,
+                                       "ok" if found else "missing", "hub"))
+            continue
         path = root / spec.filename  # type: ignore[operator]
         part = path.with_name(path.name + ".part")
         if not path.is_file():

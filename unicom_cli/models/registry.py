@@ -1,4 +1,4 @@
-"""The published UNICOM models as plain data: architecture, download address, checksum.
+"""The published UNICOM and MLCD models as plain data: architecture, download address, checksum.
 
 Pure data: nothing here imports torch, so `unicom models` and `unicom --help` stay instant.
 """
@@ -15,6 +15,10 @@ from unicom_cli.errors import UnknownModel
 GITHUB_RELEASES = "https://github.com/deepglint/unicom/releases/download"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+EMBEDDING_UNICOM = "UNICOM feature head over all patch tokens (SPEC 1), not normalised"
+EMBEDDING_CLS = "pooler_output: the class token after the final LayerNorm, no projection"
+HUB_FIELDS = ("family", "repo", "revision", "params", "download_bytes", "resize_size", "squash",
+              "interpolation", "embedding", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,16 @@ class ModelSpec:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     source: str = "registry"  # "registry" or the JSON file the spec came from
+    # Other families (models/families/): everything below keeps its default for a UNICOM ViT.
+    family: str = "unicom"  # "unicom" (this ViT + feature head), "hf" (transformers) or "timm"
+    repo: str | None = None  # hub repo id, a local save_pretrained folder, or a timm model name
+    revision: str | None = None  # the hub commit the weights came from (resolved at load)
+    params: int | None = None  # parameter count when not the UNICOM formula's
+    download_bytes: int | None = None  # approximate size of the published weights file
+    resize_size: int | None = None  # shorter side before the centre crop; None: input_size
+    squash: bool = False  # resize both sides to input_size, no crop (SigLIP's processor)
+    interpolation: str = "bicubic"  # resize filter: bicubic or bilinear
+    embedding: str = EMBEDDING_UNICOM  # what the embedding is (recorded in every output .json)
 
     @property
     def grid(self) -> int:
@@ -48,6 +62,8 @@ class ModelSpec:
     @property
     def num_params(self) -> int:
         """Trainable parameters, computed from the architecture (equals the SPEC table)."""
+        if self.params is not None:
+            return self.params
         w, p, n = self.width, self.patch_size, self.num_patches
         patch_embed = 3 * p * p * w + w
         block = (
@@ -62,12 +78,26 @@ class ModelSpec:
 
     @property
     def fp16_file_size(self) -> int:
-        """Approximate size of the published fp16 state dict in bytes."""
-        return 2 * self.num_params
+        """Approximate size of the published fp16 state dict (or weights file) in bytes."""
+        return self.download_bytes or 2 * self.num_params
 
     def to_json(self) -> dict:
         """The JSON architecture file of this network (what :func:`spec_from_json` reads back)."""
-        return {"name": self.name, **{key: getattr(self, key) for key in _JSON_FIELDS}}
+        fields = _JSON_FIELDS + (HUB_FIELDS if self.family != "unicom" else ())
+        data = {"name": self.name, **{key: getattr(self, key) for key in fields}}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @property
+    def geometry(self) -> dict:
+        """The resize of ``data.images.resize_center_crop`` besides the crop size (input_size)."""
+        return {"resize": self.resize_size, "squash": self.squash, "interpolation": self.interpolation,
+                "floor_crop": self.family == "hf"}  # transformers floors the crop offset, torchvision rounds
+
+    @property
+    def hub_name(self) -> str:
+        """How to name this model again on the command line: ``hf:REPO@COMMIT`` when pinned."""
+        prefix = "timm:" if self.family == "timm" else "hf:"
+        return f"{prefix}{self.repo}" + (f"@{self.revision}" if self.revision else "")
 
 
 def _release(tag: str, filename: str) -> str:
@@ -107,6 +137,21 @@ _register(ModelSpec(
     embedding_size=768, filename="UNICOM-ViT-L-14-512px-GLDv2.pt",
     gdrive_id="1XCIGmEi6LxGclXuNw3wS_XZlkNSlSQW7"))
 
+# MLCD (SPEC 5): transformers vision towers on the Hugging Face hub, loaded by models/families/hf.py.
+# Parameters counted on the meta device from the published architectures (SPEC 5; the test
+# rebuilds them). Download sizes are estimates, shown until the file is cached (then its size).
+_MLCD = "DeepGlint-AI/mlcd-vit-"
+for _name, _repo, _size, _patch, _width, _depth, _heads, _params, _bytes in (
+        ("MLCD-ViT-B/32", "base-patch32-224", 224, 32, 768, 12, 12, 87_456_000, 351_000_000),
+        ("MLCD-ViT-L/14@336px", "large-patch14-336", 336, 14, 1024, 24, 16, 303_507_456, 1_220_000_000),
+        ("MLCD-ViT-bigG/14", "bigG-patch14-224", 224, 14, 1664, 48, 16, 1_842_349_748, 3_690_000_000),
+        ("MLCD-ViT-bigG/14@336px", "bigG-patch14-336", 336, 14, 1664, 48, 16, 1_842_349_748, 3_690_000_000),
+        ("MLCD-ViT-bigG/14@448px", "bigG-patch14-448", 448, 14, 1664, 48, 16, 1_842_349_748, 3_690_000_000)):
+    _register(ModelSpec(
+        name=_name, input_size=_size, patch_size=_patch, width=_width, depth=_depth, heads=_heads,
+        embedding_size=_width, family="hf", repo=_MLCD + _repo, params=_params, download_bytes=_bytes,
+        embedding=EMBEDDING_CLS))
+
 _JSON_FIELDS = ("input_size", "patch_size", "width", "depth", "heads", "embedding_size")
 # Far above every published ViT (ViT-22B: width 6144, depth 48): sizes beyond are typos that
 # would otherwise ask for terabytes before failing.
@@ -115,9 +160,9 @@ _JSON_LIMITS = {"input_size": 8192, "patch_size": 1024, "width": 16384, "depth":
 _JSON_MAX_PARAMS = 25_000_000_000
 
 
-def available_models() -> list[str]:
-    """Names of the registered models, in publication order."""
-    return list(_MODELS)
+def available_models(family: str | None = None) -> list[str]:
+    """Names of the registered models (of one family: "unicom" or "hf"), in publication order."""
+    return [name for name, spec in _MODELS.items() if family in (None, spec.family)]
 
 
 def spec_from_json(path: Path) -> ModelSpec:
@@ -147,11 +192,24 @@ def spec_from_json(path: Path) -> ModelSpec:
                            f"patch_size {values['patch_size']}")
     if values["width"] % values["heads"]:
         raise UnknownModel(f"{path}: width {values['width']} is not divisible by heads {values['heads']}")
+    if data.get("family", "unicom") != "unicom":
+        return _hub_spec_from_json(path, data, values)
     spec = ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values)
     if spec.num_params > _JSON_MAX_PARAMS:
         raise UnknownModel(f"{path}: {spec.num_params:,} parameters is beyond any ViT (at most "
                            f"{_JSON_MAX_PARAMS:,}); check the sizes")
     return spec
+
+
+def _hub_spec_from_json(path: Path, data: dict, values: dict) -> ModelSpec:
+    """A recorded hub or timm model (the ``model_spec`` of an output .json or index.json)."""
+    extra = {key: data[key] for key in HUB_FIELDS if key in data}
+    for key in ("mean", "std"):
+        if key in extra:
+            extra[key] = tuple(float(v) for v in extra[key])
+    if extra.get("family") not in ("hf", "timm") or not isinstance(extra.get("repo"), str):
+        raise UnknownModel(f"{path}: family {extra.get('family')!r} needs family hf or timm and a repo")
+    return ModelSpec(name=str(data.get("name", Path(path).stem)), source=str(path), **values, **extra)
 
 
 def get_spec(name_or_path: str | Path) -> ModelSpec:
@@ -167,7 +225,8 @@ def get_spec(name_or_path: str | Path) -> ModelSpec:
     hint = lowered.get(key.lower()) or (lowered[close[0]] if close else None)
     suggestion = f"did you mean '{hint}'? " if hint else ""
     raise UnknownModel(f"unknown model '{key}': {suggestion}choose one of "
-                       f"{', '.join(_MODELS)} or pass a JSON architecture file")
+                       f"{', '.join(_MODELS)}, hf:ORG/NAME[@REVISION], timm:NAME, a save_pretrained "
+                       f"folder or a JSON architecture file")
 
 
 def with_input_size(spec: ModelSpec, input_size: int) -> ModelSpec:

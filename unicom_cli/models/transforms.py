@@ -12,16 +12,31 @@ def _to_rgb(image):
 
 
 def eval_transform(spec: ModelSpec) -> Callable:
-    """Resize shorter side (bicubic) → center crop → RGB → tensor → CLIP normalisation."""
+    """Resize shorter side (bicubic) → center crop → RGB → tensor → CLIP normalisation; for a hub
+    model the resize, crop, filter and mean/std of its own image processor."""
     from torchvision import transforms as T
 
+    mode = T.InterpolationMode.BILINEAR if spec.interpolation == "bilinear" else T.InterpolationMode.BICUBIC
+    resize = (spec.input_size, spec.input_size) if spec.squash else (spec.resize_size or spec.input_size)
+    crop = _floor_crop(spec.input_size) if spec.geometry["floor_crop"] else T.CenterCrop(spec.input_size)
     return T.Compose([
-        T.Resize(spec.input_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(spec.input_size),
+        T.Resize(resize, interpolation=mode),
+        crop,
         _to_rgb,
         T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
+
+
+class _floor_crop:  # noqa: N801 - a transform, named like torchvision's
+    """transformers' centre crop: the offset floored (torchvision's CenterCrop rounds it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image):
+        left, top = (image.width - self.size) // 2, (image.height - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
 
 def train_transform(spec: ModelSpec, augment: bool = True) -> Callable:

@@ -88,7 +88,7 @@ def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedMod
     if workers is None:
         workers = default_workers(forward.device.type)
     dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
-                           draft=draft)
+                           draft=draft, geometry=loaded.spec.geometry)
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         pin_memory=not onnx and forward.cuda,  # ONNX Runtime reads host numpy arrays
@@ -266,16 +266,16 @@ def _runtime_fields(loaded: "LoadedModel | OnnxModel") -> dict:
             "precision": loaded.precision}
 
 
-def _model_output(model: str, runtime: str) -> tuple["ModelSpec", int, bool]:
+def _model_output(config: EmbedConfig, runtime: str) -> tuple["ModelSpec", int, bool]:
     """(spec, dimensions the model emits, whether they come L2-normalised), without loading it."""
     if runtime == "onnx":
         from unicom_cli.export.metadata import read_onnx_metadata
 
-        spec, meta = read_onnx_metadata(Path(model))
+        spec, meta = read_onnx_metadata(Path(config.model))
         return spec, int(meta["onnx"]["output_dim"]), bool(meta["onnx"]["normalized"])
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
-    spec = get_spec(model)
+    spec = resolve_spec(config.model, cache=config.cache_dir, mirror=config.mirror)
     return spec, spec.embedding_size, False
 
 
@@ -302,6 +302,7 @@ def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | 
         "images": len(images),
         "paths_sha256": images.relative.digest(),
         "model": loaded.spec.name,
+        "revision": getattr(loaded.spec, "revision", None),  # hub commit (hub models)
         "weights_sha256": loaded.sha256,
         "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
@@ -379,7 +380,7 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     images = list_images(config.input)
     files = OutputFiles.for_output(config.output)
     files.check_writable()
-    spec, model_dim, normalized_by_model = _model_output(config.model, runtime)
+    spec, model_dim, normalized_by_model = _model_output(config, runtime)
     if config.num_feat is not None and config.num_feat > model_dim:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{model_dim} dimensions")
@@ -439,7 +440,9 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "weights_sha256": loaded.sha256,
         "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
         "input_size": loaded.spec.input_size,
-        "model_spec": loaded.spec.to_json(),  # rebuilds a JSON-described model (index queries)
+        "model_spec": loaded.spec.to_json(),  # rebuilds a JSON-described or hub model (index queries)
+        "revision": loaded.spec.revision,  # the hub commit of a hub model's weights
+        "embedding": loaded.spec.embedding,  # what a row is (models/families/)
         "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
         "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,

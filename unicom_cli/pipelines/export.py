@@ -75,7 +75,7 @@ def _validate(config: ExportConfig) -> str:
     """Every check on the arguments, before any model is loaded; returns the kind of export."""
     from unicom_cli.export.graph import check_options
     from unicom_cli.export.metadata import sidecar_path
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
     from unicom_cli.utils.files import check_writable_folder
 
     kind = KINDS.get(Path(config.output).suffix)
@@ -92,7 +92,10 @@ def _validate(config: ExportConfig) -> str:
     if config.num_feat is not None and not config.normalize:
         raise UsageError("--num-feat keeps the first K dims after L2-normalising: it needs --normalize")
     model, _ = resolve_model(config.model, config.weights)
-    spec = get_spec(model)
+    spec = resolve_spec(model, cache=config.cache, mirror=config.mirror)
+    if spec.family != "unicom" and (kind == "safetensors" or config.precision == "fp16"):
+        raise UsageError(f"{spec.name}: a hub model exports to an fp32 or int8 .onnx graph (its weights "
+                         f"are a safetensors save_pretrained folder already)")
     if config.num_feat is not None and config.num_feat > spec.embedding_size:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{spec.embedding_size} dimensions")
@@ -125,13 +128,14 @@ def export_model(config: ExportConfig) -> ExportSummary:
     """
     from unicom_cli.export.check import sample_photos
     from unicom_cli.models.factory import create_model
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
     start = time.perf_counter()
     kind = _validate(config)
     model_arg, weights = resolve_model(config.model, config.weights)
     output = Path(config.output)
-    names, photos = sample_photos(get_spec(model_arg).input_size)  # skimage missing: fail early
+    spec = resolve_spec(model_arg, cache=config.cache, mirror=config.mirror)
+    names, photos = sample_photos(spec.input_size, spec.geometry)  # skimage missing: fail early
     loaded = create_model(model_arg, weights=weights, pretrained=config.pretrained, seed=config.seed, device="cpu",
                           precision="fp32", cache=config.cache, mirror=config.mirror)
     partial = output.parent / f".{output.name}.partial"

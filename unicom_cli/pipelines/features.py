@@ -177,6 +177,9 @@ def model_fields(loaded) -> dict:
         "sha256": None if loaded is None else loaded.sha256,
         "precision": None if loaded is None else loaded.precision,
         "random_init_seed": None if loaded is None else loaded.random_init_seed,
+        # hub models: the commit and what the embedding is (models/families/)
+        "revision": None if loaded is None else loaded.spec.revision,
+        "embedding": None if loaded is None else loaded.spec.embedding,
     }
 
 

@@ -70,6 +70,14 @@ def milvus_features_path(ref: MilvusRef, input_path: Path, first: bool) -> Path:
     return folder / f"{ref.collection}.feats{tag}.npy"
 
 
+def _same_hub_model(meta: dict, model: str) -> bool:
+    """For hf:/timm: names, the recorded model and (when a commit is pinned) its revision."""
+    if not model.startswith(("hf:", "timm:")):
+        return True
+    name, _, revision = model.partition("@")
+    return meta.get("model") == name and (len(revision) != 40 or meta.get("revision") == revision)
+
+
 def _finished_for(embed: EmbedConfig) -> bool:
     """True when ``embed.output`` is a finished embedding of the same input and model options."""
     meta_path = embed.output.with_suffix(".json")
@@ -83,7 +91,7 @@ def _finished_for(embed: EmbedConfig) -> bool:
 
     same = (meta.get("input") == str(Path(embed.input).resolve())
             and meta.get("normalized") == embed.normalize and meta.get("num_feat") == embed.num_feat
-            and meta.get("images") == len(list_images(embed.input)))
+            and meta.get("images") == len(list_images(embed.input)) and _same_hub_model(meta, str(embed.model)))
     if not same and not embed.overwrite:
         raise UsageError(f"{embed.output}: holds embeddings of another input or with other "
                          "options; add --overwrite to re-embed")

@@ -89,12 +89,21 @@ def check_classify(cfg) -> None:
         raise UsageError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1)")
 
 
+# transformers vision models (families/hf.py, under ``net.``): their embedding layers.
+_HUB_EMBEDDINGS = re.compile(
+    r"(?:^|\.)(?:embeddings|pre_layrnorm|class_pos_emb|patch_embed|pos_embed|cls_token)(?:\.|$)")
+
+
 def layer_id(name: str, depth: int) -> int:
     """0 for the patch embedding and position embedding, i+1 for block i, depth+1 for the rest
-    (final norm, the UNICOM feature head)."""
+    (final norm, the UNICOM feature head; a hub model's post-LayerNorm and pooling head)."""
     if name.startswith(("patch_embed", "pos_embed", "cls_token", "reg_token", "norm_pre")):
         return 0
     match = re.match(r"blocks\.(\d+)\.", name)
+    if match is None and name.startswith("net."):  # a hub model: ….layers.i. / ….layer.i. / blocks.i.
+        if _HUB_EMBEDDINGS.search(name):
+            return 0
+        match = re.search(r"\.(?:layers|layer|blocks)\.(\d+)\.", name)
     return int(match.group(1)) + 1 if match else depth + 1
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from unicom_cli import distributed as D
 from unicom_cli.errors import InputError, TrainingDiverged, UsageError
+from unicom_cli.train import hub_backbone
 from unicom_cli.train.checkpoint import TrainState, atomic_save, jsonable, resume
 from unicom_cli.train.checks import validate_config
 from unicom_cli.train.partial_fc import PartialFC
@@ -105,12 +106,13 @@ class FinetuneSummary:
 def build_model(cfg: FinetuneConfig, device: torch.device):
     """The network at the training resolution, initialised per SPEC §3; returns (model, spec)."""
     from unicom_cli.models.factory import create_model
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
-    target = get_spec(cfg.arch)
+    target = resolve_spec(cfg.arch, cache=cfg.cache_dir, mirror=cfg.mirror)
+    hub_backbone.check(target, cfg.output_dim, cfg.init_from)
     # An architecture file without weights trains from scratch: a seeded init (announced).
     scratch = not cfg.pretrained or (cfg.weights is None and cfg.init_from is None
-                                     and target.source != "registry")
+                                     and target.family == "unicom" and target.source != "registry")
     loaded = create_model(cfg.init_from or cfg.arch, weights=cfg.weights, pretrained=not scratch,
                           seed=cfg.seed, device="cpu", drop_path_rate=cfg.drop_path,
                           input_size=cfg.input_size or target.input_size, mirror=cfg.mirror,
@@ -132,9 +134,9 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
 
 
 def _train_spec(cfg: FinetuneConfig):
-    from unicom_cli.models.registry import get_spec
+    from unicom_cli.models.families import resolve_spec
 
-    spec = get_spec(cfg.init_from or cfg.arch)
+    spec = resolve_spec(cfg.init_from or cfg.arch, cache=cfg.cache_dir, mirror=cfg.mirror)
     return replace(spec, input_size=cfg.input_size) if cfg.input_size else spec
 
 
@@ -286,7 +288,8 @@ def _finetune(cfg: FinetuneConfig) -> FinetuneSummary:  # noqa: C901 (the step l
         info(f"resumed from {resumed} at step {t.step} (epoch {t.epoch + 1}, step {t.step_in_epoch})")
     if D.is_main():
         cfg.output.mkdir(parents=True, exist_ok=True)
-        (cfg.output / "config.json").write_text(json.dumps(jsonable(cfg), indent=2))
+        # model_spec: the network trained (a hub model's source commit and embedding definition)
+        (cfg.output / "config.json").write_text(json.dumps({**jsonable(cfg), "model_spec": spec.to_json()}, indent=2))
     stop_at = min(total_steps, cfg.max_steps or total_steps)
     global_batch = cfg.batch_size * D.world_size() * cfg.grad_accum
     info(f"finetune {spec.name} on {cfg.dataset}: {loader.num_classes} classes, {total_steps} steps "
@@ -430,7 +433,11 @@ def _evaluate_and_keep_best(t: TrainState, cfg: FinetuneConfig) -> None:
 
 
 def _export(t: TrainState, path: Path) -> tuple[Path, Path]:
-    """The model as a plain UNICOM state dict (published keys) plus its architecture JSON."""
+    """The model as a plain UNICOM state dict (published keys) plus its architecture JSON; a hub
+    model as a save_pretrained folder (model.pt → model/, best.pt → best/) that --model takes."""
+    if t.spec.family != "unicom":
+        return hub_backbone.export(t.raw_model, t.spec, path, t.pfc if t.cfg.task == "classify" else None,
+                                   _head_path(path))
     arch = path.parent / "arch.json"
     if D.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
