@@ -119,6 +119,12 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     interrupted at any point continues when started again with the same arguments. A second
     run on the same output is refused at once (the lock dies with the process holding it).
     """
+    from unicom_cli.pipelines.sharded import embed_sharded, wants_shards
+
+    if wants_shards(config):
+        return embed_sharded(config)
+    if config.part != (0, 1):
+        raise UsageError("--part splits the work by shards: give -o a folder (feats/)")
     files = OutputFiles.for_output(config.output)
     files.check_writable()
     with output_lock(files.feats):

@@ -1,0 +1,238 @@
+"""`unicom embed ... -o feats/`: a source's units → one feature shard each, by ranks and independent jobs.
+
+Work is split by whole units: unit ``u`` belongs to slot ``u % (parts x ranks)``, where job
+``--part I/N`` owns slots ``I x ranks … I x ranks + ranks - 1`` (one per rank of the job).
+Finished units are skipped, unfinished ones resume; a unit is claimed with a lock file naming
+its process, so jobs never work on the same unit, and a second run of the same part is
+refused naming the holder. Each job rewrites ``manifest.json`` from the done-records at its end.
+
+Examples::
+
+    unicom embed 'shards/{00000..00099}.tar' -o feats/ --gpus all
+    unicom embed 'shards/{00000..00099}.tar' -o feats/ --part 3/8     # one job of a SLURM array
+    unicom embed table.parquet -o feats/ --path-column url --shard-size 100000
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from unicom_cli.data.sources import Source, TarUnit, Unit, open_source
+from unicom_cli.distributed import barrier, is_main, rank, world_size
+from unicom_cli.distributed.comm import gather_objects
+from unicom_cli.errors import OutputInUse, UsageError
+from unicom_cli.pipelines.batches import default_workers, embed_pixels, model_forward, postprocess
+from unicom_cli.pipelines.embed_setup import (
+    EmbedConfig,
+    EmbedSummary,
+    load_model,
+    model_output,
+    resolve_runtime,
+    runtime_fields,
+    validate,
+)
+from unicom_cli.pipelines.shard_store import MANIFEST_FILE, ShardFolder, UnitWriter, failures_of
+from unicom_cli.utils.console import info, progress_bar, warn
+from unicom_cli.utils.locks import ClaimLock
+
+
+def wants_shards(config: EmbedConfig) -> bool:
+    """A folder of shards for tar or table input, for ``-o`` without ``.npy``, or when asked."""
+    if config.sharded is not None:
+        return config.sharded
+    text, output = str(config.input), Path(config.output)
+    if output.suffix.lower() == ".npy":
+        return False
+    if (output / "run.json").is_file() or (output / MANIFEST_FILE).is_file():
+        return True
+    return "{" in text or text.lower().endswith((".tar", ".parquet", ".csv", ".tsv")) or \
+        (Path(text).is_dir() and any(p.suffix == ".tar" for p in Path(text).iterdir()))
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"3/8"`` → (3, 8): the fourth of eight jobs."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--part {text}: expected I/N, e.g. 0/4 for the first of four jobs") from None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"--part {text}: I must be in 0…N-1 and N at least 1")
+    return index, count
+
+
+@dataclass
+class _Job:
+    """What this process does: its units and the model that embeds them."""
+
+    source: Source
+    folder: ShardFolder
+    mine: list[Unit]
+    record: dict
+    dim: int
+    renormalize: bool
+
+
+def my_units(units: list[Unit], part: tuple[int, int], rank_: int, world: int) -> list[Unit]:
+    """The units of this rank of this job: whole units, interleaved over every slot."""
+    slots = part[1] * world
+    slot = part[0] * world + rank_
+    return [u for n, u in enumerate(units) if n % slots == slot]
+
+
+def embed_sharded(config: EmbedConfig) -> EmbedSummary | None:
+    """Embed ``config.input`` into the shard folder ``config.output``; the summary on rank 0."""
+    start = time.perf_counter()
+    validate(config)
+    if config.head is not None:
+        raise UsageError("--head writes predictions beside one .npy; use -o feats.npy with --head")
+    runtime = resolve_runtime(config)
+    source = open_source(config.input, shard_size=config.shard_size, path_column=config.path_column)
+    folder = ShardFolder(config.output)
+    folder.check_writable()
+    spec, model_dim, normalized_by_model = model_output(config.model, runtime)
+    if config.num_feat is not None and config.num_feat > model_dim:
+        raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only {model_dim} dimensions")
+    part_lock = _lock_part(folder, config.part)
+    try:
+        return _run(config, runtime, source, folder, model_dim, normalized_by_model, start)
+    finally:
+        if part_lock is not None:
+            part_lock.release()
+
+
+def _lock_part(folder: ShardFolder, part: tuple[int, int]) -> ClaimLock | None:
+    """Rank 0 of a job claims its part: a second run of the same part is refused at once."""
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return None
+    lock = ClaimLock(folder.root / f".part-{part[0]}-of-{part[1]}.lock")
+    holder = lock.try_acquire()
+    if holder is not None:
+        raise OutputInUse(f"{folder.root}: part {part[0]}/{part[1]} is being embedded by {holder}; "
+                          f"wait for it, or delete {lock.path} if that job is gone")
+    return lock
+
+
+def _record(config: EmbedConfig, source: Source, loaded, dim: int, normalized_by_model: bool) -> dict:
+    """The model record every shard of the folder shares (run.json, each done-record, the manifest)."""
+    from unicom_cli._version import __version__
+    from unicom_cli.pipelines.embed_setup import forward_threads
+
+    weights = getattr(loaded, "weights_path", None)
+    return {
+        "tool": "unicom-cli", "version": __version__, "format": 1,
+        "source_kind": source.kind, "source": str(config.input), "source_sha256": source.digest(),
+        "input": str(source.root) if source.root else None,  # ids are paths relative to it
+        "units": len(source.units), "shard_size": config.shard_size if source.kind != "tar" else None,
+        "model": loaded.spec.name, "weights": str(Path(weights).resolve()) if weights else None,
+        "weights_sha256": loaded.sha256, "random_init_seed": getattr(loaded, "random_init_seed", None),
+        "input_size": loaded.spec.input_size, "model_spec": loaded.spec.to_json(),
+        "embedding_size": loaded.spec.embedding_size, "dim": dim, "dtype": config.dtype,
+        "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
+        "batch_size": config.batch_size, "draft": config.draft, "max_pixels": config.max_pixels,
+        **runtime_fields(loaded), "threads_per_process": forward_threads(),
+        "world_size": world_size(), "part": list(config.part),
+    }
+
+
+def _run(config, runtime, source, folder, model_dim, normalized_by_model, start) -> EmbedSummary | None:
+    loaded, description = load_model(config, runtime)
+    if is_main():
+        info(description)
+    dim = config.num_feat or model_dim
+    record = _record(config, source, loaded, dim, normalized_by_model)
+    names = [u.name for u in source.units]
+    if is_main():
+        folder.claim_run(record, config.overwrite, names)
+    barrier()
+    if not is_main():
+        folder.claim_run(record, False, names)  # the same check on every rank
+    job = _Job(source, folder, my_units(source.units, config.part, rank(), world_size()), record, dim,
+               config.normalize and not normalized_by_model)
+    done_before, counts, held = _embed_units(job, config, loaded)
+    barrier()
+    totals = gather_objects(counts)
+    held_all = [h for part in gather_objects(held) for h in part]
+    if not is_main():
+        return None
+    manifest = folder.write_manifest(names, {"kind": source.kind, "input": str(config.input),
+                                             "units": len(names)})
+    for name, holder in held_all:
+        warn(f"{name}: skipped, being embedded by {holder}")
+    return _summary(job, manifest, totals, done_before, start)
+
+
+def _embed_units(job: _Job, config: EmbedConfig, loaded) -> tuple[int, dict, list]:
+    """Embed this rank's units not yet finished. Returns (units done before, counts, units held elsewhere)."""
+    forward = model_forward(loaded)
+    workers = config.workers if config.workers is not None else default_workers(forward.device.type)
+    counts = {"embedded": 0, "resumed": 0, "seconds": 0.0}
+    held: list[tuple[str, str]] = []
+    todo = [u for u in job.mine if not job.folder.unit(u.name).done()]
+    done_before = len(job.mine) - len(todo)
+    model = getattr(loaded, "model", None)
+    if model is not None:
+        model.eval()
+    with progress_bar(len(job.mine), "embed", unit="shards", enabled=config.progress,
+                      completed=done_before) as bar:
+        for unit in todo:
+            files = job.folder.unit(unit.name)
+            lock = ClaimLock(files.lock)
+            files.lock.parent.mkdir(parents=True, exist_ok=True)
+            holder = lock.try_acquire()
+            if holder is not None:
+                held.append((unit.name, holder))
+                continue
+            try:
+                if not files.done():  # finished by another job between the listing and the lock
+                    _embed_unit(job, config, loaded, forward, workers, unit, counts)
+            finally:
+                lock.release()
+            bar.advance(1)
+    return done_before, counts, held
+
+
+def _embed_unit(job: _Job, config: EmbedConfig, loaded, forward, workers: int, unit: Unit, counts: dict) -> None:
+    from unicom_cli.pipelines.unit_reader import iter_unit_batches
+
+    files = job.folder.unit(unit.name)
+    writer = UnitWriter(files, job.dim, config.dtype)
+    counts["resumed"] += writer.items
+    pin = getattr(forward, "cuda", False)
+    began = time.perf_counter()
+    try:
+        for batch in iter_unit_batches(unit, skip=writer.items, size=loaded.spec.input_size,
+                                       batch_size=config.batch_size, workers=workers, pin_memory=pin,
+                                       max_pixels=config.max_pixels, draft=config.draft):
+            feats, reasons = embed_pixels(forward, batch.pixels, batch.reasons)
+            rows = postprocess(feats, job.renormalize, config.num_feat, config.dtype)
+            writer.write(rows, batch.ids, batch.metas, reasons)
+            counts["embedded"] += len(reasons)
+    except BaseException:
+        writer.checkpoint()  # keep every finished batch: the next run resumes from here
+        writer.close()
+        raise
+    counts["seconds"] += time.perf_counter() - began
+    with_metadata = job.source.kind in ("table", "tar") or isinstance(unit, TarUnit)
+    writer.finish(job.record, with_metadata)
+
+
+def _summary(job: _Job, manifest: dict, totals: list[dict], done_before: int, start: float) -> EmbedSummary:
+    embedded = sum(t["embedded"] for t in totals)
+    seconds = max((t["seconds"] for t in totals), default=0.0)
+    failures: list[tuple[str, str]] = []
+    for shard in manifest["shards"]:
+        if shard["failures"] and len(failures) < 1000:
+            failures.extend(failures_of(job.folder.unit(shard["name"])))
+    if not manifest["complete"]:
+        info(f"{manifest['shards_done']:,} of {manifest['units']:,} shards are finished in {job.folder.root}; "
+             "the other parts (--part) or a rerun finish the rest")
+    return EmbedSummary(
+        count=manifest["count"], total=manifest["count"] + manifest["failures"], failures=failures,
+        dim=job.dim, dtype=job.record["dtype"], seconds=time.perf_counter() - start,
+        images_per_s=embedded / seconds if seconds > 0 else 0.0,
+        resumed_from=sum(t["resumed"] for t in totals),
+        outputs=[job.folder.root / MANIFEST_FILE])
