@@ -189,13 +189,13 @@ def test_gpu_route_builds_the_same_index(tmp_path, monkeypatch):
     in for the GPU copy: the same lists as the CPU route, and the real quantizer is put back."""
     import faiss
 
-    import unicom_cli.index.build as build
+    import unicom_cli.index.fill as fill
 
     x = clustered(3000, 16, seed=2)
     npy = write_features(tmp_path / "f", "feats", x)
     build_index(npy, tmp_path / "cpu", index="IVF32,Flat", progress=False, held_out=100)
     moved = []
-    monkeypatch.setattr(build, "_gpu", lambda device: (object(), 0))
+    monkeypatch.setattr(fill, "_gpu", lambda device: (object(), 0))
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index: moved.append(index) or index,
                         raising=False)  # faiss-cpu has no GPU functions
     build_index(npy, tmp_path / "gpu", index="IVF32,Flat", progress=False, held_out=100, device="cuda")

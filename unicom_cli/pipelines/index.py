@@ -21,7 +21,10 @@ class IndexJob:
 
 
 def is_features(path: Path) -> bool:
-    return Path(path).suffix.lower() == ".npy"
+    """A .npy from `unicom embed`, or a folder of feature shards (manifest.json)."""
+    from unicom_cli.index.shards import is_shard_folder
+
+    return Path(path).suffix.lower() == ".npy" or is_shard_folder(path)
 
 
 def features_path(index: Path, input_path: Path, n: int) -> Path:
