@@ -95,13 +95,14 @@ class TarUnit(Unit):
                 for member in tar:
                     yield from reader.add(member, tar, seen)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            yield from reader.flush(seen)
-            position = reader.position
+            # The sample being read when the stream broke may lack members: it goes with the rest.
+            key, position = reader.key or reader.last_key, reader.position
             if want(position):
-                after = f"after sample {reader.last_key!r}" if reader.last_key else "at its start"
-                yield position, Item(f"{self.name}/<rest of the shard>", failure=(
-                    f"the tar shard {self.path} is truncated or corrupt {after} "
-                    f"({str(exc) or type(exc).__name__}); the members before it were kept"))
+                where = f"at sample {key!r}" if key else "at its start"
+                yield position, Item(f"{self.name}/{key or '<start>'}", failure=(
+                    f"the tar shard {self.path} is truncated or corrupt {where} "
+                    f"({str(exc) or type(exc).__name__}); the samples before it were kept, "
+                    "the rest of the shard cannot be read"))
             return
         yield from reader.flush(seen)
 

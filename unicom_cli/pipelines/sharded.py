@@ -172,6 +172,9 @@ def _embed_units(job: _Job, config: EmbedConfig, loaded) -> tuple[int, dict, lis
     counts = {"embedded": 0, "resumed": 0, "seconds": 0.0}
     held: list[tuple[str, str]] = []
     todo = [u for u in job.mine if not job.folder.unit(u.name).done()]
+    for unit in job.mine:
+        if unit not in todo:  # a run killed while finishing a unit may have left its claim and work folder
+            _tidy_finished(job.folder.unit(unit.name))
     done_before = len(job.mine) - len(todo)
     model = getattr(loaded, "model", None)
     if model is not None:
@@ -193,6 +196,15 @@ def _embed_units(job: _Job, config: EmbedConfig, loaded) -> tuple[int, dict, lis
                 lock.release()
             bar.advance(1)
     return done_before, counts, held
+
+
+def _tidy_finished(files) -> None:
+    """Remove what a killed run left of a unit it had finished: a dead claim, the work folder."""
+    import shutil
+
+    ClaimLock(files.lock).clear_if_stale()
+    if files.partial.exists() and not files.lock.exists():
+        shutil.rmtree(files.partial, ignore_errors=True)
 
 
 def _embed_unit(job: _Job, config: EmbedConfig, loaded, forward, workers: int, unit: Unit, counts: dict) -> None:

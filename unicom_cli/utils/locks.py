@@ -82,6 +82,13 @@ class ClaimLock:
             return None
         return describe_holder(self._read())
 
+    def clear_if_stale(self) -> None:
+        """Remove the lock when its holder is a dead process of this host (a killed run's claim)."""
+        if self.path.exists():
+            holder = self._read()
+            if _alive_here(holder) is False:
+                self._take_over(holder)
+
     def _read(self) -> str:
         try:
             return self.path.read_text(errors="replace").strip()
