@@ -231,3 +231,36 @@ def test_a_second_run_of_the_same_part_is_refused_naming_the_holder(many_shards,
     finally:
         first.send_signal(signal.SIGKILL)
         first.communicate()
+
+
+def test_search_and_serve_resolve_hits_to_shard_keys_and_metadata(shards, tmp_path, tiny_spec_file,
+                                                                   tiny_checkpoint, capsys):
+    """tar shards → embed -o feats/ → index feats/ → search: each hit is <shard>/<key> with the
+    json/txt of its sample; the service's JSON carries the same metadata."""
+    import csv
+
+    from fastapi.testclient import TestClient
+
+    from unicom_cli.index import Index
+    from unicom_cli.serve.app import create_app
+
+    folder = shards[0]
+    out = tmp_path / "feats"
+    assert main(_embed(folder, f"{out}/", tiny_spec_file, tiny_checkpoint, "--workers", "0")) == 0
+    assert main(["index", str(out), "-o", str(tmp_path / "i.index"), "--index", "flat"]) == 0
+    rows = _rows(out)
+    query = np.stack([rows["00002/000015"], rows["00000/000003"]])
+    np.save(tmp_path / "q.npy", query)
+    assert main(["search", str(tmp_path / "i.index"), str(tmp_path / "q.npy"), "-k", "3",
+                 "-o", str(tmp_path / "r.csv")]) == 0
+    capsys.readouterr()
+    with open(tmp_path / "r.csv", newline="") as handle:
+        hits = list(csv.DictReader(handle))
+    assert [h["id"] for h in hits if h["rank"] == "1"] == ["00002/000015", "00000/000003"]
+    for hit in hits:
+        n = int(hit["id"].split("/")[1])
+        assert (hit["caption"], hit["n"], hit["txt"]) == (f"image {n}", str(n), f"text {n}")
+    with TestClient(create_app(Index.load(tmp_path / "i.index"), embedder=None)) as client:
+        answer = client.post("/search?k=2", json={"vector": query[0].tolist()}).json()
+    top = answer["results"][0]
+    assert top["id"] == "00002/000015" and top["metadata"] == {"caption": "image 15", "n": 15, "txt": "text 15"}

@@ -92,6 +92,9 @@ class _Service:
             queue_size=settings.queue_size, max_cost=settings.queue_bytes)
         # Decoders (libjpeg-turbo, Pillow) run one core each: more at once only holds more pixels.
         self.decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
+        from unicom_cli.index.metadata import RowMetadata  # a hit's table columns / tar sample json
+
+        self.metadata = RowMetadata.of(getattr(index, "meta", None) or {})
 
     def info(self) -> dict:
         return {"count": self.count, "dim": self.index.dim, "model": self.index.meta.get("model"),
@@ -108,7 +111,8 @@ class _Service:
                                 headers={"Retry-After": "1"}) from None
         results = [{"rank": rank, "row": int(row), "id": self.index.ids[row],
                     "path": str(self.index.path_of(int(row))), "score": float(score),
-                    "thumbnail": f"/images/{int(row)}?size=256"}
+                    "thumbnail": f"/images/{int(row)}?size=256",
+                    **({"metadata": self.metadata.get(int(row))} if self.metadata else {})}
                    for rank, (score, row) in enumerate(zip(scores, rows), start=1) if row >= 0]
         return {"results": results, "took_ms": round((time.perf_counter() - start) * 1000, 2)}
 
