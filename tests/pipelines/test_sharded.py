@@ -264,3 +264,18 @@ def test_search_and_serve_resolve_hits_to_shard_keys_and_metadata(shards, tmp_pa
         answer = client.post("/search?k=2", json={"vector": query[0].tolist()}).json()
     top = answer["results"][0]
     assert top["id"] == "00002/000015" and top["metadata"] == {"caption": "image 15", "n": 15, "txt": "text 15"}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_worker_count_and_batch_numbering_do_not_change_the_bytes(shards, tmp_path, tiny_spec_file,
+                                                                  tiny_checkpoint, capsys):
+    """Batches are numbered across shards and dealt to the decoders in turn: 0, 1 or 3 decoders
+    (7 samples a shard, batches of 4: the shards end mid-batch) write the same bytes."""
+    folder = shards[0]
+    results = []
+    for workers in ("0", "1", "3"):
+        out = tmp_path / f"w{workers}"
+        assert main(_embed(folder, f"{out}/", tiny_spec_file, tiny_checkpoint, "--workers", workers)) == 0
+        results.append(_shard_bytes(out))
+    capsys.readouterr()
+    assert len(results[0]) == 6 and results[0] == results[1] == results[2]

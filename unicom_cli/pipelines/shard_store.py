@@ -207,13 +207,12 @@ class UnitWriter:
         self._last = time.monotonic()
 
     def _read_state(self) -> dict:
-        try:
-            state = json.loads((self.files.partial / "state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        if state.get("dim") != self.dim or state.get("dtype") != self.dtype.name:
-            return {}
-        return state
+        return _read_state(self.files, self.dim, self.dtype.name)
+
+    @staticmethod
+    def resume_point(files: UnitFiles, dim: int, dtype: str) -> int:
+        """Items of the unit already written by an interrupted run (0 for a fresh unit)."""
+        return int(_read_state(files, dim, np.dtype(dtype).name).get("items", 0))
 
     def write(self, rows: np.ndarray, ids: list[str], metas: list[dict], reasons: list[str]) -> None:
         """Append one batch: good rows with their ids and metadata, and the failures."""
@@ -269,6 +268,17 @@ class UnitWriter:
         """Stop without finishing (interrupted): keep everything up to the last checkpoint."""
         for handle in self.handles.values():
             handle.close()
+
+
+def _read_state(files: UnitFiles, dim: int, dtype: str) -> dict:
+    """An unfinished unit's checkpoint ({} when there is none, or it is of other rows)."""
+    try:
+        state = json.loads((files.partial / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(state, dict) or state.get("dim") != dim or state.get("dtype") != dtype:
+        return {}
+    return state
 
 
 def _one_line(text: str) -> str:

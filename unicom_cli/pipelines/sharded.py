@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicom_cli.data.sources import Source, TarUnit, Unit, open_source
+from unicom_cli.data.sources import Source, Unit, open_source
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects
 from unicom_cli.errors import OutputInUse, UsageError
@@ -170,32 +170,39 @@ def _embed_units(job: _Job, config: EmbedConfig, loaded) -> tuple[int, dict, lis
     forward = model_forward(loaded)
     workers = config.workers if config.workers is not None else default_workers(forward.device.type)
     counts = {"embedded": 0, "resumed": 0, "seconds": 0.0}
-    held: list[tuple[str, str]] = []
     todo = [u for u in job.mine if not job.folder.unit(u.name).done()]
+    done_before = len(job.mine) - len(todo)
     for unit in job.mine:
         if unit not in todo:  # a run killed while finishing a unit may have left its claim and work folder
             _tidy_finished(job.folder.unit(unit.name))
-    done_before = len(job.mine) - len(todo)
-    model = getattr(loaded, "model", None)
-    if model is not None:
-        model.eval()
-    with progress_bar(len(job.mine), "embed", unit="shards", enabled=config.progress,
-                      completed=done_before) as bar:
-        for unit in todo:
-            files = job.folder.unit(unit.name)
-            lock = ClaimLock(files.lock)
-            files.lock.parent.mkdir(parents=True, exist_ok=True)
-            holder = lock.try_acquire()
-            if holder is not None:
-                held.append((unit.name, holder))
-                continue
-            try:
-                if not files.done():  # finished by another job between the listing and the lock
-                    _embed_unit(job, config, loaded, forward, workers, unit, counts)
-            finally:
-                lock.release()
-            bar.advance(1)
+    claims, held = _claim(job, todo)
+    try:
+        mine = [u for u in todo if u.name in claims]
+        with progress_bar(len(job.mine), "embed", unit="shards", enabled=config.progress,
+                          completed=done_before) as bar:
+            _embed_claimed(job, config, loaded, forward, workers, mine, claims, counts, bar)
+    finally:
+        for lock in claims.values():
+            lock.release()
     return done_before, counts, held
+
+
+def _claim(job: _Job, units: list[Unit]) -> tuple[dict[str, ClaimLock], list[tuple[str, str]]]:
+    """Lock files for ``units``; those another live process holds are left to it."""
+    claims: dict[str, ClaimLock] = {}
+    held: list[tuple[str, str]] = []
+    for unit in units:
+        files = job.folder.unit(unit.name)
+        files.lock.parent.mkdir(parents=True, exist_ok=True)
+        lock = ClaimLock(files.lock)
+        holder = lock.try_acquire()
+        if holder is None and files.done():  # finished by another job between the listing and the lock
+            lock.release()
+        elif holder is None:
+            claims[unit.name] = lock
+        else:
+            held.append((unit.name, holder))
+    return claims, held
 
 
 def _tidy_finished(files) -> None:
@@ -207,29 +214,46 @@ def _tidy_finished(files) -> None:
         shutil.rmtree(files.partial, ignore_errors=True)
 
 
-def _embed_unit(job: _Job, config: EmbedConfig, loaded, forward, workers: int, unit: Unit, counts: dict) -> None:
+def _embed_claimed(job: _Job, config: EmbedConfig, loaded, forward, workers: int, units: list[Unit],
+                   claims: dict[str, ClaimLock], counts: dict, bar) -> None:
+    """One reader over all of ``units``; each unit's writer opens with its first batch and
+    finishes when the next unit's batches begin (a unit with nothing left finishes at once)."""
     from unicom_cli.pipelines.unit_reader import iter_unit_batches
 
-    files = job.folder.unit(unit.name)
-    writer = UnitWriter(files, job.dim, config.dtype)
-    counts["resumed"] += writer.items
-    pin = getattr(forward, "cuda", False)
+    skips = [UnitWriter.resume_point(job.folder.unit(u.name), job.dim, config.dtype) for u in units]
+    counts["resumed"] += sum(skips)
+    writers: dict[int, UnitWriter] = {}
+    finished = 0  # units before this index are finished
+
+    def finish_up_to(stop: int) -> None:
+        nonlocal finished
+        for n in range(finished, stop):
+            writer = writers.pop(n, None) or UnitWriter(job.folder.unit(units[n].name), job.dim, config.dtype)
+            writer.finish(job.record, job.source.kind in ("table", "tar"))
+            claims.pop(units[n].name).release()
+            bar.advance(1)
+        finished = max(finished, stop)
+
     began = time.perf_counter()
     try:
-        for batch in iter_unit_batches(unit, skip=writer.items, size=loaded.spec.input_size,
-                                       batch_size=config.batch_size, workers=workers, pin_memory=pin,
-                                       max_pixels=config.max_pixels, draft=config.draft):
+        for n, batch in iter_unit_batches(units, skips, size=loaded.spec.input_size, batch_size=config.batch_size,
+                                          workers=workers, pin_memory=getattr(forward, "cuda", False),
+                                          max_pixels=config.max_pixels, draft=config.draft):
+            finish_up_to(n)
+            if n not in writers:
+                writers[n] = UnitWriter(job.folder.unit(units[n].name), job.dim, config.dtype)
             feats, reasons = embed_pixels(forward, batch.pixels, batch.reasons)
             rows = postprocess(feats, job.renormalize, config.num_feat, config.dtype)
-            writer.write(rows, batch.ids, batch.metas, reasons)
+            writers[n].write(rows, batch.ids, batch.metas, reasons)
             counts["embedded"] += len(reasons)
+        finish_up_to(len(units))
     except BaseException:
-        writer.checkpoint()  # keep every finished batch: the next run resumes from here
-        writer.close()
+        for writer in writers.values():  # keep every finished batch: the next run resumes from here
+            writer.checkpoint()
+            writer.close()
         raise
-    counts["seconds"] += time.perf_counter() - began
-    with_metadata = job.source.kind in ("table", "tar") or isinstance(unit, TarUnit)
-    writer.finish(job.record, with_metadata)
+    finally:
+        counts["seconds"] += time.perf_counter() - began
 
 
 def _summary(job: _Job, manifest: dict, totals: list[dict], done_before: int, start: float) -> EmbedSummary:
