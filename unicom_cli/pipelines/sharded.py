@@ -216,37 +216,42 @@ def _tidy_finished(files) -> None:
 
 def _embed_claimed(job: _Job, config: EmbedConfig, loaded, forward, workers: int, units: list[Unit],
                    claims: dict[str, ClaimLock], counts: dict, bar) -> None:
-    """One reader over all of ``units``; each unit's writer opens with its first batch and
-    finishes when the next unit's batches begin (a unit with nothing left finishes at once)."""
+    """One reader over all of ``units``; a unit's writer opens with its first batch and finishes
+    with its last (a unit with nothing left to embed finishes after the loop)."""
     from unicom_cli.pipelines.unit_reader import iter_unit_batches
 
     skips = [UnitWriter.resume_point(job.folder.unit(u.name), job.dim, config.dtype) for u in units]
     counts["resumed"] += sum(skips)
     writers: dict[int, UnitWriter] = {}
-    finished = 0  # units before this index are finished
+    finished: set[int] = set()
 
-    def finish_up_to(stop: int) -> None:
-        nonlocal finished
-        for n in range(finished, stop):
-            writer = writers.pop(n, None) or UnitWriter(job.folder.unit(units[n].name), job.dim, config.dtype)
-            writer.finish(job.record, job.source.kind in ("table", "tar"))
-            claims.pop(units[n].name).release()
-            bar.advance(1)
-        finished = max(finished, stop)
+    def writer_of(n: int) -> UnitWriter:
+        if n not in writers:
+            writers[n] = UnitWriter(job.folder.unit(units[n].name), job.dim, config.dtype)
+        return writers[n]
+
+    def finish(n: int) -> None:
+        writer_of(n).finish(job.record, job.source.kind in ("table", "tar"))
+        del writers[n]
+        finished.add(n)
+        claims.pop(units[n].name).release()
+        bar.advance(1)
 
     began = time.perf_counter()
     try:
-        for n, batch in iter_unit_batches(units, skips, size=loaded.spec.input_size, batch_size=config.batch_size,
-                                          workers=workers, pin_memory=getattr(forward, "cuda", False),
-                                          max_pixels=config.max_pixels, draft=config.draft):
-            finish_up_to(n)
-            if n not in writers:
-                writers[n] = UnitWriter(job.folder.unit(units[n].name), job.dim, config.dtype)
+        for n, last, batch in iter_unit_batches(units, skips, size=loaded.spec.input_size,
+                                                batch_size=config.batch_size, workers=workers,
+                                                pin_memory=getattr(forward, "cuda", False),
+                                                max_pixels=config.max_pixels, draft=config.draft):
             feats, reasons = embed_pixels(forward, batch.pixels, batch.reasons)
             rows = postprocess(feats, job.renormalize, config.num_feat, config.dtype)
-            writers[n].write(rows, batch.ids, batch.metas, reasons)
+            writer_of(n).write(rows, batch.ids, batch.metas, reasons)
             counts["embedded"] += len(reasons)
-        finish_up_to(len(units))
+            if last:
+                finish(n)
+        for n in range(len(units)):
+            if n not in finished:
+                finish(n)
     except BaseException:
         for writer in writers.values():  # keep every finished batch: the next run resumes from here
             writer.checkpoint()
