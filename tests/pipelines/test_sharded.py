@@ -279,3 +279,17 @@ def test_worker_count_and_batch_numbering_do_not_change_the_bytes(shards, tmp_pa
         results.append(_shard_bytes(out))
     capsys.readouterr()
     assert len(results[0]) == 6 and results[0] == results[1] == results[2]
+
+
+def test_index_from_tar_shards_embeds_into_a_shard_folder_first(shards, tmp_path, tiny_spec_file,
+                                                                tiny_checkpoint, capsys):
+    from unicom_cli.index import Index
+
+    folder, _, by_id = shards
+    out = tmp_path / "i.index"
+    assert main(["index", f"{folder}/{{00000..00002}}.tar", "-o", str(out), "--model", str(tiny_spec_file),
+                 "--weights", str(tiny_checkpoint), "--precision", "fp32", "--workers", "0",
+                 "--index", "flat"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "i.index.feats" / "manifest.json").is_file()
+    assert sorted(Index.load(out).ids) == sorted(by_id)

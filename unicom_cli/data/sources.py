@@ -211,6 +211,16 @@ def is_tar(path: str | Path) -> bool:
     return str(path).lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
+def is_collection_source(input: str | Path) -> bool:
+    """Inputs that only a folder of feature shards can hold: tar shards (a pattern, a ``.tar``, a
+    folder of them) and tables. Folders of images and path lists can go either way."""
+    text = str(input)
+    if _BRACES.search(text) or is_tar(text) or Path(text).suffix.lower() in TABLE_SUFFIXES:
+        return True
+    path = Path(text)
+    return path.is_dir() and any(is_tar(p.name) for p in path.iterdir())
+
+
 def open_source(input: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
                 path_column: str = DEFAULT_PATH_COLUMN) -> Source:
     """The source ``input`` names, checked before any work.

@@ -29,14 +29,22 @@ def is_features(path: Path) -> bool:
 
 def features_path(index: Path, input_path: Path, n: int) -> Path:
     """Where a folder's embeddings are kept: beside the index, named after it, so that the
-    embed run resumes after an interruption and ``--add`` can re-tune against them later."""
+    embed run resumes after an interruption and ``--add`` can re-tune against them later.
+    Tar shards and tables get a folder of feature shards (``embed -o feats/``)."""
+    from unicom_cli.data.sources import is_collection_source
+
     index = Path(index)
     tag = "" if n == 0 else f"-{n}"
+    if is_collection_source(input_path):
+        return index.parent / f"{index.name}.feats{tag}"
     return index.parent / f"{index.name}.feats{tag}.npy"
 
 
 def _finished_for(embed: EmbedConfig) -> bool:
-    """True when ``embed.output`` is a finished embedding of the same input and model options."""
+    """True when ``embed.output`` is a finished embedding of the same input and model options
+    (a shard folder is never: `embed` itself skips its finished shards)."""
+    if embed.output.suffix != ".npy":
+        return False
     meta_path = embed.output.with_suffix(".json")
     if not (embed.output.is_file() and meta_path.is_file()):
         return False

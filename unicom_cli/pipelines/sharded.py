@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from unicom_cli.data.sources import Source, Unit, open_source
+from unicom_cli.data.sources import Source, Unit, is_collection_source, open_source
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects
 from unicom_cli.errors import OutputInUse, UsageError
@@ -42,13 +42,12 @@ def wants_shards(config: EmbedConfig) -> bool:
     """A folder of shards for tar or table input, for ``-o`` without ``.npy``, or when asked."""
     if config.sharded is not None:
         return config.sharded
-    text, output = str(config.input), Path(config.output)
+    output = Path(config.output)
     if output.suffix.lower() == ".npy":
         return False
     if (output / "run.json").is_file() or (output / MANIFEST_FILE).is_file():
         return True
-    return "{" in text or text.lower().endswith((".tar", ".parquet", ".csv", ".tsv")) or \
-        (Path(text).is_dir() and any(p.suffix == ".tar" for p in Path(text).iterdir()))
+    return is_collection_source(config.input)
 
 
 def parse_part(text: str) -> tuple[int, int]:
