@@ -293,3 +293,17 @@ def test_index_from_tar_shards_embeds_into_a_shard_folder_first(shards, tmp_path
     capsys.readouterr()
     assert (tmp_path / "i.index.feats" / "manifest.json").is_file()
     assert sorted(Index.load(out).ids) == sorted(by_id)
+
+
+def test_no_image_at_all_and_a_fifo_shard_are_one_line(tmp_path, tiny_spec_file, tiny_checkpoint, capsys):
+    """Shards with no embeddable sample: exit 2 naming the first failure (an exit 0 with an empty
+    collection would be wrong). A FIFO given as a shard: named before any work, nothing read."""
+    write_shard(tmp_path / "in" / "a.tar", [("x", {"txt": b"caption"}), ("y\nz", {"png": real_images(1)[0]})])
+    assert main(_embed(tmp_path / "in", f"{tmp_path / 'feats'}/", tiny_spec_file, tiny_checkpoint,
+                       "--workers", "0")) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "none of its 2 items could be embedded (first: a/x: no image member" in err
+    assert "a/y\\nz\tthe key contains a line break" in (tmp_path / "feats" / "a.failures.txt").read_text()
+    os.mkfifo(tmp_path / "pipe.tar")
+    assert main(_embed(tmp_path / "pipe.tar", f"{tmp_path / 'f2'}/", tiny_spec_file, tiny_checkpoint)) == 2
+    assert "pipe.tar: not a regular file; fix the pattern or list" in one_error_line(capsys.readouterr().err)

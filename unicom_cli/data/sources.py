@@ -141,6 +141,11 @@ class _SampleReader:
         if not self.want(position):
             return
         item_id = f"{self.unit.name}/{key}"
+        if "\n" in key or "\r" in key:  # cannot be one line of the ids file
+            escaped = key.replace("\n", "\\n").replace("\r", "\\r")
+            yield position, Item(f"{self.unit.name}/{escaped}", failure="the key contains a line break, "
+                                 "which cannot be one line of the ids file")
+            return
         if duplicate:
             yield position, Item(item_id, failure=f"duplicate key {key!r} in {self.unit.path} "
                                                   "(its first sample was kept)")
@@ -270,7 +275,8 @@ def tar_source(given: str, shards: list[str]) -> Source:
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
         more = f" (and {len(missing) - 1:,} more of {len(shards):,})" if len(missing) > 1 else ""
-        raise InputError(f"{missing[0]}: no such tar shard{more}; fix the pattern or list")
+        what = "not a regular file" if os.path.exists(missing[0]) else "no such tar shard"
+        raise InputError(f"{missing[0]}: {what}{more}; fix the pattern or list")
     common = os.path.commonpath([os.path.dirname(os.path.abspath(s)) for s in shards])
     names = [re.sub(r"\.(tar|tar\.gz|tgz)$", "", os.path.relpath(os.path.abspath(s), common),
                     flags=re.IGNORECASE).replace(os.sep, "/") for s in shards]

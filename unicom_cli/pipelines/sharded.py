@@ -22,7 +22,7 @@ from pathlib import Path
 from unicom_cli.data.sources import Source, Unit, is_collection_source, open_source
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects
-from unicom_cli.errors import OutputInUse, UsageError
+from unicom_cli.errors import InputError, OutputInUse, UsageError
 from unicom_cli.pipelines.batches import default_workers, embed_pixels, model_forward, postprocess
 from unicom_cli.pipelines.embed_setup import (
     EmbedConfig,
@@ -267,6 +267,10 @@ def _summary(job: _Job, manifest: dict, totals: list[dict], done_before: int, st
     for shard in manifest["shards"]:
         if shard["failures"] and len(failures) < 1000:
             failures.extend(failures_of(job.folder.unit(shard["name"])))
+    if manifest["complete"] and manifest["count"] == 0:
+        first = failures[0] if failures else ("?", "?")
+        raise InputError(f"{job.source.input}: none of its {manifest['failures']:,} items could be embedded "
+                         f"(first: {first[0]}: {first[1]}); the failures are listed in {job.folder.root}")
     if not manifest["complete"]:
         info(f"{manifest['shards_done']:,} of {manifest['units']:,} shards are finished in {job.folder.root}; "
              "the other parts (--part) or a rerun finish the rest")
