@@ -307,3 +307,17 @@ def test_no_image_at_all_and_a_fifo_shard_are_one_line(tmp_path, tiny_spec_file,
     os.mkfifo(tmp_path / "pipe.tar")
     assert main(_embed(tmp_path / "pipe.tar", f"{tmp_path / 'f2'}/", tiny_spec_file, tiny_checkpoint)) == 2
     assert "pipe.tar: not a regular file; fix the pattern or list" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_folder_of_another_run_is_refused_naming_what_differs(shards, tmp_path, tiny_spec_file,
+                                                                tiny_checkpoint, capsys):
+    folder = shards[0]
+    out = f"{tmp_path / 'feats'}/"
+    assert main(_embed(f"{folder}/00000.tar", out, tiny_spec_file, tiny_checkpoint, "--workers", "0")) == 0
+    before = _shard_bytes(tmp_path / "feats")
+    capsys.readouterr()
+    assert main(_embed(f"{folder}/00000.tar", out, tiny_spec_file, tiny_checkpoint, "--workers", "0",
+                       "--num-feat", "8")) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds shards of another run (" in err and "dim: was 16, now 8" in err and "--overwrite" in err
+    assert _shard_bytes(tmp_path / "feats") == before

@@ -41,8 +41,9 @@ from unicom_cli.utils.files import (
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-# Fields of run.json that may differ between the jobs writing into one folder.
-PER_JOB_FIELDS = ("world_size", "part", "date", "threads_per_process")
+# Fields of run.json that may differ between the jobs writing into one folder (the shards
+# themselves are compared by source_sha256, whatever path spelling a job was given).
+PER_JOB_FIELDS = ("world_size", "part", "date", "threads_per_process", "source")  # source: as typed
 
 
 class UnitFiles:
