@@ -321,3 +321,16 @@ def test_a_folder_of_another_run_is_refused_naming_what_differs(shards, tmp_path
     err = one_error_line(capsys.readouterr().err)
     assert "holds shards of another run (" in err and "dim: was 16, now 8" in err and "--overwrite" in err
     assert _shard_bytes(tmp_path / "feats") == before
+
+
+@pytest.mark.slow
+def test_two_ranks_of_one_run_take_whole_shards(many_shards, clean_run, tmp_path):
+    """--procs 2: each rank takes every other shard; the folder equals the 1-process run's."""
+    spec, ckpt, expected = clean_run
+    out = tmp_path / "feats"
+    done = subprocess.run([sys.executable, "-m", "unicom_cli",
+                           *_embed(many_shards, f"{out}/", spec, ckpt, "--workers", "0", "--procs", "2")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert _shard_bytes(out) == expected
+    assert json.loads((out / "manifest.json").read_text())["shards_done"] == 6
