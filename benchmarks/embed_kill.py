@@ -1,12 +1,12 @@
 """Kill test of `embed -o feats/`: a 2-process run SIGKILLed at random points, then finished, vs one never killed.
 
-    python benchmarks/embed_kill.py                 # 8 tar shards x 40 images, --procs 2, 3 kills
+    python benchmarks/embed_kill.py                 # 8 tar shards x 100 images, --procs 2, 3 kills
     python benchmarks/embed_kill.py --kills 5 --seed 7
 
-The uninterrupted run is timed first; each interrupted run is then started again on the same
-folder and its whole process group SIGKILLed at a uniformly random moment of that duration
-(checkpoints after every batch, so kills land inside shards, between them and in the manifest
-rewrite). A last run finishes the folder. Every feature file and id list must equal the
+The uninterrupted run comes first; each interrupted run is then started again on the same folder
+and its whole process group SIGKILLed once its checkpointed images pass a point drawn uniformly
+from the work left (checkpoints after every batch, so kills land inside shards and between
+them). A last run finishes the folder. Every feature file and id list must equal the
 uninterrupted run's byte for byte; the script prints what each kill left and exits 1 otherwise.
 """
 
@@ -38,6 +38,19 @@ def command(tars: Path, out: Path, spec: Path) -> list[str]:
             "--random-init", "--precision", "fp32", "--batch-size", "8", "--workers", "1", "--procs", "2"]
 
 
+def progress(folder: Path) -> int:
+    """Images checkpointed so far: finished shards' items plus unfinished shards' checkpoints."""
+    done = 0
+    for path in list(folder.glob("*.json")) + list(folder.glob("*.partial/state.json")):
+        if path.name in ("run.json", "manifest.json"):
+            continue
+        try:
+            done += int(json.loads(path.read_text()).get("items", 0))
+        except (OSError, ValueError):
+            pass  # being replaced this instant
+    return done
+
+
 def outputs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.npy")) + sorted(folder.glob("*.ids.txt"))}
 
@@ -45,7 +58,7 @@ def outputs(folder: Path) -> dict[str, bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--per-shard", type=int, default=40)
+    parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -64,17 +77,19 @@ def main() -> None:
         print(f"{args.shards} tar shards x {args.per_shard} images, --procs 2, tiny model: uninterrupted run "
               f"{duration:.1f} s, {len(expected)} files")
         killed = tmp / "killed"
+        total = args.shards * args.per_shard
         for n in range(args.kills):
-            at = rng.uniform(0.2, 1.0) * duration
+            target = rng.uniform(progress(killed), total)  # a random point of the work left
             proc = subprocess.Popen(command(tars, killed, spec), env={**ENV, "UNICOM_TEST_CHECKPOINT_S": "0"},
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            time.sleep(at)
+            while proc.poll() is None and progress(killed) < target:
+                time.sleep(0.01)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            done = len(list(killed.glob("*.npy")))
+            done = len([p for p in killed.glob("*.json") if p.name not in ("run.json", "manifest.json")])
             partial = len(list(killed.glob("*.partial")))
-            print(f"kill {n + 1}: SIGKILL at {at:.1f} s (exit {proc.returncode}); {done} shards finished, "
-                  f"{partial} unfinished")
+            print(f"kill {n + 1}: SIGKILL at {progress(killed):,} of {total:,} images (aimed at {target:,.0f}, "
+                  f"exit {proc.returncode}); {done} shards finished, {partial} unfinished")
         final = subprocess.run(command(tars, killed, spec), env=ENV, capture_output=True, text=True)
         if final.returncode != 0:
             print(f"the finishing run failed: {final.stderr.strip().splitlines()[-1:]}")
