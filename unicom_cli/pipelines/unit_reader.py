@@ -128,4 +128,4 @@ def iter_unit_batches(units: list[Unit], skips: list[int], *, size: int, batch_s
 
 def _batch(block: tuple) -> tuple[int, bool, Batch]:
     _, unit, last, positions, pixels, reasons, ids, metas = block
-    return unit, last, Batch(positions, pixels, list(reasons), list(ids), list(metas))
+    return unit, last, Batch(np.asarray(positions, dtype=np.int64), pixels, list(reasons), list(ids), list(metas))
