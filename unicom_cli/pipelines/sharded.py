@@ -86,6 +86,9 @@ def embed_sharded(config: EmbedConfig) -> EmbedSummary | None:
     validate(config)
     if config.head is not None:
         raise UsageError("--head writes predictions beside one .npy; use -o feats.npy with --head")
+    if config.overwrite and config.part[1] > 1:
+        raise UsageError(f"--overwrite with --part {config.part[0]}/{config.part[1]} would delete the other "
+                         f"parts' shards while they run; remove {config.output} once, then start the jobs")
     runtime = resolve_runtime(config)
     source = open_source(config.input, shard_size=config.shard_size, path_column=config.path_column)
     folder = ShardFolder(config.output)
