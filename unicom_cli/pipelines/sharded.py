@@ -274,6 +274,8 @@ def _summary(job: _Job, manifest: dict, totals: list[dict], done_before: int, st
         first = failures[0] if failures else ("?", "?")
         raise InputError(f"{job.source.input}: none of its {manifest['failures']:,} items could be embedded "
                          f"(first: {first[0]}: {first[1]}); the failures are listed in {job.folder.root}")
+    if embedded == 0 and manifest["complete"]:
+        info(f"{job.folder.root}: every shard was already finished; nothing embedded by this run")
     if not manifest["complete"]:
         info(f"{manifest['shards_done']:,} of {manifest['units']:,} shards are finished in {job.folder.root}; "
              "the other parts (--part) or a rerun finish the rest")
