@@ -31,6 +31,11 @@ def shard_features(folder: str | Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{manifest_path}: not a readable shard manifest ({exc}); rerun `unicom embed` "
                          f"into {folder} to rewrite it") from exc
+    if not manifest.get("complete", True):
+        from unicom_cli.utils.console import warn
+
+        warn(f"{folder}: {len(shards):,} of {manifest.get('units')} shards are finished; indexing "
+             f"those (add the others later with `unicom index --add {folder} INDEX`)")
     out = []
     for shard in shards:
         npy = folder / shard["features"]
