@@ -61,7 +61,7 @@ def embed(
     head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per output shard for folders, lists and tables (-o folder/); a tar shard is always one output shard.")] = 10_000,
     path_column: Annotated[str, typer.Option("--path-column", help="The column of a parquet/CSV table that holds the image paths; the other columns are carried into <shard>.meta.jsonl.")] = "path",
-    part: Annotated[Optional[str], typer.Option("--part", help="I/N: embed only the I-th of N interleaved sets of shards (independent jobs writing into one -o folder).", show_default=False)] = None,
+    part: Annotated[Optional[str], typer.Option("--part", help="I/N: embed only the I-th of N interleaved sets of shards (independent jobs writing into one -o folder); slurm: this task of a SLURM job array.", show_default=False)] = None,
     *,
     launch: LaunchConfig,
 ) -> None:

@@ -51,11 +51,21 @@ def wants_shards(config: EmbedConfig) -> bool:
 
 
 def parse_part(text: str) -> tuple[int, int]:
-    """``"3/8"`` → (3, 8): the fourth of eight jobs."""
+    """``"3/8"`` → (3, 8): the fourth of eight jobs. ``"slurm"``: this task of a SLURM job array
+    (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT)."""
+    import os
+
+    if text == "slurm":
+        try:
+            task, first = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+            return parse_part(f"{task - first}/{int(os.environ['SLURM_ARRAY_TASK_COUNT'])}")
+        except (KeyError, ValueError):
+            raise UsageError("--part slurm: not a task of a SLURM job array (sbatch --array=0-N-1 sets "
+                             "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT)") from None
     try:
         index, count = (int(x) for x in text.split("/"))
     except ValueError:
-        raise UsageError(f"--part {text}: expected I/N, e.g. 0/4 for the first of four jobs") from None
+        raise UsageError(f"--part {text}: expected I/N, e.g. 0/4 for the first of four jobs, or slurm") from None
     if count < 1 or not 0 <= index < count:
         raise UsageError(f"--part {text}: I must be in 0…N-1 and N at least 1")
     return index, count
