@@ -31,6 +31,9 @@ EXAMPLES = [
     "unicom embed photos/ -o feats.npy --procs 2",
     "unicom embed photos/ -o mlcd.npy --model MLCD-ViT-L/14@336px",
     "unicom embed photos/ -o dino.npy --model hf:facebook/dinov2-base   # or timm:NAME, or a save_pretrained folder",
+    "unicom embed 'shards/{00000..00099}.tar' -o feats/ --gpus all   # one feature shard per tar",
+    "unicom embed 'shards/{00000..00099}.tar' -o feats/ --part 3/8   # job 3 of 8 (SLURM array)",
+    "unicom embed table.parquet -o feats/ --path-column filepath --shard-size 100000",
 ]
 
 SHOWN_FAILURES = 10
@@ -38,8 +41,8 @@ SHOWN_FAILURES = 10
 
 @launch_options
 def embed(
-    input: Annotated[Path, typer.Argument(help="Folder of images (scanned recursively) or a text file with one path per line.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output .npy (its folder is created); .ids.txt, .json and .failures.txt are written beside it.")] = Path("feats.npy"),
+    input: Annotated[str, typer.Argument(help="Folder of images (scanned recursively), a text file with one path per line, a parquet/CSV table, or WebDataset tar shards: 'shards/{00000..00099}.tar', a folder of .tar or a text file listing them.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output .npy (its folder is created; .ids.txt, .json and .failures.txt beside it), or a folder (feats/) of feature shards + manifest.json, the default for tar shards and tables.")] = "feats.npy",
     model: ModelOpt = "ViT-B/32",
     weights: WeightsOpt = None,
     random_init: RandomInitOpt = False,
@@ -58,22 +61,29 @@ def embed(
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", min=1, help="Skip images with more pixels than this (decompression bombs; default 178,956,970).", show_default=False)] = None,
     draft: Annotated[bool, typer.Option("--draft/--no-draft", help="Decode large JPEGs at reduced scale (kept ≥ 2x the input size): faster, embeddings differ slightly from the exact decode.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="Classifier head (.safetensors from eval-linear --save-classifier or finetune --task classify): also write <output>.predictions.csv with each image's class and probability.")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per output shard for folders, lists and tables (-o folder/); a tar shard is always one output shard.")] = 10_000,
+    path_column: Annotated[str, typer.Option("--path-column", help="The column of a parquet/CSV table that holds the image paths; the other columns are carried into <shard>.meta.jsonl.")] = "path",
+    part: Annotated[Optional[str], typer.Option("--part", help="I/N: embed only the I-th of N interleaved sets of shards (independent jobs writing into one -o folder); slurm: this task of a SLURM job array.", show_default=False)] = None,
     *,
     launch: LaunchConfig,
 ) -> None:
-    """Embed every image of a folder (or list) into one matrix, in input order.
+    """Embed every image of a folder, list, table or tar shards, in input order.
 
     Bad files are skipped and listed in the .failures.txt file; rows and ids stay aligned.
-    An interrupted run continues where it stopped when started again with the same arguments.
+    An interrupted run continues where it stopped when started again with the same arguments;
+    with -o folder/ finished shards are skipped and jobs may share the folder (--part).
     """
     from unicom_cli.utils.console import status
 
     status(f"loading {model} …")
     from unicom_cli.distributed.launch import run_command
     from unicom_cli.pipelines.embed import EmbedConfig, embed_images
+    from unicom_cli.pipelines.sharded import parse_part
 
+    sharded = True if output.endswith(("/", "\\")) or part is not None else None
     config = EmbedConfig(
-        input=input, output=output, model=model, weights=weights, pretrained=not random_init,
+        input=Path(input), output=Path(output), sharded=sharded,
+        shard_size=shard_size, path_column=path_column, part=parse_part(part) if part else (0, 1), model=model, weights=weights, pretrained=not random_init,
         seed=seed, mirror=mirror, cache_dir=cache_dir, runtime=runtime, batch_size=batch_size,
         workers=workers, device=device, precision=precision,
         normalize=(num_feat is not None) if normalize is None else normalize,

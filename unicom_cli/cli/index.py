@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 EXAMPLES = [
     "unicom index ./photos -o photos.index --model ViT-B/16   # embeds first (resumable)",
     "unicom index --add more.npy photos.index",
+    "unicom index feats/ -o laion.index --on-disk   # a folder of shards from `embed -o feats/`",
+    "unicom index --add feats/ laion.index   # only the shards not yet in the index",
     "unicom index feats.npy -o big.index --on-disk --max-memory 200G --procs 8   # lists on disk",
     "unicom index feats.npy --backend milvus --uri photos.db --collection photos   # embedded Milvus",
     "unicom index feats.npy -o milvus:http://milvus:19530#photos   # a Milvus server ($UNICOM_MILVUS_TOKEN)",
@@ -29,7 +31,7 @@ EXAMPLES = [
 @launch_options
 @model_options
 def index(
-    inputs: Annotated[List[str], typer.Argument(help="Feature files (.npy from `unicom embed`) or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
+    inputs: Annotated[List[str], typer.Argument(help="Feature files (.npy from `unicom embed`), shard folders (embed -o feats/), or image folders / path lists (embedded first). With --add, the last one is the index to extend.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="The index folder (default: <input name>.index here), or milvus:PATH.db#NAME / milvus:http://host:19530#NAME.", show_default=False)] = None,
     add: Annotated[bool, typer.Option("--add", help="Append the inputs to an existing index (same model, dimension and normalisation).")] = False,
     kind: Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf, ivfpq or a faiss factory string such as 'IVF4096,PQ64'.")] = "auto",

@@ -16,6 +16,7 @@ from unicom_cli.index.manifest import check_compatible
 from unicom_cli.index.fill import add_rows, fill, index_from_factory, new_index
 from unicom_cli.index.source import FeatureSource, open_source, relative_ids
 from unicom_cli.index.space import check_room, write_errors
+from unicom_cli.index.shards import expand_features, indexed_features
 from unicom_cli.index.folder import check_output, publish, temp_folder, write_folder
 from unicom_cli.index.store import INDEX_FILE, IVFDATA_FILE, Index, _faiss
 from unicom_cli.index.tune import RECALL_K, Tuning, held_out_queries, tune
@@ -40,7 +41,9 @@ SAME_EMBEDDING = "embed it with the same model and options"
 def _open_sources(cfg: BuildConfig) -> list[FeatureSource]:
     if not cfg.features:
         raise UsageError("give at least one feature file (.npy from `unicom embed`)")
-    sources = [open_source(p, cfg.normalize) for p in cfg.features]
+    # Shard folders expand to their shards; --add takes only those the index does not hold.
+    skip = indexed_features(cfg.output) if cfg.add else set()
+    sources = [open_source(p, cfg.normalize) for p in expand_features(cfg.features, skip)]
     first = sources[0].model_fields()
     for src in sources[1:]:
         check_compatible(src.model_fields(), first, str(src.npy), str(sources[0].npy), SAME_EMBEDDING)

@@ -16,7 +16,7 @@ from unicom_cli.index.tune import Tuning
 class BuildConfig:
     """Everything ``unicom index`` needs to build (or extend) an index from feature files."""
 
-    features: list[Path]  # embed outputs (.npy with .ids.txt and .json beside), in row order
+    features: list[Path]  # embed outputs (.npy + .ids.txt + .json) or shard folders (manifest.json), in row order
     output: Path  # the index folder
     index: str = "auto"  # auto|flat|hnsw|ivf|ivfpq|<faiss factory string>
     max_memory: int | None = None  # bytes; None: half the RAM

@@ -10,16 +10,13 @@ Two entry points share one batch loop:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from unicom_cli.data.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageDataset,
     ImageList,
     LINE_BREAK_REASON,
     PathList,
@@ -29,10 +26,19 @@ from unicom_cli.data.images import (
 from unicom_cli.distributed import barrier, is_main, rank, world_size
 from unicom_cli.distributed.comm import gather_objects, gather_rows, shard_range
 from unicom_cli.errors import DistributedError, InputError, UsageError
-from unicom_cli.models.forward import PixelForward
-from unicom_cli.pipelines.features import NONFINITE_REASON, Features
+from unicom_cli.pipelines.batches import iter_batches, postprocess
+from unicom_cli.pipelines.embed_setup import (
+    EmbedConfig,
+    EmbedSummary,
+    fingerprint,
+    forward_threads,
+    load_model,
+    model_output,
+    resolve_runtime,
+    validate,
+)
+from unicom_cli.pipelines.features import Features
 from unicom_cli.pipelines.writer import (
-    DTYPES,
     OutputFiles,
     PartWriter,
     assemble,
@@ -41,81 +47,16 @@ from unicom_cli.pipelines.writer import (
     rows_done_total,
 )
 from unicom_cli.utils.console import info, progress_bar
-from unicom_cli.utils.cpu import cores_per_process
 from unicom_cli.utils.files import output_lock
 
 if TYPE_CHECKING:
-
-    from unicom_cli.export.runtime import OnnxModel
     from unicom_cli.models.factory import LoadedModel
-    from unicom_cli.models.registry import ModelSpec
+
+__all__ = ["EmbedConfig", "EmbedSummary", "embed_images", "extract_features", "batch_shard"]
 
 
 # ---------------------------------------------------------------------------------------------
 # The batch loop
-
-
-def default_workers(device_type: str) -> int:
-    """Decoding processes per rank: this rank's share of the cores on CUDA; on CPU, where the
-    forward pass needs the cores, one per two cores but at least two (on 2 cores two decoders
-    gave b/a 0.88-0.90 against 0.84-0.86 for one, benchmarks/embed_throughput.py)."""
-    share = cores_per_process(world_size())
-    return min(share, 12) if device_type == "cuda" else max(min(share, 2), share // 2)
-
-
-def _is_onnx(loaded: "LoadedModel | OnnxModel") -> bool:
-    from unicom_cli.export.runtime import OnnxModel  # light: onnxruntime loads on first session
-
-    return isinstance(loaded, OnnxModel)
-
-
-def iter_batches(images: ImageList, positions: Sequence[int], loaded: "LoadedModel | OnnxModel", *,
-                 batch_size: int, workers: int | None, draft: bool = False,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Yield (dataset positions, fp32 embeddings with failed rows zeroed, reasons) per batch.
-
-    Batches are consecutive runs of ``positions`` of ``batch_size`` (the last may be shorter):
-    the same composition on every run, which makes resumed output bitwise equal on CPU.
-    ``loaded`` is a PyTorch model or an exported graph run by ONNX Runtime: only this forward
-    step differs between the two.
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    onnx = _is_onnx(loaded)
-    forward = loaded if onnx else PixelForward(loaded)
-    if workers is None:
-        workers = default_workers(forward.device.type)
-    dataset = ImageDataset(images, positions, loaded.spec.input_size, max_pixels=max_pixels,
-                           draft=draft, geometry=loaded.spec.geometry)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        pin_memory=not onnx and forward.cuda,  # ONNX Runtime reads host numpy arrays
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,  # one pass over the data: nothing to keep alive for
-    )
-    if len(dataset) == 0:  # a rank with nothing to do (more ranks than batches)
-        return
-    model = None if onnx else loaded.model
-    was_training = model is not None and model.training
-    if model is not None:
-        model.eval()
-    try:
-        for pos, pixels, reasons in loader:
-            with torch.inference_mode():  # not around the yield: the caller's code runs outside
-                feats = forward(pixels).numpy()
-            reasons = list(reasons)
-            nonfinite = ~np.isfinite(feats).all(axis=1)
-            for i in np.flatnonzero(nonfinite):  # never a good row: listed as a failure
-                reasons[i] = reasons[i] or NONFINITE_REASON
-            bad = np.array([bool(r) for r in reasons])
-            if bad.any():
-                feats[bad] = 0.0
-            yield pos.numpy().astype(np.int64), feats, list(reasons)
-    finally:
-        if model is not None:
-            model.train(was_training)
 
 
 def batch_shard(total: int, batch_size: int) -> range:
@@ -126,16 +67,6 @@ def batch_shard(total: int, batch_size: int) -> range:
     when the batch composition changes).
     """
     return shard_range(total, align=batch_size)
-
-
-def postprocess(feats: np.ndarray, normalize: bool, num_feat: int | None, dtype: str) -> np.ndarray:
-    """L2-normalise (zero rows stay zero), keep the first ``num_feat`` dims (SPEC §2), cast."""
-    if normalize:
-        norms = np.linalg.norm(feats, axis=1, keepdims=True)
-        feats = feats / np.maximum(norms, 1e-12)
-    if num_feat is not None:
-        feats = feats[:, :num_feat]
-    return np.ascontiguousarray(feats, dtype=np.dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,148 +112,6 @@ def extract_features(paths: Sequence[Path], loaded: "LoadedModel", *, batch_size
 # On disk: embed_images (`unicom embed`)
 
 
-@dataclass
-class EmbedConfig:
-    """Everything ``unicom embed`` needs; the CLI fills it from the command line."""
-
-    input: Path  # a folder (scanned recursively) or a text file with one path per line
-    output: Path  # feats.npy; siblings .ids.txt, .json, .failures.txt
-    model: str = "ViT-B/32"  # or, with runtime "onnx", a .onnx file written by `unicom export`
-    weights: Path | None = None  # state dict instead of the published weights
-    runtime: str | None = None  # "torch" or "onnx" (ONNX Runtime); None: onnx for a .onnx model
-    pretrained: bool = True  # False: random weights (--random-init, benchmarks), never downloads
-    seed: int = 0  # seed of the random weights
-    mirror: str | None = None  # where to download published weights from
-    cache_dir: Path | None = None  # weights cache (default $UNICOM_HOME or ~/.cache/unicom)
-    batch_size: int = 64  # per process
-    workers: int | None = None  # decoding processes per rank; None: default_workers()
-    device: str = "auto"
-    precision: str | None = "auto"  # auto/fp32/fp16/bf16 (models.factory.resolve_inference_precision)
-    normalize: bool = False  # L2-normalise rows
-    num_feat: int | None = None  # keep the first K dims after normalising (implies normalize)
-    dtype: str = "float32"  # or float16
-    overwrite: bool = False
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-    # JPEG draft decoding of large photos: faster, but moves embeddings a little more than
-    # resampling noise (measured by benchmarks/embed_throughput.py --draft-check), so opt-in.
-    draft: bool = False
-    progress: bool = True
-    head: Path | None = None  # classifier head: also write <stem>.predictions.csv
-
-
-@dataclass
-class EmbedSummary:
-    """What a finished run produced, for the CLI's summary."""
-
-    count: int  # rows written
-    total: int  # images listed
-    failures: list[tuple[str, str]]  # (id, reason)
-    dim: int
-    dtype: str
-    seconds: float
-    images_per_s: float  # images embedded by this invocation / time of the embedding loop
-    resumed_from: int  # images already done by an interrupted run
-    outputs: list[Path] = field(default_factory=list)
-
-
-RUNTIMES = ("torch", "onnx")
-
-
-def _runtime(config: EmbedConfig) -> str:
-    """The runtime asked for, or implied by the model's file name; its options checked."""
-    runtime = config.runtime or ("onnx" if str(config.model).endswith(".onnx") else "torch")
-    if runtime not in RUNTIMES:
-        raise UsageError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
-    if runtime == "torch" and str(config.model).endswith(".onnx"):
-        raise UsageError(f"--model {config.model} is an ONNX graph: use --runtime onnx")
-    if runtime == "onnx":
-        if not str(config.model).endswith(".onnx"):
-            raise UsageError(f"--runtime onnx runs a graph written by `unicom export`: pass "
-                             f"--model model.onnx, not {config.model}")
-        if config.weights is not None or config.precision not in (None, "auto"):
-            raise UsageError("--weights and --precision are fixed inside an ONNX graph at export; "
-                             "drop them with --runtime onnx")
-        from unicom_cli.export.runtime import import_onnxruntime
-
-        import_onnxruntime()
-    return runtime
-
-
-def _validate(config: EmbedConfig) -> None:
-    if config.dtype not in DTYPES:
-        raise UsageError(f"--dtype {config.dtype}: choose one of {', '.join(DTYPES)}")
-    if config.num_feat is not None and not config.normalize:
-        raise UsageError("--num-feat keeps the first K dims after L2-normalising: it needs "
-                         "--normalize (the default when --num-feat is given)")
-    if config.max_pixels is not None and config.max_pixels < 1:
-        raise UsageError(f"--max-pixels {config.max_pixels}: must be positive")
-
-
-def _runtime_fields(loaded: "LoadedModel | OnnxModel") -> dict:
-    """Which runtime, device and arithmetic produce the rows (recorded and compared on resume)."""
-    if _is_onnx(loaded):
-        return {"runtime": "onnx", "device": loaded.device.type, "precision": loaded.precision}
-    return {"runtime": "torch", "device": next(loaded.model.parameters()).device.type,
-            "precision": loaded.precision}
-
-
-def _model_output(config: EmbedConfig, runtime: str) -> tuple["ModelSpec", int, bool]:
-    """(spec, dimensions the model emits, whether they come L2-normalised), without loading it."""
-    if runtime == "onnx":
-        from unicom_cli.export.metadata import read_onnx_metadata
-
-        spec, meta = read_onnx_metadata(Path(config.model))
-        return spec, int(meta["onnx"]["output_dim"]), bool(meta["onnx"]["normalized"])
-    from unicom_cli.models.families import resolve_spec
-
-    spec = resolve_spec(config.model, cache=config.cache_dir, mirror=config.mirror)
-    return spec, spec.embedding_size, False
-
-
-def _load_model(config: EmbedConfig, runtime: str) -> tuple["LoadedModel | OnnxModel", str]:
-    """The model (PyTorch, or the exported graph in ONNX Runtime) and the line that describes it."""
-    if runtime == "onnx":
-        from unicom_cli.export.runtime import OnnxModel
-
-        loaded = OnnxModel(config.model, device=config.device)
-        return loaded, f"{config.model} with ONNX Runtime on {loaded.device}, {loaded.precision} graph"
-    from unicom_cli.models.factory import create_model, describe_precision
-
-    loaded = create_model(config.model, weights=config.weights, pretrained=config.pretrained,
-                          seed=config.seed, device=config.device, precision=config.precision,
-                          mirror=config.mirror, cache=config.cache_dir)
-    return loaded, describe_precision(loaded, config.precision)
-
-
-def _fingerprint(config: EmbedConfig, images: ImageList, loaded: "LoadedModel | OnnxModel") -> dict:
-    """The arguments that decide the output's bytes; a resumed run must match them all."""
-    return {
-        "format": 1,
-        "input": str(Path(config.input).resolve()),
-        "images": len(images),
-        "paths_sha256": images.relative.digest(),
-        "model": loaded.spec.name,
-        "revision": getattr(loaded.spec, "revision", None),  # hub commit (hub models)
-        "weights_sha256": loaded.sha256,
-        "random_init_seed": getattr(loaded, "random_init_seed", None),  # None for an ONNX graph
-        "input_size": loaded.spec.input_size,
-        "normalize": config.normalize,
-        "num_feat": config.num_feat,
-        "dtype": config.dtype,
-        "batch_size": config.batch_size,
-        "world_size": world_size(),
-        **_runtime_fields(loaded),
-        "draft": config.draft,
-        "max_pixels": config.max_pixels,
-    }
-
-
-def _forward_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     """Embed a folder or path list into ``config.output``; returns the summary on rank 0.
 
@@ -330,6 +119,12 @@ def embed_images(config: EmbedConfig) -> EmbedSummary | None:
     interrupted at any point continues when started again with the same arguments. A second
     run on the same output is refused at once (the lock dies with the process holding it).
     """
+    from unicom_cli.pipelines.sharded import embed_sharded, wants_shards
+
+    if wants_shards(config):
+        return embed_sharded(config)
+    if config.part != (0, 1):
+        raise UsageError("--part splits the work by shards: give -o a folder (feats/)")
     files = OutputFiles.for_output(config.output)
     files.check_writable()
     with output_lock(files.feats):
@@ -375,30 +170,30 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
     from unicom_cli._version import __version__
 
     start_time = time.perf_counter()
-    _validate(config)
-    runtime = _runtime(config)
+    validate(config)
+    runtime = resolve_runtime(config)
     images = list_images(config.input)
     files = OutputFiles.for_output(config.output)
     files.check_writable()
-    spec, model_dim, normalized_by_model = _model_output(config, runtime)
+    spec, model_dim, normalized_by_model = model_output(config, runtime)
     if config.num_feat is not None and config.num_feat > model_dim:
         raise UsageError(f"--num-feat {config.num_feat}: {spec.name} embeddings have only "
                          f"{model_dim} dimensions")
     head = _load_head(config, model_dim)
     plan = files.plan(config.overwrite)
 
-    loaded, description = _load_model(config, runtime)
+    loaded, description = load_model(config, runtime)
     if is_main():
         info(description)
-    fingerprint = _fingerprint(config, images, loaded)
-    digests = gather_objects(fingerprint["paths_sha256"])
+    record = fingerprint(config, images, loaded)
+    digests = gather_objects(record["paths_sha256"])
     if len(set(digests)) > 1:
         raise DistributedError(f"{config.input}: the ranks listed different files (files added "
                                "or removed during the scan, or the folder is not shared)")
     if plan == "resume":
-        files.check_resume(fingerprint)
+        files.check_resume(record)
     if is_main():
-        files.start(plan, fingerprint)
+        files.start(plan, record)
     resumed_total = rows_done_total(files.workdir, world_size()) if plan == "resume" else 0
     barrier()
 
@@ -447,10 +242,10 @@ def _embed_images(config: EmbedConfig) -> EmbedSummary | None:
         "normalized": config.normalize or normalized_by_model, "num_feat": config.num_feat,
         "input": str(Path(config.input).resolve()), "ids": files.ids.name,
         "failures_file": files.failures.name, "images": total, "draft": config.draft,
-        "max_pixels": config.max_pixels, "device": fingerprint["device"],
-        "precision": loaded.precision, "runtime": fingerprint["runtime"], "world_size": world,
+        "max_pixels": config.max_pixels, "device": record["device"],
+        "precision": loaded.precision, "runtime": record["runtime"], "world_size": world,
         # CPU bytes match a 1-process run when the forward ran with as many threads (README).
-        "threads_per_process": _forward_threads(),
+        "threads_per_process": forward_threads(),
     }
     unlisted = [(escape_line_breaks(name), LINE_BREAK_REASON) for name in images.unlisted]
     meta["images"] = total + len(unlisted)

@@ -23,7 +23,10 @@ class IndexJob:
 
 
 def is_features(path: Path) -> bool:
-    return Path(path).suffix.lower() == ".npy"
+    """A .npy from `unicom embed`, or a folder of feature shards (manifest.json)."""
+    from unicom_cli.index.shards import is_shard_folder
+
+    return Path(path).suffix.lower() == ".npy" or is_shard_folder(path)
 
 
 def features_folder(index: Path) -> Path:
@@ -37,8 +40,12 @@ def features_folder(index: Path) -> Path:
 
 
 def features_path(index: Path, input_path: Path, n: int) -> Path:
-    """The embed output of the ``n``-th image input (``feats.npy``, then ``feats-1.npy`` …)."""
-    return features_folder(index) / ("feats.npy" if n == 0 else f"feats-{n}.npy")
+    """The embed output of the ``n``-th image input (``feats.npy``, then ``feats-1.npy`` …); tar
+    shards and tables get a folder of feature shards (``feats/``, ``embed -o feats/``)."""
+    from unicom_cli.data.sources import is_collection_source
+
+    stem = "feats" if n == 0 else f"feats-{n}"
+    return features_folder(index) / (stem if is_collection_source(input_path) else f"{stem}.npy")
 
 
 def milvus_reference(output: str | None, uri: str | None, collection: str | None, first_input: Path) -> MilvusRef:
@@ -79,7 +86,10 @@ def _same_hub_model(meta: dict, model: str) -> bool:
 
 
 def _finished_for(embed: EmbedConfig) -> bool:
-    """True when ``embed.output`` is a finished embedding of the same input and model options."""
+    """True when ``embed.output`` is a finished embedding of the same input and model options
+    (a shard folder is never: `embed` itself skips its finished shards)."""
+    if embed.output.suffix != ".npy":
+        return False
     meta_path = embed.output.with_suffix(".json")
     if not (embed.output.is_file() and meta_path.is_file()):
         return False

@@ -53,6 +53,8 @@ class SearchOutcome:
     ids: list[list[str]]
     failures: list[tuple[str, str]]
     written: list[Path] = field(default_factory=list)
+    metadata: list[list[dict]] | None = None  # per hit, the columns of its source's .meta.jsonl
+    metadata_columns: list[str] = field(default_factory=list)
 
 
 def _check_outputs(cfg: SearchConfig) -> None:
@@ -164,6 +166,7 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
         names=[queries.names[i] for i in keep], files=[queries.files[i] for i in keep],
         scores=scores, rows=rows,
         ids=[[index.ids[r] if r >= 0 else "" for r in row] for row in rows], failures=failures)
+    _attach_metadata(outcome, index)
     if cfg.output is not None:
         outcome.written.append(write_results(cfg.output, outcome))
     if cfg.vis is not None:
@@ -207,20 +210,49 @@ def duplicates_picture(index, found, threshold: float):
                    ["the score under an image is its highest similarity to another image of its group"])
 
 
+def _attach_metadata(outcome: SearchOutcome, index) -> None:
+    """Each hit's metadata (the table columns or tar sample json/txt it was embedded with)."""
+    from unicom_cli.index.metadata import RowMetadata
+
+    found = RowMetadata.of(index.meta)
+    if found is None:
+        return
+    outcome.metadata = [[found.get(int(r)) if r >= 0 else {} for r in row] for row in outcome.rows]
+    keys = dict.fromkeys(k for hits in outcome.metadata for meta in hits for k in meta)
+    outcome.metadata_columns = list(keys)
+
+
+RESULT_COLUMNS = ["query", "rank", "id", "row", "score"]
+
+
+def _column(key: str) -> str:
+    """A metadata key as a results column (``meta_`` before a key that is one of ours)."""
+    return f"meta_{key}" if key in RESULT_COLUMNS else key
+
+
 def result_records(outcome: SearchOutcome):
-    """One record per (query, rank): query, rank (1-based), id, row, score."""
+    """One record per (query, rank): query, rank (1-based), id, row, score, then metadata columns."""
     for q, name in enumerate(outcome.names):
         for rank, (row, score) in enumerate(zip(outcome.rows[q], outcome.scores[q]), start=1):
             if row < 0:
                 continue
-            yield {"query": name, "rank": rank, "id": outcome.ids[q][rank - 1], "row": int(row),
-                   "score": float(score)}
+            record = {"query": name, "rank": rank, "id": outcome.ids[q][rank - 1], "row": int(row),
+                      "score": float(score)}
+            if outcome.metadata is not None:
+                meta = outcome.metadata[q][rank - 1]
+                record.update({_column(k): _cell(meta.get(k)) for k in outcome.metadata_columns})
+            yield record
+
+
+def _cell(value):
+    """Nested metadata values as JSON text, so every format holds them."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
 
 
 def write_results(path: Path, outcome: SearchOutcome) -> Path:
     """Write the results table as .csv, .jsonl or .parquet, atomically."""
     return write_table(path, list(result_records(outcome)),
-                       ["query", "rank", "id", "row", "score"])
+                       RESULT_COLUMNS + [_column(k) for k in outcome.metadata_columns])
 
 
 def write_table(path: Path, records: list[dict], columns: list[str]) -> Path:

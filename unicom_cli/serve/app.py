@@ -139,6 +139,9 @@ class _Service:
             queue_size=settings.queue_size, max_cost=settings.queue_bytes)
         # Decoders (libjpeg-turbo, Pillow) run one core each: more at once only holds more pixels.
         self.decoders = anyio.CapacityLimiter(max(1, torch.get_num_threads()))
+        from unicom_cli.index.metadata import RowMetadata  # a hit's table columns / tar sample json
+
+        self.metadata = RowMetadata.of(getattr(index, "meta", None) or {})
 
     def info(self) -> dict:
         loaded = getattr(self.embedder, "loaded", None)
@@ -154,7 +157,8 @@ class _Service:
         """One result: a refused row (its file is outside the collection) has no path or thumbnail."""
         path = self.files.shown_path(row)
         return {"rank": rank, "row": row, "id": self.index.ids[row], "path": path, "score": score,
-                "thumbnail": None if path is None else f"/images/{row}?size=256"}
+                "thumbnail": None if path is None else f"/images/{row}?size=256",
+                **({"metadata": self.metadata.get(row)} if self.metadata else {})}
 
     async def search(self, request: Request, k: int) -> dict:
         start = time.perf_counter()
