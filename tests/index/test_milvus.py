@@ -51,7 +51,7 @@ def test_flat_collection_searches_exactly_by_vector(tmp_path, capsys):
     assert main(["index", str(npy), "--backend", "milvus", "--uri", str(tmp_path / "photos.db"),
                  "--collection", "photos", "--index", "flat"]) == 0
     out = capsys.readouterr().out
-    assert "FLAT" in out and "wrote      milvus:" in out
+    assert "FLAT" in out and "wrote milvus:" in out
     index = _load(ref)
     assert len(index) == 3000 and index.dim == 32 and index.meta["backend"] == "milvus"
     assert index.meta["model"] == "tiny" and index.meta["weights_sha256"] == "a" * 64
@@ -115,7 +115,7 @@ def test_index_images_then_search_by_image_as_the_faiss_index(tmp_path, tiny_spe
     db = tmp_path / "m.db"
     assert main(["index", str(photos), "--backend", "milvus", "--uri", str(db), *model]) == 0
     feats = tmp_path / "photos.feats.npy"  # the embeddings, kept beside the .db
-    assert feats.is_file() and "wrote      milvus:" in capsys.readouterr().out
+    assert feats.is_file() and "wrote milvus:" in capsys.readouterr().out
     assert main(["index", str(feats), "-o", str(tmp_path / "f.index"), "--index", "flat"]) == 0
     results = {}
     for name, ref in (("milvus", f"milvus:{db}#photos"), ("faiss", str(tmp_path / "f.index"))):

@@ -9,8 +9,7 @@ import typer
 from unicom_cli.cli.options import CacheDirOpt, MirrorOpt
 
 EXAMPLES = [
-    "unicom download ViT-B/32 ViT-L/14",
-    "unicom download MLCD-ViT-B/32          # into huggingface_hub's cache",
+    "unicom download ViT-B/32 MLCD-ViT-B/32   # MLCD goes into huggingface_hub's cache",
     "unicom download --all --mirror http://host/unicom",
     "unicom download --verify",
     "unicom download ViT-L/14 --stall-budget 900   # a slow link: wait up to 15 minutes of stalls",

@@ -26,13 +26,9 @@ if TYPE_CHECKING:
     from unicom_cli.distributed.launch import LaunchConfig
 
 EXAMPLES = [
-    "unicom embed photos/ -o feats/photos.npy",
-    "unicom embed list.txt -o feats.npy --model ViT-L/14 --num-feat 256 --dtype float16",
-    "unicom embed photos/ -o feats.npy --procs 2",
-    "unicom embed photos/ -o mlcd.npy --model MLCD-ViT-L/14@336px",
-    "unicom embed photos/ -o dino.npy --model hf:facebook/dinov2-base   # or timm:NAME, or a save_pretrained folder",
-    "unicom embed 'shards/{00000..00099}.tar' -o feats/ --gpus all   # one feature shard per tar",
-    "unicom embed 'shards/{00000..00099}.tar' -o feats/ --part 3/8   # job 3 of 8 (SLURM array)",
+    "unicom embed photos/ -o feats/photos.npy --procs 2",
+    "unicom embed photos/ -o mlcd.npy --model MLCD-ViT-L/14@336px   # or hf:ORG/NAME, timm:NAME, a local folder",
+    "unicom embed 'shards/{00000..00099}.tar' -o feats/ --part 3/8   # one feature shard per tar; job 3 of 8",
     "unicom embed table.parquet -o feats/ --path-column filepath --shard-size 100000",
 ]
 

@@ -21,10 +21,7 @@ EXAMPLES = [
     "unicom index ./photos -o photos.index --model ViT-B/16   # embeds first (resumable)",
     "unicom index --add more.npy photos.index",
     "unicom index feats/ -o laion.index --on-disk   # a folder of shards from `embed -o feats/`",
-    "unicom index --add feats/ laion.index   # only the shards not yet in the index",
-    "unicom index feats.npy -o big.index --on-disk --max-memory 200G --procs 8   # lists on disk",
-    "unicom index feats.npy --backend milvus --uri photos.db --collection photos   # embedded Milvus",
-    "unicom index feats.npy -o milvus:http://milvus:19530#photos   # a Milvus server ($UNICOM_MILVUS_TOKEN)",
+    "unicom index feats.npy -o milvus:photos.db#photos   # Milvus (or milvus:http://host:19530#photos)",
 ]
 
 

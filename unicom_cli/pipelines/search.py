@@ -176,6 +176,11 @@ def run_search(cfg: SearchConfig) -> SearchOutcome:
     return outcome
 
 
+def _index_name(index) -> str:
+    """How a picture names the index: a folder's name, or a Milvus reference as given."""
+    return index.path.name if isinstance(index.path, Path) else str(index.path)
+
+
 def search_picture(index, outcome: SearchOutcome, given: int):
     """The ``--vis`` picture: a row per query and its results (their class is not known), with a
     note naming the queries that were skipped."""
@@ -192,7 +197,7 @@ def search_picture(index, outcome: SearchOutcome, given: int):
     notes = [f"{given:,} quer{'y' if given == 1 else 'ies'} given; {len(outcome.failures):,} skipped "
              "(unreadable): " + "; ".join(f"{path}: {reason}" for path, reason in outcome.failures[:5])
              + (" …" if len(outcome.failures) > 5 else "")] if outcome.failures else []
-    return Picture(f"unicom search {index.path.name}: {shown:,} quer{'y' if shown == 1 else 'ies'}", rows, notes)
+    return Picture(f"unicom search {_index_name(index)}: {shown:,} quer{'y' if shown == 1 else 'ies'}", rows, notes)
 
 
 def duplicates_picture(index, found, threshold: float):
@@ -205,7 +210,7 @@ def duplicates_picture(index, found, threshold: float):
         for n, (row, score) in enumerate(zip(members, scores), start=1)])
         for g, (members, scores) in enumerate(zip(found.groups, found.scores), start=1)]
     groups = f"{len(rows):,} group{'' if len(rows) == 1 else 's'}"
-    return Picture(f"unicom search {index.path.name} --duplicates: {groups} of near duplicates "
+    return Picture(f"unicom search {_index_name(index)} --duplicates: {groups} of near duplicates "
                    f"(similarity ≥ {threshold})", rows,
                    ["the score under an image is its highest similarity to another image of its group"])
 
