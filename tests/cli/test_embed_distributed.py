@@ -129,3 +129,31 @@ def test_resume_after_killing_one_process(data, tmp_path):
     assert "resumed" in stdout
     assert_same_files(out, data["one"])
     assert not (tmp_path / "k.npy.partial").exists()
+
+
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_sigterm_mid_run_is_one_line_and_nothing_after_it(data, tmp_path, target):
+    """A scheduler's SIGTERM (to the launcher, or to one worker) ends a 2-process embed with one
+    line naming what happened: no traceback from the surviving rank, no output at the final path."""
+    out = tmp_path / "t.npy"
+    state = tmp_path / "t.npy.partial" / "part-00001.state.json"
+    env = clean_env(UNICOM_TEST_CHECKPOINT_S="0")
+    launcher = unicom(*args(data["root"], out, data["spec"], data["ckpt"], "--procs", "2"), env=env)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and launcher.poll() is None:
+            if state.exists() and json.loads(state.read_text() or "{}").get("rows_done", 0) > 0:
+                break
+            time.sleep(0.002)
+        victim = launcher.pid if target == "launcher" else _workers_of(launcher.pid)[1]
+        os.kill(victim, signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0, err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "interrupted"))]
+    assert len(lines) == 1, err
+    if target == "rank 1":
+        assert "rank 1" in lines[0], err
+    assert not out.exists()

@@ -9,6 +9,7 @@ group and re-raise instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -41,6 +42,34 @@ def die_with_launcher(launcher_pid: int) -> None:
         return
     if os.getppid() != launcher_pid:  # it died before prctl took effect
         raise SystemExit(1)
+
+
+def note_stop_signal(rank: int, error_dir: Path) -> None:
+    """When SIGTERM reaches this worker, note when before dying of it: the launcher then stops the
+    other ranks with SIGTERM too, and only these times tell which rank was stopped first (the
+    agent's exit records carry whole seconds)."""
+    def noted(signum: int, _frame) -> None:
+        try:
+            write_json_atomic(error_dir / f"signal-rank{rank}.json", {"rank": rank, "time": time.time()},
+                              indent=None)
+        except OSError:
+            pass
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, noted)
+
+
+def _signal_times(error_dir: Path) -> dict[int, float]:
+    """rank → when a stop signal reached it (``note_stop_signal``)."""
+    times = {}
+    for path in error_dir.glob("signal-rank*.json"):
+        try:
+            record = json.loads(path.read_text())
+            times[int(record["rank"])] = float(record["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return times
 
 
 def is_collateral(exc: BaseException) -> bool:
@@ -142,8 +171,9 @@ def root_cause(error_dir: Path, exc: Exception) -> DistributedError:
     reported = {r["rank"] for r in records}
     # The agent stops the survivors with SIGTERM (or forwards SIGINT): another signal came first.
     stop_signals = (-int(signal.SIGTERM), -int(signal.SIGINT))
-    killed = sorted((f.exitcode in stop_signals, f.timestamp, rank, f) for rank, f in failures.items()
-                    if rank not in reported and f.exitcode < 0)
+    signalled = _signal_times(error_dir)
+    killed = sorted((f.exitcode in stop_signals, signalled.get(rank, math.inf), f.timestamp, rank, f)
+                    for rank, f in failures.items() if rank not in reported and f.exitcode < 0)
     primary = sorted((r for r in records if not r["collateral"]), key=lambda r: r["time"])
     if primary:
         first = primary[0]

@@ -41,6 +41,7 @@ from unicom_cli.distributed.failure import (
     LAUNCHER_PID_ENV,
     TIMEOUT_ENV,
     die_with_launcher,
+    note_stop_signal,
     fail,
     root_cause,
 )
@@ -181,6 +182,8 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
 
     if os.environ.get(LAUNCHER_PID_ENV):
         die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
+    if os.environ.get(ERROR_DIR_ENV):
+        note_stop_signal(group.rank, Path(os.environ[ERROR_DIR_ENV]))
     joined = False
     try:
         device = None
