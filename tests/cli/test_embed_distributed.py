@@ -102,9 +102,10 @@ def _workers_of(launcher: int) -> dict[int, int]:
     return found
 
 
-def test_resume_after_killing_one_process(data, tmp_path):
-    out = tmp_path / "k.npy"
-    state = tmp_path / "k.npy.partial" / "part-00001.state.json"
+def _signal_mid_run(data, out: Path, sig: int, target: str) -> tuple[subprocess.Popen, int, str]:
+    """Start a 2-process embed into ``out``, send ``sig`` to the launcher or to rank 1 once rank 1
+    has written its first batch; return (launcher, victim pid, its stderr)."""
+    state = Path(f"{out}.partial") / "part-00001.state.json"
     env = clean_env(UNICOM_TEST_CHECKPOINT_S="0")  # a resume point after every batch
     launcher = unicom(*args(data["root"], out, data["spec"], data["ckpt"], "--procs", "2"), env=env)
     try:
@@ -113,11 +114,18 @@ def test_resume_after_killing_one_process(data, tmp_path):
             if state.exists() and json.loads(state.read_text() or "{}").get("rows_done", 0) > 0:
                 break
             time.sleep(0.002)
-        victim = _workers_of(launcher.pid)[1]
-        os.kill(victim, signal.SIGKILL)  # rank 1, mid-run
+        victim = launcher.pid if target == "launcher" else _workers_of(launcher.pid)[1]
+        os.kill(victim, sig)
         _, err = launcher.communicate(timeout=60)
     finally:
         launcher.kill()
+    return launcher, victim, err
+
+
+def test_resume_after_killing_one_process(data, tmp_path):
+    out = tmp_path / "k.npy"
+    state = tmp_path / "k.npy.partial" / "part-00001.state.json"
+    launcher, victim, err = _signal_mid_run(data, out, signal.SIGKILL, "rank 1")  # rank 1, mid-run
     assert launcher.returncode != 0 and "rank 1 was killed by SIGKILL" in err, err
     assert not alive(victim) and not out.exists()
     done = json.loads(state.read_text())
@@ -136,20 +144,7 @@ def test_sigterm_mid_run_is_one_line_and_nothing_after_it(data, tmp_path, target
     """A scheduler's SIGTERM (to the launcher, or to one worker) ends a 2-process embed with one
     line naming what happened: no traceback from the surviving rank, no output at the final path."""
     out = tmp_path / "t.npy"
-    state = tmp_path / "t.npy.partial" / "part-00001.state.json"
-    env = clean_env(UNICOM_TEST_CHECKPOINT_S="0")
-    launcher = unicom(*args(data["root"], out, data["spec"], data["ckpt"], "--procs", "2"), env=env)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and launcher.poll() is None:
-            if state.exists() and json.loads(state.read_text() or "{}").get("rows_done", 0) > 0:
-                break
-            time.sleep(0.002)
-        victim = launcher.pid if target == "launcher" else _workers_of(launcher.pid)[1]
-        os.kill(victim, signal.SIGTERM)
-        _, err = launcher.communicate(timeout=60)
-    finally:
-        launcher.kill()
+    launcher, _, err = _signal_mid_run(data, out, signal.SIGTERM, target)
     assert launcher.returncode != 0, err
     assert "Traceback" not in err and "ConnectionResetError" not in err, err
     lines = [line for line in err.splitlines() if line.startswith(("error:", "interrupted"))]
