@@ -25,7 +25,8 @@ os.environ.setdefault("UNICOM_NO_PROGRESS", "1")
 import torch  # noqa: E402
 
 from unicom_cli.data.digits import write_digits_tree  # noqa: E402
-from unicom_cli.train.loop import FinetuneConfig, _train_spec, build_model, finetune, make_loader  # noqa: E402
+from unicom_cli.train.loaders import make_loader  # noqa: E402
+from unicom_cli.train.loop import FinetuneConfig, _train_spec, build_model, finetune  # noqa: E402
 from unicom_cli.train.partial_fc import PartialFC  # noqa: E402
 
 
