@@ -42,9 +42,12 @@ def test_same_features_same_C_as_sklearn(digits, C):
     W, b, _ = fit(torch.from_numpy(xtr), torch.from_numpy(ytr), 10, C)
     assert abs(_top1(xte, yte, W, b) - 100.0 * (sk.predict(xte) == yte).mean()) <= 0.2
     # Same objective, so nearly the same predictions and probabilities, not only the same accuracy.
+    # At C = 10 the minimum is flat and neither solver reaches it in 1,000 iterations: where
+    # sklearn stops moves with the BLAS thread count (0.993 agreement with 2 OpenBLAS threads,
+    # ≥ 0.995 with 1), so a handful of the 597 test digits may differ there.
     head = LinearHead(W.numpy(), b.numpy(), [str(i) for i in range(10)], normalize=False)
     pred, prob = head.predict(xte)
-    assert (pred == sk.predict(xte)).mean() >= 0.995
+    assert (pred == sk.predict(xte)).mean() >= (0.99 if C >= 10 else 0.995)
     assert np.abs(prob - sk.predict_proba(xte)[np.arange(len(xte)), pred]).mean() < 0.01
 
 
@@ -70,7 +73,9 @@ def test_objective_is_sklearns(digits):
     f, gW, gb = objective(W.numpy(), b.numpy())
     sk = LogisticRegression(C=C, max_iter=1000).fit(xtr, ytr)
     f_sk, _, _ = objective(sk.coef_, sk.intercept_)
-    assert abs(f - f_sk) / f_sk < 1e-4
+    # At least as low as sklearn's (whose own stopping point moves with the BLAS thread count:
+    # with 2 OpenBLAS threads it stops 1.6e-4 above our minimum on this data).
+    assert (f - f_sk) / f_sk < 1e-4
     scale = C * len(ytr)
     assert max(np.abs(gW).max(), np.abs(gb).max()) / scale < 1e-4
 

@@ -291,7 +291,7 @@ def test_index_from_tar_shards_embeds_into_a_shard_folder_first(shards, tmp_path
                  "--weights", str(tiny_checkpoint), "--precision", "fp32", "--workers", "0",
                  "--index", "flat"]) == 0
     capsys.readouterr()
-    assert (tmp_path / "i.index.feats" / "manifest.json").is_file()
+    assert (tmp_path / "i.index.features" / "feats" / "manifest.json").is_file()
     assert sorted(Index.load(out).ids) == sorted(by_id)
 
 

@@ -57,15 +57,19 @@ def indexed_features(index_folder: str | Path) -> set[str]:
 
 
 def expand_features(inputs: Iterable[str | Path], skip: set[str] = frozenset()) -> list[Path]:
-    """Feature files of ``inputs`` (folders expanded to their shards), without those in ``skip``.
+    """Feature files of ``inputs`` (folders expanded to their shards, less the shards in ``skip``).
 
+    A single ``.npy`` given again is kept: the build refuses it, naming it (a folder's shards
+    already in the index are skipped quietly, as ``--add feats/`` promises).
     Raises UsageError when nothing is left (every shard is already in the index).
     """
     inputs = list(inputs)
     out: list[Path] = []
     for item in inputs:
-        paths = shard_features(item) if is_shard_folder(item) else [Path(item)]
-        out.extend(p for p in paths if str(p.resolve()) not in skip)
+        if is_shard_folder(item):
+            out.extend(p for p in shard_features(item) if str(p.resolve()) not in skip)
+        else:
+            out.append(Path(item))
     if inputs and not out and skip:
         raise UsageError(f"{', '.join(map(str, inputs))}: every shard is already in the index; "
                          "nothing to add")

@@ -110,7 +110,7 @@ def create_model(
         seed: seed of the random init (the same seed gives the same network in every process).
         input_size: run at another resolution; pos_embed and the head are resampled.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; in a process group ``auto``/``cuda``
-            mean this rank's GPU; resolved before any download.
+            mean this rank's GPU.
         precision: ``fp32``/``fp16``/``bf16`` autocast for the blocks; ``auto``/None picks per
             device and CPU (``resolve_inference_precision``).
         mirror: where to download published weights from (see ``models.download.source_url``).
@@ -120,12 +120,13 @@ def create_model(
     spec = families.resolve_spec(name_or_path, cache=cache, mirror=mirror)
     if input_size and input_size != spec.input_size:
         spec = with_input_size(spec, input_size)
+    # Weights first: the UNICOM family fetches (or fails offline) before torch is even imported.
+    built = families.load(spec, weights, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate,
+                          cache=cache, mirror=mirror)
     from unicom_cli.distributed import device_for
     from unicom_cli.models.transforms import eval_transform
 
-    dev = resolve_device(device_for(device))  # an unavailable device fails before any download
-    built = families.load(spec, weights, pretrained=pretrained, seed=seed, drop_path_rate=drop_path_rate,
-                          cache=cache, mirror=mirror)
+    dev = resolve_device(device_for(device))
     model, spec = built.model, built.spec
     resolved = resolve_inference_precision(dev, precision)
     model.autocast_dtype = autocast_dtype(resolved, dev)
