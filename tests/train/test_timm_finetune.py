@@ -113,3 +113,26 @@ def test_classify_then_embed_the_folder_gives_the_trained_networks_numbers(digit
     # embed's decode route matches the PIL transform within 1/255 a pixel, not bit for bit
     scale = np.abs(expected).max()
     assert np.abs(ours - expected).max() < 2e-4 * scale < np.abs(before - expected).max() / 10
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled"])
+def test_damaged_timm_folder_is_one_line(damage, digits_small, tmp_path, capsys):
+    """A timm folder whose weights are cut short, or only pickled: one line naming it, exit 2, nothing written."""
+    import timm
+    from timm.models import save_for_hf
+
+    from tests.conftest import one_error_line
+    from unicom_cli.cli.app import main
+
+    folder = tmp_path / "model"
+    save_for_hf(timm.create_model("test_vit", num_classes=0), str(folder), safe_serialization=True)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    else:
+        weights.rename(folder / "pytorch_model.bin")
+    out = tmp_path / "feats.npy"
+    assert main(["embed", str(digits_small / "test"), "--model", str(folder), "-o", str(out), "--workers", "0"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ("model.safetensors" in line and "do not load" in line) if damage == "truncated" else "pickled" in line
+    assert not out.exists()

@@ -132,7 +132,7 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
         net = timm.create_model(arch, pretrained=True, **overlay, **kwargs)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt file, tensors that do not fit the architecture
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: its weights do not load into timm's {spec.repo} ({first}); "
+        raise InputError(f"{path}: its weights do not load into the timm network of {spec.name} ({first}); "
                          f"write or download the model again") from exc
     spec = dataclasses.replace(spec, revision=commit)
     sha256, _ = _weights_digest(files_folder)
