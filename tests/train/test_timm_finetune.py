@@ -49,12 +49,34 @@ def test_layer_decay_groups_are_timms_own():
     assert lr_of[id(named["net.blocks.5.mlp.fc1.weight"])] == lr_of[id(named["net.norm.weight"])] == 1.0
 
 
+def test_layer_decay_applies_with_partial_fc_too(tmp_path):
+    """--layer-decay without --task classify: the backbone by layer, the class centres last at
+    lr × --lr-pfc-weight (it was silently ignored there)."""
+    from timm.optim import param_groups_layer_decay
+
+    from unicom_cli.models.factory import create_model
+    from unicom_cli.train.loop import _make_optimizer
+    from unicom_cli.train.partial_fc import PartialFC
+
+    model = create_model(TIMM, pretrained=False, precision="fp32").model
+    pfc = PartialFC(64, 5)
+    cfg = _cfg(tmp_path, tmp_path / "run", lr=2.0, lr_pfc_weight=10, layer_decay=0.5)
+    optimizer, _ = _make_optimizer(cfg, model, pfc)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    timm_scale = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model.net, layer_decay=0.5)
+                  for p in g["params"]}
+    assert all(lr_of[id(p)] == 2.0 * timm_scale[id(p)] for p in model.parameters())
+    assert optimizer.param_groups[-1]["params"] == [pfc.weight] and optimizer.param_groups[-1]["lr"] == 20.0
+    assert min(lr_of.values()) == 2.0 * 0.5 ** 6
+
+
 def test_kill_and_resume_continues_exactly(digits_small, tmp_path):
-    """Partial FC (ArcFace margin): a run cut at step 5 and resumed logs the uninterrupted run's losses."""
-    full = finetune(_cfg(digits_small, tmp_path / "full"))
-    finetune(_cfg(digits_small, tmp_path / "cut", save_every=2, max_steps=5))
+    """Partial FC (ArcFace margin) with layer decay: a run cut at step 5 and resumed logs the
+    uninterrupted run's losses."""
+    full = finetune(_cfg(digits_small, tmp_path / "full", layer_decay=0.8))
+    finetune(_cfg(digits_small, tmp_path / "cut", layer_decay=0.8, save_every=2, max_steps=5))
     (tmp_path / "cut" / "metrics.jsonl").unlink()
-    resumed = finetune(_cfg(digits_small, tmp_path / "cut", save_every=2, resume="auto"))
+    resumed = finetune(_cfg(digits_small, tmp_path / "cut", layer_decay=0.8, save_every=2, resume="auto"))
     assert resumed.resumed_from.endswith("step-00000004")
     a, b = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "cut" / "metrics.jsonl")
     assert full.steps == 14 and sorted(b) == list(range(5, 15))

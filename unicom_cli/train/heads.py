@@ -83,8 +83,6 @@ def check_classify(cfg) -> None:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UsageError(f"--batch-size {cfg.batch_size}: Mixup/CutMix pair each image with another; "
                          f"use an even batch size or --mixup 0 --cutmix 0")
-    if not 0 < cfg.layer_decay <= 1:
-        raise UsageError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")
     if not 0 <= cfg.label_smoothing < 1:
         raise UsageError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1)")
 
@@ -109,8 +107,15 @@ def layer_id(name: str, depth: int) -> int:
 
 def param_groups(model: nn.Module, head: ClassifyHead, lr: float, weight_decay: float,
                  layer_decay: float) -> list[dict]:
+    """The backbone's groups (``backbone_groups``), then the head's parameters last (the
+    checkpoint relies on it)."""
+    return backbone_groups(model, lr, weight_decay, layer_decay) + [
+        {"params": [head.fc.weight, head.fc.bias], "lr": lr, "weight_decay": weight_decay}]
+
+
+def backbone_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups: lr × layer_decay^(top-layer) per layer; no weight decay on biases, norms
-    and the position embedding. The head's parameters come last (the checkpoint relies on it)."""
+    and the position embedding."""
     layers, top = _layers(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
@@ -122,8 +127,7 @@ def param_groups(model: nn.Module, head: ClassifyHead, lr: float, weight_decay: 
             "params": [], "lr": lr * layer_decay ** (top - layer),
             "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(p)
-    ordered = [groups[k] for k in sorted(groups)]
-    return ordered + [{"params": [head.fc.weight, head.fc.bias], "lr": lr, "weight_decay": weight_decay}]
+    return [groups[k] for k in sorted(groups)]
 
 
 def _layers(model: nn.Module) -> tuple[dict[str, int], int]:
