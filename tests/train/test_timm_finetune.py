@@ -158,3 +158,33 @@ def test_damaged_timm_folder_is_one_line(damage, digits_small, tmp_path, capsys)
     line = one_error_line(capsys.readouterr().err)
     assert ("model.safetensors" in line and "do not load" in line) if damage == "truncated" else "pickled" in line
     assert not out.exists()
+
+
+def test_index_of_a_timm_folder_searches_with_it_and_refuses_other_weights(digits_small, tmp_path, capsys):
+    """index.json records the folder and its SHA-256: search re-creates the network; once the
+    folder holds other weights (a new finetune run) it refuses, naming the file."""
+    import timm
+    from timm.models import save_for_hf
+
+    from tests.conftest import one_error_line
+    from unicom_cli.cli.app import main
+
+    folder = tmp_path / "model"
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("test_vit", num_classes=0), str(folder), safe_serialization=True)
+    images, index = digits_small / "test", tmp_path / "idx"
+    assert main(["index", str(images), "-o", str(index), "--model", str(folder), "--precision", "fp32",
+                 "--workers", "0"]) == 0
+    recorded = json.loads((index / "index.json").read_text())
+    import hashlib
+
+    assert hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() in json.dumps(recorded)
+    query = sorted((images / "7").iterdir())[0]
+    capsys.readouterr()
+    assert main(["search", str(index), str(query), "-k", "1"]) == 0
+    rows = [line.split("│") for line in capsys.readouterr().out.splitlines() if line.count("│") == 2]
+    assert rows[0][2].strip() == f"7/{query.name}" and float(rows[0][1]) > 0.9999  # itself, top 1
+    torch.manual_seed(1)
+    save_for_hf(timm.create_model("test_vit", num_classes=0), str(folder), safe_serialization=True)
+    assert main(["search", str(index), str(query), "-k", "1"]) != 0
+    assert "SHA-256" in one_error_line(capsys.readouterr().err)
