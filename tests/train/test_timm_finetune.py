@@ -19,7 +19,7 @@ TIMM = "timm:test_vit.r160_in1k"  # 6 blocks, width 64, 160 px: 0.3 M parameters
 
 def _cfg(data: Path, out: Path, **kw) -> FinetuneConfig:
     base = dict(arch=TIMM, pretrained=False, dataset=f"folder:{data}", output=out, epochs=2, batch_size=8,
-                lr=1e-3, lr_pfc_weight=10, device="cpu", eval_every=0, log_every=1, workers=0, seed=7,
+                lr=3e-4, lr_pfc_weight=30, m2=0.3, device="cpu", eval_every=0, log_every=1, workers=0, seed=7,
                 precision="fp32")
     base.update(kw)
     return FinetuneConfig(**base)
@@ -81,8 +81,8 @@ def test_kill_and_resume_continues_exactly(digits_small, tmp_path):
     a, b = _losses(tmp_path / "full" / "metrics.jsonl"), _losses(tmp_path / "cut" / "metrics.jsonl")
     assert full.steps == 14 and sorted(b) == list(range(5, 15))
     assert [b[s] for s in b] == [a[s] for s in b]  # exact on CPU
-    steps = sorted(a)
-    assert np.mean([a[s] for s in steps[-4:]]) < np.mean([a[s] for s in steps[:4]]) - 1.0  # it learns
+    epoch1, epoch2 = np.mean([a[s] for s in range(1, 8)]), np.mean([a[s] for s in range(8, 15)])
+    assert epoch2 < epoch1 - 2.0  # it learns (19.7 → 14.5 here)
     from safetensors.torch import load_file
 
     sa, sb = (load_file(p.model_path / "model.safetensors") for p in (full, resumed))
