@@ -29,9 +29,15 @@ def validate_config(cfg) -> None:
     if not (math.isfinite(cfg.s) and cfg.s > 0):  # s * cos = 0: every class equally likely, forever
         raise UsageError(f"-s/--scale {cfg.s}: the logit scale must be a finite number above 0 "
                          "(range (0, inf); the recipes use 32)")
-    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
-        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
+    _check_rates(cfg)
     if cfg.num_feat is not None and cfg.num_feat < 1:
         raise UsageError(f"--num-feat {cfg.num_feat}: must be at least 1")
     if cfg.output.exists() and not cfg.output.is_dir():
         raise UsageError(f"--output {cfg.output}: is a file; give the run folder")
+
+
+def _check_rates(cfg) -> None:
+    if not (math.isfinite(cfg.drop_path) and 0 <= cfg.drop_path < 1):
+        raise UsageError(f"--drop-path {cfg.drop_path}: must be in [0, 1)")
+    if not 0 < cfg.layer_decay <= 1:  # both tasks: Partial FC too
+        raise UsageError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")

@@ -83,8 +83,6 @@ def check_classify(cfg) -> None:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise UsageError(f"--batch-size {cfg.batch_size}: Mixup/CutMix pair each image with another; "
                          f"use an even batch size or --mixup 0 --cutmix 0")
-    if not 0 < cfg.layer_decay <= 1:
-        raise UsageError(f"--layer-decay {cfg.layer_decay}: must be in (0, 1]")
     if not 0 <= cfg.label_smoothing < 1:
         raise UsageError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1)")
 
@@ -109,21 +107,44 @@ def layer_id(name: str, depth: int) -> int:
 
 def param_groups(model: nn.Module, head: ClassifyHead, lr: float, weight_decay: float,
                  layer_decay: float) -> list[dict]:
-    """AdamW groups: lr × layer_decay^(depth+1-layer) per layer; no weight decay on biases, norms
-    and the position embedding. The head's parameters come last (the checkpoint relies on it)."""
-    depth = len(model.blocks)
+    """The backbone's groups (``backbone_groups``), then the head's parameters last (the
+    checkpoint relies on it)."""
+    return backbone_groups(model, lr, weight_decay, layer_decay) + [
+        {"params": [head.fc.weight, head.fc.bias], "lr": lr, "weight_decay": weight_decay}]
+
+
+def backbone_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups: lr × layer_decay^(top-layer) per layer; no weight decay on biases, norms
+    and the position embedding."""
+    layers, top = _layers(model)
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        layer = layer_id(name, depth)
+        layer = layers.get(name, top)
         decay = p.ndim > 1 and name != "pos_embed"
         group = groups.setdefault((layer, decay), {
-            "params": [], "lr": lr * layer_decay ** (depth + 1 - layer),
+            "params": [], "lr": lr * layer_decay ** (top - layer),
             "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(p)
-    ordered = [groups[k] for k in sorted(groups)]
-    return ordered + [{"params": [head.fc.weight, head.fc.bias], "lr": lr, "weight_decay": weight_decay}]
+    return [groups[k] for k in sorted(groups)]
+
+
+def _layers(model: nn.Module) -> tuple[dict[str, int], int]:
+    """(parameter name → layer, top layer). A timm model: timm's own grouping, the one its
+    ``param_groups_layer_decay`` uses (the model's group_matcher; the final norm shares the last
+    block's layer); other models: ``layer_id`` (top: depth + 1)."""
+    net = getattr(model, "net", None)
+    if getattr(getattr(model, "spec", None), "family", None) == "timm" and net is not None:
+        from timm.models import group_parameters
+        from timm.optim._param_groups import auto_group_layers
+
+        found = (group_parameters(net, net.group_matcher(coarse=False), reverse=True)
+                 if hasattr(net, "group_matcher") else auto_group_layers(net))
+        layers = {f"net.{name}": layer for name, layer in found.items()}
+        return layers, max(layers.values(), default=0)
+    depth = len(model.blocks)
+    return {name: layer_id(name, depth) for name, _ in model.named_parameters()}, depth + 1
 
 
 @torch.no_grad()

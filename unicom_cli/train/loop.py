@@ -76,7 +76,7 @@ class FinetuneConfig:
     # --task classify (train/heads.py): a linear head + cross-entropy instead of Partial FC
     task: str = "retrieval"  # retrieval | classify
     weight_decay: float = 0.0  # AdamW/SGD weight decay (classify: not on biases, norms, pos_embed)
-    layer_decay: float = 1.0  # classify: block i's lr = lr × layer_decay^(depth - i)
+    layer_decay: float = 1.0  # block i's lr = lr × layer_decay^(depth - i) (1: off)
     label_smoothing: float = 0.0  # classify
     mixup: float = 0.0  # classify: Mixup alpha (timm; 0: off)
     cutmix: float = 0.0  # classify: CutMix alpha (timm; 0: off)
@@ -347,15 +347,16 @@ def _distribute(model: nn.Module, device: torch.device) -> tuple[nn.Module, nn.M
 
 
 def _make_optimizer(cfg: FinetuneConfig, raw_model: nn.Module, head: nn.Module):
-    """(optimizer, its parameter groups): the class centres at lr × --lr-pfc-weight, or the
-    classify recipe's layer-wise decay."""
-    if cfg.task == "classify":
-        from unicom_cli.train.heads import param_groups
+    """(optimizer, its parameter groups): the class centres (last) at lr × --lr-pfc-weight, the
+    backbone with --layer-decay when set; or the classify recipe's groups."""
+    from unicom_cli.train.heads import backbone_groups, param_groups
 
+    if cfg.task == "classify":
         groups = param_groups(raw_model, head, cfg.lr, cfg.weight_decay, cfg.layer_decay)
     else:
-        groups = [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr},
-                  {"params": [head.weight], "lr": cfg.lr * cfg.lr_pfc_weight}]
+        groups = (backbone_groups(raw_model, cfg.lr, cfg.weight_decay, cfg.layer_decay) if cfg.layer_decay < 1
+                  else [{"params": [p for p in raw_model.parameters() if p.requires_grad], "lr": cfg.lr}])
+        groups.append({"params": [head.weight], "lr": cfg.lr * cfg.lr_pfc_weight})
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay), groups
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay), groups

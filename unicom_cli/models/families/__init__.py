@@ -3,7 +3,8 @@
 * ``unicom``: the registered UNICOM ViTs and JSON architecture files (families/unicom.py);
 * ``hf``: transformers vision models — the registered MLCD names, ``hf:ORG/NAME[@REVISION]`` and
   local ``save_pretrained`` folders (families/hf.py);
-* ``timm``: ``timm:NAME`` with its pretrained weights (families/timm.py).
+* ``timm``: ``timm:NAME`` with its pretrained weights, and local folders in timm's hub layout
+  (families/timm.py).
 
 Each family's ``load`` returns a :class:`~unicom_cli.models.families.base.Built`; the embedding
 it computes is described by ``spec.embedding`` and recorded in every output .json.
@@ -26,6 +27,11 @@ def resolve_spec(name_or_path: str | Path | ModelSpec, *, cache: str | Path | No
     if isinstance(name_or_path, ModelSpec):
         return name_or_path
     key = str(name_or_path)
+    if _is_pretrained_folder(key):
+        from unicom_cli.models.families import timm
+
+        if timm.is_timm_folder(Path(key)):
+            return timm.resolve_folder(Path(key))
     if key.startswith("hf:") or _is_pretrained_folder(key):
         from unicom_cli.models.families import hf
 

@@ -134,22 +134,11 @@ def load(spec: ModelSpec, weights: str | Path | None = None, *, pretrained: bool
 
 def save_pretrained(encoder: "HubEncoder", folder: Path) -> None:
     """A (finetuned) network as a save_pretrained folder with its image processor, which every
-    --model takes; written beside and renamed into place, so ``folder`` is never half-written."""
+    --model takes (train/hub_backbone.py writes it beside the final path and renames it there)."""
     import shutil
 
-    folder = Path(folder)
-    part = folder.with_name(folder.name + ".part")
-    shutil.rmtree(part, ignore_errors=True)
-    encoder.net.save_pretrained(part, safe_serialization=True)
-    shutil.copyfile(Path(encoder.processor_folder) / "preprocessor_config.json", part / "preprocessor_config.json")
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-        part.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        part.rename(folder)
+    encoder.net.save_pretrained(folder, safe_serialization=True)
+    shutil.copyfile(Path(encoder.processor_folder) / "preprocessor_config.json", folder / "preprocessor_config.json")
 
 
 def _files_of(spec: ModelSpec, cache, mirror) -> HubFiles:
