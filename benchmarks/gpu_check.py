@@ -203,9 +203,12 @@ def check_dali(plan: Plan, tmp: Path, rows: list[Row]) -> None:
     from unicom_cli.models.registry import CLIP_MEAN, CLIP_STD
 
     rec = tmp / "train.rec"
+    lines = []
     with RecordWriter(rec, rec.with_suffix(".idx")) as writer:
         for i, jpeg in enumerate(make_images(plan.images)):
             writer.write(i, float(i % 8), jpeg)
+            lines.append(f"{i}\t{i % 8}\t{i}.jpg\n")
+    rec.with_suffix(".lst").write_text("".join(lines))  # what prepare-gldv2 writes beside the .rec
     loader = RecordLoader(rec, batch_size=plan.batch, input_size=224, mean=CLIP_MEAN, std=CLIP_STD,
                           device=torch.device(plan.device), shuffle_fill=256)
     start, seen = time.perf_counter(), 0
