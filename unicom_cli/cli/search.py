@@ -94,19 +94,15 @@ def _duplicates(index_path: str, threshold: float, output: Optional[Path], vis: 
     from unicom_cli.pipelines.search import RESULT_FORMATS, duplicates_picture, write_table
     from unicom_cli.pipelines.vis import check_format, printable, save_picture
     from unicom_cli.utils.console import console, print_table
-    from unicom_cli.utils.files import refuse_existing
+    from unicom_cli.utils.files import check_output_file
 
     check_format(vis)
     if output is not None and output.suffix.lower() not in RESULT_FORMATS:
         from unicom_cli.errors import UsageError
 
         raise UsageError(f"-o {output}: choose a file ending in {', '.join(RESULT_FORMATS)}")
-    if not overwrite:
-        refuse_existing(output, vis)
-    if output is not None and output.parent.is_dir():
-        from unicom_cli.utils.files import check_creatable
-
-        check_creatable(output)
+    check_output_file(output, "-o", overwrite=overwrite)
+    check_output_file(vis, "--vis", overwrite=overwrite)
     index = Index.load(index_path, verify=verify)
     found = find_duplicates(index, threshold)
     how = "exact all-vs-all" if found.exact else f"the index's approximate search ({index.meta.get('factory')})"

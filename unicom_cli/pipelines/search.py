@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from unicom_cli.errors import InputError, UsageError
-from unicom_cli.utils.files import refuse_existing
 
 RESULT_FORMATS = (".csv", ".jsonl", ".parquet")
 
@@ -59,7 +58,7 @@ class SearchOutcome:
 
 def _check_outputs(cfg: SearchConfig) -> None:
     from unicom_cli.pipelines.vis import check_format
-    from unicom_cli.utils.files import check_creatable
+    from unicom_cli.utils.files import check_output_file
 
     check_format(cfg.vis)
     for path, option in ((cfg.output, "-o"), (cfg.vis, "--vis")):
@@ -69,9 +68,7 @@ def _check_outputs(cfg: SearchConfig) -> None:
             raise UsageError(f"{option} {path}: choose a file ending in {', '.join(RESULT_FORMATS)}")
         if not Path(path).parent.is_dir():
             raise InputError(f"{Path(path).parent}: the output folder does not exist")
-        if not cfg.overwrite:
-            refuse_existing(path)
-        check_creatable(path)  # /proc, a read-only file system: refused before the search
+        check_output_file(path, option, overwrite=cfg.overwrite)  # exists, /proc, read-only: before the search
     if cfg.output is not None and Path(cfg.output).suffix.lower() == ".parquet":
         try:
             import pyarrow  # noqa: F401

@@ -150,8 +150,9 @@ def open_regular(path: str | os.PathLike, mode: str = "r", what: str = "a regula
 def check_output_file(path: str | os.PathLike | None, option: str,
                       suffixes: tuple[str, ...] | None = None, *, overwrite: bool = False) -> None:
     """Refuse, before any work, an output file option that cannot be written: a folder, a
-    suffix no writer knows (a picture saved as ``.xyz`` fails only after the evaluation), or
-    an existing file without ``--overwrite``."""
+    suffix no writer knows (a picture saved as ``.xyz`` fails only after the evaluation), an
+    existing file without ``--overwrite``, or a place where no file can be created (/proc, a
+    read-only file system; a missing folder is left to the writer, which creates it)."""
     if path is None:
         return
     path = Path(path)
@@ -162,6 +163,8 @@ def check_output_file(path: str | os.PathLike | None, option: str,
                          f"{', '.join(suffixes)}")
     if not overwrite:
         refuse_existing(path)
+    if path.parent.is_dir():
+        check_creatable(path)
 
 
 def refuse_existing(*paths: str | os.PathLike | None) -> None:

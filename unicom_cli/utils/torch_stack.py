@@ -28,24 +28,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def broken_torch_stack() -> BrokenInstall | None:
-    """The BrokenInstall to report if torch or torchvision cannot be imported, else None."""
-    try:
-        check_torch_stack()
-    except BrokenInstall as exc:
-        return exc
-    return None
-
-
-def check_torch_stack() -> None:
-    """Import torch and torchvision; raise BrokenInstall naming both versions and the repair."""
+    """The BrokenInstall to report (both versions and the repair) if torch or torchvision cannot be
+    imported, else None."""
     try:
         import torch  # noqa: F401
     except Exception as exc:  # any failure to import is the install's, not the user's input
-        raise BrokenInstall(f"torch {_installed('torch')} cannot be imported ({_first_line(exc)}); "
-                            f"repair the install: {REPAIR}") from exc
+        return BrokenInstall(f"torch {_installed('torch')} cannot be imported ({_first_line(exc)}); "
+                             f"repair the install: {REPAIR}")
     try:
         import torchvision  # noqa: F401
     except Exception as exc:
-        raise BrokenInstall(f"torchvision {_installed('torchvision')} does not work with torch "
-                            f"{_installed('torch')} ({_first_line(exc)}); install a matching pair: "
-                            f"{REPAIR}") from exc
+        return BrokenInstall(f"torchvision {_installed('torchvision')} does not work with torch "
+                             f"{_installed('torch')} ({_first_line(exc)}); install a matching pair: "
+                             f"{REPAIR}")
+    return None
