@@ -12,7 +12,8 @@ from scipy import ndimage
 import unicom_cli
 from tests.conftest import TINY
 from unicom_cli.errors import UnsafeCheckpoint, WeightsError
-from unicom_cli.models.factory import create_model, resample_grid
+from unicom_cli.models.factory import create_model
+from unicom_cli.models.families.unicom import resample_grid
 from unicom_cli.models.weights import load_state_dict
 
 

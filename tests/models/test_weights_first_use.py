@@ -13,7 +13,8 @@ from tests.conftest import TINY
 from tests.weights_server import weights_server  # noqa: F401 (fixture)
 from unicom_cli.errors import ChecksumMismatch, DownloadError, InputError, UsageError, WeightsError
 from unicom_cli.models import registry
-from unicom_cli.models.factory import create_model, describe_checkpoint
+from unicom_cli.models.factory import create_model
+from unicom_cli.models.families.unicom import describe_checkpoint
 from unicom_cli.models.registry import GITHUB_RELEASES, ModelSpec
 
 

@@ -7,13 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from unicom_cli.errors import UsageError
-# Re-exported: the UNICOM family's weight helpers were imported from here before families/.
-from unicom_cli.models.families.unicom import (  # noqa: F401
-    describe_checkpoint,
-    load_weights_into,
-    resample_grid,
-    resolve_weights,
-)
 from unicom_cli.models.registry import ModelSpec, with_input_size
 
 if TYPE_CHECKING:
