@@ -202,6 +202,16 @@ def test_a_crashing_rank_stops_a_busy_one_and_shows_its_traceback(tmp_path):
     assert wait_gone([int(p.read_text()) for p in tmp_path.glob("*.pid")])
 
 
+def test_a_rank_aborted_by_the_runtime_is_named_with_where_it_died():
+    # SIGABRT from C++ (std::terminate in a backend thread) leaves no Python error behind: the
+    # worker's crash record must still say which step of the command was running.
+    proc = toy("--total", "7", "--procs", "2", "--fail-rank", "1", "--fail-kind", "abort")
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "rank 1 was killed by SIGABRT (in toy_cli.py:" in line and " in work)" in line, proc.stderr
+    assert "Traceback" not in proc.stderr and "Fatal Python error" not in proc.stderr
+
+
 def _stop_sleeping_run(tmp_path: Path, stop) -> tuple[subprocess.Popen, str, list[int]]:
     """Two ranks asleep past the deadline; ``stop(proc, pids)`` interrupts them from outside."""
     proc = start_toy("--total", "7", "--procs", "2", "--sleep", ASLEEP, "--pid-dir", str(tmp_path))

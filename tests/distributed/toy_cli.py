@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,6 +40,8 @@ def work(total: int, fail_rank: Optional[int], fail_kind: str, sleep: float, pid
     if fail_rank == rank():
         if fail_kind == "usage":
             raise InputError(f"rank-{rank()} failed on purpose: bad file example.jpg")
+        if fail_kind == "abort":  # what a C++ std::terminate in a backend does to the process
+            os.abort()
         raise ValueError(f"a bug on rank {rank()}")
     time.sleep(sleep)
     block = shard_range(total)
@@ -86,4 +87,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unicom_cli.distributed.launch import exit_process
+
+    exit_process(main())  # as the CLI's entry point leaves

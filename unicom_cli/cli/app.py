@@ -6,7 +6,6 @@ Command modules import torch inside their functions only, so `unicom --help` sta
 from __future__ import annotations
 
 import os
-import sys
 
 import typer
 
@@ -155,4 +154,6 @@ def _click_exceptions() -> tuple[type[Exception], ...]:
 
 def run() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    from unicom_cli.distributed.launch import exit_process
+
+    exit_process(main())

@@ -60,6 +60,29 @@ def note_stop_signal(rank: int, error_dir: Path) -> None:
     signal.signal(signal.SIGTERM, noted)
 
 
+def record_crashes(rank: int, error_dir: Path) -> None:
+    """Have Python write where this worker was if the process dies of a fatal signal (SIGABRT from
+    the C++ runtime, SIGSEGV): a rank killed that way leaves no record, and its last Python frame
+    is what names the step that died."""
+    import faulthandler
+
+    handle = open(error_dir / f"crash-rank{rank}.txt", "w")  # noqa: SIM115 - open for the process's life
+    faulthandler.enable(file=handle, all_threads=False)
+
+
+def crash_site(error_dir: Path, rank: int) -> str:
+    """``file:line in function`` of the innermost frame a crashed rank's faulthandler wrote; "" if none."""
+    try:
+        text = (error_dir / f"crash-rank{rank}.txt").read_text(errors="replace")
+    except OSError:
+        return ""
+    frames = re.findall(r'File "([^"]+)", line (\d+) in (\S+)', text)
+    if not frames:
+        return ""
+    path, line, function = frames[0]  # faulthandler lists the innermost frame first
+    return f"{Path(path).name}:{line} in {function}"
+
+
 def _signal_times(error_dir: Path) -> dict[int, float]:
     """rank → when a stop signal reached it (``note_stop_signal``)."""
     times = {}
@@ -179,8 +202,9 @@ def root_cause(error_dir: Path, exc: Exception) -> DistributedError:
         first = primary[0]
     elif killed:
         *_, rank, failure = killed[0]
-        error = DistributedError(f"rank {rank} was killed by {failure.signal_name()}; all processes were stopped")
-        return error
+        site = crash_site(error_dir, rank)
+        where = f" (in {site})" if site else ""
+        return DistributedError(f"rank {rank} was killed by {failure.signal_name()}{where}; all processes were stopped")
     elif records:
         first = min(records, key=lambda r: r["time"])
     elif failures:

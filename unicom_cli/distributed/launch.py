@@ -31,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 from unicom_cli.distributed.env import GroupEnv, detect_group
 from unicom_cli.distributed.failure import (
@@ -41,8 +41,9 @@ from unicom_cli.distributed.failure import (
     LAUNCHER_PID_ENV,
     TIMEOUT_ENV,
     die_with_launcher,
-    note_stop_signal,
     fail,
+    note_stop_signal,
+    record_crashes,
     root_cause,
 )
 from unicom_cli.errors import DistributedError, UsageError
@@ -184,6 +185,7 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
         die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     if os.environ.get(ERROR_DIR_ENV):
         note_stop_signal(group.rank, Path(os.environ[ERROR_DIR_ENV]))
+        record_crashes(group.rank, Path(os.environ[ERROR_DIR_ENV]))
     joined = False
     try:
         device = None
@@ -206,7 +208,23 @@ def _run_in_group(group: GroupEnv, backend: str, fn: Callable[..., T], args: tup
         fail(group, exc, joined)
         raise  # fail re-raises in the right form; this line is never reached
     dist.destroy_process_group()
+    global _left_group
+    _left_group = True
     return result if group.rank == 0 else None
+
+
+_left_group = False  # this process ran its part in a process group and left it
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``. A process that was a rank of a group leaves with ``os._exit``
+    once its output is flushed, as a failing rank does: the interpreter's teardown can meet
+    gloo's worker threads and abort a rank whose work is done (pytorch/pytorch#190489)."""
+    if _left_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 # ----------------------------------------------------------------------------- the launcher
