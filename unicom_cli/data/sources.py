@@ -3,7 +3,7 @@
 Every source is a list of :class:`Unit` in a stable order; a unit yields :class:`Item` (id,
 bytes or path, metadata) in a stable order, so that any process can take any unit and two runs
 over the same source see the same items in the same batches. A tar shard is one unit and is
-read as a stream (``tarfile`` ``r|*``), never unpacked to disk; folders and tables are cut into
+read front to back as a stream (``data.tar_stream``), never unpacked to disk; folders and tables are cut into
 units of ``shard_size`` images.
 
 WebDataset layout (the convention of the format, as img2dataset writes it): the members of one
@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import re
-import tarfile
+import lzma
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from unicom_cli.data.images import PathList, list_images
+from unicom_cli.data.tar_stream import TarFormatError, TarReader, open_decompressed
 from unicom_cli.errors import InputError, UsageError
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
@@ -91,10 +92,11 @@ class TarUnit(Unit):
         seen: set[str] = set()
         reader = _SampleReader(self, want)
         try:
-            with open(self.path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-                for member in tar:
-                    yield from reader.add(member, tar, seen)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            with open(self.path, "rb") as handle:
+                tar = TarReader(open_decompressed(handle))
+                for name in tar:
+                    yield from reader.add(name, tar, seen)
+        except (TarFormatError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             # The sample being read when the stream broke may lack members: it goes with the rest.
             key, position = reader.key or reader.last_key, reader.position
             if want(position):
@@ -117,18 +119,17 @@ class _SampleReader:
         self.last_key: str | None = None
         self.members: dict[str, bytes | None] = {}
 
-    def add(self, member: tarfile.TarInfo, tar: tarfile.TarFile, seen: set[str]) -> Iterator[tuple[int, Item]]:
-        if not member.isfile() or os.path.basename(member.name).startswith("."):
+    def add(self, name: str, tar: TarReader, seen: set[str]) -> Iterator[tuple[int, Item]]:
+        if os.path.basename(name).startswith("."):
             return
-        key, ext = split_key(member.name)
+        key, ext = split_key(name)
         if key != self.key:
             yield from self.flush(seen)
             self.key = key
         if ext in self.members:
             return  # the same extension twice in one sample: the first one counts
         wanted = self.want(self.position) and (ext in TAR_IMAGE_EXTENSIONS or ext in ("json", "txt"))
-        extracted = tar.extractfile(member) if wanted else None
-        self.members[ext] = extracted.read() if extracted is not None else None
+        self.members[ext] = tar.read() if wanted else None
 
     def flush(self, seen: set[str]) -> Iterator[tuple[int, Item]]:
         if self.key is None:
