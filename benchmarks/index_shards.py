@@ -3,6 +3,7 @@
     python benchmarks/index_shards.py --n 10000000                 # the 10M x 512 (~10 GB of shards)
     python benchmarks/index_shards.py --n 1000000 --max-memory 4G  # scaled down tenfold
     python benchmarks/index_shards.py --n 100000 --quick           # a smoke run
+    python benchmarks/index_shards.py --index IVF4096,Flat         # 10M with the 1M run's lists (2 cores)
 
 Collection: N unit vectors around 1,000 random centres (the structure of real embeddings),
 written as ``embed -o feats/`` leaves a folder: float16 shards of ``--shard-rows`` rows with ids
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=0.6)
     parser.add_argument("--max-memory", default="8G", help="--max-memory of unicom index")
     parser.add_argument("--quick", action="store_true", help="--index IVF256,Flat instead of auto (smoke runs)")
+    parser.add_argument("--index", default=None, help="a faiss factory for unicom index --index (default: auto)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the shards and the index go")
     args = parser.parse_args()
 
@@ -102,7 +104,8 @@ def main() -> None:
               f"faiss threads {faiss.omp_get_max_threads()}")
         truth, flat_qps = exact_over_shards(feats, names, queries)
         out = Path(tmp) / "feats.index"
-        extra = ["--index", "IVF256,Flat"] if args.quick else []
+        factory = "IVF256,Flat" if args.quick else args.index
+        extra = ["--index", factory] if factory else []
         seconds, peak = timed_child([sys.executable, "-m", "unicom_cli", "index", str(feats), "-o", str(out),
                                      "--on-disk", "--max-memory", args.max_memory, *extra])
         index = Index.load(out)
