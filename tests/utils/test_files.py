@@ -107,3 +107,15 @@ def test_atomic_writes_to_an_unwritable_place_are_one_disk_error(place, readonly
         with atomic_path(target) as tmp, open(tmp, "w") as handle:
             handle.write("x")
     assert not target.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_in_a_folder_that_takes_no_files_is_not_called_missing(tmp_path):
+    """``-o /proc/i``: /proc exists, so "create it first (mkdir -p /proc)" would mislead."""
+    from unicom_cli.errors import InputError
+    from unicom_cli.utils.files import OutputLock
+
+    with pytest.raises(InputError, match=r"^/proc: files cannot be created in this folder"):
+        OutputLock("/proc/i").acquire()
+    with pytest.raises(InputError, match="does not exist; create it first"):
+        OutputLock(tmp_path / "missing" / "i").acquire()

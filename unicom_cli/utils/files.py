@@ -324,6 +324,9 @@ class OutputLock:
                 with disk_errors(self.path.parent):
                     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except FileNotFoundError:
+                if self.path.parent.is_dir():  # /proc, /sys: folders that take no new files
+                    raise InputError(f"{self.path.parent}: files cannot be created in this folder "
+                                     "(a system folder); choose another output") from None
                 raise InputError(f"{self.path.parent}: the output folder does not exist; create "
                                  f"it first (mkdir -p {self.path.parent})") from None
             try:
