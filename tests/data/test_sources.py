@@ -36,6 +36,29 @@ def test_tar_list_file_nested_names_and_items_in_member_order(tmp_path):
     assert [p for p, _ in source.units[0].items(lambda p: p == 1)] == [1]
 
 
+def test_an_image_member_over_the_byte_limit_is_a_failure_left_unread(tmp_path, monkeypatch):
+    """A shard claiming a huge member must not make us read it into memory (--max-pixels decides)."""
+    import unicom_cli.data.sources as sources
+
+    images = real_images(2)
+    big_meta = b'{"caption": "' + b"x" * 4000 + b'"}'
+    write_shard(tmp_path / "s.tar", [("small", {"png": images[0], "json": big_meta}),
+                                     ("big", {"jpg": images[1] + bytes(50_000), "txt": b"kept"})])
+    monkeypatch.setattr(sources, "MAX_METADATA_BYTES", 1000)
+    reads = []
+    real_read = sources.TarReader.read
+    monkeypatch.setattr(sources.TarReader, "read", lambda self: reads.append(self.size) or real_read(self))
+    unit = open_source(tmp_path / "s.tar").units[0]
+    limit = len(images[0]) + 10
+    small, big = [item for _, item in unit.items(max_bytes=limit)]
+    assert small.data == images[0] and small.meta == {}  # the 4 kB json is over the (lowered) limit
+    assert big.data is None and big.id == "s/big"
+    size = len(images[1]) + 50_000
+    assert big.failure.startswith(f"the jpg member is {size / 1024:.1f} KiB, more than an image within --max-pixels")
+    assert max(reads) <= limit  # neither oversized member was read
+    assert [i.data for _, i in unit.items()] == [images[0], images[1] + bytes(50_000)]  # no limit
+
+
 def test_csv_table_units_and_missing_or_empty_inputs(tmp_path):
     (tmp_path / "t.csv").write_text("path,label\n" + "".join(f"img{i}.jpg,{i}\n" for i in range(5)))
     source = open_source(tmp_path / "t.csv", shard_size=2)

@@ -158,3 +158,17 @@ def test_read_twice_is_a_programming_error():
     reader.read()
     with pytest.raises(RuntimeError):
         reader.read()
+
+
+def test_an_extended_header_claiming_megabytes_is_damage_not_a_name():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("x" * 300 + ".jpg")  # needs a pax header
+        tar.addfile(info, io.BytesIO(b""))
+    raw = bytearray(buf.getvalue())
+    assert raw[156:157] == b"x"
+    raw[124:136] = b"%011o\0" % (64 << 20)
+    raw[148:156] = b" " * 8
+    raw[148:156] = f"{sum(raw[:BLOCK]):06o}\0 ".encode()
+    with pytest.raises(TarFormatError, match="an extended header of 67,108,864 bytes at byte 0"):
+        list(TarReader(io.BytesIO(bytes(raw))))

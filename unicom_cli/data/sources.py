@@ -27,10 +27,12 @@ from typing import Callable, Iterator, Sequence
 from unicom_cli.data.images import PathList, list_images
 from unicom_cli.data.tar_stream import TarFormatError, TarReader, open_decompressed
 from unicom_cli.errors import InputError, UsageError
+from unicom_cli.utils.files import human_bytes
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in order of preference within a sample
 DEFAULT_SHARD_SIZE = 10_000  # images per output shard for folders, lists and tables
 DEFAULT_PATH_COLUMN = "path"
+MAX_METADATA_BYTES = 16 << 20  # a sample's json/txt member above this is left out of its metadata
 TABLE_SUFFIXES = (".parquet", ".csv", ".tsv")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
@@ -51,8 +53,10 @@ class Unit:
 
     name: str  # the output shard's name (ids of tar samples are ``<name>/<key>``)
 
-    def items(self, want: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, Item]]:
-        """(position in the unit, item) for every position ``want`` accepts, in order."""
+    def items(self, want: Callable[[int], bool] = lambda i: True,
+              max_bytes: int | None = None) -> Iterator[tuple[int, Item]]:
+        """(position in the unit, item) for every position ``want`` accepts, in order; an image
+        of more than ``max_bytes`` is a failure item, its bytes never read into memory."""
         raise NotImplementedError
 
 
@@ -65,7 +69,9 @@ class PathUnit(Unit):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def items(self, want: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, Item]]:
+    def items(self, want: Callable[[int], bool] = lambda i: True,
+              max_bytes: int | None = None) -> Iterator[tuple[int, Item]]:
+        # max_bytes: load_pixels checks the size of each file itself, before reading it
         for i, rel in enumerate(self.paths):
             if want(i):
                 path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
@@ -85,12 +91,13 @@ class TarUnit(Unit):
     def __init__(self, name: str, path: Path) -> None:
         self.name, self.path = name, Path(path)
 
-    def items(self, want: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, Item]]:
+    def items(self, want: Callable[[int], bool] = lambda i: True,
+              max_bytes: int | None = None) -> Iterator[tuple[int, Item]]:
         """Samples in member order. A sample without an image member, a key seen before in the
         shard and the unreadable rest of a truncated or corrupt shard come as failure items;
         members of samples ``want`` rejects are skipped unread."""
         seen: set[str] = set()
-        reader = _SampleReader(self, want)
+        reader = _SampleReader(self, want, max_bytes)
         try:
             with open(self.path, "rb") as handle:
                 tar = TarReader(open_decompressed(handle))
@@ -112,8 +119,10 @@ class TarUnit(Unit):
 class _SampleReader:
     """Groups adjacent members by key into samples; reads member bytes only for wanted samples."""
 
-    def __init__(self, unit: TarUnit, want: Callable[[int], bool]) -> None:
+    def __init__(self, unit: TarUnit, want: Callable[[int], bool], max_bytes: int | None) -> None:
         self.unit, self.want = unit, want
+        self.max_bytes = max_bytes
+        self.oversized: dict[str, int] = {}  # extension → size of members left unread for their size
         self.position = 0  # of the next sample
         self.key: str | None = None
         self.last_key: str | None = None
@@ -129,13 +138,16 @@ class _SampleReader:
         if ext in self.members:
             return  # the same extension twice in one sample: the first one counts
         wanted = self.want(self.position) and (ext in TAR_IMAGE_EXTENSIONS or ext in ("json", "txt"))
+        too_big = self.max_bytes if ext in TAR_IMAGE_EXTENSIONS else MAX_METADATA_BYTES
+        if wanted and too_big is not None and tar.size > too_big:
+            self.oversized[ext], wanted = tar.size, False
         self.members[ext] = tar.read() if wanted else None
 
     def flush(self, seen: set[str]) -> Iterator[tuple[int, Item]]:
         if self.key is None:
             return
-        key, members, position = self.key, self.members, self.position
-        self.key, self.members, self.last_key = None, {}, key
+        key, members, position, oversized = self.key, self.members, self.position, self.oversized
+        self.key, self.members, self.last_key, self.oversized = None, {}, key, {}
         self.position += 1
         duplicate = key in seen
         seen.add(key)
@@ -156,6 +168,11 @@ class _SampleReader:
             found = ", ".join(sorted(members)) or "none"
             yield position, Item(item_id, failure=f"no image member ({', '.join(TAR_IMAGE_EXTENSIONS)}) "
                                                   f"in the sample; its members: {found}")
+            return
+        if image in oversized:
+            yield position, Item(item_id, failure=f"the {image} member is {human_bytes(oversized[image])}, "
+                                 "more than an image within --max-pixels can take; raise --max-pixels "
+                                 "to accept it")
             return
         yield position, Item(item_id, data=members[image], meta=_sample_meta(members))
 

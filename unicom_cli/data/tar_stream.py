@@ -24,6 +24,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: size is not data
 _POSIX_MAGIC = b"ustar\x0000"
+MAX_HEADER_DATA = 1 << 20  # a pax header or GNU long name above this is damage, not a name
 
 
 class TarFormatError(Exception):
@@ -61,19 +62,13 @@ class TarReader:
             self._skip(self._left)
             self._left = 0
             at = self._offset
-            header = self._stream.read(BLOCK)
-            self._offset += len(header)
-            if not header:
-                if at == 0:
-                    raise TarFormatError("empty file")
-                self._check_not_short()
-                return  # the end-of-archive blocks are missing: what was read is complete
-            if len(header) < BLOCK:
-                raise TarFormatError(f"unexpected end of data in the header at byte {at:,}")
-            if header == _ZERO_BLOCK:
+            header = self._next_header()
+            if header is None:
                 return
             name, size, kind = _parse_header(header, at)
             padded = size + (-size) % BLOCK
+            if kind in (b"x", b"L") and size > MAX_HEADER_DATA:
+                raise TarFormatError(f"an extended header of {size:,} bytes at byte {at:,} (corrupt)")
             if kind == b"x":  # pax extended header: applies to the next member
                 pax.update(_pax_records(self._read_exact(size, at), at))
                 self._skip(padded - size)
@@ -98,6 +93,11 @@ class TarReader:
                 yield name
             self._unread = None
 
+    @property
+    def size(self) -> int:
+        """Bytes of the member last named (to refuse a huge one before reading it)."""
+        return self._unread if self._unread is not None else 0
+
     def read(self) -> bytes:
         """The bytes of the member last named (once; after that the member is consumed)."""
         if self._unread is None:
@@ -106,6 +106,20 @@ class TarReader:
         data = self._read_exact(size, self._header_at)
         self._left -= size
         return data
+
+    def _next_header(self) -> bytes | None:
+        """The next 512-byte header; None at the end of the archive."""
+        at = self._offset
+        header = self._stream.read(BLOCK)
+        self._offset += len(header)
+        if not header:
+            if at == 0:
+                raise TarFormatError("empty file")
+            self._check_not_short()
+            return None  # the end-of-archive blocks are missing: what was read is complete
+        if len(header) < BLOCK:
+            raise TarFormatError(f"unexpected end of data in the header at byte {at:,}")
+        return None if header == _ZERO_BLOCK else header
 
     def _read_exact(self, n: int, at: int) -> bytes:
         data = self._stream.read(n)

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unicom_cli.data.images import DEFAULT_MAX_PIXELS, DRAFT_MARGIN, decode_pixels, load_pixels, resize_center_crop
+from unicom_cli.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DRAFT_MARGIN,
+    decode_pixels,
+    load_pixels,
+    max_file_bytes,
+    resize_center_crop,
+)
 from unicom_cli.data.sources import Item, Unit
 from unicom_cli.errors import BadImage
 
@@ -81,7 +88,7 @@ class UnitsStream(IterableDataset):
                 return position >= skip and owner(position)
 
             samples: list[tuple] = []
-            for position, item in unit.items(want):
+            for position, item in unit.items(want, max_file_bytes(self.max_pixels)):
                 if samples and self._number(position, base, skip) != self._number(samples[0][0], base, skip):
                     yield self._block(samples, u, base, skip, last=False)  # a later batch of the unit exists
                     samples = []
