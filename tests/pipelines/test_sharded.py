@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,12 +218,19 @@ def test_killed_run_resumes_to_the_bytes_of_an_uninterrupted_one(many_shards, cl
 def test_a_second_run_of_the_same_part_is_refused_naming_the_holder(many_shards, clean_run, tmp_path, capsys):
     spec, ckpt, _ = clean_run
     out = tmp_path / "feats"
-    first = _cli(*_embed(many_shards, f"{out}/", spec, ckpt, "--workers", "0", "--part", "1/3"),
-                 env={"UNICOM_TEST_CHECKPOINT_S": "0"})
-    deadline = time.monotonic() + 120
-    while not (out / ".part-1-of-3.lock").exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    first.send_signal(signal.SIGSTOP)
+    lock = out / ".part-1-of-3.lock"
+    for _ in range(20):  # the first run is frozen while it holds its claim; it may finish first: again
+        shutil.rmtree(out, ignore_errors=True)
+        first = _cli(*_embed(many_shards, f"{out}/", spec, ckpt, "--workers", "0", "--part", "1/3"),
+                     env={"UNICOM_TEST_CHECKPOINT_S": "0"})
+        deadline = time.monotonic() + 120
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        first.send_signal(signal.SIGSTOP)
+        if first.poll() is None and lock.exists():
+            break
+        first.kill()
+        first.communicate()
     try:
         assert main(_embed(many_shards, f"{out}/", spec, ckpt, "--workers", "0", "--part", "1/3")) == 1
         err = one_error_line(capsys.readouterr().err)

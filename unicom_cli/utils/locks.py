@@ -9,8 +9,10 @@ that job is gone.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import time
 from pathlib import Path
 
 from unicom_cli.errors import InputError
@@ -55,6 +57,43 @@ def _alive_here(text: str) -> bool | None:
     return not (started and _start_time(pid) and _start_time(pid) != started)
 
 
+FRESH_S = 10.0  # an empty lock younger than this is being written, not left by a dead process
+
+
+def _create_with(path: Path, text: str) -> bool:
+    """Create ``path`` holding ``text``, atomically: False if it exists. The text is written to
+    a private file first and hard-linked into place, so that no other process ever sees the lock
+    empty (an empty lock reads as a dead holder's); O_EXCL then write where links are refused."""
+    private = path.with_name(f"{path.name}.new-{os.getpid()}")
+    private.write_text(text)
+    try:
+        os.link(private, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    finally:
+        private.unlink(missing_ok=True)
+    try:  # a file system without hard links (some FUSE and SMB mounts)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 class ClaimLock:
     """``path`` created exclusively with this process as holder; :meth:`try_acquire` says who has it."""
 
@@ -66,20 +105,18 @@ class ClaimLock:
         """None when this process now holds the lock, else the holder's description."""
         for _ in range(5):
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if _alive_here(holder) is False and self._take_over(holder):
-                    continue
-                return describe_holder(holder)
+                created = _create_with(self.path, _me() + "\n")
             except FileNotFoundError:
                 raise InputError(f"{self.path.parent}: the output folder does not exist") from None
-            try:
-                os.write(fd, (_me() + "\n").encode())
-            finally:
-                os.close(fd)
-            self.held = True
-            return None
+            if created:
+                self.held = True
+                return None
+            holder = self._read()
+            if not holder and _age_s(self.path) < FRESH_S:
+                return "a process that is creating it now"  # a fallback create between open and write
+            if _alive_here(holder) is False and self._take_over(holder):
+                continue
+            return describe_holder(holder)
         return describe_holder(self._read())
 
     def clear_if_stale(self) -> None:
