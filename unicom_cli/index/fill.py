@@ -275,10 +275,9 @@ def _fill_on_disk(plan: BuildPlan, cfg: BuildConfig, tmp: Path):
     if not is_main():
         return None
     index = faiss.read_index(str(trained_path))
-    parts = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path in sorted(tmp.glob("part-*.faiss"))]
+    parts = sorted(tmp.glob("part-*.faiss"))
     earlier = [plan.existing.faiss_index] if plan.existing is not None else []
     _merge_lists_to_disk(index, earlier + parts, tmp / IVFDATA_FILE, cfg.output.parent)
-    del parts
     for path in tmp.glob("part-*.faiss"):
         path.unlink()
     trained_path.unlink()
@@ -303,41 +302,73 @@ def _empty_copy(existing: Index):
 
 
 def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
-    """Concatenate the inverted lists of ``sources`` (same trained index), list by list in the
-    given order, into a new OnDiskInvertedLists file at ``path`` that ``index`` (empty) takes.
-    ``room``: the folder a full disk is reported for (the output's, where space is to be freed).
+    """Concatenate the inverted lists of ``sources`` (same trained index: index objects, or paths
+    of part files), list by list in the given order, into a new OnDiskInvertedLists file at
+    ``path`` that ``index`` (empty) takes. ``room``: the folder a full disk is reported for.
 
-    faiss's merge_from_multiple sizes the file with a sparse truncate and copies through its
-    memory map: on a disk that fills, a page the disk cannot back is a SIGBUS (exit 135, no
-    message, the temp folder left). Here the file is sized, mapped and then given every block
-    (fallocate) before the copy, so a full disk is a DiskError; the lists and their order are
-    the ones merge_from_multiple makes (faiss.contrib.ondisk.merge_ondisk merges part files only;
-    --add also merges the lists of the index being extended, which live in its own folder)."""
+    The file is laid out as faiss lays out lists of known sizes (``set_all_lists_sizes``: list j
+    at the sum of the earlier lists' bytes, its codes then its ids) and written source by source
+    with ``pwrite`` at each list's next free slot. So one part file is open at a time and nothing
+    goes through a memory map: faiss's own copy (``merge_from_multiple``, or ``update_entries``
+    list by list across all parts) touches every page of every part and of the output through
+    maps, which counted 13.9 GiB of resident memory on a 10M x 512 build with --max-memory 8G;
+    and on a disk that fills, a mapped page the disk cannot back is a SIGBUS. Every block of the
+    file is allocated (fallocate) before the copy, so a full disk is a DiskError."""
     from unicom_cli.utils.files import ensure_free_space, preallocate
 
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
-    inputs = [faiss.extract_index_ivf(source).invlists for source in sources]
+    code_size = int(ivf.code_size)
     sizes = np.zeros(ivf.nlist, dtype=np.uint64)
-    for lists_in in inputs:
-        sizes += np.array([lists_in.list_size(number) for number in range(ivf.nlist)], dtype=np.uint64)
-    nbytes = int(sizes.sum()) * (ivf.code_size + 8)
+    for source in sources:
+        sizes += _list_sizes(_open_lists_source(source, faiss, sizes_only=True), ivf.nlist)
+    nbytes = int(sizes.sum()) * (code_size + 8)
     ensure_free_space(room, nbytes, f"the inverted lists ({path.name})")
-    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, code_size, str(path))
     with faiss_stdout_silenced():
         lists.update_totsize(max(nbytes, 1))  # creates the file at its size (sparse) and maps it
-    preallocate(path, room)  # every block now: a full disk is a DiskError here, not a SIGBUS below
+    preallocate(path, room)  # every block now: a full disk is a DiskError here, not a SIGBUS later
     lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # list j at the offset of lists 0..j-1
-    for number in range(ivf.nlist):
-        offset = 0
-        for lists_in in inputs:
-            count = lists_in.list_size(number)
-            if count:
-                lists.update_entries(number, offset, count, lists_in.get_ids(number), lists_in.get_codes(number))
-                offset += count
+    starts = np.concatenate([[0], np.cumsum(sizes * np.uint64(code_size + 8))[:-1]]).astype(np.int64)
+    filled = np.zeros(ivf.nlist, dtype=np.int64)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for source in sources:
+            held = _open_lists_source(source, faiss)  # owns lists_in: kept alive while it is read
+            lists_in = faiss.extract_index_ivf(held).invlists
+            for number in np.flatnonzero(_list_sizes(lists_in, ivf.nlist)):
+                count = int(lists_in.list_size(int(number)))
+                codes = faiss.rev_swig_ptr(lists_in.get_codes(int(number)), count * code_size)
+                ids = faiss.rev_swig_ptr(lists_in.get_ids(int(number)), count)
+                at = int(starts[number]) + int(filled[number]) * code_size
+                _pwrite_all(fd, codes, at)
+                _pwrite_all(fd, ids, int(starts[number]) + int(sizes[number]) * code_size + int(filled[number]) * 8)
+                filled[number] += count
+            del lists_in, held  # a part is let go before the next one is read
+    finally:
+        os.close(fd)
     index.ntotal = ivf.ntotal = int(sizes.sum())
     ivf.replace_invlists(lists, True)
     lists.this.disown()
+
+
+def _open_lists_source(source, faiss, sizes_only: bool = False):
+    """An index object as it is; a part file read whole (or mapped, to count its lists)."""
+    if not isinstance(source, Path):
+        return source
+    return faiss.read_index(str(source), faiss.IO_FLAG_MMAP if sizes_only else 0)
+
+
+def _list_sizes(source, nlist: int) -> np.ndarray:
+    lists = source if not hasattr(source, "ntotal") else _faiss().extract_index_ivf(source).invlists
+    return np.array([lists.list_size(number) for number in range(nlist)], dtype=np.uint64)
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class _Scaled:
