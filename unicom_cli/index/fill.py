@@ -311,9 +311,9 @@ def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
     with ``pwrite`` at each list's next free slot. So one part file is open at a time and nothing
     goes through a memory map: faiss's own copy (``merge_from_multiple``, or ``update_entries``
     list by list across all parts) touches every page of every part and of the output through
-    maps, which counted 13.9 GiB of resident memory on a 10M x 512 build with --max-memory 8G;
-    and on a disk that fills, a mapped page the disk cannot back is a SIGBUS. Every block of the
-    file is allocated (fallocate) before the copy, so a full disk is a DiskError."""
+    maps (38 GiB of pages at 10M x 512, all resident in this process while the kernel keeps
+    them), and on a disk that fills, a mapped page the disk cannot back is a SIGBUS. Every block
+    of the file is allocated (fallocate) before the copy, so a full disk is a DiskError."""
     from unicom_cli.utils.files import ensure_free_space, preallocate
 
     faiss = _faiss()
