@@ -80,6 +80,26 @@ def _check_ivfdata(path: Path, index) -> None:
                          "(truncated); rebuild the index with `unicom index --on-disk`")
 
 
+def release_mapped_lists(index) -> None:
+    """Let go of the pages of an on-disk lists file that searches have touched: madvise
+    MADV_DONTNEED on faiss's shared map of it. The data stay in the file and in the page cache;
+    the process just stops holding them. Recall tuning calls it between batches of queries, so
+    that searching a lists file larger than RAM does not count against the build's memory
+    (12.7 GiB of mapped pages at 10M x 512 before; benchmarks/index_shards.py)."""
+    if not sys.platform.startswith("linux"):
+        return
+    faiss = _faiss()
+    ivf = faiss.try_extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None else None
+    if not isinstance(lists, faiss.OnDiskInvertedLists) or not lists.totsize:
+        return
+    import ctypes
+
+    madv_dontneed = 4
+    ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(int(lists.ptr)), ctypes.c_size_t(lists.totsize),
+                                              madv_dontneed)
+
+
 def apply_search_params(index, params: dict) -> None:
     """Set nprobe / efSearch / quantizer_efSearch … on ``index`` (through OPQ and IVF wrappers)."""
     if params:

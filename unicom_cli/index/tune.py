@@ -11,6 +11,7 @@ from unicom_cli.index.source import CHUNK_ROWS, FeatureSource
 
 RECALL_K = 10
 HELD_OUT = 1000  # queries drawn from the collection to measure recall
+RECALL_BATCH = 100  # queries searched at once while measuring it
 NPROBES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
            1536, 2048, 4096)
 EF_SEARCHES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
@@ -81,8 +82,13 @@ def recall_at(index, held: HeldOut, k: int = RECALL_K) -> float:
     k = min(k, held.truth.shape[1])
     if k < 1:
         return 1.0
-    _, found = index.search(held.vectors, min(k + 1, index.ntotal))
-    found = _without(found.astype(np.int64), held.rows, k)
+    from unicom_cli.index.store import release_mapped_lists
+
+    batches = []
+    for start in range(0, len(held.vectors), RECALL_BATCH):
+        batches.append(index.search(held.vectors[start:start + RECALL_BATCH], min(k + 1, index.ntotal))[1])
+        release_mapped_lists(index)  # on-disk lists: what a batch touched is not kept resident
+    found = _without(np.concatenate(batches).astype(np.int64), held.rows, k)
     hits = [len(np.intersect1d(f[f >= 0], t)) for f, t in zip(found, held.truth[:, :k])]
     return float(np.mean(hits)) / k
 
