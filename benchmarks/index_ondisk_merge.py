@@ -1,4 +1,4 @@
-"""The merge of `unicom index --on-disk` (lists file preallocated, then copied list by list) against
+"""The merge of `unicom index --on-disk` (lists file preallocated, then written part by part with pwrite) against
 faiss's own OnDiskInvertedLists.merge_from_multiple (sparse file, parallel copy through the map,
 which dies with SIGBUS on a disk that fills), on the same part files, in interleaved rounds.
 

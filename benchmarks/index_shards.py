@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from index_search import clustered, search_figures  # noqa: E402
+from index_search import clustered, search_figures, timed_child_memory  # noqa: E402
 
 
 def write_shards(folder: Path, n: int, dim: int, shard_rows: int, spread: float) -> tuple[list[str], np.ndarray]:
@@ -54,43 +54,6 @@ def write_shards(folder: Path, n: int, dim: int, shard_rows: int, spread: float)
         names.append(name)
     ShardFolder(folder).write_manifest(names, {"kind": "synthetic", "input": None, "units": len(names)})
     return names, clustered(1000, dim, 10**6, centres, spread)
-
-
-def build_child(args: list[str]) -> tuple[float, float, float, float]:
-    """Run the build; (wall s, peak RSS GiB from wait4, peak anonymous and peak file-backed
-    resident GiB sampled from /proc every 0.1 s). The lists file of an on-disk index is memory-
-    mapped: pages its searches touch (recall tuning) are resident but file-backed, page cache
-    the kernel takes back under pressure; the anonymous peak is what the build itself holds."""
-    import os
-    import subprocess
-    import threading
-
-    from index_search import ENV
-
-    peaks = {"RssAnon": 0, "RssFile": 0}
-    start = time.perf_counter()
-    proc = subprocess.Popen(args, env=ENV)
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.1):
-            try:
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    key, _, value = line.partition(":")
-                    if key in peaks:
-                        peaks[key] = max(peaks[key], int(value.split()[0]))
-            except (OSError, ValueError, IndexError):
-                pass
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
-    if status != 0:
-        raise SystemExit(f"failed ({status}): {' '.join(args)}")
-    return (time.perf_counter() - start, usage.ru_maxrss / 2**20, peaks["RssAnon"] / 2**20,
-            peaks["RssFile"] / 2**20)
 
 
 def exact_over_shards(folder: Path, names: list[str], queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, float]:
@@ -143,7 +106,7 @@ def main() -> None:
         out = Path(tmp) / "feats.index"
         factory = "IVF256,Flat" if args.quick else args.index
         extra = ["--index", factory] if factory else []
-        seconds, peak, anon, mapped = build_child([sys.executable, "-m", "unicom_cli", "index", str(feats),
+        seconds, peak, anon, mapped = timed_child_memory([sys.executable, "-m", "unicom_cli", "index", str(feats),
                                                    "-o", str(out), "--on-disk", "--max-memory", args.max_memory,
                                                    *extra])
         index = Index.load(out)

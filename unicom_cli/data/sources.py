@@ -138,8 +138,8 @@ class _SampleReader:
         if ext in self.members:
             return  # the same extension twice in one sample: the first one counts
         wanted = self.want(self.position) and (ext in TAR_IMAGE_EXTENSIONS or ext in ("json", "txt"))
-        too_big = self.max_bytes if ext in TAR_IMAGE_EXTENSIONS else MAX_METADATA_BYTES
-        if wanted and too_big is not None and tar.size > too_big:
+        limit = self.max_bytes if ext in TAR_IMAGE_EXTENSIONS else MAX_METADATA_BYTES
+        if wanted and limit is not None and tar.size > limit:
             self.oversized[ext], wanted = tar.size, False
         self.members[ext] = tar.read() if wanted else None
 

@@ -308,8 +308,8 @@ def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
 
     The file is laid out as faiss lays out lists of known sizes (``set_all_lists_sizes``: list j
     at the sum of the earlier lists' bytes, its codes then its ids) and written source by source
-    with ``pwrite`` at each list's next free slot. So one part file is open at a time and nothing
-    goes through a memory map: faiss's own copy (``merge_from_multiple``, or ``update_entries``
+    with ``pwrite`` at each list's next free slot. So one part file is mapped at a time and the
+    output is never written through a map: faiss's own copy (``merge_from_multiple``, or ``update_entries``
     list by list across all parts) touches every page of every part and of the output through
     maps (38 GiB of pages at 10M x 512, all resident in this process while the kernel keeps
     them), and on a disk that fills, a mapped page the disk cannot back is a SIGBUS. Every block
@@ -319,9 +319,12 @@ def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
     faiss = _faiss()
     ivf = faiss.extract_index_ivf(index)
     code_size = int(ivf.code_size)
-    sizes = np.zeros(ivf.nlist, dtype=np.uint64)
+    counts = []  # per source, the length of each of its lists
     for source in sources:
-        sizes += _list_sizes(_open_lists_source(source, faiss, sizes_only=True), ivf.nlist)
+        held = _open_lists_source(source, faiss)
+        counts.append(_list_sizes(faiss.extract_index_ivf(held).invlists, ivf.nlist))
+        del held
+    sizes = np.sum(counts, axis=0, dtype=np.uint64)
     nbytes = int(sizes.sum()) * (code_size + 8)
     ensure_free_space(room, nbytes, f"the inverted lists ({path.name})")
     lists = faiss.OnDiskInvertedLists(ivf.nlist, code_size, str(path))
@@ -329,22 +332,22 @@ def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
         lists.update_totsize(max(nbytes, 1))  # creates the file at its size (sparse) and maps it
     preallocate(path, room)  # every block now: a full disk is a DiskError here, not a SIGBUS later
     lists.set_all_lists_sizes(faiss.swig_ptr(sizes))  # list j at the offset of lists 0..j-1
-    starts = np.concatenate([[0], np.cumsum(sizes * np.uint64(code_size + 8))[:-1]]).astype(np.int64)
+    codes_at = np.concatenate([[0], np.cumsum(sizes * np.uint64(code_size + 8))[:-1]]).astype(np.int64)
+    ids_at = codes_at + sizes.astype(np.int64) * code_size
     filled = np.zeros(ivf.nlist, dtype=np.int64)
     fd = os.open(path, os.O_WRONLY)
     try:
-        for source in sources:
+        for source, count_of in zip(sources, counts):
             held = _open_lists_source(source, faiss)  # owns lists_in: kept alive while it is read
             lists_in = faiss.extract_index_ivf(held).invlists
-            for number in np.flatnonzero(_list_sizes(lists_in, ivf.nlist)):
-                count = int(lists_in.list_size(int(number)))
-                codes = faiss.rev_swig_ptr(lists_in.get_codes(int(number)), count * code_size)
-                ids = faiss.rev_swig_ptr(lists_in.get_ids(int(number)), count)
-                at = int(starts[number]) + int(filled[number]) * code_size
-                _pwrite_all(fd, codes, at)
-                _pwrite_all(fd, ids, int(starts[number]) + int(sizes[number]) * code_size + int(filled[number]) * 8)
+            for number in np.flatnonzero(count_of):
+                count, done = int(count_of[number]), int(filled[number])
+                _pwrite_all(fd, faiss.rev_swig_ptr(lists_in.get_codes(int(number)), count * code_size),
+                            int(codes_at[number]) + done * code_size)
+                _pwrite_all(fd, faiss.rev_swig_ptr(lists_in.get_ids(int(number)), count),
+                            int(ids_at[number]) + done * 8)
                 filled[number] += count
-            del lists_in, held  # a part is let go before the next one is read
+            del lists_in, held  # a part is let go (unmapped) before the next one is opened
     finally:
         os.close(fd)
     index.ntotal = ivf.ntotal = int(sizes.sum())
@@ -352,15 +355,12 @@ def _merge_lists_to_disk(index, sources: list, path: Path, room: Path) -> None:
     lists.this.disown()
 
 
-def _open_lists_source(source, faiss, sizes_only: bool = False):
-    """An index object as it is; a part file read whole (or mapped, to count its lists)."""
-    if not isinstance(source, Path):
-        return source
-    return faiss.read_index(str(source), faiss.IO_FLAG_MMAP if sizes_only else 0)
+def _open_lists_source(source, faiss):
+    """An index object as it is; a part file memory-mapped (only its own pages, one part at a time)."""
+    return faiss.read_index(str(source), faiss.IO_FLAG_MMAP) if isinstance(source, Path) else source
 
 
-def _list_sizes(source, nlist: int) -> np.ndarray:
-    lists = source if not hasattr(source, "ntotal") else _faiss().extract_index_ivf(source).invlists
+def _list_sizes(lists, nlist: int) -> np.ndarray:
     return np.array([lists.list_size(number) for number in range(nlist)], dtype=np.uint64)
 
 
